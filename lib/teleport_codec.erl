@@ -1,0 +1,68 @@
+%% @doc The external term format, encoded and decoded by teleport's NIF.
+%%
+%% `encode/1' is `term_to_iovec/1' with the same zero-copy promise: binaries of at least
+%% 2048 bytes are not copied, the returned iolist holds the caller's own binaries.
+%% `decode/1,2' is `binary_to_term/1,2', except that a buffer whose bulk is one or a few large
+%% binaries (each at least 64 KiB and at least 1/16 of the buffer) returns them as
+%% sub-binaries of the buffer instead of copies. A sub-binary keeps the whole buffer alive,
+%% which is why small binaries are always copied.
+%%
+%% Neither call blocks a normal scheduler for long: small terms are handled in place and
+%% charged to the caller in reductions; large ones move to a dirty CPU scheduler, and the
+%% work done there is charged with `erlang:bump_reductions/1'.
+-module(teleport_codec).
+
+-export([encode/1, decode/1, decode/2]).
+
+-type decode_option() :: safe.
+-export_type([decode_option/0]).
+
+%% @doc Encodes `Term' in the external term format (`binary_to_term(iolist_to_binary(
+%% encode(T))) =:= T' for every term). Large binaries are referenced, not copied.
+-spec encode(term()) -> iolist().
+encode(Term) ->
+    case teleport_nif:codec_encode(Term) of
+        dirty ->
+            {IoList, Reductions} = teleport_nif:codec_encode_dirty(Term),
+            erlang:bump_reductions(Reductions),
+            IoList;
+        IoList ->
+            IoList
+    end.
+
+%% @doc Decodes a term encoded by {@link encode/1} or `term_to_binary/1,2' (compressed
+%% included). Raises `badarg' where `binary_to_term/1' does.
+-spec decode(iodata()) -> term().
+decode(Data) ->
+    decode(Data, []).
+
+%% @doc As {@link decode/1}; with `safe' no new atoms (nor external funs) are created and
+%% input that would need them raises `badarg', as with `binary_to_term/2'.
+-spec decode(iodata(), [decode_option()]) -> term().
+decode(Data, Opts) when is_list(Opts) ->
+    Safe = safe(Opts),
+    Bin = to_binary(Data),
+    case teleport_nif:codec_decode(Bin, Safe) of
+        dirty ->
+            {Term, Reductions} = teleport_nif:codec_decode_dirty(Bin, Safe),
+            erlang:bump_reductions(Reductions),
+            Term;
+        Term ->
+            Term
+    end;
+decode(Data, Opts) ->
+    erlang:error(badarg, [Data, Opts]).
+
+-spec safe([decode_option()]) -> boolean().
+safe(Opts) ->
+    case lists:all(fun(O) -> O =:= safe end, Opts) of
+        true -> Opts =/= [];
+        false -> erlang:error(badarg, [Opts])
+    end.
+
+-spec to_binary(iodata()) -> binary().
+to_binary(Bin) when is_binary(Bin) -> Bin;
+to_binary(Data) ->
+    try iolist_to_binary(Data)
+    catch error:badarg -> erlang:error(badarg, [Data])
+    end.

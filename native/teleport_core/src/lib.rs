@@ -1,0 +1,19 @@
+//! # teleport_core
+//!
+//! The plain-Rust core of teleport, usable and testable without an Erlang VM:
+//!
+//! - [`etf`]: tags and limits of Erlang's external term format;
+//! - [`encode`]: the [`encode::Writer`] that lays out encoded terms as chunks, keeping large
+//!   binaries by reference (zero-copy);
+//! - [`decode`]: an iterative, bounds-checked parser driving a [`decode::Builder`];
+//! - [`value`]: a Rust picture of terms for tests and fuzzing.
+//!
+//! The Erlang side lives in the `teleport_nif` crate, which only walks and makes terms.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod decode;
+pub mod encode;
+pub mod etf;
+pub mod value;

@@ -1,0 +1,74 @@
+//! # teleport_nif
+//!
+//! The rustler boundary of teleport: each NIF here unpacks its arguments, calls into
+//! `teleport_core` or one of this crate's walkers, and packs the result. The Erlang stub is
+//! `lib/teleport_nif.erl`; NIF names are `<domain>_<verb>`.
+//!
+//! Work that may run long has two entry points: the plain NIF runs on a normal scheduler
+//! within a budget and answers `dirty` when the work is too big, and the `_dirty` NIF does the
+//! whole job on a dirty CPU scheduler and reports the work done, which the Erlang wrapper
+//! charges to the caller with `erlang:bump_reductions/1`.
+
+mod atoms;
+mod codec_decode;
+mod codec_encode;
+
+use codec_encode::{to_iolist, OverBudget, NORMAL_BUDGET, UNITS_PER_REDUCTION};
+use rustler::{Binary, Encoder, Env, NifResult, Term};
+
+/// Charges `units` of work to the calling process on a normal scheduler.
+fn consume(env: Env, units: usize) {
+    let percent = units * 100 / NORMAL_BUDGET;
+    if percent > 0 {
+        rustler::schedule::consume_timeslice(env, percent.min(100) as i32);
+    }
+}
+
+/// Encodes a term to an iolist, or answers `dirty` when the term is too big for a normal
+/// scheduler.
+#[rustler::nif]
+fn codec_encode<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
+    match unsafe { codec_encode::encode(env.as_c_arg(), term.as_c_arg(), Some(NORMAL_BUDGET)) } {
+        Ok(out) => {
+            consume(env, out.work);
+            to_iolist(env, out)
+        }
+        Err(OverBudget) => atoms::dirty().encode(env),
+    }
+}
+
+/// Encodes a term of any size to `{IoList, Reductions}` on a dirty CPU scheduler.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn codec_encode_dirty<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
+    let Ok(out) = (unsafe { codec_encode::encode(env.as_c_arg(), term.as_c_arg(), None) }) else {
+        unreachable!("an unlimited budget never runs out")
+    };
+    let reductions = out.work / UNITS_PER_REDUCTION;
+    (to_iolist(env, out), reductions).encode(env)
+}
+
+/// Decodes a binary holding an encoded term; `dirty` when it is too big for a normal
+/// scheduler; raises `badarg` where `binary_to_term/1,2` would.
+#[rustler::nif]
+fn codec_decode<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifResult<Term<'a>> {
+    if input.len() > codec_decode::NORMAL_MAX_BYTES {
+        return Ok(atoms::dirty().encode(env));
+    }
+    let decoded =
+        unsafe { codec_decode::decode(env.as_c_arg(), input.to_term(env).as_c_arg(), &input, safe) };
+    let (term, bytes) = decoded.ok_or(rustler::Error::BadArg)?;
+    consume(env, bytes / 4);
+    Ok(unsafe { Term::new(env, term) })
+}
+
+/// Decodes a binary of any size to `{Term, Reductions}` on a dirty CPU scheduler.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn codec_decode_dirty<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifResult<Term<'a>> {
+    let decoded =
+        unsafe { codec_decode::decode(env.as_c_arg(), input.to_term(env).as_c_arg(), &input, safe) };
+    let (term, bytes) = decoded.ok_or(rustler::Error::BadArg)?;
+    let term = unsafe { Term::new(env, term) };
+    Ok((term, bytes / 4 / UNITS_PER_REDUCTION).encode(env))
+}
+
+rustler::init!("teleport_nif");
