@@ -9,7 +9,7 @@ MANIFEST := --manifest-path native/Cargo.toml
 DEBS := erlang-nox erlang-dev rebar3 erlang-common-test erlang-dialyzer erlang-eunit \
         erlang-tools elixir erlang-proper erlang-edoc erlang-xmerl
 
-.PHONY: all setup nif test test-rust test-erlang lint bench bench-codec fuzz fuzz-smoke clean
+.PHONY: all setup nif test test-rust test-erlang test-mix lint bench bench-codec fuzz fuzz-smoke clean
 
 all: nif
 
@@ -30,7 +30,7 @@ nif: setup
 	sh native/build.sh
 
 ## test: every test and check, as CI runs it.
-test: setup test-rust lint test-erlang fuzz-smoke
+test: setup test-rust lint test-erlang test-mix fuzz-smoke
 	@echo "==> make test: all passed"
 
 test-rust: setup
@@ -54,6 +54,9 @@ bench-codec: nif
 	rebar3 as bench compile
 	erl -noshell -pa _build/bench/lib/teleport/ebin -pa _build/bench/lib/teleport/bench \
 	    -eval 'codec_bench:main(), halt().'
+
+test-mix: setup
+	MIX_ENV=test mix test
 
 fuzz-smoke: setup
 	sh native/fuzz/run.sh smoke

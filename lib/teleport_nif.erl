@@ -3,7 +3,18 @@
 %% it; they add the argument checks, the dirty-scheduler hand-off and the reduction accounting.
 -module(teleport_nif).
 
--export([codec_encode/1, codec_encode_dirty/1, codec_decode/2, codec_decode_dirty/2]).
+-export([codec_encode/1, codec_encode_dirty/1, codec_decode/2, codec_decode_dirty/2,
+         log_set_level/1, log_emit_test/2]).
+-export([runtime_start/5, runtime_stop/1, runtime_port/1, runtime_allow/3, runtime_forbid/2,
+         runtime_stats/1]).
+-export([pool_start/8, pool_send/3, pool_send_dirty/3, pool_close/1, pool_info/1]).
+
+-export_type([runtime/0, pool/0]).
+
+-opaque runtime() :: reference().
+%% This node's listener, peers allowed in, and counters (a NIF resource).
+-opaque pool() :: reference().
+%% The outgoing connections to one peer (a NIF resource).
 
 -on_load(init/0).
 
@@ -49,3 +60,61 @@ codec_decode(_Bin, _Safe) -> ?NOT_LOADED.
 %% @doc Decodes on a dirty CPU scheduler: the term and the reductions to charge.
 -spec codec_decode_dirty(binary(), boolean()) -> {term(), non_neg_integer()}.
 codec_decode_dirty(_Bin, _Safe) -> ?NOT_LOADED.
+
+%% @doc Listens on `Ip:Port' for node `Me' (`Ip' as text, port 0 for any).
+-spec runtime_start(binary(), binary(), inet:port_number(), pos_integer(), pos_integer()) ->
+          {ok, runtime()} | {error, {bad_ip, binary()} | {listen, binary()}}.
+runtime_start(_Me, _Ip, _Port, _MaxFrameBytes, _HandshakeTimeoutMs) -> ?NOT_LOADED.
+
+%% @doc Stops listening and closes every incoming connection.
+-spec runtime_stop(runtime()) -> ok.
+runtime_stop(_Runtime) -> ?NOT_LOADED.
+
+%% @doc The port the listener is bound to.
+-spec runtime_port(runtime()) -> inet:port_number().
+runtime_port(_Runtime) -> ?NOT_LOADED.
+
+%% @doc Lets node `Node' (its name as a binary) connect in, proving it knows `Cookie'.
+-spec runtime_allow(runtime(), binary(), binary()) -> ok.
+runtime_allow(_Runtime, _Node, _Cookie) -> ?NOT_LOADED.
+
+%% @doc Stops node `Node' from connecting in.
+-spec runtime_forbid(runtime(), binary()) -> ok.
+runtime_forbid(_Runtime, _Node) -> ?NOT_LOADED.
+
+%% @doc The counters of every peer seen, by node name.
+-spec runtime_stats(runtime()) -> [{binary(), #{atom() => non_neg_integer()}}].
+runtime_stats(_Runtime) -> ?NOT_LOADED.
+
+%% @doc Starts `Size' connection slots to node `Peer' at `Ip:Port'; they connect on first use.
+-spec pool_start(runtime(), binary(), binary(), inet:port_number(), binary(), pos_integer(),
+                 pos_integer(), {pos_integer(), pos_integer()}) ->
+          {ok, pool()} | {error, term()}.
+pool_start(_Runtime, _Peer, _Ip, _Port, _Cookie, _Size, _MaxQueueBytes, _TimeoutsMs) ->
+    ?NOT_LOADED.
+
+%% @doc Encodes `Msg' into a frame for `Dest' (a pid or a name registered on the peer) and
+%% queues or writes it, within a normal scheduler's budget.
+-spec pool_send(pool(), pid() | atom(), term()) -> ok | busy | closed | too_large | dirty.
+pool_send(_Pool, _Dest, _Msg) -> ?NOT_LOADED.
+
+%% @doc `pool_send/3' on a dirty CPU scheduler, with the reductions to charge.
+-spec pool_send_dirty(pool(), pid() | atom(), term()) ->
+          {ok | busy | closed | too_large, non_neg_integer()}.
+pool_send_dirty(_Pool, _Dest, _Msg) -> ?NOT_LOADED.
+
+%% @doc Tears the pool down; queued messages are dropped and counted.
+-spec pool_close(pool()) -> ok.
+pool_close(_Pool) -> ?NOT_LOADED.
+
+%% @doc The state of each connection of the pool.
+-spec pool_info(pool()) -> [#{atom() => term()}].
+pool_info(_Pool) -> ?NOT_LOADED.
+
+%% @doc Sets the least severe level of Rust `tracing' events sent to `teleport_log'.
+-spec log_set_level(error | warning | info | debug) -> ok.
+log_set_level(_Level) -> ?NOT_LOADED.
+
+%% @doc Diagnostic: emits a Rust `tracing' event `test_event' with the field `text'.
+-spec log_emit_test(error | warning | info | debug, binary()) -> ok.
+log_emit_test(_Level, _Text) -> ?NOT_LOADED.

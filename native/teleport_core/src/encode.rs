@@ -188,6 +188,13 @@ impl Writer {
         Patch(self.buf.len() - 4)
     }
 
+    /// Overwrites bytes written earlier at `at` (frame headers whose lengths and flags are
+    /// known only once the term is written).
+    #[inline]
+    pub fn overwrite(&mut self, at: usize, bytes: &[u8]) {
+        self.buf[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
     /// Fills in a length reserved by [`Writer::list_header`].
     #[inline]
     pub fn patch(&mut self, at: Patch, len: u32) {
@@ -325,7 +332,10 @@ mod tests {
         let at = w.buffered();
         w.atom_utf8(b"ok");
         w.repeat(at, w.buffered() - at);
-        assert_eq!(bytes_of(w), [104, 2, 119, 2, b'o', b'k', 119, 2, b'o', b'k']);
+        assert_eq!(
+            bytes_of(w),
+            [104, 2, 119, 2, b'o', b'k', 119, 2, b'o', b'k']
+        );
     }
 
     #[test]

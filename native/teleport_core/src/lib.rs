@@ -6,14 +6,28 @@
 //! - [`encode`]: the [`encode::Writer`] that lays out encoded terms as chunks, keeping large
 //!   binaries by reference (zero-copy);
 //! - [`decode`]: an iterative, bounds-checked parser driving a [`decode::Builder`];
-//! - [`value`]: a Rust picture of terms for tests and fuzzing.
+//! - [`value`]: a Rust picture of terms for tests and fuzzing;
+//! - [`handshake`]: the cookie challenge-response that opens every connection;
+//! - [`frame`]: the data frames on an authenticated connection;
+//! - [`out_frame`], [`conn`], [`pool`]: the sending side, a pool of outgoing connections;
+//! - [`listener`]: the receiving side;
+//! - [`peers`], [`stats`]: which peers may connect, and counters per peer.
 //!
 //! The Erlang side lives in the `teleport_nif` crate, which only walks and makes terms.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod conn;
+pub mod deadline;
 pub mod decode;
 pub mod encode;
 pub mod etf;
+pub mod frame;
+pub mod handshake;
+pub mod listener;
+pub mod out_frame;
+pub mod peers;
+pub mod pool;
+pub mod stats;
 pub mod value;

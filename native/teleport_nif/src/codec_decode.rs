@@ -11,7 +11,7 @@ use rustler::sys::{
     enif_binary_to_term, enif_make_atom_len, enif_make_double, enif_make_existing_atom_len,
     enif_make_int64, enif_make_list_cell, enif_make_list_from_array, enif_make_map_from_arrays,
     enif_make_new_binary, enif_make_string_len, enif_make_sub_binary, enif_make_tuple_from_array,
-    ErlNifCharEncoding, ErlNifEnv, ERL_NIF_BIN2TERM_SAFE, ErlNifTerm,
+    ErlNifCharEncoding, ErlNifEnv, ErlNifTerm, ERL_NIF_BIN2TERM_SAFE,
 };
 use teleport_core::decode::{layout, parse, Builder, DecodeError, Layout};
 use teleport_core::etf::{share_on_decode, DECODE_SHARE_MIN, VERSION};
@@ -108,7 +108,11 @@ impl Builder for Make {
                 }
                 Ok(atom)
             } else {
-                Ok(enif_make_atom_len(self.env, text.as_ptr().cast(), text.len()))
+                Ok(enif_make_atom_len(
+                    self.env,
+                    text.as_ptr().cast(),
+                    text.len(),
+                ))
             }
         }
     }
@@ -205,14 +209,15 @@ unsafe fn vm_decode(env: *mut ErlNifEnv, input: &[u8], safe: bool) -> Option<Erl
 /// Inputs up to this size are decoded on a normal scheduler; larger ones on a dirty one.
 pub const NORMAL_MAX_BYTES: usize = 64 * 1024;
 
-/// Decodes `input`, whose binary term is `input_term`. Returns the term and the bytes decoded
-/// (shared binaries not counted: they cost nothing), or `None` for `badarg`.
+/// Decodes `input`. Returns the term and the bytes decoded (shared binaries not counted:
+/// they cost nothing), or `None` for `badarg`. Large binaries become sub-binaries of
+/// `input_term` when it is given, a binary of `env` whose bytes are `input`.
 ///
 /// # Safety
-/// `env` must be live and `input` must be the bytes of `input_term`, a binary of `env`.
+/// `env` must be live and `input_term`, if given, must be a binary of `env` holding `input`.
 pub unsafe fn decode(
     env: *mut ErlNifEnv,
-    input_term: ErlNifTerm,
+    input_term: Option<ErlNifTerm>,
     input: &[u8],
     safe: bool,
 ) -> Option<(ErlNifTerm, usize)> {
@@ -220,12 +225,12 @@ pub unsafe fn decode(
         Layout::Compressed { inflated } => {
             return vm_decode(env, input, safe).map(|t| (t, inflated));
         }
-        // Too small to hold a binary worth sharing.
-        Layout::Plain if input.len() < DECODE_SHARE_MIN => {
-            return vm_decode(env, input, safe).map(|t| (t, input.len()));
-        }
         Layout::Plain => {}
     }
+    // Too small to hold a binary worth sharing, or nothing to share from.
+    let Some(input_term) = input_term.filter(|_| input.len() >= DECODE_SHARE_MIN) else {
+        return vm_decode(env, input, safe).map(|t| (t, input.len()));
+    };
     let mut scan = Scan {
         total: input.len(),
         shared_bytes: 0,

@@ -11,7 +11,7 @@ use rustler::sys::{
     enif_make_new_binary, enif_map_iterator_create, enif_map_iterator_destroy,
     enif_map_iterator_get_pair, enif_map_iterator_next, enif_release_binary, enif_term_to_binary,
     enif_term_type, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv, ErlNifMapIterator,
-    ErlNifMapIteratorEntry, ErlNifTermType, ErlNifTerm,
+    ErlNifMapIteratorEntry, ErlNifTerm, ErlNifTermType,
 };
 use rustler::{Env, ResourceArc, Term};
 use std::mem::MaybeUninit;
@@ -78,9 +78,31 @@ pub unsafe fn encode(
     term: ErlNifTerm,
     budget: Option<usize>,
 ) -> Result<Encoded, OverBudget> {
-    let limit = budget.unwrap_or(usize::MAX);
     let mut w = Writer::with_capacity(256);
     w.version();
+    let (shared, work) = write_term(env, term, &mut w, budget)?;
+    let (buf, chunks) = w.finish();
+    Ok(Encoded {
+        work: work + buf.len() / 64,
+        buf,
+        chunks,
+        shared,
+    })
+}
+
+/// Writes `term` (no version byte) into `w`; returns the binaries it shares, in the order
+/// of their [`Chunk::Shared`] indexes, and the work units spent.
+///
+/// # Safety
+/// `env` and `term` must be a live env and a term of it.
+pub unsafe fn write_term(
+    env: *mut ErlNifEnv,
+    term: ErlNifTerm,
+    w: &mut Writer,
+    budget: Option<usize>,
+) -> Result<(Vec<ErlNifTerm>, usize), OverBudget> {
+    let limit = budget.unwrap_or(usize::MAX);
+    let w = &mut *w;
     let mut shared = Vec::new();
     let mut cache = AtomCache([(ErlNifTerm::default(), 0, 0); 64]);
     let mut stack = vec![Work::Term(term)];
@@ -120,7 +142,7 @@ pub unsafe fn encode(
                 } else if enif_get_uint64(env, t, &mut u) != 0 {
                     w.uint(u);
                 } else {
-                    fallback(env, t, &mut w);
+                    fallback(env, t, w);
                 }
             }
             ErlNifTermType::ERL_NIF_TERM_TYPE_ATOM => {
@@ -130,7 +152,7 @@ pub unsafe fn encode(
                     w.repeat(at as usize, len as usize);
                 } else {
                     let start = w.buffered();
-                    write_atom(env, t, &mut w);
+                    write_atom(env, t, w);
                     cache.0[slot] = (t, start as u32, (w.buffered() - start) as u32);
                 }
             }
@@ -148,7 +170,7 @@ pub unsafe fn encode(
                 let (mut head, mut tail) = (ErlNifTerm::default(), ErlNifTerm::default());
                 if enif_get_list_cell(env, t, &mut head, &mut tail) == 0 {
                     w.nil();
-                } else if let Some(n) = write_string(env, t, &mut w) {
+                } else if let Some(n) = write_string(env, t, w) {
                     work += n / 64;
                 } else {
                     let patch = w.list_header();
@@ -163,7 +185,7 @@ pub unsafe fn encode(
             ErlNifTermType::ERL_NIF_TERM_TYPE_BITSTRING => {
                 let mut bin = MaybeUninit::<ErlNifBinary>::uninit();
                 if enif_inspect_binary(env, t, bin.as_mut_ptr()) == 0 {
-                    fallback(env, t, &mut w); // not a whole number of bytes
+                    fallback(env, t, w); // not a whole number of bytes
                     continue;
                 }
                 let bin = bin.assume_init();
@@ -194,8 +216,7 @@ pub unsafe fn encode(
                 ) != 0
                 {
                     let (mut k, mut v) = (ErlNifTerm::default(), ErlNifTerm::default());
-                    while enif_map_iterator_get_pair(env, iter.as_mut_ptr(), &mut k, &mut v) != 0
-                    {
+                    while enif_map_iterator_get_pair(env, iter.as_mut_ptr(), &mut k, &mut v) != 0 {
                         stack.push(Work::Term(k));
                         stack.push(Work::Term(v));
                         enif_map_iterator_next(env, iter.as_mut_ptr());
@@ -206,17 +227,10 @@ pub unsafe fn encode(
                 work += size;
             }
             // Pids, ports, references and funs: the VM's own encoding.
-            _ => fallback(env, t, &mut w),
+            _ => fallback(env, t, w),
         }
     }
-    let (buf, chunks) = w.finish();
-    work += buf.len() / 64;
-    Ok(Encoded {
-        buf,
-        chunks,
-        shared,
-        work,
-    })
+    Ok((shared, work))
 }
 
 #[inline]
@@ -225,7 +239,7 @@ unsafe fn is_nil(env: *mut ErlNifEnv, t: ErlNifTerm) -> bool {
 }
 
 /// Writes a Latin-1 atom directly; any other atom goes through the VM's encoder.
-unsafe fn write_atom(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
+pub unsafe fn write_atom(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
     let mut buf = [0u8; 256];
     let n = enif_get_atom(
         env,
@@ -266,7 +280,7 @@ unsafe fn write_string(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) -> Op
 }
 
 /// Writes `t` as the VM encodes it (its `term_to_binary` without the version byte).
-unsafe fn fallback(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
+pub unsafe fn fallback(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
     let mut bin = MaybeUninit::<ErlNifBinary>::uninit();
     if enif_term_to_binary(env, t, bin.as_mut_ptr()) == 0 {
         // Only out of memory makes this fail, and then the VM is already going down.

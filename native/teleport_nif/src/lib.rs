@@ -12,12 +12,16 @@
 mod atoms;
 mod codec_decode;
 mod codec_encode;
+mod deliver;
+mod log;
+mod pool;
+mod runtime;
 
 use codec_encode::{to_iolist, OverBudget, NORMAL_BUDGET, UNITS_PER_REDUCTION};
 use rustler::{Binary, Encoder, Env, NifResult, Term};
 
 /// Charges `units` of work to the calling process on a normal scheduler.
-fn consume(env: Env, units: usize) {
+pub(crate) fn consume(env: Env, units: usize) {
     let percent = units * 100 / NORMAL_BUDGET;
     if percent > 0 {
         rustler::schedule::consume_timeslice(env, percent.min(100) as i32);
@@ -54,8 +58,14 @@ fn codec_decode<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifResult<Te
     if input.len() > codec_decode::NORMAL_MAX_BYTES {
         return Ok(atoms::dirty().encode(env));
     }
-    let decoded =
-        unsafe { codec_decode::decode(env.as_c_arg(), input.to_term(env).as_c_arg(), &input, safe) };
+    let decoded = unsafe {
+        codec_decode::decode(
+            env.as_c_arg(),
+            Some(input.to_term(env).as_c_arg()),
+            &input,
+            safe,
+        )
+    };
     let (term, bytes) = decoded.ok_or(rustler::Error::BadArg)?;
     consume(env, bytes / 4);
     Ok(unsafe { Term::new(env, term) })
@@ -64,11 +74,23 @@ fn codec_decode<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifResult<Te
 /// Decodes a binary of any size to `{Term, Reductions}` on a dirty CPU scheduler.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn codec_decode_dirty<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifResult<Term<'a>> {
-    let decoded =
-        unsafe { codec_decode::decode(env.as_c_arg(), input.to_term(env).as_c_arg(), &input, safe) };
+    let decoded = unsafe {
+        codec_decode::decode(
+            env.as_c_arg(),
+            Some(input.to_term(env).as_c_arg()),
+            &input,
+            safe,
+        )
+    };
     let (term, bytes) = decoded.ok_or(rustler::Error::BadArg)?;
     let term = unsafe { Term::new(env, term) };
     Ok((term, bytes / 4 / UNITS_PER_REDUCTION).encode(env))
 }
 
-rustler::init!("teleport_nif");
+/// Runs when the VM loads the library: routes Rust's `tracing` events to Erlang's logger.
+fn load(_env: Env, _info: Term) -> bool {
+    log::install();
+    true
+}
+
+rustler::init!("teleport_nif", load = load);

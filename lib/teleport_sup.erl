@@ -1,0 +1,21 @@
+%% @doc The top supervisor: the log forwarder first (so the runtime's first events have
+%% somewhere to go), then the server that owns the runtime. `rest_for_one': a new log
+%% forwarder does not disturb the runtime, a new runtime starts from a clean slate.
+-module(teleport_sup).
+-behaviour(supervisor).
+
+-export([start_link/0, init/1]).
+
+%% @doc Starts the supervision tree.
+-spec start_link() -> {ok, pid()} | {error, term()}.
+start_link() ->
+    supervisor:start_link({local, ?MODULE}, ?MODULE, []).
+
+%% @private
+-spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
+init([]) ->
+    Flags = #{strategy => rest_for_one, intensity => 5, period => 10},
+    Children = [#{id => teleport_log, start => {teleport_log, start_link, []}},
+                #{id => teleport_server, start => {teleport_server, start_link, []},
+                  shutdown => 5000}],
+    {ok, {Flags, Children}}.

@@ -1,0 +1,399 @@
+//! One outgoing connection of a pool: a bounded queue, a writer thread, and a fast path that
+//! writes straight from the sender's thread when the connection is idle.
+//!
+//! Order is kept because every frame of a connection is written by one party at a time, in
+//! queue order: the sender writes directly only while the queue is empty and the writer
+//! thread holds no frames; otherwise the frame joins the queue behind the others.
+//!
+//! Only the writer thread connects, so a pool is usable (frames queue) the moment it exists:
+//! nothing is lost while connections come up.
+
+use crate::deadline::Deadline;
+use crate::handshake::{self, HandshakeError};
+use crate::out_frame::OutFrame;
+use crate::stats::PeerStats;
+use parking_lot::{Condvar, Mutex};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Frames up to this size may be written from the sender's thread (a normal scheduler):
+/// a non-blocking write of this much is a memcpy of microseconds. Larger ones always go to
+/// the writer thread.
+pub const DIRECT_MAX: usize = 64 * 1024;
+
+/// How many iovecs one `writev` gets (Linux's `IOV_MAX` is 1024).
+const MAX_IOVECS: usize = 1024;
+
+/// How long an idle writer sleeps before checking that the peer did not hang up.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// How to reach and authenticate with a peer, and the queue limit.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// This node's name.
+    pub me: Vec<u8>,
+    /// The peer's node name; the handshake checks the peer claims it.
+    pub peer: Vec<u8>,
+    /// The shared secret (the Erlang cookie for the peer).
+    pub cookie: Vec<u8>,
+    /// The peer's teleport listener.
+    pub addr: SocketAddr,
+    /// Queued bytes above which senders are told the connection is busy.
+    pub max_queue_bytes: usize,
+    /// Bound on TCP connect.
+    pub connect_timeout: Duration,
+    /// Bound on the whole handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// Why a frame was not accepted; the frame is handed back.
+#[derive(Debug)]
+pub enum SendError {
+    /// The queue is over `max_queue_bytes`: retry later (or give up for `nosuspend`).
+    Busy(OutFrame),
+    /// The pool was torn down.
+    Closed(OutFrame),
+}
+
+/// What the connection is doing, for `teleport:info/0` and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// No socket yet, or the last one failed; the next frame makes the writer connect.
+    Down,
+    /// The writer is connecting or shaking hands.
+    Connecting,
+    /// Authenticated and writable.
+    Up,
+    /// Torn down for good.
+    Closed,
+}
+
+struct State {
+    queue: VecDeque<OutFrame>,
+    /// Bytes in `queue` plus bytes the writer took and has not finished writing.
+    queued: usize,
+    sock: Option<Arc<Socket>>,
+    /// The writer holds frames taken from the queue, or is connecting.
+    writer_busy: bool,
+    /// The writer sleeps on `wake`.
+    writer_waiting: bool,
+    status: Status,
+    last_error: Option<String>,
+    /// Whether this slot ever had a connection (the next one counts as a reconnect).
+    was_up: bool,
+}
+
+/// One outgoing connection.
+pub struct Conn {
+    index: usize,
+    cfg: Arc<PeerConfig>,
+    stats: Arc<PeerStats>,
+    /// Shared by the pool: set when a connection attempt fails, so the pool is replaced
+    /// (the peer may listen elsewhere now) instead of failing again.
+    stale: Arc<AtomicBool>,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl Conn {
+    /// A connection slot and its writer thread. Nothing connects until the first frame.
+    pub fn start(
+        index: usize,
+        cfg: Arc<PeerConfig>,
+        stats: Arc<PeerStats>,
+        stale: Arc<AtomicBool>,
+    ) -> io::Result<Arc<Conn>> {
+        let conn = Arc::new(Conn {
+            index,
+            cfg,
+            stats,
+            stale,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                queued: 0,
+                sock: None,
+                writer_busy: false,
+                writer_waiting: false,
+                status: Status::Down,
+                last_error: None,
+                was_up: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let c = conn.clone();
+        std::thread::Builder::new()
+            .name(format!("teleport_writer_{index}"))
+            .spawn(move || {
+                // A panic here must not unwind into nothing: log it and close the slot.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run())).is_err() {
+                    tracing::error!(index = c.index, "writer_panicked");
+                    c.close();
+                }
+            })?;
+        Ok(conn)
+    }
+
+    /// Queues `frame`, or writes it at once if the connection is idle.
+    ///
+    /// A frame is refused as [`SendError::Busy`] only when others are queued and it would
+    /// take the queue past `max_queue_bytes`, so a frame larger than the limit still goes
+    /// through on an empty queue.
+    pub fn send(&self, mut frame: OutFrame) -> Result<(), SendError> {
+        let mut st = self.state.lock();
+        if st.status == Status::Closed {
+            return Err(SendError::Closed(frame));
+        }
+        if st.queue.is_empty() && !st.writer_busy && frame.len() <= DIRECT_MAX {
+            if let Some(sock) = st.sock.clone() {
+                match write_nonblocking(&sock, &frame) {
+                    Ok(n) if n == frame.len() => {
+                        self.stats.sent(n);
+                        return Ok(());
+                    }
+                    Ok(n) => {
+                        frame.advance(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        // Nothing was written: the writer reconnects and sends it.
+                        self.lost_socket(&mut st, &e);
+                    }
+                }
+            }
+        }
+        let len = frame.remaining();
+        if st.queued > 0 && st.queued + len > self.cfg.max_queue_bytes {
+            return Err(SendError::Busy(frame));
+        }
+        st.queued += len;
+        self.stats.queued_bytes.fetch_add(len as u64, Relaxed);
+        st.queue.push_back(frame);
+        if st.writer_waiting {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Tears the connection down for good: queued frames are dropped and counted.
+    pub fn close(&self) {
+        let mut st = self.state.lock();
+        st.status = Status::Closed;
+        if let Some(sock) = st.sock.take() {
+            self.stats.connections.fetch_sub(1, Relaxed);
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+        self.wake.notify_one();
+    }
+
+    /// The slot's index in its pool.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Current status, queued bytes and frames, and the last error.
+    pub fn status(&self) -> (Status, usize, usize, Option<String>) {
+        let st = self.state.lock();
+        (st.status, st.queued, st.queue.len(), st.last_error.clone())
+    }
+
+    fn lost_socket(&self, st: &mut State, err: &io::Error) {
+        if st.sock.take().is_some() {
+            self.stats.connections.fetch_sub(1, Relaxed);
+            tracing::warn!(
+                peer = %String::from_utf8_lossy(&self.cfg.peer),
+                index = self.index,
+                reason = %err,
+                "connection_lost"
+            );
+        }
+        if st.status != Status::Closed {
+            st.status = Status::Down;
+        }
+        st.last_error = Some(err.to_string());
+    }
+
+    /// Drops every queued frame, counting them.
+    fn drop_queue(&self, st: &mut State) {
+        let n = st.queue.len() as u64;
+        let bytes: usize = st.queue.iter().map(OutFrame::remaining).sum();
+        st.queue.clear();
+        st.queued -= bytes;
+        self.stats.queued_bytes.fetch_sub(bytes as u64, Relaxed);
+        self.stats.dropped.fetch_add(n, Relaxed);
+    }
+
+    /// The writer thread.
+    fn run(&self) {
+        let mut batch: Vec<OutFrame> = Vec::new();
+        loop {
+            let mut st = self.state.lock();
+            while st.queue.is_empty() && st.status != Status::Closed {
+                st.writer_waiting = true;
+                let timed_out = self.wake.wait_for(&mut st, IDLE_CHECK).timed_out();
+                st.writer_waiting = false;
+                if timed_out && st.queue.is_empty() {
+                    self.check_alive(&mut st);
+                }
+            }
+            if st.status == Status::Closed {
+                self.drop_queue(&mut st);
+                return;
+            }
+            let sock = match st.sock.clone() {
+                Some(sock) => sock,
+                None => {
+                    st.writer_busy = true;
+                    st.status = Status::Connecting;
+                    drop(st);
+                    let result = self.connect();
+                    let mut st = self.state.lock();
+                    st.writer_busy = false;
+                    match result {
+                        Ok(sock) if st.status != Status::Closed => {
+                            self.stats.connections.fetch_add(1, Relaxed);
+                            if st.was_up {
+                                self.stats.reconnects.fetch_add(1, Relaxed);
+                            }
+                            st.was_up = true;
+                            st.status = Status::Up;
+                            st.sock = Some(Arc::new(sock));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(
+                                peer = %String::from_utf8_lossy(&self.cfg.peer),
+                                index = self.index,
+                                addr = %self.cfg.addr,
+                                reason = %e,
+                                "connect_failed"
+                            );
+                            st.status = Status::Down;
+                            st.last_error = Some(e.to_string());
+                            self.stale.store(true, Relaxed);
+                            // The peer cannot be reached: what waits for it is dropped
+                            // (and counted) rather than held without bound.
+                            self.drop_queue(&mut st);
+                        }
+                    }
+                    continue;
+                }
+            };
+            // Take what is queued; the frames' bytes stay counted in `queued` until written.
+            batch.extend(st.queue.drain(..));
+            let taken: usize = batch.iter().map(OutFrame::remaining).sum();
+            st.writer_busy = true;
+            drop(st);
+
+            let result = write_all_blocking(&sock, &mut batch, &self.stats);
+            let mut st = self.state.lock();
+            st.writer_busy = false;
+            let mut requeued = 0;
+            if let Err(e) = result {
+                self.lost_socket(&mut st, &e);
+                // A frame cut in the middle is lost; the untouched ones go out again first
+                // on the next connection.
+                let mut unsent = batch.drain(..).filter(|f| f.remaining() > 0).peekable();
+                if unsent.peek().is_some_and(OutFrame::started) {
+                    unsent.next();
+                    self.stats.dropped.fetch_add(1, Relaxed);
+                }
+                let unsent: Vec<OutFrame> = unsent.collect();
+                for f in unsent.into_iter().rev() {
+                    requeued += f.remaining();
+                    st.queue.push_front(f);
+                }
+            }
+            let freed = taken - requeued;
+            st.queued -= freed;
+            self.stats.queued_bytes.fetch_sub(freed as u64, Relaxed);
+            batch.clear();
+        }
+    }
+
+    /// An idle connection whose peer closed it is found out here, not by the next message.
+    fn check_alive(&self, st: &mut State) {
+        let Some(sock) = st.sock.clone() else { return };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+        match sock.recv_with_flags(&mut probe, flags) {
+            Ok(0) => self.lost_socket(st, &io::Error::from(io::ErrorKind::ConnectionAborted)),
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.lost_socket(st, &e),
+            _ => {}
+        }
+    }
+
+    fn connect(&self) -> io::Result<Socket> {
+        let cfg = &self.cfg;
+        let sock = Socket::new(
+            Domain::for_address(cfg.addr),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        sock.set_nodelay(true)?;
+        sock.connect_timeout(&SockAddr::from(cfg.addr), cfg.connect_timeout)?;
+        // One deadline for the whole handshake: a per-read timeout would let the peer trickle.
+        let mut stream = Deadline::after(&sock, cfg.handshake_timeout);
+        handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cfg.cookie).map_err(handshake_io)?;
+        sock.set_read_timeout(None)?;
+        sock.set_write_timeout(None)?;
+        tracing::info!(
+            peer = %String::from_utf8_lossy(&cfg.peer),
+            index = self.index,
+            addr = %cfg.addr,
+            "connection_up"
+        );
+        Ok(sock)
+    }
+}
+
+/// A handshake failure as an I/O error: socket errors keep their kind, refusals are
+/// `PermissionDenied`.
+pub fn handshake_io(e: HandshakeError) -> io::Error {
+    match e {
+        HandshakeError::Io(e) => io::Error::new(e.kind(), format!("handshake: {e}")),
+        e => io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()),
+    }
+}
+
+/// One non-blocking `writev` of a frame's unwritten parts.
+fn write_nonblocking(sock: &Socket, frame: &OutFrame) -> io::Result<usize> {
+    let mut slices = Vec::with_capacity(4);
+    frame.slices(&mut slices, MAX_IOVECS);
+    sock.send_vectored_with_flags(&slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+}
+
+/// Writes every frame of `batch`, coalescing them into as few `writev` calls as the iovec
+/// limit allows. On error, frames keep their progress so the caller can tell which are done.
+fn write_all_blocking(sock: &Socket, batch: &mut [OutFrame], stats: &PeerStats) -> io::Result<()> {
+    let mut first = 0;
+    while first < batch.len() {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(64);
+        for f in &batch[first..] {
+            f.slices(&mut slices, MAX_IOVECS);
+            if slices.len() >= MAX_IOVECS {
+                break;
+            }
+        }
+        let n = match sock.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        drop(slices);
+        let mut left = n;
+        while left > 0 && first < batch.len() {
+            left = batch[first].advance(left);
+            if batch[first].remaining() == 0 {
+                stats.sent(batch[first].len());
+                first += 1;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! The receiving side: a listening socket, one thread that accepts, and one reader thread per
+//! incoming connection that authenticates the peer and then hands every frame to a [`Sink`].
+//!
+//! Nothing a peer sends before the handshake succeeds reaches the sink. Frame lengths are
+//! checked against `max_frame_bytes` before any buffer is allocated, and a malformed frame
+//! closes the connection it came on (logged once), nothing else.
+
+use crate::conn::handshake_io;
+use crate::deadline::Deadline;
+use crate::frame::{self, FrameError, LEN_BYTES};
+use crate::handshake;
+use crate::stats::PeerStats;
+use parking_lot::Mutex;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Size of a reader's buffer: small frames are parsed in place, many per `read`.
+const READ_BUF: usize = 256 * 1024;
+
+/// Frames at least this long are read into a buffer of their own (see [`Sink::alloc`]).
+pub const OWNED_FRAME_MIN: usize = 64 * 1024;
+
+/// At most this many connections may be in their handshake at once; more are closed at
+/// once, so a flood of idle sockets cannot pin a thread each.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Where one incoming connection's frames go.
+pub trait Sink: Send + 'static {
+    /// A buffer for one large frame (the NIF allocates a VM binary, so the frame can be
+    /// decoded without a copy).
+    type Buf: AsMut<[u8]> + Send;
+    /// A buffer of exactly `len` bytes, or `None` if it cannot be had.
+    fn alloc(&mut self, len: usize) -> Option<Self::Buf>;
+    /// A frame body, valid for this call only. An error closes the connection.
+    fn frame(&mut self, body: &[u8]) -> Result<(), String>;
+    /// A frame body read into a buffer from [`Sink::alloc`]. An error closes the connection.
+    fn frame_owned(&mut self, body: Self::Buf) -> Result<(), String>;
+}
+
+/// What the listener asks of its owner.
+pub trait Acceptor: Send + Sync + 'static {
+    /// The per-connection sink.
+    type Sink: Sink;
+    /// The cookie `peer` must prove, or `None` if `peer` may not connect.
+    fn cookie_for(&self, peer: &[u8]) -> Option<Vec<u8>>;
+    /// The counters for `peer`.
+    fn stats(&self, peer: &[u8]) -> Arc<PeerStats>;
+    /// A sink for a connection from `peer`, which just authenticated.
+    fn sink(&self, peer: &[u8]) -> Self::Sink;
+}
+
+/// Limits of the receiving side.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    /// This node's name, as the handshake states it.
+    pub me: Vec<u8>,
+    /// Frames longer than this close their connection.
+    pub max_frame_bytes: usize,
+    /// Bound on the whole handshake of an incoming connection.
+    pub handshake_timeout: Duration,
+}
+
+/// A running listener.
+pub struct Listener {
+    sock: Socket,
+    local: SocketAddr,
+    closed: AtomicBool,
+    handshaking: AtomicUsize,
+    /// The sockets of live incoming connections, to shut them at close.
+    conns: Mutex<Vec<(u64, Arc<Socket>)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Listener {
+    /// Binds `addr` (port 0: any free port) and starts accepting.
+    pub fn start<A: Acceptor>(
+        addr: SocketAddr,
+        cfg: ListenConfig,
+        acceptor: Arc<A>,
+    ) -> io::Result<Arc<Listener>> {
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&SockAddr::from(addr))?;
+        sock.listen(1024)?;
+        let local = sock
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+        let listener = Arc::new(Listener {
+            sock,
+            local,
+            closed: AtomicBool::new(false),
+            handshaking: AtomicUsize::new(0),
+            conns: Mutex::new(Vec::new()),
+            next_id: 0.into(),
+        });
+        let l = listener.clone();
+        let cfg = Arc::new(cfg);
+        std::thread::Builder::new()
+            .name("teleport_acceptor".into())
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| l.accept_loop(&cfg, &acceptor));
+                if std::panic::catch_unwind(run).is_err() {
+                    tracing::error!("acceptor_panicked");
+                }
+            })?;
+        Ok(listener)
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Incoming connections now open.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// Stops accepting and closes every incoming connection; their threads then end.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Shutting a listening socket wakes a blocked accept() with an error on Linux.
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        for (_, s) in self.conns.lock().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn accept_loop<A: Acceptor>(self: &Arc<Self>, cfg: &Arc<ListenConfig>, acceptor: &Arc<A>) {
+        loop {
+            let (sock, from) = match self.sock.accept() {
+                Ok(s) => s,
+                Err(_) if self.closed.load(Ordering::SeqCst) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(reason = %e, "accept_failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let from = from.as_socket().map(|a| a.to_string()).unwrap_or_default();
+            if self.handshaking.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                self.handshaking.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(from = %from, "too_many_handshakes");
+                continue; // dropping `sock` closes it
+            }
+            let sock = Arc::new(sock);
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            self.conns.lock().push((id, sock.clone()));
+            if self.closed.load(Ordering::SeqCst) {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            let (l, cfg, acceptor) = (self.clone(), cfg.clone(), acceptor.clone());
+            let spawned = std::thread::Builder::new()
+                .name("teleport_reader".into())
+                .spawn(move || {
+                    let run =
+                        std::panic::AssertUnwindSafe(|| l.serve(&sock, &from, &cfg, &*acceptor));
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!(from = %from, "reader_panicked");
+                    }
+                    l.conns.lock().retain(|(i, _)| *i != id);
+                });
+            if spawned.is_err() {
+                self.handshaking.fetch_sub(1, Ordering::SeqCst);
+                self.conns.lock().retain(|(i, _)| *i != id);
+            }
+        }
+    }
+
+    /// One incoming connection: handshake, then frames until it closes.
+    fn serve<A: Acceptor>(&self, sock: &Socket, from: &str, cfg: &ListenConfig, acceptor: &A) {
+        let shaken = (|| {
+            // One deadline for the whole handshake: a per-read timeout would let the peer trickle.
+            let mut stream = Deadline::after(sock, cfg.handshake_timeout);
+            let peer = handshake::accept(&mut stream, &cfg.me, |p| acceptor.cookie_for(p))
+                .map_err(handshake_io)?;
+            sock.set_read_timeout(None)?;
+            sock.set_write_timeout(None)?;
+            Ok::<_, io::Error>(peer)
+        })();
+        self.handshaking.fetch_sub(1, Ordering::SeqCst);
+        let peer = match shaken {
+            Ok(peer) => peer,
+            Err(e) => {
+                tracing::warn!(from = %from, reason = %e, "handshake_failed");
+                return;
+            }
+        };
+        let name = String::from_utf8_lossy(&peer).into_owned();
+        let stats = acceptor.stats(&peer);
+        stats.connections_in.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(peer = %name, from = %from, "connection_accepted");
+        let mut sink = acceptor.sink(&peer);
+        let result = read_frames(sock, cfg.max_frame_bytes, &mut sink, &stats);
+        stats.connections_in.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => tracing::info!(peer = %name, from = %from, "connection_closed"),
+            Err(e) => tracing::warn!(peer = %name, from = %from, reason = %e, "connection_closed"),
+        }
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Why a reader stopped, beyond a clean end of stream.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The socket failed.
+    Io(io::Error),
+    /// The peer sent a frame that is not one.
+    Frame(FrameError),
+    /// The sink refused a frame.
+    Sink(String),
+    /// A buffer for a large frame could not be had.
+    NoMemory(usize),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Io(e) => write!(f, "socket error: {e}"),
+            ReadError::Frame(e) => write!(f, "malformed frame: {e}"),
+            ReadError::Sink(e) => write!(f, "undeliverable frame: {e}"),
+            ReadError::NoMemory(n) => write!(f, "no memory for a frame of {n} bytes"),
+        }
+    }
+}
+
+/// Reads frames from `src` until it ends cleanly (`Ok`) or fails.
+pub fn read_frames<R: Read, S: Sink>(
+    mut src: R,
+    max_frame_bytes: usize,
+    sink: &mut S,
+    stats: &PeerStats,
+) -> Result<(), ReadError> {
+    let mut buf = vec![0u8; READ_BUF];
+    let (mut start, mut end) = (0usize, 0usize);
+    loop {
+        // Every complete frame in buf[start..end].
+        while end - start >= LEN_BYTES {
+            let prefix = buf[start..start + LEN_BYTES].try_into().unwrap();
+            let len = frame::check_len(prefix, max_frame_bytes).map_err(ReadError::Frame)?;
+            let body_at = start + LEN_BYTES;
+            if len >= OWNED_FRAME_MIN {
+                let mut owned = sink.alloc(len).ok_or(ReadError::NoMemory(len))?;
+                let dst = owned.as_mut();
+                let have = (end - body_at).min(len);
+                dst[..have].copy_from_slice(&buf[body_at..body_at + have]);
+                read_exact(&mut src, &mut dst[have..])?;
+                start = body_at + have;
+                stats.received(len + LEN_BYTES);
+                sink.frame_owned(owned).map_err(ReadError::Sink)?;
+                continue;
+            }
+            if end - body_at < len {
+                break;
+            }
+            stats.received(len + LEN_BYTES);
+            sink.frame(&buf[body_at..body_at + len])
+                .map_err(ReadError::Sink)?;
+            start = body_at + len;
+        }
+        // Keep the partial frame at the front, then read more behind it.
+        if start == end {
+            start = 0;
+            end = 0;
+        } else if start > 0 {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        match src.read(&mut buf[end..]) {
+            Ok(0) if end == 0 => return Ok(()),
+            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => end += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+fn read_exact<R: Read>(src: &mut R, dst: &mut [u8]) -> Result<(), ReadError> {
+    src.read_exact(dst).map_err(ReadError::Io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::Writer;
+    use crate::frame::{Kind, FLAG_SHARED};
+
+    #[derive(Default)]
+    struct Collect {
+        frames: Vec<(u8, Vec<u8>, Vec<u8>)>,
+        owned: usize,
+    }
+
+    impl Sink for Collect {
+        type Buf = Vec<u8>;
+        fn alloc(&mut self, len: usize) -> Option<Vec<u8>> {
+            Some(vec![0; len])
+        }
+        fn frame(&mut self, body: &[u8]) -> Result<(), String> {
+            let f = frame::parse(body).map_err(|e| e.to_string())?;
+            self.frames
+                .push((f.flags, f.dest.to_vec(), f.term.to_vec()));
+            Ok(())
+        }
+        fn frame_owned(&mut self, body: Vec<u8>) -> Result<(), String> {
+            self.owned += 1;
+            self.frame(&body)
+        }
+    }
+
+    fn frame_bytes(dest: &[u8], payload_len: usize) -> Vec<u8> {
+        let mut w = Writer::default();
+        let s = frame::start(&mut w, Kind::ToName, dest);
+        w.version();
+        w.binary(&vec![7u8; payload_len]);
+        frame::finish(&mut w, s, if payload_len > 1000 { FLAG_SHARED } else { 0 }).unwrap();
+        w.finish().0
+    }
+
+    /// A reader that returns at most `step` bytes per call, to cut frames anywhere.
+    struct Trickle<'a>(&'a [u8], usize);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.len().min(out.len()).min(self.1);
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frames_of_every_size_arrive_whole_however_the_stream_is_cut() {
+        let mut stream = Vec::new();
+        let sizes = [0, 1, 100, 70_000, 5, 300_000, 3];
+        for (i, &n) in sizes.iter().enumerate() {
+            stream.extend(frame_bytes(format!("p{i}").as_bytes(), n));
+        }
+        for step in [1, 7, 4096, 1 << 20] {
+            let mut sink = Collect::default();
+            let stats = PeerStats::default();
+            read_frames(Trickle(&stream, step), 1 << 20, &mut sink, &stats).unwrap();
+            assert_eq!(sink.frames.len(), sizes.len(), "step {step}");
+            assert_eq!(sink.owned, 2);
+            for (i, (_, dest, term)) in sink.frames.iter().enumerate() {
+                assert_eq!(dest, format!("p{i}").as_bytes());
+                assert_eq!(term.len(), 1 + 5 + sizes[i]);
+            }
+            assert_eq!(stats.snapshot().msgs_in, sizes.len() as u64);
+            assert_eq!(stats.snapshot().bytes_in, stream.len() as u64);
+        }
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_before_allocating() {
+        let stream = [255u8, 255, 255, 255, 1, 2, 3];
+        let mut sink = Collect::default();
+        let err = read_frames(&stream[..], 1 << 20, &mut sink, &PeerStats::default()).unwrap_err();
+        assert!(matches!(err, ReadError::Frame(FrameError::BadLength(_))));
+        assert!(sink.frames.is_empty());
+    }
+
+    #[test]
+    fn a_stream_cut_inside_a_frame_is_an_error() {
+        let stream = frame_bytes(b"x", 10);
+        let mut sink = Collect::default();
+        let err = read_frames(
+            &stream[..stream.len() - 1],
+            1 << 20,
+            &mut sink,
+            &PeerStats::default(),
+        );
+        assert!(matches!(err, Err(ReadError::Io(_))));
+    }
+
+    #[test]
+    fn a_malformed_body_stops_the_reader() {
+        let stream = [0u8, 0, 0, 5, 9, 0, 0, 0, 131];
+        let mut sink = Collect::default();
+        let err = read_frames(&stream[..], 1 << 20, &mut sink, &PeerStats::default()).unwrap_err();
+        assert!(matches!(err, ReadError::Sink(_)));
+    }
+}

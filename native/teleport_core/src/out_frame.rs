@@ -1,0 +1,168 @@
+//! A frame on its way out: the writer's bytes plus the binaries it references, written from
+//! wherever the last partial write stopped.
+
+use crate::encode::Chunk;
+use std::io::IoSlice;
+
+/// Binaries a frame references without copying them, kept alive for as long as the frame.
+/// The NIF implements it over a process-independent env that holds the VM's binaries.
+pub trait Shared: Send {
+    /// The bytes of shared binary number `index`.
+    fn bytes(&self, index: u32) -> &[u8];
+}
+
+/// A frame queued or being written.
+pub struct OutFrame {
+    buf: Vec<u8>,
+    chunks: Vec<Chunk>,
+    shared: Option<Box<dyn Shared>>,
+    len: usize,
+    /// Bytes already written.
+    done: usize,
+}
+
+impl std::fmt::Debug for OutFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutFrame")
+            .field("len", &self.len)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl OutFrame {
+    /// A frame made of a writer's output; `shared` supplies the [`Chunk::Shared`] parts.
+    pub fn new(buf: Vec<u8>, chunks: Vec<Chunk>, shared: Option<Box<dyn Shared>>) -> Self {
+        let len = chunks
+            .iter()
+            .map(|c| match *c {
+                Chunk::Bytes { start, end } => end - start,
+                Chunk::Shared { len, .. } => len,
+            })
+            .sum();
+        OutFrame {
+            buf,
+            chunks,
+            shared,
+            len,
+            done: 0,
+        }
+    }
+
+    /// A frame of plain bytes.
+    pub fn from_bytes(buf: Vec<u8>) -> Self {
+        let end = buf.len();
+        OutFrame::new(buf, vec![Chunk::Bytes { start: 0, end }], None)
+    }
+
+    /// Total size in bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the frame has no bytes at all.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes still to write.
+    #[inline]
+    pub fn remaining(&self) -> usize {
+        self.len - self.done
+    }
+
+    /// Whether any byte was written (a frame cut in the middle cannot be resent alone).
+    #[inline]
+    pub fn started(&self) -> bool {
+        self.done > 0
+    }
+
+    /// Appends the unwritten parts to `out`, at most `max` slices in all.
+    pub fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) {
+        let mut skip = self.done;
+        for c in &self.chunks {
+            if out.len() >= max {
+                return;
+            }
+            let part: &[u8] = match *c {
+                Chunk::Bytes { start, end } => &self.buf[start..end],
+                Chunk::Shared { index, .. } => match &self.shared {
+                    Some(s) => s.bytes(index),
+                    None => &[],
+                },
+            };
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            out.push(IoSlice::new(&part[skip..]));
+            skip = 0;
+        }
+    }
+
+    /// Records `n` more bytes written; returns how many of them went past this frame's end.
+    #[inline]
+    pub fn advance(&mut self, n: usize) -> usize {
+        let here = n.min(self.remaining());
+        self.done += here;
+        n - here
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Vec<u8>);
+    impl Shared for Fixed {
+        fn bytes(&self, _: u32) -> &[u8] {
+            &self.0
+        }
+    }
+
+    fn flat(f: &OutFrame) -> Vec<u8> {
+        let mut v = Vec::new();
+        f.slices(&mut v, usize::MAX);
+        v.iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    #[test]
+    fn partial_writes_resume_in_the_middle_of_a_chunk() {
+        let chunks = vec![
+            Chunk::Bytes { start: 0, end: 3 },
+            Chunk::Shared { index: 0, len: 4 },
+            Chunk::Bytes { start: 3, end: 5 },
+        ];
+        let mut f = OutFrame::new(
+            b"abcde".to_vec(),
+            chunks,
+            Some(Box::new(Fixed(b"WXYZ".to_vec()))),
+        );
+        assert_eq!(f.len(), 9);
+        assert_eq!(flat(&f), b"abcWXYZde");
+        assert_eq!(f.advance(4), 0);
+        assert!(f.started());
+        assert_eq!(flat(&f), b"XYZde");
+        assert_eq!(f.advance(10), 5);
+        assert_eq!(f.remaining(), 0);
+        assert!(flat(&f).is_empty());
+    }
+
+    #[test]
+    fn slices_respect_the_limit() {
+        let f = OutFrame::new(
+            b"abcdef".to_vec(),
+            vec![
+                Chunk::Bytes { start: 0, end: 2 },
+                Chunk::Bytes { start: 2, end: 4 },
+                Chunk::Bytes { start: 4, end: 6 },
+            ],
+            None,
+        );
+        let mut v = Vec::new();
+        f.slices(&mut v, 2);
+        assert_eq!(v.len(), 2);
+    }
+}

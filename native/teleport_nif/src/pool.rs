@@ -1,0 +1,243 @@
+//! `pool_*`: a pool of outgoing connections to one peer node, a resource kept in the
+//! `teleport_pools` ETS table, and the send path that encodes straight into a frame.
+
+use crate::codec_encode::{fallback, write_atom, write_term, OverBudget, NORMAL_BUDGET};
+use crate::runtime::Runtime;
+use rustler::sys::{
+    enif_alloc_env, enif_free_env, enif_hash, enif_inspect_binary, enif_is_atom, enif_is_pid,
+    enif_make_copy, enif_self, ErlNifBinary, ErlNifEnv, ErlNifHash, ErlNifPid, ErlNifTerm,
+};
+use rustler::{Atom, Binary, Encoder, Env, NifResult, ResourceArc, Term};
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use teleport_core::conn::{PeerConfig, SendError, Status};
+use teleport_core::encode::Writer;
+use teleport_core::frame::{self, Kind, FLAG_SHARED};
+use teleport_core::out_frame::{OutFrame, Shared};
+use teleport_core::pool::Pool;
+
+mod atoms {
+    rustler::atoms! {
+        ok, error, busy, closed, dirty, too_large, bad_ip,
+        index, state, queued_bytes, frames_in_queue, last_error, undefined,
+        down, connecting, up,
+    }
+}
+
+/// A pool, as Erlang holds it.
+pub struct PoolRes {
+    pool: Pool,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for PoolRes {}
+
+/// The VM binaries a queued frame references, kept alive by a private env until written.
+struct Kept {
+    env: *mut ErlNifEnv,
+    parts: Vec<(*const u8, usize)>,
+}
+
+// SAFETY: the env is process-independent; the binaries it holds never move or change, and
+// they are only read, by whichever thread writes the frame.
+unsafe impl Send for Kept {}
+
+impl Kept {
+    /// Copies the (refc) binary terms into a private env: a reference count each, no data.
+    unsafe fn new(shared: &[ErlNifTerm]) -> Kept {
+        let env = enif_alloc_env();
+        let parts = shared
+            .iter()
+            .map(|&t| {
+                let copy = enif_make_copy(env, t);
+                let mut bin = MaybeUninit::<ErlNifBinary>::uninit();
+                if enif_inspect_binary(env, copy, bin.as_mut_ptr()) == 0 {
+                    return (std::ptr::null(), 0);
+                }
+                let bin = bin.assume_init();
+                (bin.data as *const u8, bin.size)
+            })
+            .collect();
+        Kept { env, parts }
+    }
+}
+
+impl Shared for Kept {
+    fn bytes(&self, index: u32) -> &[u8] {
+        match self.parts.get(index as usize) {
+            Some(&(ptr, len)) if !ptr.is_null() => unsafe { std::slice::from_raw_parts(ptr, len) },
+            _ => &[],
+        }
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        unsafe { enif_free_env(self.env) };
+    }
+}
+
+/// Starts a pool of `Size` connections to node `Peer` at `Ip:Port`.
+#[rustler::nif]
+#[allow(clippy::too_many_arguments)]
+fn pool_start<'a>(
+    env: Env<'a>,
+    rt: ResourceArc<Runtime>,
+    peer: Binary<'a>,
+    ip: String,
+    port: u16,
+    cookie: Binary<'a>,
+    size: usize,
+    max_queue_bytes: usize,
+    timeouts_ms: (u64, u64),
+) -> NifResult<Term<'a>> {
+    let Ok(ip_addr) = ip.parse::<IpAddr>() else {
+        return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
+    };
+    let cfg = PeerConfig {
+        me: rt.me.clone(),
+        peer: peer.as_slice().to_vec(),
+        cookie: cookie.as_slice().to_vec(),
+        addr: SocketAddr::new(ip_addr, port),
+        max_queue_bytes,
+        connect_timeout: Duration::from_millis(timeouts_ms.0),
+        handshake_timeout: Duration::from_millis(timeouts_ms.1),
+    };
+    let stats = rt.peers.stats(peer.as_slice());
+    match Pool::start(cfg, size, stats) {
+        Ok(pool) => Ok((atoms::ok(), ResourceArc::new(PoolRes { pool })).encode(env)),
+        Err(e) => Ok((atoms::error(), e.to_string()).encode(env)),
+    }
+}
+
+/// Tears the pool down; queued messages are dropped and counted.
+#[rustler::nif]
+fn pool_close(pool: ResourceArc<PoolRes>) {
+    pool.pool.close();
+}
+
+/// Per connection: `#{index, state, queued_bytes, frames_in_queue, last_error}`.
+#[rustler::nif]
+fn pool_info<'a>(env: Env<'a>, pool: ResourceArc<PoolRes>) -> NifResult<Term<'a>> {
+    let mut out = Vec::new();
+    for c in pool.pool.conns() {
+        let (status, queued, frames, last_error) = c.status();
+        let state = match status {
+            Status::Down => atoms::down(),
+            Status::Connecting => atoms::connecting(),
+            Status::Up => atoms::up(),
+            Status::Closed => atoms::closed(),
+        };
+        let last_error = match last_error {
+            Some(e) => e.encode(env),
+            None => atoms::undefined().encode(env),
+        };
+        let map = Term::map_new(env)
+            .map_put(atoms::index(), c.index())?
+            .map_put(atoms::state(), state)?
+            .map_put(atoms::queued_bytes(), queued)?
+            .map_put(atoms::frames_in_queue(), frames)?
+            .map_put(atoms::last_error(), last_error)?;
+        out.push(map);
+    }
+    Ok(out.encode(env))
+}
+
+/// Sends `Msg` to `Dest` (a pid, or the atom of a name registered on the peer) over the
+/// pool: `ok | busy | closed | too_large`, or `dirty` when the message is too big to
+/// encode on a normal scheduler.
+#[rustler::nif]
+fn pool_send<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolRes>,
+    dest: Term<'a>,
+    msg: Term<'a>,
+) -> NifResult<Term<'a>> {
+    match unsafe { send(env, &pool, dest, msg, Some(NORMAL_BUDGET))? } {
+        Ok((result, work)) => {
+            crate::consume(env, work);
+            Ok(result.encode(env))
+        }
+        Err(OverBudget) => Ok(atoms::dirty().encode(env)),
+    }
+}
+
+/// [`pool_send`] on a dirty CPU scheduler: `{Result, Reductions}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn pool_send_dirty<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolRes>,
+    dest: Term<'a>,
+    msg: Term<'a>,
+) -> NifResult<Term<'a>> {
+    let Ok((result, work)) = (unsafe { send(env, &pool, dest, msg, None)? }) else {
+        unreachable!("an unlimited budget never runs out")
+    };
+    Ok((result, work / crate::codec_encode::UNITS_PER_REDUCTION).encode(env))
+}
+
+/// Encodes the frame and hands it to the connection of this (sender, destination) pair.
+unsafe fn send(
+    env: Env,
+    pool: &PoolRes,
+    dest: Term,
+    msg: Term,
+    budget: Option<usize>,
+) -> NifResult<Result<(Atom, usize), OverBudget>> {
+    let raw = env.as_c_arg();
+    if pool.pool.is_stale() {
+        return Ok(Ok((atoms::closed(), 0)));
+    }
+    let kind = if enif_is_pid(raw, dest.as_c_arg()) != 0 {
+        Kind::ToPid
+    } else if enif_is_atom(raw, dest.as_c_arg()) != 0 {
+        Kind::ToName
+    } else {
+        return Err(rustler::Error::BadArg);
+    };
+    let mut d = Writer::with_capacity(64);
+    d.version();
+    match kind {
+        Kind::ToPid => fallback(raw, dest.as_c_arg(), &mut d),
+        Kind::ToName => write_atom(raw, dest.as_c_arg(), &mut d),
+    }
+    let (dest_bytes, _) = d.finish();
+
+    let mut w = Writer::with_capacity(256);
+    let started = frame::start(&mut w, kind, &dest_bytes);
+    w.version();
+    let (shared, work) = match write_term(raw, msg.as_c_arg(), &mut w, budget) {
+        Ok(done) => done,
+        Err(over) => return Ok(Err(over)),
+    };
+    let flags = if shared.is_empty() { 0 } else { FLAG_SHARED };
+    if frame::finish(&mut w, started, flags).is_err() {
+        return Ok(Ok((atoms::too_large(), work)));
+    }
+    let (buf, chunks) = w.finish();
+    let kept: Option<Box<dyn Shared>> = if shared.is_empty() {
+        None
+    } else {
+        Some(Box::new(Kept::new(&shared)))
+    };
+    let out = OutFrame::new(buf, chunks, kept);
+    let result = match pool.pool.conn(pair_hash(raw, dest.as_c_arg())).send(out) {
+        Ok(()) => atoms::ok(),
+        Err(SendError::Busy(_)) => atoms::busy(),
+        Err(SendError::Closed(_)) => atoms::closed(),
+    };
+    Ok(Ok((result, work)))
+}
+
+/// A hash of (calling process, destination): one pair, one connection.
+unsafe fn pair_hash(env: *mut ErlNifEnv, dest: ErlNifTerm) -> u64 {
+    let mut me = MaybeUninit::<ErlNifPid>::uninit();
+    let salt = if enif_self(env, me.as_mut_ptr()).is_null() {
+        0
+    } else {
+        let me = rustler::sys::enif_make_pid(env, me.assume_init());
+        enif_hash(ErlNifHash::ERL_NIF_INTERNAL_HASH, me, 0)
+    };
+    enif_hash(ErlNifHash::ERL_NIF_INTERNAL_HASH, dest, salt)
+}
