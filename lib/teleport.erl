@@ -21,11 +21,14 @@
 -module(teleport).
 
 -export([start/0, stop/0, send/2, send/3, stats/0, term_to_iolist/1]).
+-export([gs_call/2, gs_call/3, gs_cast/2, abcast/2, abcast/3, multi_call/2, multi_call/3,
+         multi_call/4]).
 
 -type dest() :: pid() | atom() | {atom(), node()}.
 -type send_option() :: nosuspend | noconnect.
 -type reason() :: nodedown | not_started | too_large.
--export_type([dest/0, send_option/0, reason/0]).
+-type server_ref() :: pid() | atom() | {atom(), node()}.
+-export_type([dest/0, send_option/0, reason/0, server_ref/0]).
 
 -define(TABLE, teleport_pools).
 %% A blocked sender retries after 1, 2, 4, 8 ms, then every 8 ms.
@@ -77,6 +80,176 @@ send(Name, Msg, Opts) when is_atom(Name), is_list(Opts) ->
     ok;
 send(Dest, Msg, Opts) ->
     erlang:error(badarg, [Dest, Msg, Opts]).
+
+%% @doc `gen_server:call(Dest, Request)' over teleport, with the default timeout of 5 s.
+-spec gs_call(server_ref(), term()) -> term().
+gs_call(Dest, Request) ->
+    gs_call(Dest, Request, 5000).
+
+%% @doc A drop-in for `gen_server:call/3' (or a `gen_statem' call) to a server on another
+%% node: the request travels over teleport, and so does the reply. The callee needs no
+%% change: on its node a worker makes the call locally and sends the reply back.
+%%
+%% Returns the reply. Exits like `gen_server:call/3', with `{teleport, gs_call, [Dest,
+%% Request, Timeout]}' in place of `{gen_server, call, ...}': `{timeout, _}', `{noproc, _}',
+%% `{{nodedown, Node}, _}', or the callee's own exit reason if it dies during the call. A
+%% reply that arrives after the timeout is dropped, never left in the mailbox.
+%%
+%% Differences from `gen_server:call/3': the callee sees the worker, not the caller, as the
+%% `From' pid (a callee that monitors its caller monitors the worker, which lives as long as
+%% the call); a server on the local node is called with `gen_server:call/3' itself.
+-spec gs_call(server_ref(), term(), timeout()) -> term().
+gs_call(Dest, Request, Timeout) ->
+    MFA = {?MODULE, gs_call, [Dest, Request, Timeout]},
+    case target(Dest) of
+        local ->
+            try
+                gen_server:call(Dest, Request, Timeout)
+            catch
+                exit:{Reason, {gen_server, call, _}} -> exit({Reason, MFA})
+            end;
+        {Node, Target} ->
+            Alias = request(Node, Target, Request, Timeout, MFA),
+            await(Alias, Node, Timeout, MFA);
+        badarg ->
+            erlang:error(badarg, [Dest, Request, Timeout])
+    end.
+
+%% @doc A drop-in for `gen_server:cast/2' over teleport: always `ok'. The same message shape
+%% serves `gen_statem:cast/2'; `gen_event:notify/2' is `send(Dest, {notify, Event})'.
+-spec gs_cast(server_ref(), term()) -> ok.
+gs_cast(Dest, Msg) ->
+    _ = (catch send(Dest, {'$gen_cast', Msg})),
+    ok.
+
+%% @doc `abcast([node() | nodes()], Name, Msg)'.
+-spec abcast(atom(), term()) -> abcast.
+abcast(Name, Msg) ->
+    abcast([node() | nodes()], Name, Msg).
+
+%% @doc A drop-in for `gen_server:abcast/3': casts `Msg' to the server registered as `Name'
+%% on each of `Nodes'. The message is encoded once for all of them.
+-spec abcast([node()], atom(), term()) -> abcast.
+abcast(Nodes, Name, Msg) when is_list(Nodes), is_atom(Name) ->
+    Cast = {'$gen_cast', Msg},
+    {Local, Remote} = lists:partition(fun(N) -> N =:= node() end, lists:usort(Nodes)),
+    [catch Name ! Cast || _ <- Local],
+    Pooled = [{N, P} || N <- Remote, {ok, P} <- [pool(N, [])]],
+    Results = case Pooled of
+                  [] -> [];
+                  _ -> send_many([P || {_, P} <- Pooled], Name, Cast)
+              end,
+    %% A full or closed connection: that node gets its own send (which waits or reconnects).
+    [send({Name, N}, Cast) || {{N, _}, R} <- lists:zip(Pooled, Results), R =/= ok],
+    abcast.
+
+%% @doc `multi_call([node() | nodes()], Name, Request, infinity)'.
+-spec multi_call(atom(), term()) -> {[{node(), term()}], [node()]}.
+multi_call(Name, Request) ->
+    multi_call([node() | nodes()], Name, Request, infinity).
+
+%% @doc `multi_call(Nodes, Name, Request, infinity)'.
+-spec multi_call([node()], atom(), term()) -> {[{node(), term()}], [node()]}.
+multi_call(Nodes, Name, Request) ->
+    multi_call(Nodes, Name, Request, infinity).
+
+%% @doc A drop-in for `gen_server:multi_call/4' over teleport: calls the server registered as
+%% `Name' on each node at once and waits at most `Timeout' in all. Returns the replies and
+%% the nodes that did not answer (down, no such server, it crashed, or too late).
+-spec multi_call([node()], atom(), term(), timeout()) -> {[{node(), term()}], [node()]}.
+multi_call(Nodes, Name, Request, Timeout) when is_list(Nodes), is_atom(Name) ->
+    MFA = {?MODULE, multi_call, [Nodes, Name, Request, Timeout]},
+    Pending = [{try_request(Node, Name, Request, Timeout, MFA), Node}
+               || Node <- lists:usort(Nodes)],
+    Deadline = case Timeout of
+                   infinity -> infinity;
+                   _ -> erlang:monotonic_time(millisecond) + Timeout
+               end,
+    collect(Pending, Deadline, [], []).
+
+-spec try_request(node(), atom(), term(), timeout(), mfa()) -> reference() | error.
+try_request(Node, Name, Request, Timeout, MFA) ->
+    try request(Node, Name, Request, Timeout, MFA)
+    catch exit:_ -> error
+    end.
+
+-spec collect([{reference() | error, node()}], integer() | infinity,
+              [{node(), term()}], [node()]) -> {[{node(), term()}], [node()]}.
+collect([], _Deadline, Replies, Bad) ->
+    {lists:sort(Replies), lists:sort(Bad)};
+collect([{error, Node} | Rest], Deadline, Replies, Bad) ->
+    collect(Rest, Deadline, Replies, [Node | Bad]);
+collect([{Alias, Node} | Rest], Deadline, Replies, Bad) ->
+    Left = case Deadline of
+               infinity -> infinity;
+               _ -> max(0, Deadline - erlang:monotonic_time(millisecond))
+           end,
+    case catch await(Alias, Node, Left, undefined) of
+        {'EXIT', _} -> collect(Rest, Deadline, Replies, [Node | Bad]);
+        Reply -> collect(Rest, Deadline, [{Node, Reply} | Replies], Bad)
+    end.
+
+%% Where a call goes: the local node, or a node and the pid or name there.
+-spec target(term()) -> local | {node(), pid() | atom()} | badarg.
+target(Pid) when is_pid(Pid), node(Pid) =:= node() -> local;
+target(Pid) when is_pid(Pid) -> {node(Pid), Pid};
+target(Name) when is_atom(Name) -> local;
+target({Name, Node}) when is_atom(Name), Node =:= node() -> local;
+target({Name, Node}) when is_atom(Name), is_atom(Node) -> {Node, Name};
+target(_) -> badarg.
+
+%% Sends a call request to `Node''s teleport_calls; returns the alias the answer comes to.
+%% The alias is also a monitor of teleport_calls there: `DOWN' says the node (or teleport on
+%% it) went away.
+-spec request(node(), pid() | atom(), term(), timeout(), mfa()) -> reference().
+request(Node, Target, Request, Timeout, MFA) ->
+    Alias = erlang:monitor(process, {teleport_calls, Node}, [{alias, demonitor}]),
+    Msg = {'$teleport_call', Target, Request, self(), Alias, Timeout},
+    case send({teleport_calls, Node}, Msg) of
+        ok ->
+            Alias;
+        {error, nodedown} ->
+            erlang:demonitor(Alias, [flush]),
+            exit({{nodedown, Node}, MFA});
+        {error, Reason} ->
+            erlang:demonitor(Alias, [flush]),
+            exit({Reason, MFA})
+    end.
+
+-spec await(reference(), node(), timeout(), mfa() | undefined) -> term().
+await(Alias, Node, Timeout, MFA) ->
+    receive
+        {Alias, Result} ->
+            erlang:demonitor(Alias, [flush]),
+            result(Result, MFA);
+        {'DOWN', Alias, process, _, noconnection} ->
+            exit({{nodedown, Node}, MFA});
+        {'DOWN', Alias, process, _, Reason} ->
+            exit({Reason, MFA})
+    after Timeout ->
+            %% Removing the alias makes the VM drop a reply that comes later.
+            erlang:demonitor(Alias, [flush]),
+            receive
+                {Alias, Result} -> result(Result, MFA)
+            after 0 ->
+                    exit({timeout, MFA})
+            end
+    end.
+
+-spec result({reply, term()} | {exit, term()}, mfa() | undefined) -> term().
+result({reply, Reply}, _MFA) -> Reply;
+result({exit, Reason}, MFA) -> exit({Reason, MFA}).
+
+-spec send_many([teleport_nif:pool()], atom(), term()) -> [ok | busy | closed | too_large].
+send_many(Pools, Name, Msg) ->
+    case teleport_nif:pool_send_many(Pools, Name, Msg) of
+        dirty ->
+            {Results, Reductions} = teleport_nif:pool_send_many_dirty(Pools, Name, Msg),
+            erlang:bump_reductions(Reductions),
+            Results;
+        Results ->
+            Results
+    end.
 
 %% @doc Counters per peer node: messages and bytes each way, bytes queued, messages
 %% dropped, reconnections and connections up.

@@ -7,7 +7,8 @@
          log_set_level/1, log_emit_test/2]).
 -export([runtime_start/5, runtime_stop/1, runtime_port/1, runtime_allow/3, runtime_forbid/2,
          runtime_stats/1]).
--export([pool_start/8, pool_send/3, pool_send_dirty/3, pool_close/1, pool_info/1]).
+-export([pool_start/8, pool_send/3, pool_send_dirty/3, pool_send_many/3, pool_send_many_dirty/3,
+         pool_close/1, pool_info/1]).
 
 -export_type([runtime/0, pool/0]).
 
@@ -102,6 +103,16 @@ pool_send(_Pool, _Dest, _Msg) -> ?NOT_LOADED.
 -spec pool_send_dirty(pool(), pid() | atom(), term()) ->
           {ok | busy | closed | too_large, non_neg_integer()}.
 pool_send_dirty(_Pool, _Dest, _Msg) -> ?NOT_LOADED.
+
+%% @doc Encodes `Msg' once into a frame for the name `Name' and queues it on every pool:
+%% one result per pool, in order, or `dirty' when too big for a normal scheduler.
+-spec pool_send_many([pool()], atom(), term()) -> [ok | busy | closed | too_large] | dirty.
+pool_send_many(_Pools, _Name, _Msg) -> ?NOT_LOADED.
+
+%% @doc `pool_send_many/3' on a dirty CPU scheduler, with the reductions to charge.
+-spec pool_send_many_dirty([pool()], atom(), term()) ->
+          {[ok | busy | closed | too_large], non_neg_integer()}.
+pool_send_many_dirty(_Pools, _Name, _Msg) -> ?NOT_LOADED.
 
 %% @doc Tears the pool down; queued messages are dropped and counted.
 -spec pool_close(pool()) -> ok.

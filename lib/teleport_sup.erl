@@ -17,5 +17,7 @@ init([]) ->
     Flags = #{strategy => rest_for_one, intensity => 5, period => 10},
     Children = [#{id => teleport_log, start => {teleport_log, start_link, []}},
                 #{id => teleport_server, start => {teleport_server, start_link, []},
-                  shutdown => 5000}],
+                  shutdown => 5000},
+                #{id => teleport_calls, start => {teleport_calls, start_link, []}},
+                #{id => teleport_replies, start => {teleport_replies, start_link, []}}],
     {ok, {Flags, Children}}.

@@ -3,10 +3,12 @@
 
 use crate::encode::Chunk;
 use std::io::IoSlice;
+use std::sync::Arc;
 
 /// Binaries a frame references without copying them, kept alive for as long as the frame.
 /// The NIF implements it over a process-independent env that holds the VM's binaries.
-pub trait Shared: Send {
+/// Several frames may share one (a message encoded once for many nodes).
+pub trait Shared: Send + Sync {
     /// The bytes of shared binary number `index`.
     fn bytes(&self, index: u32) -> &[u8];
 }
@@ -15,7 +17,7 @@ pub trait Shared: Send {
 pub struct OutFrame {
     buf: Vec<u8>,
     chunks: Vec<Chunk>,
-    shared: Option<Box<dyn Shared>>,
+    shared: Option<Arc<dyn Shared>>,
     len: usize,
     /// Bytes already written.
     done: usize,
@@ -32,7 +34,7 @@ impl std::fmt::Debug for OutFrame {
 
 impl OutFrame {
     /// A frame made of a writer's output; `shared` supplies the [`Chunk::Shared`] parts.
-    pub fn new(buf: Vec<u8>, chunks: Vec<Chunk>, shared: Option<Box<dyn Shared>>) -> Self {
+    pub fn new(buf: Vec<u8>, chunks: Vec<Chunk>, shared: Option<Arc<dyn Shared>>) -> Self {
         let len = chunks
             .iter()
             .map(|c| match *c {
@@ -53,6 +55,18 @@ impl OutFrame {
     pub fn from_bytes(buf: Vec<u8>) -> Self {
         let end = buf.len();
         OutFrame::new(buf, vec![Chunk::Bytes { start: 0, end }], None)
+    }
+
+    /// A copy not yet written, for another connection: the small bytes are copied, the
+    /// shared binaries are not.
+    pub fn duplicate(&self) -> Self {
+        OutFrame {
+            buf: self.buf.clone(),
+            chunks: self.chunks.clone(),
+            shared: self.shared.clone(),
+            len: self.len,
+            done: 0,
+        }
     }
 
     /// Total size in bytes.
@@ -138,12 +152,15 @@ mod tests {
         let mut f = OutFrame::new(
             b"abcde".to_vec(),
             chunks,
-            Some(Box::new(Fixed(b"WXYZ".to_vec()))),
+            Some(Arc::new(Fixed(b"WXYZ".to_vec()))),
         );
         assert_eq!(f.len(), 9);
         assert_eq!(flat(&f), b"abcWXYZde");
         assert_eq!(f.advance(4), 0);
         assert!(f.started());
+        let copy = f.duplicate();
+        assert!(!copy.started());
+        assert_eq!(flat(&copy), b"abcWXYZde");
         assert_eq!(flat(&f), b"XYZde");
         assert_eq!(f.advance(10), 5);
         assert_eq!(f.remaining(), 0);

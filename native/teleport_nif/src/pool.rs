@@ -10,6 +10,7 @@ use rustler::sys::{
 use rustler::{Atom, Binary, Encoder, Env, NifResult, ResourceArc, Term};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 use teleport_core::conn::{PeerConfig, SendError, Status};
 use teleport_core::encode::Writer;
@@ -40,8 +41,9 @@ struct Kept {
 }
 
 // SAFETY: the env is process-independent; the binaries it holds never move or change, and
-// they are only read, by whichever thread writes the frame.
+// they are only read, by whichever threads write the frames that share them.
 unsafe impl Send for Kept {}
+unsafe impl Sync for Kept {}
 
 impl Kept {
     /// Copies the (refc) binary terms into a private env: a reference count each, no data.
@@ -185,10 +187,35 @@ unsafe fn send(
     msg: Term,
     budget: Option<usize>,
 ) -> NifResult<Result<(Atom, usize), OverBudget>> {
-    let raw = env.as_c_arg();
     if pool.pool.is_stale() {
         return Ok(Ok((atoms::closed(), 0)));
     }
+    let (frame, work) = match encode_frame(env, dest, msg, budget)? {
+        Ok(Some(done)) => done,
+        Ok(None) => return Ok(Ok((atoms::too_large(), 0))),
+        Err(over) => return Ok(Err(over)),
+    };
+    let hash = pair_hash(env.as_c_arg(), dest.as_c_arg());
+    Ok(Ok((enqueue(pool, hash, frame), work)))
+}
+
+/// Hands a frame to one connection of the pool.
+fn enqueue(pool: &PoolRes, hash: u64, frame: OutFrame) -> Atom {
+    match pool.pool.conn(hash).send(frame) {
+        Ok(()) => atoms::ok(),
+        Err(SendError::Busy(_)) => atoms::busy(),
+        Err(SendError::Closed(_)) => atoms::closed(),
+    }
+}
+
+/// Encodes a frame for `dest` (a pid or a name). `Ok(None)`: too large for a frame.
+unsafe fn encode_frame(
+    env: Env,
+    dest: Term,
+    msg: Term,
+    budget: Option<usize>,
+) -> NifResult<Result<Option<(OutFrame, usize)>, OverBudget>> {
+    let raw = env.as_c_arg();
     let kind = if enif_is_pid(raw, dest.as_c_arg()) != 0 {
         Kind::ToPid
     } else if enif_is_atom(raw, dest.as_c_arg()) != 0 {
@@ -213,21 +240,76 @@ unsafe fn send(
     };
     let flags = if shared.is_empty() { 0 } else { FLAG_SHARED };
     if frame::finish(&mut w, started, flags).is_err() {
-        return Ok(Ok((atoms::too_large(), work)));
+        return Ok(Ok(None));
     }
     let (buf, chunks) = w.finish();
-    let kept: Option<Box<dyn Shared>> = if shared.is_empty() {
+    let kept: Option<Arc<dyn Shared>> = if shared.is_empty() {
         None
     } else {
-        Some(Box::new(Kept::new(&shared)))
+        Some(Arc::new(Kept::new(&shared)))
     };
-    let out = OutFrame::new(buf, chunks, kept);
-    let result = match pool.pool.conn(pair_hash(raw, dest.as_c_arg())).send(out) {
-        Ok(()) => atoms::ok(),
-        Err(SendError::Busy(_)) => atoms::busy(),
-        Err(SendError::Closed(_)) => atoms::closed(),
+    Ok(Ok(Some((OutFrame::new(buf, chunks, kept), work))))
+}
+
+/// Sends `Msg` to the process registered as `Name` on each pool's node, encoding it once:
+/// a list of results in the order of `Pools` (as for `pool_send`), or `dirty`.
+#[rustler::nif]
+fn pool_send_many<'a>(
+    env: Env<'a>,
+    pools: Vec<ResourceArc<PoolRes>>,
+    name: Term<'a>,
+    msg: Term<'a>,
+) -> NifResult<Term<'a>> {
+    match unsafe { send_many(env, &pools, name, msg, Some(NORMAL_BUDGET))? } {
+        Ok((results, work)) => {
+            crate::consume(env, work);
+            Ok(results.encode(env))
+        }
+        Err(OverBudget) => Ok(atoms::dirty().encode(env)),
+    }
+}
+
+/// [`pool_send_many`] on a dirty CPU scheduler: `{Results, Reductions}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn pool_send_many_dirty<'a>(
+    env: Env<'a>,
+    pools: Vec<ResourceArc<PoolRes>>,
+    name: Term<'a>,
+    msg: Term<'a>,
+) -> NifResult<Term<'a>> {
+    let Ok((results, work)) = (unsafe { send_many(env, &pools, name, msg, None)? }) else {
+        unreachable!("an unlimited budget never runs out")
     };
-    Ok(Ok((result, work)))
+    Ok((results, work / crate::codec_encode::UNITS_PER_REDUCTION).encode(env))
+}
+
+unsafe fn send_many(
+    env: Env,
+    pools: &[ResourceArc<PoolRes>],
+    name: Term,
+    msg: Term,
+    budget: Option<usize>,
+) -> NifResult<Result<(Vec<Atom>, usize), OverBudget>> {
+    if enif_is_atom(env.as_c_arg(), name.as_c_arg()) == 0 {
+        return Err(rustler::Error::BadArg);
+    }
+    let (frame, work) = match encode_frame(env, name, msg, budget)? {
+        Ok(Some(done)) => done,
+        Ok(None) => return Ok(Ok((vec![atoms::too_large(); pools.len()], 0))),
+        Err(over) => return Ok(Err(over)),
+    };
+    let hash = pair_hash(env.as_c_arg(), name.as_c_arg());
+    let results = pools
+        .iter()
+        .map(|pool| {
+            if pool.pool.is_stale() {
+                atoms::closed()
+            } else {
+                enqueue(pool, hash, frame.duplicate())
+            }
+        })
+        .collect();
+    Ok(Ok((results, work)))
 }
 
 /// A hash of (calling process, destination): one pair, one connection.
