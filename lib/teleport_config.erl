@@ -14,7 +14,8 @@
                     eager_connect := boolean(),
                     connect_timeout := pos_integer(),
                     handshake_timeout := pos_integer(),
-                    discovery_timeout := pos_integer()}.
+                    discovery_timeout := pos_integer(),
+                    log_to_default_handler := boolean()}.
 -export_type([config/0]).
 
 %% @doc The default of every key.
@@ -30,7 +31,10 @@ defaults() ->
       eager_connect => false,
       connect_timeout => 5000,
       handshake_timeout => 5000,
-      discovery_timeout => 5000}.
+      discovery_timeout => 5000,
+      %% OTP's default handler drops events with a domain of their own; teleport's
+      %% warnings about peers are worth seeing without configuring anything.
+      log_to_default_handler => true}.
 
 %% @doc Reads every key from the `teleport' application environment, with defaults.
 %% Raises `error({invalid_config, Key, Value, Expected})' on a bad value.
@@ -48,8 +52,10 @@ check(listen_ip, V) ->
         {ok, Ip} -> Ip;
         error -> bad(listen_ip, V, "an IP address tuple or string, or 'any'")
     end;
-check(eager_connect, V) when is_boolean(V) -> V;
-check(eager_connect, V) -> bad(eager_connect, V, "true or false");
+check(Key, V) when is_boolean(V), Key =:= eager_connect orelse Key =:= log_to_default_handler ->
+    V;
+check(Key, V) when Key =:= eager_connect; Key =:= log_to_default_handler ->
+    bad(Key, V, "true or false");
 check(Key, V) when is_integer(V), V > 0 -> check_size(Key, V);
 check(Key, V) -> bad(Key, V, "a positive integer").
 

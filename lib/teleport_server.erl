@@ -89,6 +89,7 @@ start_runtime(Config) ->
             _ = ets:new(?TABLE, [named_table, protected, set, {read_concurrency, true}]),
             persistent_term:put({?MODULE, runtime}, Rt),
             ok = net_kernel:monitor_nodes(true),
+            log_to_default_handler(maps:get(log_to_default_handler, Config)),
             logger:info("teleport listening on ~ts:~b",
                         [inet:ntoa(Ip), teleport_nif:runtime_port(Rt)],
                         #{domain => [teleport]}),
@@ -164,6 +165,17 @@ terminate(_Reason, #{runtime := Rt}) ->
     [teleport_nif:pool_close(Pool) || {_, Pool} <- ets:tab2list(?TABLE)],
     teleport_nif:runtime_stop(Rt),
     _ = persistent_term:erase({?MODULE, runtime}),
+    _ = logger:remove_handler_filter(default, ?MODULE),
+    ok.
+
+%% Lets OTP's default handler print events of domain [teleport] (it drops events with a
+%% domain of their own unless told otherwise). Already there, or no default handler: fine.
+-spec log_to_default_handler(boolean()) -> ok.
+log_to_default_handler(false) ->
+    ok;
+log_to_default_handler(true) ->
+    Filter = {fun logger_filters:domain/2, {log, sub, [teleport]}},
+    _ = logger:add_handler_filter(default, ?MODULE, Filter),
     ok.
 
 %% Starts finding `Node''s listener unless that is under way; `From' waits for the pool.

@@ -455,4 +455,3 @@ fn log_emit_test(level: Atom, text: Binary) -> NifResult<Atom> {
     }
     Ok(ok())
 }
-
