@@ -28,6 +28,8 @@
 -type send_option() :: nosuspend | noconnect.
 -type reason() :: nodedown | not_started | too_large.
 -type server_ref() :: pid() | atom() | {atom(), node()}.
+%% Where a call failed, as it appears in exit reasons: `{teleport, gs_call, Args}'.
+-type call_site() :: {module(), atom(), [term()]}.
 -export_type([dest/0, send_option/0, reason/0, server_ref/0]).
 
 -define(TABLE, teleport_pools).
@@ -133,14 +135,14 @@ abcast(Name, Msg) ->
 abcast(Nodes, Name, Msg) when is_list(Nodes), is_atom(Name) ->
     Cast = {'$gen_cast', Msg},
     {Local, Remote} = lists:partition(fun(N) -> N =:= node() end, lists:usort(Nodes)),
-    [catch Name ! Cast || _ <- Local],
+    _ = [catch Name ! Cast || _ <- Local],
     Pooled = [{N, P} || N <- Remote, {ok, P} <- [pool(N, [])]],
     Results = case Pooled of
                   [] -> [];
                   _ -> send_many([P || {_, P} <- Pooled], Name, Cast)
               end,
     %% A full or closed connection: that node gets its own send (which waits or reconnects).
-    [send({Name, N}, Cast) || {{N, _}, R} <- lists:zip(Pooled, Results), R =/= ok],
+    _ = [send({Name, N}, Cast) || {{N, _}, R} <- lists:zip(Pooled, Results), R =/= ok],
     abcast.
 
 %% @doc `multi_call([node() | nodes()], Name, Request, infinity)'.
@@ -167,7 +169,7 @@ multi_call(Nodes, Name, Request, Timeout) when is_list(Nodes), is_atom(Name) ->
                end,
     collect(Pending, Deadline, [], []).
 
--spec try_request(node(), atom(), term(), timeout(), mfa()) -> reference() | error.
+-spec try_request(node(), atom(), term(), timeout(), call_site()) -> reference() | error.
 try_request(Node, Name, Request, Timeout, MFA) ->
     try request(Node, Name, Request, Timeout, MFA)
     catch exit:_ -> error
@@ -201,7 +203,7 @@ target(_) -> badarg.
 %% Sends a call request to `Node''s teleport_calls; returns the alias the answer comes to.
 %% The alias is also a monitor of teleport_calls there: `DOWN' says the node (or teleport on
 %% it) went away.
--spec request(node(), pid() | atom(), term(), timeout(), mfa()) -> reference().
+-spec request(node(), pid() | atom(), term(), timeout(), call_site()) -> reference().
 request(Node, Target, Request, Timeout, MFA) ->
     Alias = erlang:monitor(process, {teleport_calls, Node}, [{alias, demonitor}]),
     Msg = {'$teleport_call', Target, Request, self(), Alias, Timeout},
@@ -216,7 +218,7 @@ request(Node, Target, Request, Timeout, MFA) ->
             exit({Reason, MFA})
     end.
 
--spec await(reference(), node(), timeout(), mfa() | undefined) -> term().
+-spec await(reference(), node(), timeout(), call_site() | undefined) -> term().
 await(Alias, Node, Timeout, MFA) ->
     receive
         {Alias, Result} ->
@@ -236,7 +238,7 @@ await(Alias, Node, Timeout, MFA) ->
             end
     end.
 
--spec result({reply, term()} | {exit, term()}, mfa() | undefined) -> term().
+-spec result({reply, term()} | {exit, term()}, call_site() | undefined) -> term().
 result({reply, Reply}, _MFA) -> Reply;
 result({exit, Reason}, MFA) -> exit({Reason, MFA}).
 

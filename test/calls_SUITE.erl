@@ -1,0 +1,169 @@
+%% gs_call, gs_cast, abcast and multi_call against an unmodified gen_server on peer nodes.
+-module(calls_SUITE).
+-compile([export_all, nowarn_export_all]).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+all() ->
+    [reply_value, reply_from_another_process, noreply_then_reply_later, timeout_shape,
+     late_reply_never_lands, noproc_shape, callee_crash_mid_call, local_destination,
+     big_reply_not_over_disterl, gs_cast, abcast_with_a_bad_node, multi_call_with_a_node_down,
+     node_killed_mid_call].
+
+init_per_suite(Config) ->
+    Started = case node() of
+                  nonode@nohost ->
+                      {ok, _} = net_kernel:start([calls_suite, shortnames]),
+                      true;
+                  _ ->
+                      false
+              end,
+    ok = teleport:start(),
+    [{dist_started, Started} | Config].
+
+end_per_suite(Config) ->
+    _ = teleport:stop(),
+    case ?config(dist_started, Config) of
+        true -> net_kernel:stop();
+        false -> ok
+    end,
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    {Peer, Node} = start_peer(),
+    [{peer, Peer}, {node, Node} | Config].
+
+end_per_testcase(_Case, Config) ->
+    catch peer:stop(?config(peer, Config)),
+    ok.
+
+start_peer() ->
+    {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(calls),
+                                         args => ["-pa" | code:get_path()],
+                                         connection => standard_io}),
+    ok = peer:call(Peer, teleport, start, []),
+    {ok, _} = peer:call(Peer, calls_test_server, start, [srv]),
+    {Peer, Node}.
+
+reply_value(Config) ->
+    Node = ?config(node, Config),
+    ?assertEqual(hello, teleport:gs_call({srv, Node}, {echo, hello})),
+    ?assertEqual(#{a => [1, 2]}, teleport:gs_call({srv, Node}, {echo, #{a => [1, 2]}}, 1000)),
+    Pid = peer:call(?config(peer, Config), erlang, whereis, [srv]),
+    ?assertEqual(by_pid, teleport:gs_call(Pid, {echo, by_pid}, infinity)).
+
+reply_from_another_process(Config) ->
+    ?assertEqual({other, 7}, teleport:gs_call({srv, ?config(node, Config)}, {reply_from_other, 7})).
+
+noreply_then_reply_later(Config) ->
+    ?assertEqual({later, x},
+                 teleport:gs_call({srv, ?config(node, Config)}, {reply_later, x, 200}, 2000)).
+
+timeout_shape(Config) ->
+    Dest = {srv, ?config(node, Config)},
+    Req = {sleep, 500},
+    ?assertExit({timeout, {teleport, gs_call, [Dest, Req, 100]}},
+                teleport:gs_call(Dest, Req, 100)).
+
+late_reply_never_lands(Config) ->
+    Dest = {srv, ?config(node, Config)},
+    ?assertExit({timeout, _}, teleport:gs_call(Dest, {reply_later, late, 300}, 50)),
+    %% The reply is sent 250 ms after the timeout; it must be dropped by the VM.
+    timer:sleep(600),
+    {messages, Msgs} = process_info(self(), messages),
+    ?assertEqual([], Msgs),
+    %% The server is fine and so is the path.
+    ?assertEqual(ok, teleport:gs_call(Dest, {echo, ok})).
+
+noproc_shape(Config) ->
+    Dest = {no_such_server, ?config(node, Config)},
+    ?assertExit({noproc, {teleport, gs_call, [Dest, x, 1000]}}, teleport:gs_call(Dest, x, 1000)).
+
+callee_crash_mid_call(Config) ->
+    Dest = {srv, ?config(node, Config)},
+    Req = {crash, my_reason},
+    ?assertExit({my_reason, {teleport, gs_call, [Dest, Req, 5000]}},
+                teleport:gs_call(Dest, Req, 5000)).
+
+local_destination(_Config) ->
+    {ok, _} = calls_test_server:start(local_srv),
+    try
+        ?assertEqual(here, teleport:gs_call(local_srv, {echo, here})),
+        ?assertEqual(here, teleport:gs_call({local_srv, node()}, {echo, here})),
+        ?assertExit({timeout, {teleport, gs_call, [local_srv, {sleep, 300}, 50]}},
+                    teleport:gs_call(local_srv, {sleep, 300}, 50)),
+        ?assertExit({noproc, {teleport, gs_call, [nobody_here, x, 100]}},
+                    teleport:gs_call(nobody_here, x, 100))
+    after
+        gen_server:stop(local_srv)
+    end.
+
+big_reply_not_over_disterl(Config) ->
+    Node = ?config(node, Config),
+    Dest = {srv, Node},
+    ?assertEqual(warm, teleport:gs_call(Dest, {echo, warm})),
+    Size = 10 * 1024 * 1024,
+    {In0, Out0} = dist_bytes(Node),
+    T0 = erlang:monotonic_time(microsecond),
+    Reply = teleport:gs_call(Dest, {bytes, Size}, 30000),
+    T1 = erlang:monotonic_time(microsecond),
+    {In1, Out1} = dist_bytes(Node),
+    ?assertEqual(Size, byte_size(Reply)),
+    ct:pal("10 MB reply in ~b us; disterl bytes in ~b, out ~b during the call",
+           [T1 - T0, In1 - In0, Out1 - Out0]),
+    %% Monitors and the like may cross disterl; 10 MB must not.
+    ?assert(In1 - In0 < 64 * 1024),
+    ?assert(Out1 - Out0 < 64 * 1024).
+
+gs_cast(Config) ->
+    Dest = {srv, ?config(node, Config)},
+    ?assertEqual(ok, teleport:gs_cast(Dest, one)),
+    ?assertEqual(ok, teleport:gs_cast(Dest, two)),
+    ?assertEqual(ok, teleport:gs_cast({srv, 'nobody@nohost'}, lost)),
+    ?assertEqual(ok, teleport:gs_cast(42, lost)),
+    %% Same sender, same destination: the call is ordered after the casts.
+    ?assertEqual([one, two], teleport:gs_call(Dest, casts)).
+
+abcast_with_a_bad_node(Config) ->
+    {Peer2, Node2} = start_peer(),
+    {Peer3, Node3} = start_peer(),
+    try
+        Nodes = [?config(node, Config), Node2, Node3],
+        ?assertEqual(abcast, teleport:abcast(['bad@nohost' | Nodes], srv, {hello, 1})),
+        %% A call from this process comes after its cast on each node.
+        [?assertEqual([{hello, 1}], teleport:gs_call({srv, N}, casts)) || N <- Nodes],
+        Stats = teleport:stats(),
+        [?assertMatch(#{msgs_out := _}, maps:get(N, Stats)) || N <- Nodes]
+    after
+        peer:stop(Peer2),
+        peer:stop(Peer3)
+    end.
+
+multi_call_with_a_node_down(Config) ->
+    Node = ?config(node, Config),
+    {Peer2, Node2} = start_peer(),
+    peer:stop(Peer2),
+    {Replies, Bad} = teleport:multi_call([Node, Node2], srv, {echo, m}, 3000),
+    ?assertEqual([{Node, m}], Replies),
+    ?assertEqual([Node2], Bad),
+    %% A node without the server is bad too; the local node has none.
+    ?assertEqual({[{Node, m}], [node()]}, teleport:multi_call([Node, node()], srv, {echo, m})).
+
+node_killed_mid_call(Config) ->
+    Node = ?config(node, Config),
+    Peer = ?config(peer, Config),
+    OsPid = peer:call(Peer, os, getpid, []),
+    _ = spawn(fun() -> timer:sleep(300), os:cmd("kill -9 " ++ OsPid) end),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertExit({{nodedown, Node}, {teleport, gs_call, _}},
+                teleport:gs_call({srv, Node}, {sleep, 60000}, 60000)),
+    Waited = erlang:monotonic_time(millisecond) - T0,
+    ct:pal("nodedown seen after ~b ms", [Waited]),
+    ?assert(Waited < 10000).
+
+%% Bytes received and sent on the disterl connection to Node.
+dist_bytes(Node) ->
+    [Ctrl] = [C || {N, C} <- erlang:system_info(dist_ctrl), N =:= Node],
+    {ok, [{recv_oct, In}, {send_oct, Out}]} = inet:getstat(Ctrl, [recv_oct, send_oct]),
+    {In, Out}.
