@@ -317,7 +317,8 @@ push(Node, Pool, Dest, Msg, Opts, Backoff, MayRetry) ->
                     push(Node, Pool, Dest, Msg, Opts, min(2 * Backoff, ?MAX_BACKOFF), MayRetry)
             end;
         closed when MayRetry ->
-            %% The pool was torn down or its peer moved: get a new one, once.
+            %% The pool was torn down, or its peer refused it (moved, or restarted teleport):
+            %% have it repaired, once.
             case teleport_server:reconnect(Node, Pool) of
                 {ok, New} -> push(Node, New, Dest, Msg, Opts, Backoff, false);
                 Error -> Error

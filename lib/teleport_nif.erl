@@ -8,7 +8,7 @@
 -export([runtime_start/5, runtime_stop/1, runtime_port/1, runtime_allow/3, runtime_forbid/2,
          runtime_stats/1]).
 -export([pool_start/8, pool_send/3, pool_send_dirty/3, pool_send_many/3, pool_send_many_dirty/3,
-         pool_close/1, pool_info/1]).
+         pool_retarget/3, pool_close/1, pool_info/1]).
 
 -export_type([runtime/0, pool/0]).
 
@@ -113,6 +113,10 @@ pool_send_many(_Pools, _Name, _Msg) -> ?NOT_LOADED.
 -spec pool_send_many_dirty([pool()], atom(), term()) ->
           {[ok | busy | closed | too_large], non_neg_integer()}.
 pool_send_many_dirty(_Pools, _Name, _Msg) -> ?NOT_LOADED.
+
+%% @doc Points the pool at `Ip:Port', where its peer listens now; queued messages go there.
+-spec pool_retarget(pool(), binary(), inet:port_number()) -> ok | {error, {bad_ip, binary()}}.
+pool_retarget(_Pool, _Ip, _Port) -> ?NOT_LOADED.
 
 %% @doc Tears the pool down; queued messages are dropped and counted.
 -spec pool_close(pool()) -> ok.

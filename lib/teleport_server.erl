@@ -32,8 +32,9 @@ start_link() ->
 connect(Node) ->
     call({connect, Node}).
 
-%% @doc Replaces `Pool' (closed, or its peer no longer listens where it did) with a new pool
-%% to `Node'.
+%% @doc Repairs the pool to `Node' after `Pool' answered `closed': a pool whose peer refused
+%% it is pointed at where the peer listens now (its queued messages kept, in order); a pool
+%% that was closed is replaced. `{error, nodedown}' if the peer cannot be found.
 -spec reconnect(node(), teleport_nif:pool()) ->
           {ok, teleport_nif:pool()} | {error, nodedown | not_started}.
 reconnect(Node, Pool) ->
@@ -108,13 +109,10 @@ handle_call({connect, Node}, From, State) ->
     end;
 handle_call({reconnect, Node, Old}, From, State) ->
     case ets:lookup(?TABLE, Node) of
-        [{_, Old}] ->
-            teleport_nif:pool_close(Old),
-            true = ets:delete(?TABLE, Node),
-            {noreply, discover(Node, From, State)};
-        [{_, Newer}] ->
+        [{_, Newer}] when Newer =/= Old ->
             {reply, {ok, Newer}, State};
-        [] ->
+        _ ->
+            %% Find the listener again; the pool in the table, if any, is re-pointed.
             {noreply, discover(Node, From, State)}
     end;
 handle_call(listen_info, {Pid, _}, State = #{runtime := Rt, config := #{listen_ip := Ip}}) ->
@@ -248,7 +246,25 @@ host_ip(Node) ->
 
 -spec start_pool(node(), {ok, inet:ip_address(), inet:port_number()} | {error, nodedown},
                  state()) -> {ok, teleport_nif:pool()} | {error, nodedown}.
-start_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
+start_pool(Node, Found, State) ->
+    case {ets:lookup(?TABLE, Node), Found} of
+        {[{_, Pool}], {ok, Ip, Port}} ->
+            allow(maps:get(runtime, State), Node),
+            ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port),
+            {ok, Pool};
+        {[{_, Pool}], {error, nodedown}} ->
+            %% The peer's teleport is gone while its node may still be up: what waited for
+            %% it is dropped and counted.
+            true = ets:delete(?TABLE, Node),
+            teleport_nif:pool_close(Pool),
+            {error, nodedown};
+        {[], _} ->
+            new_pool(Node, Found, State)
+    end.
+
+-spec new_pool(node(), {ok, inet:ip_address(), inet:port_number()} | {error, nodedown},
+               state()) -> {ok, teleport_nif:pool()} | {error, nodedown}.
+new_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
     #{pool_size := Size, max_queue_bytes := MaxQueue, connect_timeout := ConnectTimeout,
       handshake_timeout := HandshakeTimeout} = Config,
     Cookie = atom_to_binary(erlang:get_cookie(Node), utf8),
@@ -264,7 +280,7 @@ start_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
                            [Node, inet:ntoa(Ip), Port, Reason], #{domain => [teleport]}),
             {error, nodedown}
     end;
-start_pool(_Node, {error, nodedown}, _State) ->
+new_pool(_Node, {error, nodedown}, _State) ->
     {error, nodedown}.
 
 -spec allow(teleport_nif:runtime(), node()) -> ok.

@@ -32,6 +32,46 @@ const MAX_IOVECS: usize = 1024;
 /// How long an idle writer sleeps before checking that the peer did not hang up.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// The first wait after a failed connection attempt; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest wait between connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Where a pool's connections go, shared by them: the peer's listener can move (its
+/// teleport application restarted on another port) while the node stays up, and then the
+/// pool is pointed at the new place with its queues intact.
+#[derive(Debug)]
+pub struct Target {
+    addr: Mutex<SocketAddr>,
+    stale: AtomicBool,
+}
+
+impl Target {
+    /// A target at `addr`.
+    pub fn new(addr: SocketAddr) -> Target {
+        Target {
+            addr: Mutex::new(addr),
+            stale: AtomicBool::new(false),
+        }
+    }
+
+    /// The current address.
+    pub fn addr(&self) -> SocketAddr {
+        *self.addr.lock()
+    }
+
+    /// Whether the peer refused a connection: the owner should find its listener again.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Relaxed)
+    }
+
+    /// Points at `addr` and clears the stale mark.
+    pub fn set(&self, addr: SocketAddr) {
+        *self.addr.lock() = addr;
+        self.stale.store(false, Relaxed);
+    }
+}
+
 /// How to reach and authenticate with a peer, and the queue limit.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
@@ -41,8 +81,6 @@ pub struct PeerConfig {
     pub peer: Vec<u8>,
     /// The shared secret (the Erlang cookie for the peer).
     pub cookie: Vec<u8>,
-    /// The peer's teleport listener.
-    pub addr: SocketAddr,
     /// Queued bytes above which senders are told the connection is busy.
     pub max_queue_bytes: usize,
     /// Bound on TCP connect.
@@ -93,9 +131,8 @@ pub struct Conn {
     index: usize,
     cfg: Arc<PeerConfig>,
     stats: Arc<PeerStats>,
-    /// Shared by the pool: set when a connection attempt fails, so the pool is replaced
-    /// (the peer may listen elsewhere now) instead of failing again.
-    stale: Arc<AtomicBool>,
+    /// Shared by the pool: where to connect.
+    target: Arc<Target>,
     state: Mutex<State>,
     wake: Condvar,
 }
@@ -106,13 +143,13 @@ impl Conn {
         index: usize,
         cfg: Arc<PeerConfig>,
         stats: Arc<PeerStats>,
-        stale: Arc<AtomicBool>,
+        target: Arc<Target>,
     ) -> io::Result<Arc<Conn>> {
         let conn = Arc::new(Conn {
             index,
             cfg,
             stats,
-            stale,
+            target,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued: 0,
@@ -173,10 +210,18 @@ impl Conn {
         st.queued += len;
         self.stats.queued_bytes.fetch_add(len as u64, Relaxed);
         st.queue.push_back(frame);
-        if st.writer_waiting {
+        // The writer sleeps with an empty queue only when idle; with frames queued it is
+        // waiting out a reconnection backoff, which more frames should not cut short.
+        if st.writer_waiting && st.queue.len() == 1 {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Wakes the writer to try connecting at once (the pool was pointed elsewhere).
+    pub fn poke(&self) {
+        let _st = self.state.lock();
+        self.wake.notify_one();
     }
 
     /// Tears the connection down for good: queued frames are dropped and counted.
@@ -230,6 +275,7 @@ impl Conn {
     /// The writer thread.
     fn run(&self) {
         let mut batch: Vec<OutFrame> = Vec::new();
+        let mut backoff = FIRST_BACKOFF;
         loop {
             let mut st = self.state.lock();
             while st.queue.is_empty() && st.status != Status::Closed {
@@ -255,6 +301,7 @@ impl Conn {
                     st.writer_busy = false;
                     match result {
                         Ok(sock) if st.status != Status::Closed => {
+                            backoff = FIRST_BACKOFF;
                             self.stats.connections.fetch_add(1, Relaxed);
                             if st.was_up {
                                 self.stats.reconnects.fetch_add(1, Relaxed);
@@ -265,19 +312,35 @@ impl Conn {
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::warn!(
-                                peer = %String::from_utf8_lossy(&self.cfg.peer),
-                                index = self.index,
-                                addr = %self.cfg.addr,
-                                reason = %e,
-                                "connect_failed"
+                            let refused = matches!(
+                                e.kind(),
+                                io::ErrorKind::ConnectionRefused | io::ErrorKind::PermissionDenied
                             );
-                            st.status = Status::Down;
+                            if backoff == FIRST_BACKOFF {
+                                tracing::warn!(
+                                    peer = %String::from_utf8_lossy(&self.cfg.peer),
+                                    index = self.index,
+                                    addr = %self.target.addr(),
+                                    reason = %e,
+                                    queued = st.queue.len(),
+                                    "connect_failed"
+                                );
+                            }
+                            if st.status != Status::Closed {
+                                st.status = Status::Down;
+                            }
                             st.last_error = Some(e.to_string());
-                            self.stale.store(true, Relaxed);
-                            // The peer cannot be reached: what waits for it is dropped
-                            // (and counted) rather than held without bound.
-                            self.drop_queue(&mut st);
+                            if refused {
+                                // The peer is there but not listening or not letting us in
+                                // where we thought: its listener must be found again.
+                                self.target.stale.store(true, Relaxed);
+                            }
+                            // Queued frames stay: they go out once a connection is up, or are
+                            // dropped (and counted) when the pool is closed at nodedown.
+                            st.writer_waiting = true;
+                            self.wake.wait_for(&mut st, backoff);
+                            st.writer_waiting = false;
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
                         }
                     }
                     continue;
@@ -329,13 +392,10 @@ impl Conn {
 
     fn connect(&self) -> io::Result<Socket> {
         let cfg = &self.cfg;
-        let sock = Socket::new(
-            Domain::for_address(cfg.addr),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )?;
+        let addr = self.target.addr();
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         sock.set_nodelay(true)?;
-        sock.connect_timeout(&SockAddr::from(cfg.addr), cfg.connect_timeout)?;
+        sock.connect_timeout(&SockAddr::from(addr), cfg.connect_timeout)?;
         // One deadline for the whole handshake: a per-read timeout would let the peer trickle.
         let mut stream = Deadline::after(&sock, cfg.handshake_timeout);
         handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cfg.cookie).map_err(handshake_io)?;
@@ -344,7 +404,7 @@ impl Conn {
         tracing::info!(
             peer = %String::from_utf8_lossy(&cfg.peer),
             index = self.index,
-            addr = %cfg.addr,
+            addr = %addr,
             "connection_up"
         );
         Ok(sock)

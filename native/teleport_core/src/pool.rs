@@ -2,38 +2,51 @@
 //! by hashing its (sender, destination) pair, so one pair always uses one connection (order
 //! kept) while different pairs spread over the pool.
 
-use crate::conn::{Conn, PeerConfig};
+use crate::conn::{Conn, PeerConfig, Target};
 use crate::stats::PeerStats;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The outgoing connections to one peer.
 pub struct Pool {
     conns: Vec<Arc<Conn>>,
     stats: Arc<PeerStats>,
-    stale: Arc<AtomicBool>,
+    target: Arc<Target>,
 }
 
 impl Pool {
-    /// Starts `size` connection slots (at least 1) to the peer. They connect on first use.
-    pub fn start(cfg: PeerConfig, size: usize, stats: Arc<PeerStats>) -> io::Result<Pool> {
+    /// Starts `size` connection slots (at least 1) to the peer's listener at `addr`. They
+    /// connect on first use.
+    pub fn start(
+        cfg: PeerConfig,
+        addr: SocketAddr,
+        size: usize,
+        stats: Arc<PeerStats>,
+    ) -> io::Result<Pool> {
         let cfg = Arc::new(cfg);
-        let stale = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(Target::new(addr));
         let conns = (0..size.max(1))
-            .map(|i| Conn::start(i, cfg.clone(), stats.clone(), stale.clone()))
+            .map(|i| Conn::start(i, cfg.clone(), stats.clone(), target.clone()))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Pool {
             conns,
             stats,
-            stale,
+            target,
         })
     }
 
-    /// Whether a connection attempt failed: the owner should replace the pool (after
-    /// finding the peer's listener again) rather than keep sending into it.
+    /// Whether the peer refused a connection: the owner should find the peer's listener
+    /// again and [`Pool::retarget`] the pool.
     pub fn is_stale(&self) -> bool {
-        self.stale.load(Ordering::Relaxed)
+        self.target.is_stale()
+    }
+
+    /// Points every connection at `addr` (where the peer listens now) and has them try at
+    /// once; what they queued goes out there, in order.
+    pub fn retarget(&self, addr: SocketAddr) {
+        self.target.set(addr);
+        self.conns.iter().for_each(|c| c.poke());
     }
 
     /// The connection for a (sender, destination) hash.

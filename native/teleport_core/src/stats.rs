@@ -10,7 +10,8 @@ pub struct PeerStats {
     pub msgs_out: AtomicU64,
     /// Bytes written to the peer's sockets, frame headers included.
     pub bytes_out: AtomicU64,
-    /// Messages received from the peer and handed to their destination.
+    /// Messages received from the peer (including those whose destination did not exist,
+    /// which are dropped silently as disterl drops them).
     pub msgs_in: AtomicU64,
     /// Bytes received from the peer, frame headers included.
     pub bytes_in: AtomicU64,

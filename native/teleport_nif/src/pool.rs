@@ -101,16 +101,30 @@ fn pool_start<'a>(
         me: rt.me.clone(),
         peer: peer.as_slice().to_vec(),
         cookie: cookie.as_slice().to_vec(),
-        addr: SocketAddr::new(ip_addr, port),
         max_queue_bytes,
         connect_timeout: Duration::from_millis(timeouts_ms.0),
         handshake_timeout: Duration::from_millis(timeouts_ms.1),
     };
     let stats = rt.peers.stats(peer.as_slice());
-    match Pool::start(cfg, size, stats) {
+    match Pool::start(cfg, SocketAddr::new(ip_addr, port), size, stats) {
         Ok(pool) => Ok((atoms::ok(), ResourceArc::new(PoolRes { pool })).encode(env)),
         Err(e) => Ok((atoms::error(), e.to_string()).encode(env)),
     }
+}
+
+/// Points the pool at `Ip:Port`, where its peer listens now; queued messages go there.
+#[rustler::nif]
+fn pool_retarget<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolRes>,
+    ip: String,
+    port: u16,
+) -> NifResult<Term<'a>> {
+    let Ok(ip_addr) = ip.parse::<IpAddr>() else {
+        return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
+    };
+    pool.pool.retarget(SocketAddr::new(ip_addr, port));
+    Ok(atoms::ok().encode(env))
 }
 
 /// Tears the pool down; queued messages are dropped and counted.
