@@ -28,6 +28,36 @@ pub enum Value {
     Opaque(u8, Vec<u8>),
 }
 
+impl Drop for Value {
+    /// Drops children from an explicit stack: a term nested a million deep must not recurse
+    /// (the derived drop would overflow the stack on such input, found by fuzzing).
+    fn drop(&mut self) {
+        let mut stack = Vec::new();
+        take_children(self, &mut stack);
+        while let Some(mut v) = stack.pop() {
+            take_children(&mut v, &mut stack);
+        }
+    }
+}
+
+/// Moves the children of `v` onto `out`, leaving `v` a leaf.
+fn take_children(v: &mut Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Tuple(es) => out.append(es),
+        Value::List(es, tail) => {
+            out.append(es);
+            out.push(std::mem::replace(&mut **tail, Value::Nil));
+        }
+        Value::Map(kvs) => {
+            for (k, v) in kvs.drain(..) {
+                out.push(k);
+                out.push(v);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Builds [`Value`]s.
 struct ValueBuilder;
 
@@ -74,12 +104,13 @@ impl Builder for ValueBuilder {
         }
         // Like `binary_to_term/1`, `[a | [b]]` in two list headers is the list `[a, b]`.
         let mut elems = take_all(elems);
-        let tail = match tail {
-            Value::List(more, tail) => {
-                elems.extend(more);
-                *tail
+        let mut tail = tail;
+        let tail = match &mut tail {
+            Value::List(more, rest) => {
+                elems.append(more);
+                std::mem::replace(&mut **rest, Value::Nil)
             }
-            t => t,
+            _ => tail,
         };
         Ok(Value::List(elems, Box::new(tail)))
     }
@@ -200,6 +231,17 @@ mod tests {
     fn repeated_map_keys_are_refused() {
         let bytes = [131, 116, 0, 0, 0, 2, 97, 1, 97, 2, 97, 1, 97, 3];
         assert_eq!(decode_value(&bytes), Err(DecodeError::Refused));
+    }
+
+    #[test]
+    fn a_truncated_deep_term_fails_without_recursing() {
+        // {<150,000 nested 1-tuples>, <missing>}: the partial values are dropped on error.
+        let mut input = vec![131, 104, 2];
+        for _ in 0..150_000 {
+            input.extend_from_slice(&[104, 1]);
+        }
+        input.push(106);
+        assert_eq!(decode_value(&input), Err(DecodeError::Truncated));
     }
 
     #[test]
