@@ -8,8 +8,9 @@
 %% == Guarantees ==
 %% <ul>
 %% <li>Order: messages from one process to one destination arrive in the order sent (the
-%% pair always uses the same connection). A message to `{Name, Node}' and one to the pid
-%% registered as `Name' are two destinations and may overtake each other.</li>
+%% pair always uses the same connection); casts and calls from one process to one server
+%% stay in order too. A message to `{Name, Node}' and one to the pid registered as `Name'
+%% are two destinations and may overtake each other.</li>
 %% <li>Delivery: while both nodes stay up and connected, nothing is lost. When a connection
 %% fails, the frame it was writing is lost; frames still queued go out on the next
 %% connection. When the node goes down, what was queued for it is dropped and counted in
@@ -68,13 +69,13 @@ send(Pid, Msg, Opts) when is_pid(Pid), is_list(Opts) ->
     check_opts(Pid, Msg, Opts),
     case node(Pid) of
         Node when Node =:= node() -> Pid ! Msg, ok;
-        Node -> remote(Node, Pid, Msg, Opts)
+        Node -> remote(Node, Pid, Pid, Msg, Opts)
     end;
 send({Name, Node} = Dest, Msg, Opts) when is_atom(Name), is_atom(Node), is_list(Opts) ->
     check_opts(Dest, Msg, Opts),
     case Node =:= node() of
         true -> Dest ! Msg, ok;
-        false -> remote(Node, Name, Msg, Opts)
+        false -> remote(Node, Name, Name, Msg, Opts)
     end;
 send(Name, Msg, Opts) when is_atom(Name), is_list(Opts) ->
     check_opts(Name, Msg, Opts),
@@ -202,12 +203,13 @@ target(_) -> badarg.
 
 %% Sends a call request to `Node''s teleport_calls; returns the alias the answer comes to.
 %% The alias is also a monitor of teleport_calls there: `DOWN' says the node (or teleport on
-%% it) went away.
+%% it) went away. The request takes the connection of (this process, `Target'), so it
+%% stays behind the casts and messages this process sent to `Target', as with disterl.
 -spec request(node(), pid() | atom(), term(), timeout(), call_site()) -> reference().
 request(Node, Target, Request, Timeout, MFA) ->
     Alias = erlang:monitor(process, {teleport_calls, Node}, [{alias, demonitor}]),
     Msg = {'$teleport_call', Target, Request, self(), Alias, Timeout},
-    case send({teleport_calls, Node}, Msg) of
+    case remote(Node, teleport_calls, Target, Msg, []) of
         ok ->
             Alias;
         {error, nodedown} ->
@@ -279,11 +281,12 @@ check_opts(Dest, Msg, Opts) ->
         false -> erlang:error(badarg, [Dest, Msg, Opts])
     end.
 
--spec remote(node(), pid() | atom(), term(), [send_option()]) ->
+%% Sends to `Dest' on `Node' over the connection of (this process, `Key').
+-spec remote(node(), pid() | atom(), term(), term(), [send_option()]) ->
           ok | nosuspend | noconnect | {error, reason()}.
-remote(Node, Dest, Msg, Opts) ->
+remote(Node, Dest, Key, Msg, Opts) ->
     case pool(Node, Opts) of
-        {ok, Pool} -> push(Node, Pool, Dest, Msg, Opts, 1, true);
+        {ok, Pool} -> push(Node, Pool, Dest, Key, Msg, Opts, 1, true);
         Other -> Other
     end.
 
@@ -301,10 +304,10 @@ pool(Node, Opts) ->
         error:badarg -> {error, not_started}
     end.
 
--spec push(node(), teleport_nif:pool(), pid() | atom(), term(), [send_option()],
+-spec push(node(), teleport_nif:pool(), pid() | atom(), term(), term(), [send_option()],
            pos_integer(), boolean()) -> ok | nosuspend | {error, reason()}.
-push(Node, Pool, Dest, Msg, Opts, Backoff, MayRetry) ->
-    case nif_send(Pool, Dest, Msg) of
+push(Node, Pool, Dest, Key, Msg, Opts, Backoff, MayRetry) ->
+    case nif_send(Pool, Dest, Key, Msg) of
         ok ->
             ok;
         busy ->
@@ -314,13 +317,14 @@ push(Node, Pool, Dest, Msg, Opts, Backoff, MayRetry) ->
                 false ->
                     %% Only this sender waits; other connections and disterl keep flowing.
                     receive after Backoff -> ok end,
-                    push(Node, Pool, Dest, Msg, Opts, min(2 * Backoff, ?MAX_BACKOFF), MayRetry)
+                    Next = min(2 * Backoff, ?MAX_BACKOFF),
+                    push(Node, Pool, Dest, Key, Msg, Opts, Next, MayRetry)
             end;
         closed when MayRetry ->
             %% The pool was torn down, or its peer refused it (moved, or restarted teleport):
             %% have it repaired, once.
             case teleport_server:reconnect(Node, Pool) of
-                {ok, New} -> push(Node, New, Dest, Msg, Opts, Backoff, false);
+                {ok, New} -> push(Node, New, Dest, Key, Msg, Opts, Backoff, false);
                 Error -> Error
             end;
         closed ->
@@ -329,12 +333,12 @@ push(Node, Pool, Dest, Msg, Opts, Backoff, MayRetry) ->
             {error, too_large}
     end.
 
--spec nif_send(teleport_nif:pool(), pid() | atom(), term()) ->
+-spec nif_send(teleport_nif:pool(), pid() | atom(), term(), term()) ->
           ok | busy | closed | too_large.
-nif_send(Pool, Dest, Msg) ->
-    case teleport_nif:pool_send(Pool, Dest, Msg) of
+nif_send(Pool, Dest, Key, Msg) ->
+    case teleport_nif:pool_send(Pool, Dest, Key, Msg) of
         dirty ->
-            {Result, Reductions} = teleport_nif:pool_send_dirty(Pool, Dest, Msg),
+            {Result, Reductions} = teleport_nif:pool_send_dirty(Pool, Dest, Key, Msg),
             erlang:bump_reductions(Reductions),
             Result;
         Result ->

@@ -5,9 +5,9 @@
 
 -export([codec_encode/1, codec_encode_dirty/1, codec_decode/2, codec_decode_dirty/2,
          log_set_level/1, log_emit_test/2]).
--export([runtime_start/5, runtime_stop/1, runtime_port/1, runtime_allow/3, runtime_forbid/2,
-         runtime_stats/1]).
--export([pool_start/8, pool_send/3, pool_send_dirty/3, pool_send_many/3, pool_send_many_dirty/3,
+-export([runtime_start/5, runtime_set_name/2, runtime_stop/1, runtime_port/1, runtime_allow/3,
+         runtime_forbid/2, runtime_stats/1]).
+-export([pool_start/8, pool_send/4, pool_send_dirty/4, pool_send_many/3, pool_send_many_dirty/3,
          pool_retarget/3, pool_close/1, pool_info/1]).
 
 -export_type([runtime/0, pool/0]).
@@ -67,6 +67,10 @@ codec_decode_dirty(_Bin, _Safe) -> ?NOT_LOADED.
           {ok, runtime()} | {error, {bad_ip, binary()} | {listen, binary()}}.
 runtime_start(_Me, _Ip, _Port, _MaxFrameBytes, _HandshakeTimeoutMs) -> ?NOT_LOADED.
 
+%% @doc Sets this node's name, as handshakes state it from now on.
+-spec runtime_set_name(runtime(), binary()) -> ok.
+runtime_set_name(_Runtime, _Me) -> ?NOT_LOADED.
+
 %% @doc Stops listening and closes every incoming connection.
 -spec runtime_stop(runtime()) -> ok.
 runtime_stop(_Runtime) -> ?NOT_LOADED.
@@ -95,14 +99,16 @@ pool_start(_Runtime, _Peer, _Ip, _Port, _Cookie, _Size, _MaxQueueBytes, _Timeout
     ?NOT_LOADED.
 
 %% @doc Encodes `Msg' into a frame for `Dest' (a pid or a name registered on the peer) and
-%% queues or writes it, within a normal scheduler's budget.
--spec pool_send(pool(), pid() | atom(), term()) -> ok | busy | closed | too_large | dirty.
-pool_send(_Pool, _Dest, _Msg) -> ?NOT_LOADED.
+%% queues or writes it, within a normal scheduler's budget, on the connection of (caller,
+%% `Key'); `Key' is `Dest' but for call requests, keyed by the server they call.
+-spec pool_send(pool(), pid() | atom(), term(), term()) ->
+          ok | busy | closed | too_large | dirty.
+pool_send(_Pool, _Dest, _Key, _Msg) -> ?NOT_LOADED.
 
-%% @doc `pool_send/3' on a dirty CPU scheduler, with the reductions to charge.
--spec pool_send_dirty(pool(), pid() | atom(), term()) ->
+%% @doc `pool_send/4' on a dirty CPU scheduler, with the reductions to charge.
+-spec pool_send_dirty(pool(), pid() | atom(), term(), term()) ->
           {ok | busy | closed | too_large, non_neg_integer()}.
-pool_send_dirty(_Pool, _Dest, _Msg) -> ?NOT_LOADED.
+pool_send_dirty(_Pool, _Dest, _Key, _Msg) -> ?NOT_LOADED.
 
 %% @doc Encodes `Msg' once into a frame for the name `Name' and queues it on every pool:
 %% one result per pool, in order, or `dirty' when too big for a normal scheduler.

@@ -8,7 +8,8 @@
 all() ->
     [reply_value, reply_from_another_process, noreply_then_reply_later, timeout_shape,
      late_reply_never_lands, noproc_shape, callee_crash_mid_call, local_destination,
-     big_reply_not_over_disterl, gs_cast, abcast_with_a_bad_node, multi_call_with_a_node_down,
+     big_reply_not_over_disterl, gs_cast, casts_then_call_in_order, abcast_with_a_bad_node,
+     multi_call_with_a_node_down,
      node_killed_mid_call].
 
 init_per_suite(Config) ->
@@ -124,6 +125,16 @@ gs_cast(Config) ->
     ?assertEqual(ok, teleport:gs_cast(42, lost)),
     %% Same sender, same destination: the call is ordered after the casts.
     ?assertEqual([one, two], teleport:gs_call(Dest, casts)).
+
+%% As with gen_server over disterl, a call made after casts to the same server is served
+%% after them: the call request rides the connection of its server, not of teleport_calls.
+casts_then_call_in_order(Config) ->
+    Dest = {srv, ?config(node, Config)},
+    Out = [begin
+               ok = teleport:gs_cast(Dest, I),
+               lists:last(teleport:gs_call(Dest, casts))
+           end || I <- lists:seq(1, 200)],
+    ?assertEqual(lists:seq(1, 200), Out).
 
 abcast_with_a_bad_node(Config) ->
     {Peer2, Node2} = start_peer(),

@@ -98,7 +98,7 @@ fn pool_start<'a>(
         return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
     };
     let cfg = PeerConfig {
-        me: rt.me.clone(),
+        me: rt.me.lock().clone(),
         peer: peer.as_slice().to_vec(),
         cookie: cookie.as_slice().to_vec(),
         max_queue_bytes,
@@ -162,15 +162,18 @@ fn pool_info<'a>(env: Env<'a>, pool: ResourceArc<PoolRes>) -> NifResult<Term<'a>
 
 /// Sends `Msg` to `Dest` (a pid, or the atom of a name registered on the peer) over the
 /// pool: `ok | busy | closed | too_large`, or `dirty` when the message is too big to
-/// encode on a normal scheduler.
+/// encode on a normal scheduler. The connection is the one of (caller, `Key`): `Key` is
+/// `Dest` itself, except for a call request, which is keyed by the server it calls so that
+/// it stays behind the casts sent to that server.
 #[rustler::nif]
 fn pool_send<'a>(
     env: Env<'a>,
     pool: ResourceArc<PoolRes>,
     dest: Term<'a>,
+    key: Term<'a>,
     msg: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    match unsafe { send(env, &pool, dest, msg, Some(NORMAL_BUDGET))? } {
+    match unsafe { send(env, &pool, dest, key, msg, Some(NORMAL_BUDGET))? } {
         Ok((result, work)) => {
             crate::consume(env, work);
             Ok(result.encode(env))
@@ -185,9 +188,10 @@ fn pool_send_dirty<'a>(
     env: Env<'a>,
     pool: ResourceArc<PoolRes>,
     dest: Term<'a>,
+    key: Term<'a>,
     msg: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    let Ok((result, work)) = (unsafe { send(env, &pool, dest, msg, None)? }) else {
+    let Ok((result, work)) = (unsafe { send(env, &pool, dest, key, msg, None)? }) else {
         unreachable!("an unlimited budget never runs out")
     };
     Ok((result, work / crate::codec_encode::UNITS_PER_REDUCTION).encode(env))
@@ -198,6 +202,7 @@ unsafe fn send(
     env: Env,
     pool: &PoolRes,
     dest: Term,
+    key: Term,
     msg: Term,
     budget: Option<usize>,
 ) -> NifResult<Result<(Atom, usize), OverBudget>> {
@@ -209,7 +214,7 @@ unsafe fn send(
         Ok(None) => return Ok(Ok((atoms::too_large(), 0))),
         Err(over) => return Ok(Err(over)),
     };
-    let hash = pair_hash(env.as_c_arg(), dest.as_c_arg());
+    let hash = pair_hash(env.as_c_arg(), key.as_c_arg());
     Ok(Ok((enqueue(pool, hash, frame), work)))
 }
 
@@ -326,7 +331,7 @@ unsafe fn send_many(
     Ok(Ok((results, work)))
 }
 
-/// A hash of (calling process, destination): one pair, one connection.
+/// A hash of (calling process, ordering key): one pair, one connection.
 unsafe fn pair_hash(env: *mut ErlNifEnv, dest: ErlNifTerm) -> u64 {
     let mut me = MaybeUninit::<ErlNifPid>::uninit();
     let salt = if enif_self(env, me.as_mut_ptr()).is_null() {
