@@ -41,7 +41,12 @@ defmodule Teleport.MixProject do
     ]
   end
 
+  # Keep in step with lib/teleport.app.src, which rebar3 reads: Mix makes its own .app.
   def application do
-    [extra_applications: [:logger]]
+    [
+      mod: {:teleport_app, []},
+      registered: [:teleport_sup, :teleport_server, :teleport_log, :teleport_calls, :teleport_replies],
+      extra_applications: [:logger]
+    ]
   end
 end

@@ -118,6 +118,7 @@ handle_call({reconnect, Node, Old}, From, State) ->
 handle_call(listen_info, {Pid, _}, State = #{runtime := Rt, config := #{listen_ip := Ip}}) ->
     %% A peer is about to connect in: let it, with the cookie we share with it.
     Node = node(Pid),
+    set_name(Rt),
     allow(Rt, Node),
     {reply, {ok, #{port => teleport_nif:runtime_port(Rt), ip => Ip}}, State};
 handle_call(_Request, _From, State) ->
@@ -265,6 +266,7 @@ start_pool(Node, Found, State) ->
 -spec new_pool(node(), {ok, inet:ip_address(), inet:port_number()} | {error, nodedown},
                state()) -> {ok, teleport_nif:pool()} | {error, nodedown}.
 new_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
+    set_name(Rt),
     #{pool_size := Size, max_queue_bytes := MaxQueue, connect_timeout := ConnectTimeout,
       handshake_timeout := HandshakeTimeout} = Config,
     Cookie = atom_to_binary(erlang:get_cookie(Node), utf8),
@@ -282,6 +284,11 @@ new_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
     end;
 new_pool(_Node, {error, nodedown}, _State) ->
     {error, nodedown}.
+
+%% The node may have become distributed (net_kernel:start/1) after teleport started.
+-spec set_name(teleport_nif:runtime()) -> ok.
+set_name(Rt) ->
+    teleport_nif:runtime_set_name(Rt, atom_to_binary(node(), utf8)).
 
 -spec allow(teleport_nif:runtime(), node()) -> ok.
 allow(Rt, Node) ->

@@ -15,6 +15,8 @@ cargo build --quiet --release --manifest-path native/Cargo.toml -p teleport_nif
 mkdir -p priv
 so=native/target/release/libteleport_nif.so
 [ -f "$so" ] || so=native/target/release/libteleport_nif.dylib
-# Copy to a temporary name and rename, so a VM that has the old file open keeps it intact.
-cp "$so" priv/teleport_nif.so.tmp
-mv -f priv/teleport_nif.so.tmp priv/teleport_nif.so
+# Copy to a temporary name of this build's own and rename: a VM that has the old file open
+# keeps it intact, and two builds at once (rebar3 and mix) never trip over each other.
+tmp="priv/teleport_nif.so.tmp.$$"
+cp "$so" "$tmp"
+mv -f "$tmp" priv/teleport_nif.so

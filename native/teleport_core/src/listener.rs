@@ -45,6 +45,9 @@ pub trait Sink: Send + 'static {
 pub trait Acceptor: Send + Sync + 'static {
     /// The per-connection sink.
     type Sink: Sink;
+    /// This node's name as the handshake states it, now (a node may become distributed,
+    /// and so get its name, after the listener started).
+    fn me(&self) -> Vec<u8>;
     /// The cookie `peer` must prove, or `None` if `peer` may not connect.
     fn cookie_for(&self, peer: &[u8]) -> Option<Vec<u8>>;
     /// The counters for `peer`.
@@ -56,8 +59,6 @@ pub trait Acceptor: Send + Sync + 'static {
 /// Limits of the receiving side.
 #[derive(Debug, Clone)]
 pub struct ListenConfig {
-    /// This node's name, as the handshake states it.
-    pub me: Vec<u8>,
     /// Frames longer than this close their connection.
     pub max_frame_bytes: usize,
     /// Bound on the whole handshake of an incoming connection.
@@ -180,7 +181,8 @@ impl Listener {
         let shaken = (|| {
             // One deadline for the whole handshake: a per-read timeout would let the peer trickle.
             let mut stream = Deadline::after(sock, cfg.handshake_timeout);
-            let peer = handshake::accept(&mut stream, &cfg.me, |p| acceptor.cookie_for(p))
+            let me = acceptor.me();
+            let peer = handshake::accept(&mut stream, &me, |p| acceptor.cookie_for(p))
                 .map_err(handshake_io)?;
             sock.set_read_timeout(None)?;
             sock.set_write_timeout(None)?;

@@ -2,6 +2,7 @@
 //! listener that receives from peers, the peers allowed to connect in, and the counters.
 
 use crate::deliver::Deliver;
+use parking_lot::Mutex;
 use rustler::{Binary, Encoder, Env, NifResult, ResourceArc, Term};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -12,7 +13,8 @@ use teleport_core::stats::PeerStats;
 
 /// The runtime of this node.
 pub struct Runtime {
-    pub me: Vec<u8>,
+    /// This node's name; set again by `runtime_set_name` when the node becomes distributed.
+    pub me: Arc<Mutex<Vec<u8>>>,
     pub peers: Arc<Peers>,
     listener: Arc<Listener>,
 }
@@ -28,10 +30,14 @@ impl Drop for Runtime {
 
 struct NifAcceptor {
     peers: Arc<Peers>,
+    me: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Acceptor for NifAcceptor {
     type Sink = Deliver;
+    fn me(&self) -> Vec<u8> {
+        self.me.lock().clone()
+    }
     fn cookie_for(&self, peer: &[u8]) -> Option<Vec<u8>> {
         self.peers.cookie_for(peer)
     }
@@ -62,18 +68,19 @@ fn runtime_start<'a>(
         return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
     };
     let peers = Arc::new(Peers::default());
+    let me = Arc::new(Mutex::new(me.as_slice().to_vec()));
     let cfg = ListenConfig {
-        me: me.as_slice().to_vec(),
         max_frame_bytes,
         handshake_timeout: Duration::from_millis(handshake_timeout_ms),
     };
     let acceptor = Arc::new(NifAcceptor {
         peers: peers.clone(),
+        me: me.clone(),
     });
     match Listener::start(SocketAddr::new(ip_addr, port), cfg, acceptor) {
         Ok(listener) => {
             let rt = ResourceArc::new(Runtime {
-                me: me.as_slice().to_vec(),
+                me,
                 peers,
                 listener,
             });
@@ -81,6 +88,12 @@ fn runtime_start<'a>(
         }
         Err(e) => Ok((atoms::error(), (atoms::listen(), e.to_string())).encode(env)),
     }
+}
+
+/// Sets this node's name (`atom_to_binary(node())`), as handshakes state it from now on.
+#[rustler::nif]
+fn runtime_set_name(rt: ResourceArc<Runtime>, me: Binary) {
+    *rt.me.lock() = me.as_slice().to_vec();
 }
 
 /// Stops listening and closes every incoming connection.
