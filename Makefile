@@ -46,8 +46,17 @@ test-erlang: setup
 	rebar3 eunit
 	rebar3 ct
 
-## bench: the ring benchmark, disterl vs teleport (arrives with the transport).
-bench: bench-codec
+## bench: the transport benchmark, teleport vs disterl on peer nodes of this machine (the
+## 2015 ring at full size, small messages, calls, disterl's latency under load, one stream
+## against raw loopback TCP, peak RSS); about 2.5 minutes on 2 cores. Prints a table and
+## writes bench/results/latest.json and latest.svg. The codec benchmark is `make bench-codec'.
+bench: nif
+	rebar3 as bench compile
+	$(CARGO) build --release --quiet --manifest-path native/loopback_bench/Cargo.toml \
+	    --target-dir _build/loopback_bench
+	erl -noshell -connect_all false -pa _build/bench/lib/teleport/ebin \
+	    -pa _build/bench/lib/teleport/bench \
+	    -eval 'try ring_bench:main() of ok -> halt(0) catch C:E:S -> io:format("~nfailed: ~p:~p~n~p~n", [C, E, S]), halt(1) end.'
 
 ## bench-codec: encode/decode throughput against term_to_iovec/1 and binary_to_term/1.
 bench-codec: nif
