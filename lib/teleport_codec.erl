@@ -33,15 +33,21 @@ encode(Term) ->
 %% @doc Decodes a term encoded by {@link encode/1} or `term_to_binary/1,2' (compressed
 %% included). Raises `badarg' where `binary_to_term/1' does.
 -spec decode(iodata()) -> term().
+decode(Bin) when is_binary(Bin) ->
+    decode_binary(Bin, false);
 decode(Data) ->
-    decode(Data, []).
+    decode_binary(to_binary(Data), false).
 
 %% @doc As {@link decode/1}; with `safe' no new atoms (nor external funs) are created and
 %% input that would need them raises `badarg', as with `binary_to_term/2'.
 -spec decode(iodata(), [decode_option()]) -> term().
-decode(Data, Opts) when is_list(Opts) ->
-    Safe = safe(Opts),
-    Bin = to_binary(Data),
+decode(Data, Opts) ->
+    Safe = safe(Opts, Opts, false),
+    decode_binary(to_binary(Data), Safe).
+
+%% Compressed terms are inflated by the NIF too (on a dirty scheduler when large).
+-spec decode_binary(binary(), boolean()) -> term().
+decode_binary(Bin, Safe) ->
     case teleport_nif:codec_decode(Bin, Safe) of
         dirty ->
             {Term, Reductions} = teleport_nif:codec_decode_dirty(Bin, Safe),
@@ -49,16 +55,13 @@ decode(Data, Opts) when is_list(Opts) ->
             Term;
         Term ->
             Term
-    end;
-decode(Data, Opts) ->
-    erlang:error(badarg, [Data, Opts]).
-
--spec safe([decode_option()]) -> boolean().
-safe(Opts) ->
-    case lists:all(fun(O) -> O =:= safe end, Opts) of
-        true -> Opts =/= [];
-        false -> erlang:error(badarg, [Opts])
     end.
+
+%% Whether the options (a proper list of `safe') ask for safe mode.
+-spec safe(term(), term(), boolean()) -> boolean().
+safe([], _Opts, Safe) -> Safe;
+safe([safe | Rest], Opts, _Safe) -> safe(Rest, Opts, true);
+safe(_, Opts, _Safe) -> erlang:error(badarg, [Opts]).
 
 -spec to_binary(iodata()) -> binary().
 to_binary(Bin) when is_binary(Bin) -> Bin;

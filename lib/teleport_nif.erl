@@ -5,10 +5,11 @@
 
 -export([codec_encode/1, codec_encode_dirty/1, codec_decode/2, codec_decode_dirty/2,
          log_set_level/1, log_emit_test/2]).
--export([runtime_start/5, runtime_set_name/2, runtime_stop/1, runtime_port/1, runtime_allow/3,
-         runtime_forbid/2, runtime_stats/1]).
+-export([runtime_start/6, runtime_set_name/2, runtime_stop/1, runtime_port/1, runtime_allow/3,
+         runtime_forbid/2, runtime_stats/1, runtime_info/1]).
 -export([pool_start/8, pool_send/4, pool_send_dirty/4, pool_send_many/3, pool_send_many_dirty/3,
          pool_retarget/3, pool_close/1, pool_info/1]).
+-export([diag_panic/0]).
 
 -export_type([runtime/0, pool/0]).
 
@@ -62,10 +63,15 @@ codec_decode(_Bin, _Safe) -> ?NOT_LOADED.
 -spec codec_decode_dirty(binary(), boolean()) -> {term(), non_neg_integer()}.
 codec_decode_dirty(_Bin, _Safe) -> ?NOT_LOADED.
 
-%% @doc Listens on `Ip:Port' for node `Me' (`Ip' as text, port 0 for any).
--spec runtime_start(binary(), binary(), inet:port_number(), pos_integer(), pos_integer()) ->
-          {ok, runtime()} | {error, {bad_ip, binary()} | {listen, binary()}}.
-runtime_start(_Me, _Ip, _Port, _MaxFrameBytes, _HandshakeTimeoutMs) -> ?NOT_LOADED.
+%% @doc Listens on `Ip:Port' for node `Me' (`Ip' as text, port 0 for any). `SockOpts' are
+%% the socket options of the listener and of every connection, incoming and outgoing: the
+%% map {@link teleport_config:nif_socket_opts/1} makes. An option the kernel refuses on the
+%% listening socket is `{socket_opt, Option, Reason}'.
+-spec runtime_start(binary(), binary(), inet:port_number(), pos_integer(), pos_integer(),
+                    #{atom() => integer() | boolean() | binary()}) ->
+          {ok, runtime()} |
+          {error, {bad_ip, binary()} | {listen, binary()} | {socket_opt, atom(), binary()}}.
+runtime_start(_Me, _Ip, _Port, _MaxFrameBytes, _HandshakeTimeoutMs, _SockOpts) -> ?NOT_LOADED.
 
 %% @doc Sets this node's name, as handshakes state it from now on.
 -spec runtime_set_name(runtime(), binary()) -> ok.
@@ -90,6 +96,11 @@ runtime_forbid(_Runtime, _Node) -> ?NOT_LOADED.
 %% @doc The counters of every peer seen, by node name.
 -spec runtime_stats(runtime()) -> [{binary(), #{atom() => non_neg_integer()}}].
 runtime_stats(_Runtime) -> ?NOT_LOADED.
+
+%% @doc The listener and its incoming connections (`teleport:info/0' shows them), each
+%% connection's `peer' a node name as a binary, `undefined' while it shakes hands.
+-spec runtime_info(runtime()) -> #{atom() => term()}.
+runtime_info(_Runtime) -> ?NOT_LOADED.
 
 %% @doc Starts `Size' connection slots to node `Peer' at `Ip:Port'; they connect on first use.
 -spec pool_start(runtime(), binary(), binary(), inet:port_number(), binary(), pos_integer(),
@@ -128,7 +139,7 @@ pool_retarget(_Pool, _Ip, _Port) -> ?NOT_LOADED.
 -spec pool_close(pool()) -> ok.
 pool_close(_Pool) -> ?NOT_LOADED.
 
-%% @doc The state of each connection of the pool.
+%% @doc The state and counters of each connection of the pool (`teleport:info/0' shows them).
 -spec pool_info(pool()) -> [#{atom() => term()}].
 pool_info(_Pool) -> ?NOT_LOADED.
 
@@ -139,3 +150,8 @@ log_set_level(_Level) -> ?NOT_LOADED.
 %% @doc Diagnostic: emits a Rust `tracing' event `test_event' with the field `text'.
 -spec log_emit_test(error | warning | info | debug, binary()) -> ok.
 log_emit_test(_Level, _Text) -> ?NOT_LOADED.
+
+%% @doc Diagnostic: panics inside the NIF, which raises `error:nif_panicked' in the caller;
+%% used by tests to show that a Rust panic never takes the VM down.
+-spec diag_panic() -> no_return().
+diag_panic() -> ?NOT_LOADED.

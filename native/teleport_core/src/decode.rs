@@ -83,6 +83,45 @@ pub fn layout(input: &[u8]) -> Result<Layout, DecodeError> {
     }
 }
 
+/// Whether `input` (a whole encoded term) may hold a binary that [`share_on_decode`] would
+/// share: somewhere a `BINARY_EXT` tag followed by a length that is at least
+/// [`DECODE_SHARE_MIN`] and a 16th of the input, and fits in the bytes after it.
+///
+/// A necessary condition, checked at memory speed without parsing: `false` means that no
+/// binary of the term is to be shared, for sure; `true` may be wrong (the bytes found may be
+/// inside a binary or a float rather than a tag), and then only [`parse`] can tell.
+pub fn may_share(input: &[u8]) -> bool {
+    let total = input.len();
+    if total < DECODE_SHARE_MIN {
+        return false;
+    }
+    // A length L <= total has a first byte of at most total >> 24, and L >= 65536 makes its
+    // first two bytes not both zero: a cheap filter for the loop that vectorises.
+    let first_max = (total >> 24).min(255) as u8;
+    let hit = |b: &[u8]| (b[0] == BINARY_EXT) & (b[1] <= first_max) & ((b[1] | b[2]) != 0);
+    let exact = |at: usize| {
+        let Some(len) = input.get(at + 1..at + 5) else {
+            return false;
+        };
+        let len = u32::from_be_bytes(len.try_into().unwrap()) as usize;
+        input[at] == BINARY_EXT && share_on_decode(len, total) && len <= total - (at + 5)
+    };
+    const BLOCK: usize = 64;
+    let mut at = 0;
+    while at + BLOCK + 2 <= total {
+        let block = &input[at..at + BLOCK + 2];
+        let mut any = false;
+        for j in 0..BLOCK {
+            any |= hit(&block[j..j + 3]);
+        }
+        if any && (at..at + BLOCK).any(exact) {
+            return true;
+        }
+        at += BLOCK;
+    }
+    (at..total).any(exact)
+}
+
 /// Makes values out of the nodes that [`parse`] finds. Containers are built bottom-up: their
 /// elements are made first and passed as a slice the builder may move them out of.
 pub trait Builder {
@@ -404,6 +443,418 @@ pub fn parse<B: Builder>(
     }
 }
 
+pub mod inflate {
+    //! `inflate`: the zlib stream (RFC 1950) of a compressed term (`term_to_binary(T,
+    //! [compressed])`), inflated without the VM, so that it can be done on a dirty scheduler.
+    //!
+    //! A plain port of Mark Adler's `puff.c` (the reference DEFLATE decoder of zlib's `contrib`):
+    //! canonical Huffman codes decoded a bit at a time, every length and distance checked. It is
+    //! slower than zlib, which does not matter here: compressed terms are rare on teleport's
+    //! connections and the VM's decoder that follows costs more. Output is capped at the size the
+    //! term's header claims; anything else (a preset dictionary, a bad checksum, more or fewer
+    //! bytes than claimed) is an error, as with `binary_to_term/1`.
+
+    /// Why a stream does not inflate (details only matter to tests).
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Bad(&'static str);
+
+    const MAXBITS: usize = 15;
+    const MAXLCODES: usize = 286;
+    const MAXDCODES: usize = 30;
+    const FIXLCODES: usize = 288;
+
+    struct Bits<'a> {
+        input: &'a [u8],
+        pos: usize,
+        bitbuf: u32,
+        bitcnt: u32,
+    }
+
+    impl Bits<'_> {
+        #[inline]
+        fn bits(&mut self, need: u32) -> Result<u32, Bad> {
+            let mut val = self.bitbuf;
+            while self.bitcnt < need {
+                let b = *self.input.get(self.pos).ok_or(Bad("input ends early"))?;
+                self.pos += 1;
+                val |= (b as u32) << self.bitcnt;
+                self.bitcnt += 8;
+            }
+            // `need` is at most 13 here, and at most 7 bits were left over: `val` has room.
+            self.bitbuf = val >> need;
+            self.bitcnt -= need;
+            Ok(val & ((1 << need) - 1))
+        }
+    }
+
+    struct Huffman {
+        count: [u16; MAXBITS + 1],
+        symbol: Vec<u16>,
+    }
+
+    impl Huffman {
+        /// Builds the code from code lengths; `Ok(left)` with `left > 0` for an incomplete code.
+        fn new(length: &[u8]) -> Result<(Huffman, i32), Bad> {
+            let mut h = Huffman {
+                count: [0; MAXBITS + 1],
+                symbol: vec![0; length.len()],
+            };
+            for &l in length {
+                h.count[l as usize] += 1;
+            }
+            if h.count[0] as usize == length.len() {
+                return Ok((h, 0)); // no codes: complete, but decoding will fail
+            }
+            let mut left: i32 = 1;
+            for len in 1..=MAXBITS {
+                left <<= 1;
+                left -= h.count[len] as i32;
+                if left < 0 {
+                    return Err(Bad("over-subscribed code"));
+                }
+            }
+            let mut offs = [0u16; MAXBITS + 1];
+            for len in 1..MAXBITS {
+                offs[len + 1] = offs[len] + h.count[len];
+            }
+            for (symbol, &l) in length.iter().enumerate() {
+                if l != 0 {
+                    h.symbol[offs[l as usize] as usize] = symbol as u16;
+                    offs[l as usize] += 1;
+                }
+            }
+            Ok((h, left))
+        }
+
+        #[inline]
+        fn decode(&self, s: &mut Bits) -> Result<usize, Bad> {
+            let (mut code, mut first, mut index) = (0i32, 0i32, 0i32);
+            for len in 1..=MAXBITS {
+                code |= s.bits(1)? as i32;
+                let count = self.count[len] as i32;
+                if code - count < first {
+                    return Ok(self.symbol[(index + (code - first)) as usize] as usize);
+                }
+                index += count;
+                first += count;
+                first <<= 1;
+                code <<= 1;
+            }
+            Err(Bad("ran out of codes"))
+        }
+    }
+
+    const LBASE: [u16; 29] = [
+        3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
+        131, 163, 195, 227, 258,
+    ];
+    const LEXT: [u8; 29] = [
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
+    ];
+    const DBASE: [u16; 30] = [
+        1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
+        2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
+    ];
+    const DEXT: [u8; 30] = [
+        0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12,
+        13, 13,
+    ];
+
+    fn codes(
+        s: &mut Bits,
+        out: &mut Vec<u8>,
+        limit: usize,
+        lc: &Huffman,
+        dc: &Huffman,
+    ) -> Result<(), Bad> {
+        loop {
+            let symbol = lc.decode(s)?;
+            if symbol < 256 {
+                if out.len() == limit {
+                    return Err(Bad("more bytes than claimed"));
+                }
+                out.push(symbol as u8);
+            } else if symbol == 256 {
+                return Ok(());
+            } else {
+                let symbol = symbol - 257;
+                if symbol >= 29 {
+                    return Err(Bad("invalid length symbol"));
+                }
+                let len = LBASE[symbol] as usize + s.bits(LEXT[symbol] as u32)? as usize;
+                let symbol = dc.decode(s)?;
+                if symbol >= 30 {
+                    return Err(Bad("invalid distance symbol"));
+                }
+                let dist = DBASE[symbol] as usize + s.bits(DEXT[symbol] as u32)? as usize;
+                if dist > out.len() {
+                    return Err(Bad("distance too far back"));
+                }
+                if len > limit - out.len() {
+                    return Err(Bad("more bytes than claimed"));
+                }
+                let from = out.len() - dist;
+                if dist >= len {
+                    out.extend_from_within(from..from + len);
+                } else {
+                    for i in 0..len {
+                        let b = out[from + i];
+                        out.push(b);
+                    }
+                }
+            }
+        }
+    }
+
+    fn stored(s: &mut Bits, out: &mut Vec<u8>, limit: usize) -> Result<(), Bad> {
+        s.bitbuf = 0;
+        s.bitcnt = 0;
+        let hdr = s
+            .input
+            .get(s.pos..s.pos + 4)
+            .ok_or(Bad("input ends early"))?;
+        let len = u16::from_le_bytes([hdr[0], hdr[1]]);
+        let nlen = u16::from_le_bytes([hdr[2], hdr[3]]);
+        if len != !nlen {
+            return Err(Bad("stored length mismatch"));
+        }
+        s.pos += 4;
+        let len = len as usize;
+        let data = s
+            .input
+            .get(s.pos..s.pos + len)
+            .ok_or(Bad("input ends early"))?;
+        if len > limit - out.len() {
+            return Err(Bad("more bytes than claimed"));
+        }
+        out.extend_from_slice(data);
+        s.pos += len;
+        Ok(())
+    }
+
+    fn fixed(s: &mut Bits, out: &mut Vec<u8>, limit: usize) -> Result<(), Bad> {
+        let mut lengths = [0u8; FIXLCODES];
+        lengths[..144].fill(8);
+        lengths[144..256].fill(9);
+        lengths[256..280].fill(7);
+        lengths[280..].fill(8);
+        let (lc, _) = Huffman::new(&lengths)?;
+        let (dc, _) = Huffman::new(&[5u8; MAXDCODES])?;
+        codes(s, out, limit, &lc, &dc)
+    }
+
+    fn dynamic(s: &mut Bits, out: &mut Vec<u8>, limit: usize) -> Result<(), Bad> {
+        const ORDER: [usize; 19] = [
+            16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15,
+        ];
+        let nlen = s.bits(5)? as usize + 257;
+        let ndist = s.bits(5)? as usize + 1;
+        let ncode = s.bits(4)? as usize + 4;
+        if nlen > MAXLCODES || ndist > MAXDCODES {
+            return Err(Bad("bad counts"));
+        }
+        let mut lengths = [0u8; MAXLCODES + MAXDCODES];
+        for &o in &ORDER[..ncode] {
+            lengths[o] = s.bits(3)? as u8;
+        }
+        let (lencode, left) = Huffman::new(&lengths[..19])?;
+        if left != 0 {
+            return Err(Bad("incomplete code-length code"));
+        }
+        let mut index = 0;
+        while index < nlen + ndist {
+            let symbol = lencode.decode(s)?;
+            if symbol < 16 {
+                lengths[index] = symbol as u8;
+                index += 1;
+            } else {
+                let (len, repeat) = match symbol {
+                    16 => {
+                        if index == 0 {
+                            return Err(Bad("repeat with no first length"));
+                        }
+                        (lengths[index - 1], 3 + s.bits(2)? as usize)
+                    }
+                    17 => (0, 3 + s.bits(3)? as usize),
+                    _ => (0, 11 + s.bits(7)? as usize),
+                };
+                if index + repeat > nlen + ndist {
+                    return Err(Bad("too many lengths"));
+                }
+                lengths[index..index + repeat].fill(len);
+                index += repeat;
+            }
+        }
+        if lengths[256] == 0 {
+            return Err(Bad("no end-of-block code"));
+        }
+        let (lc, left) = Huffman::new(&lengths[..nlen])?;
+        if left < 0 || (left > 0 && nlen != (lc.count[0] + lc.count[1]) as usize) {
+            return Err(Bad("incomplete literal/length code"));
+        }
+        let (dc, left) = Huffman::new(&lengths[nlen..nlen + ndist])?;
+        if left < 0 || (left > 0 && ndist != (dc.count[0] + dc.count[1]) as usize) {
+            return Err(Bad("incomplete distance code"));
+        }
+        codes(s, out, limit, &lc, &dc)
+    }
+
+    fn adler32(data: &[u8]) -> u32 {
+        const MOD: u32 = 65521;
+        let (mut a, mut b) = (1u32, 0u32);
+        for chunk in data.chunks(5552) {
+            for &x in chunk {
+                a += x as u32;
+                b += a;
+            }
+            a %= MOD;
+            b %= MOD;
+        }
+        (b << 16) | a
+    }
+
+    /// Inflates the zlib stream `input` into `out` (appended), which must then have grown by
+    /// exactly `size` bytes. Bytes after the stream are ignored.
+    pub fn zlib(input: &[u8], size: usize, out: &mut Vec<u8>) -> Result<(), Bad> {
+        let [cmf, flg, ..] = *input else {
+            return Err(Bad("input ends early"));
+        };
+        if cmf & 0x0F != 8 || cmf >> 4 > 7 || (cmf as u16 * 256 + flg as u16) % 31 != 0 {
+            return Err(Bad("not a zlib stream"));
+        }
+        if flg & 0x20 != 0 {
+            return Err(Bad("preset dictionary"));
+        }
+        let start = out.len();
+        let limit = start + size;
+        out.reserve_exact(size);
+        let mut s = Bits {
+            input,
+            pos: 2,
+            bitbuf: 0,
+            bitcnt: 0,
+        };
+        loop {
+            let last = s.bits(1)?;
+            match s.bits(2)? {
+                0 => stored(&mut s, out, limit)?,
+                1 => fixed(&mut s, out, limit)?,
+                2 => dynamic(&mut s, out, limit)?,
+                _ => return Err(Bad("invalid block type")),
+            }
+            if last == 1 {
+                break;
+            }
+        }
+        let check = input.get(s.pos..s.pos + 4).ok_or(Bad("no checksum"))?;
+        if u32::from_be_bytes(check.try_into().unwrap()) != adler32(&out[start..]) {
+            return Err(Bad("bad checksum"));
+        }
+        if out.len() != limit {
+            return Err(Bad("fewer bytes than claimed"));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        // Made with Python's zlib.compress (levels 0, 1, 9) of the bytes noted.
+        const STORED_HELLO: &[u8] = &[
+            0x78, 0x01, 0x01, 0x05, 0x00, 0xfa, 0xff, b'h', b'e', b'l', b'l', b'o', 0x06, 0x2c,
+            0x02, 0x15,
+        ];
+
+        #[test]
+        fn stored_block() {
+            let mut out = vec![131];
+            zlib(STORED_HELLO, 5, &mut out).unwrap();
+            assert_eq!(out, b"\x83hello");
+            let mut out = Vec::new();
+            assert!(zlib(STORED_HELLO, 4, &mut out).is_err());
+            let mut out = Vec::new();
+            assert!(zlib(STORED_HELLO, 6, &mut out).is_err());
+            let mut bad = STORED_HELLO.to_vec();
+            *bad.last_mut().unwrap() ^= 1;
+            assert_eq!(zlib(&bad, 5, &mut Vec::new()), Err(Bad("bad checksum")));
+            assert!(zlib(&STORED_HELLO[..10], 5, &mut Vec::new()).is_err());
+        }
+
+        // zlib.compressobj(9, DEFLATED, 15, 9, Z_FIXED) of b"abcabcabcabc hello hello hello".
+        const FIXED: &[u8] = &[
+            0x78, 0x01, 0x4b, 0x4c, 0x4a, 0x4e, 0x84, 0x21, 0x85, 0x8c, 0xd4, 0x9c, 0x9c, 0x7c,
+            0x64, 0x12, 0x00, 0xac, 0xff, 0x0b, 0x35,
+        ];
+        // zlib.compress(bytes(range(256)) * 3 + b"a\\0" * 5000 + b"teleport" * 50, 9).
+        const DYNAMIC: &[u8] = &[
+            0x78, 0xda, 0x63, 0x60, 0x64, 0x62, 0x66, 0x61, 0x65, 0x63, 0xe7, 0xe0, 0xe4, 0xe2,
+            0xe6, 0xe1, 0xe5, 0xe3, 0x17, 0x10, 0x14, 0x12, 0x16, 0x11, 0x15, 0x13, 0x97, 0x90,
+            0x94, 0x92, 0x96, 0x91, 0x95, 0x93, 0x57, 0x50, 0x54, 0x52, 0x56, 0x51, 0x55, 0x53,
+            0xd7, 0xd0, 0xd4, 0xd2, 0xd6, 0xd1, 0xd5, 0xd3, 0x37, 0x30, 0x34, 0x32, 0x36, 0x31,
+            0x35, 0x33, 0xb7, 0xb0, 0xb4, 0xb2, 0xb6, 0xb1, 0xb5, 0xb3, 0x77, 0x70, 0x74, 0x72,
+            0x76, 0x71, 0x75, 0x73, 0xf7, 0xf0, 0xf4, 0xf2, 0xf6, 0xf1, 0xf5, 0xf3, 0x0f, 0x08,
+            0x0c, 0x0a, 0x0e, 0x09, 0x0d, 0x0b, 0x8f, 0x88, 0x8c, 0x8a, 0x8e, 0x89, 0x8d, 0x8b,
+            0x4f, 0x48, 0x4c, 0x4a, 0x4e, 0x49, 0x4d, 0x4b, 0xcf, 0xc8, 0xcc, 0xca, 0xce, 0xc9,
+            0xcd, 0xcb, 0x2f, 0x28, 0x2c, 0x2a, 0x2e, 0x29, 0x2d, 0x2b, 0xaf, 0xa8, 0xac, 0xaa,
+            0xae, 0xa9, 0xad, 0xab, 0x6f, 0x68, 0x6c, 0x6a, 0x6e, 0x69, 0x6d, 0x6b, 0xef, 0xe8,
+            0xec, 0xea, 0xee, 0xe9, 0xed, 0xeb, 0x9f, 0x30, 0x71, 0xd2, 0xe4, 0x29, 0x53, 0xa7,
+            0x4d, 0x9f, 0x31, 0x73, 0xd6, 0xec, 0x39, 0x73, 0xe7, 0xcd, 0x5f, 0xb0, 0x70, 0xd1,
+            0xe2, 0x25, 0x4b, 0x97, 0x2d, 0x5f, 0xb1, 0x72, 0xd5, 0xea, 0x35, 0x6b, 0xd7, 0xad,
+            0xdf, 0xb0, 0x71, 0xd3, 0xe6, 0x2d, 0x5b, 0xb7, 0x6d, 0xdf, 0xb1, 0x73, 0xd7, 0xee,
+            0x3d, 0x7b, 0xf7, 0xed, 0x3f, 0x70, 0xf0, 0xd0, 0xe1, 0x23, 0x47, 0x8f, 0x1d, 0x3f,
+            0x71, 0xf2, 0xd4, 0xe9, 0x33, 0x67, 0xcf, 0x9d, 0xbf, 0x70, 0xf1, 0xd2, 0xe5, 0x2b,
+            0x57, 0xaf, 0x5d, 0xbf, 0x71, 0xf3, 0xd6, 0xed, 0x3b, 0x77, 0xef, 0xdd, 0x7f, 0xf0,
+            0xf0, 0xd1, 0xe3, 0x27, 0x4f, 0x9f, 0x3d, 0x7f, 0xf1, 0xf2, 0xd5, 0xeb, 0x37, 0x6f,
+            0xdf, 0xbd, 0xff, 0xf0, 0xf1, 0xd3, 0xe7, 0x2f, 0x5f, 0xbf, 0x7d, 0xff, 0xf1, 0xf3,
+            0xd7, 0xef, 0x3f, 0x7f, 0xff, 0xfd, 0x67, 0x18, 0xf5, 0xff, 0x88, 0xf6, 0x7f, 0x22,
+            0xc3, 0x28, 0x1c, 0x85, 0xa3, 0x70, 0x14, 0x8e, 0xc2, 0x51, 0x38, 0x0a, 0x47, 0xe1,
+            0x28, 0x1c, 0x85, 0xa3, 0x70, 0x14, 0x8e, 0xc2, 0x51, 0x38, 0x0a, 0x47, 0xe1, 0x28,
+            0x1c, 0x85, 0xa3, 0x70, 0x14, 0x8e, 0xc2, 0x51, 0x38, 0x0a, 0x47, 0xe1, 0x28, 0x1c,
+            0x85, 0xa3, 0x70, 0x14, 0x8e, 0xc2, 0x51, 0x38, 0x0a, 0x47, 0xe1, 0x28, 0x1c, 0x85,
+            0xa3, 0x70, 0x14, 0x8e, 0xc2, 0x51, 0x38, 0xf4, 0x61, 0x49, 0x6a, 0x4e, 0x6a, 0x41,
+            0x7e, 0x51, 0xc9, 0x28, 0x3d, 0x38, 0x68, 0x00, 0x2e, 0xeb, 0x91, 0x3e,
+        ];
+
+        #[test]
+        fn fixed_and_dynamic_blocks() {
+            let mut out = Vec::new();
+            zlib(FIXED, 30, &mut out).unwrap();
+            assert_eq!(out, b"abcabcabcabc hello hello hello");
+            let mut want: Vec<u8> = (0..=255u8).cycle().take(768).collect();
+            for _ in 0..5000 {
+                want.extend_from_slice(b"a\0");
+            }
+            for _ in 0..50 {
+                want.extend_from_slice(b"teleport");
+            }
+            let mut out = Vec::new();
+            zlib(DYNAMIC, want.len(), &mut out).unwrap();
+            assert_eq!(out, want);
+            // Every truncation and every single-byte change is refused, never a panic.
+            for n in 0..DYNAMIC.len() {
+                assert!(zlib(&DYNAMIC[..n], want.len(), &mut Vec::new()).is_err());
+            }
+            for at in 0..DYNAMIC.len() {
+                for flip in [1u8, 0x80, 0xff] {
+                    let mut bad = DYNAMIC.to_vec();
+                    bad[at] ^= flip;
+                    let mut out = Vec::new();
+                    if zlib(&bad, want.len(), &mut out).is_ok() {
+                        assert_eq!(out, want, "byte {at} ^ {flip}");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn adler32_known_value() {
+            assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
+            assert_eq!(adler32(&[]), 1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,6 +992,74 @@ mod tests {
             Err(DecodeError::BadLength)
         );
         assert_eq!(decode_value(&[131, 82, 0]), Err(DecodeError::BadTag(82)));
+    }
+
+    /// `may_share` as its definition says, one position at a time.
+    fn may_share_slowly(input: &[u8]) -> bool {
+        (0..input.len()).any(|at| {
+            input[at] == BINARY_EXT
+                && input.get(at + 1..at + 5).is_some_and(|len| {
+                    let len = u32::from_be_bytes(len.try_into().unwrap()) as usize;
+                    share_on_decode(len, input.len()) && len <= input.len() - (at + 5)
+                })
+        })
+    }
+
+    #[test]
+    fn may_share_finds_every_shareable_binary() {
+        let big = DECODE_SHARE_MIN;
+        // A term with one binary of `big` bytes after `pad` bytes of small terms.
+        for pad in [0, 1, 2, 61, 62, 63, 64, 65, 1000] {
+            let mut input = vec![131, 104, 2];
+            input.extend(std::iter::repeat(106).take(pad));
+            input.push(BINARY_EXT);
+            input.extend_from_slice(&(big as u32).to_be_bytes());
+            input.resize(input.len() + big, 0);
+            // Valid or not after the padding, the binary is found.
+            assert!(may_share(&input), "pad {pad}");
+            assert!(may_share_slowly(&input));
+            // One byte short: the length does not fit.
+            input.pop();
+            assert!(!may_share(&input), "pad {pad}, truncated");
+            assert!(!may_share_slowly(&input));
+        }
+        // Many small binaries (each tag followed by a small length) share nothing.
+        let mut input = vec![131, 108, 0, 0, 40, 0];
+        for i in 0..10240u32 {
+            input.extend_from_slice(&[BINARY_EXT, 0, 0, 0, 3, b'a', b'b', (i % 251) as u8]);
+        }
+        input.push(106);
+        assert!(!may_share(&input));
+        // A binary that is too small a share of the input is not shared either.
+        let mut input = vec![131, 104, 2, BINARY_EXT];
+        input.extend_from_slice(&(big as u32).to_be_bytes());
+        input.resize(input.len() + big, 1);
+        input.extend(std::iter::repeat(97).take(16 * big));
+        assert!(!may_share(&input));
+        assert!(!may_share_slowly(&input));
+    }
+
+    #[test]
+    fn may_share_agrees_with_its_definition_on_noise() {
+        // Bytes where tags and plausible lengths are common.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..300 {
+            let len = DECODE_SHARE_MIN + round * 37;
+            let input: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    match x % 8 {
+                        0 => BINARY_EXT,
+                        1 | 2 => 0,
+                        3 => 1,
+                        _ => (x >> 32) as u8,
+                    }
+                })
+                .collect();
+            assert_eq!(may_share(&input), may_share_slowly(&input), "round {round}");
+        }
     }
 
     #[test]

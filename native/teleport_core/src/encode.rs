@@ -53,6 +53,24 @@ impl Writer {
         }
     }
 
+    /// A writer that reuses the allocations of `buf` and `chunks` (both are cleared): a caller
+    /// that encodes many terms hands back what [`Writer::finish`] returned.
+    pub fn from_vecs(mut buf: Vec<u8>, mut chunks: Vec<Chunk>) -> Self {
+        buf.clear();
+        chunks.clear();
+        Writer {
+            buf,
+            chunks,
+            ..Writer::default()
+        }
+    }
+
+    /// The bytes written to the buffer so far.
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Writes the version byte that starts a whole encoded term.
     #[inline]
     pub fn version(&mut self) {
@@ -118,7 +136,7 @@ impl Writer {
             self.buf
                 .extend_from_slice(&(text.len() as u16).to_be_bytes());
         }
-        self.buf.extend_from_slice(text);
+        self.put(text);
     }
 
     /// An atom given as Latin-1 text (as `enif_get_atom` returns it): re-encoded as UTF-8,
@@ -135,7 +153,7 @@ impl Writer {
     #[inline]
     pub fn binary(&mut self, data: &[u8]) {
         self.binary_header(data.len());
-        self.buf.extend_from_slice(data);
+        self.put(data);
     }
 
     /// A binary that stays where it is: the header goes into the buffer and the data is the
@@ -208,21 +226,56 @@ impl Writer {
         self.buf.push(STRING_EXT);
         self.buf
             .extend_from_slice(&(bytes.len() as u16).to_be_bytes());
-        self.buf.extend_from_slice(bytes);
+        self.put(bytes);
     }
 
     /// Writes again the `len` bytes written at `start`: a repeated atom costs one copy and no
     /// call into the VM.
     #[inline]
     pub fn repeat(&mut self, start: usize, len: usize) {
-        self.buf.extend_from_within(start..start + len);
+        if len <= 16 {
+            let mut tmp = [0u8; 16];
+            tmp[..len].copy_from_slice(&self.buf[start..start + len]);
+            self.put(&tmp[..len]);
+        } else {
+            self.buf.extend_from_within(start..start + len);
+        }
     }
 
     /// Bytes that are already an encoded term without its version byte (the fallback for the
     /// types the VM encodes itself: pids, ports, references, funs, bignums, bitstrings).
     #[inline]
     pub fn raw(&mut self, encoded: &[u8]) {
-        self.buf.extend_from_slice(encoded);
+        self.put(encoded);
+    }
+
+    /// Appends `bytes`. Most are a few bytes long: those are copied with fixed-size moves
+    /// (two that overlap in the middle) rather than a call to `memcpy`.
+    #[inline(always)]
+    fn put(&mut self, bytes: &[u8]) {
+        let n = bytes.len();
+        let at = self.buf.len();
+        if (8..=16).contains(&n) {
+            let head: [u8; 8] = bytes[..8].try_into().unwrap();
+            let tail: [u8; 8] = bytes[n - 8..].try_into().unwrap();
+            self.buf.reserve(16);
+            self.buf.extend_from_slice(&head);
+            self.buf.truncate(at + n - 8);
+            self.buf.extend_from_slice(&tail);
+        } else if (4..8).contains(&n) {
+            let head: [u8; 4] = bytes[..4].try_into().unwrap();
+            let tail: [u8; 4] = bytes[n - 4..].try_into().unwrap();
+            self.buf.reserve(8);
+            self.buf.extend_from_slice(&head);
+            self.buf.truncate(at + n - 4);
+            self.buf.extend_from_slice(&tail);
+        } else if n < 4 {
+            for &b in bytes {
+                self.buf.push(b);
+            }
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
     }
 
     fn close_bytes(&mut self) {
@@ -336,6 +389,21 @@ mod tests {
             bytes_of(w),
             [104, 2, 119, 2, b'o', b'k', 119, 2, b'o', b'k']
         );
+    }
+
+    #[test]
+    fn raw_and_repeat_copy_every_length() {
+        let src: Vec<u8> = (0..200u8).collect();
+        for n in 0..=40 {
+            let mut w = Writer::default();
+            w.raw(&src[..n]);
+            w.repeat(0, n);
+            w.binary(&src[..n]);
+            let buf = bytes_of(w);
+            assert_eq!(&buf[..n], &src[..n]);
+            assert_eq!(&buf[n..2 * n], &src[..n]);
+            assert_eq!(&buf[2 * n + 5..], &src[..n]);
+        }
     }
 
     #[test]

@@ -7,66 +7,165 @@
 //! fails, the VM's decoder gets the whole input and has the last word, so errors are exactly
 //! those of `binary_to_term/1`.
 
+use crate::term_word::{self, from_word, word};
 use rustler::sys::{
     enif_binary_to_term, enif_make_atom_len, enif_make_double, enif_make_existing_atom_len,
     enif_make_int64, enif_make_list_cell, enif_make_list_from_array, enif_make_map_from_arrays,
     enif_make_new_binary, enif_make_string_len, enif_make_sub_binary, enif_make_tuple_from_array,
     ErlNifCharEncoding, ErlNifEnv, ErlNifTerm, ERL_NIF_BIN2TERM_SAFE,
 };
-use teleport_core::decode::{layout, parse, Builder, DecodeError, Layout};
+use std::cell::Cell;
+use teleport_core::decode::inflate;
+use teleport_core::decode::{layout, may_share, parse, Builder, DecodeError, Layout};
 use teleport_core::etf::{share_on_decode, DECODE_SHARE_MIN, VERSION};
 
-/// Finds out whether any binary in the buffer would be shared, building nothing.
-struct Scan {
-    total: usize,
-    shared_bytes: usize,
+/// Counts the atoms among the first [`SAMPLE_NODES`] nodes of a term, then stops the parse.
+#[derive(Default)]
+struct Sample {
+    nodes: usize,
+    atoms: usize,
 }
 
-impl Builder for Scan {
-    type Term = ();
-    fn int(&mut self, _: i64) -> Result<(), DecodeError> {
-        Ok(())
-    }
-    fn float(&mut self, _: f64) -> Result<(), DecodeError> {
-        Ok(())
-    }
-    fn atom(&mut self, _: &[u8], _: bool, _: &[u8]) -> Result<(), DecodeError> {
-        Ok(())
-    }
-    fn binary(&mut self, data: &[u8], _: usize) -> Result<(), DecodeError> {
-        if share_on_decode(data.len(), self.total) {
-            self.shared_bytes += data.len();
+/// Nodes looked at by [`Sample`]: enough to see a few records of a list of records.
+const SAMPLE_NODES: usize = 1024;
+
+impl Sample {
+    #[inline]
+    fn node(&mut self) -> Result<(), DecodeError> {
+        self.nodes += 1;
+        if self.nodes >= SAMPLE_NODES {
+            return Err(DecodeError::Refused); // enough seen
         }
         Ok(())
     }
+}
+
+impl Builder for Sample {
+    type Term = ();
+    fn int(&mut self, _: i64) -> Result<(), DecodeError> {
+        self.node()
+    }
+    fn float(&mut self, _: f64) -> Result<(), DecodeError> {
+        self.node()
+    }
+    fn atom(&mut self, _: &[u8], _: bool, _: &[u8]) -> Result<(), DecodeError> {
+        self.atoms += 1;
+        self.node()
+    }
+    fn binary(&mut self, _: &[u8], _: usize) -> Result<(), DecodeError> {
+        self.node()
+    }
     fn opaque(&mut self, _: u8, _: &[u8]) -> Result<(), DecodeError> {
-        Ok(())
+        self.node()
     }
     fn nil(&mut self) -> Result<(), DecodeError> {
-        Ok(())
+        self.node()
     }
     fn string(&mut self, _: &[u8]) -> Result<(), DecodeError> {
-        Ok(())
+        self.node()
     }
     fn tuple(&mut self, _: &mut [()]) -> Result<(), DecodeError> {
-        Ok(())
+        self.node()
     }
     fn list(&mut self, _: &mut [()], _: ()) -> Result<(), DecodeError> {
-        Ok(())
+        self.node()
     }
     fn map(&mut self, _: &mut [()]) -> Result<(), DecodeError> {
-        Ok(())
+        self.node()
     }
+}
+
+/// Whether the term in `input` is better made here than by the VM's decoder: when atoms are
+/// more than about one node in 16 (each costs the VM a lookup in its atom table under a lock,
+/// and costs [`Make`] a cache hit), judged on the first nodes. Either way the result is the
+/// same; this only picks the faster.
+fn atom_heavy(input: &[u8]) -> bool {
+    let mut sample = Sample::default();
+    let _ = parse(input, 1, &mut sample);
+    sample.atoms * 16 >= sample.nodes.max(1)
 }
 
 /// Makes terms in `env`; large binaries become sub-binaries of `input_term`.
 struct Make {
     env: *mut ErlNifEnv,
-    input_term: ErlNifTerm,
+    /// The input as a binary term, when large binaries may become sub-binaries of it.
+    input_term: Option<ErlNifTerm>,
     total: usize,
     safe: bool,
     /// Scratch space for handing one subterm to the VM's decoder.
     scratch: Vec<u8>,
+    /// Scratch space for the keys and values of one map.
+    keys: Vec<ErlNifTerm>,
+    values: Vec<ErlNifTerm>,
+    atoms: Box<AtomCache>,
+    /// Bytes of the binaries made sub-binaries of `input_term`.
+    shared_bytes: usize,
+}
+
+/// Encoded atoms (tag, length and text, up to 31 bytes) and the atoms they stand for, kept
+/// per thread between calls. Atoms are never freed on OTP 25, so an atom found once stays
+/// valid for the life of the VM; a hit skips the VM's atom table (a hash lookup under a
+/// lock, which is most of what `binary_to_term/1` spends on a term full of atoms). In safe
+/// mode a hit is an atom that exists, which is all that safe mode asks.
+struct AtomCache([CachedAtom; ATOM_CACHE_SLOTS]);
+
+const ATOM_CACHE_SLOTS: usize = 512;
+
+#[derive(Clone, Copy)]
+struct CachedAtom {
+    /// The atom's term word; 0 (never an atom) for an empty slot.
+    atom: usize,
+    len: u8,
+    raw: [u8; 31],
+}
+
+thread_local! {
+    static ATOM_CACHE: Cell<Option<Box<AtomCache>>> = const { Cell::new(None) };
+}
+
+impl AtomCache {
+    fn take() -> Box<AtomCache> {
+        ATOM_CACHE.with(|c| c.take()).unwrap_or_else(|| {
+            Box::new(AtomCache(
+                [CachedAtom {
+                    atom: 0,
+                    len: 0,
+                    raw: [0; 31],
+                }; ATOM_CACHE_SLOTS],
+            ))
+        })
+    }
+
+    fn put(self: Box<Self>) {
+        ATOM_CACHE.with(|c| c.set(Some(self)));
+    }
+
+    #[inline]
+    fn slot(raw: &[u8]) -> usize {
+        let mut h = raw.len() as u64;
+        for chunk in raw.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+        (h >> 40) as usize % ATOM_CACHE_SLOTS
+    }
+
+    #[inline]
+    fn get(&self, raw: &[u8]) -> Option<ErlNifTerm> {
+        let e = &self.0[Self::slot(raw)];
+        (e.atom != 0 && e.raw.get(..e.len as usize) == Some(raw)).then(|| from_word(e.atom))
+    }
+
+    #[inline]
+    fn insert(&mut self, raw: &[u8], atom: ErlNifTerm) {
+        if raw.len() <= 31 {
+            let e = &mut self.0[Self::slot(raw)];
+            e.atom = word(atom);
+            e.len = raw.len() as u8;
+            e.raw[..raw.len()].copy_from_slice(raw);
+        }
+    }
 }
 
 impl Make {
@@ -89,67 +188,20 @@ impl Builder for Make {
         Ok(unsafe { enif_make_double(self.env, v) })
     }
     fn atom(&mut self, text: &[u8], utf8: bool, raw: &[u8]) -> Result<ErlNifTerm, DecodeError> {
-        if utf8 && !text.is_ascii() {
-            // NIF 2.16 makes atoms from Latin-1 only.
-            return self.opaque(0, raw);
+        if let Some(atom) = self.atoms.get(raw) {
+            return Ok(atom);
         }
-        unsafe {
-            if self.safe {
-                let mut atom = ErlNifTerm::default();
-                let found = enif_make_existing_atom_len(
-                    self.env,
-                    text.as_ptr().cast(),
-                    text.len(),
-                    &mut atom,
-                    ErlNifCharEncoding::ERL_NIF_LATIN1,
-                );
-                if found == 0 {
-                    return Err(DecodeError::Refused);
-                }
-                Ok(atom)
-            } else {
-                Ok(enif_make_atom_len(
-                    self.env,
-                    text.as_ptr().cast(),
-                    text.len(),
-                ))
-            }
+        let atom = self.new_atom(text, utf8, raw)?;
+        if term_word::is_atom(word(atom)) {
+            self.atoms.insert(raw, atom);
         }
+        Ok(atom)
     }
     fn binary(&mut self, data: &[u8], offset: usize) -> Result<ErlNifTerm, DecodeError> {
-        unsafe {
-            if share_on_decode(data.len(), self.total) {
-                return Ok(enif_make_sub_binary(
-                    self.env,
-                    self.input_term,
-                    offset,
-                    data.len(),
-                ));
-            }
-            let mut term = ErlNifTerm::default();
-            let dst = enif_make_new_binary(self.env, data.len(), &mut term);
-            std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
-            Ok(term)
-        }
+        self.make_binary(data, offset)
     }
-    fn opaque(&mut self, _tag: u8, raw: &[u8]) -> Result<ErlNifTerm, DecodeError> {
-        self.scratch.clear();
-        self.scratch.push(VERSION);
-        self.scratch.extend_from_slice(raw);
-        let mut term = ErlNifTerm::default();
-        let used = unsafe {
-            enif_binary_to_term(
-                self.env,
-                self.scratch.as_ptr(),
-                self.scratch.len(),
-                &mut term,
-                self.flags(),
-            )
-        };
-        if used != self.scratch.len() {
-            return Err(DecodeError::Refused);
-        }
-        Ok(term)
+    fn opaque(&mut self, tag: u8, raw: &[u8]) -> Result<ErlNifTerm, DecodeError> {
+        self.vm_opaque(tag, raw)
     }
     fn nil(&mut self) -> Result<ErlNifTerm, DecodeError> {
         Ok(unsafe { enif_make_list_from_array(self.env, std::ptr::null(), 0) })
@@ -179,15 +231,19 @@ impl Builder for Make {
         Ok(list)
     }
     fn map(&mut self, pairs: &mut [ErlNifTerm]) -> Result<ErlNifTerm, DecodeError> {
-        let keys: Vec<_> = pairs.iter().step_by(2).copied().collect();
-        let values: Vec<_> = pairs.iter().skip(1).step_by(2).copied().collect();
+        self.keys.clear();
+        self.values.clear();
+        for kv in pairs.chunks_exact(2) {
+            self.keys.push(kv[0]);
+            self.values.push(kv[1]);
+        }
         let mut map = ErlNifTerm::default();
         let ok = unsafe {
             enif_make_map_from_arrays(
                 self.env,
-                keys.as_ptr(),
-                values.as_ptr(),
-                keys.len(),
+                self.keys.as_ptr(),
+                self.values.as_ptr(),
+                self.keys.len(),
                 &mut map,
             )
         };
@@ -195,6 +251,93 @@ impl Builder for Make {
             return Err(DecodeError::Refused); // a repeated key
         }
         Ok(map)
+    }
+}
+
+impl Make {
+    fn new(env: *mut ErlNifEnv, input_term: Option<ErlNifTerm>, total: usize, safe: bool) -> Make {
+        Make {
+            env,
+            input_term,
+            total,
+            safe,
+            scratch: Vec::new(),
+            keys: Vec::new(),
+            values: Vec::new(),
+            atoms: AtomCache::take(),
+            shared_bytes: 0,
+        }
+    }
+
+    fn done(self) {
+        self.atoms.put();
+    }
+
+    fn new_atom(&mut self, text: &[u8], utf8: bool, raw: &[u8]) -> Result<ErlNifTerm, DecodeError> {
+        if utf8 && !text.is_ascii() {
+            // NIF 2.16 makes atoms from Latin-1 only.
+            return self.vm_opaque(0, raw);
+        }
+        unsafe {
+            if self.safe {
+                let mut atom = ErlNifTerm::default();
+                let found = enif_make_existing_atom_len(
+                    self.env,
+                    text.as_ptr().cast(),
+                    text.len(),
+                    &mut atom,
+                    ErlNifCharEncoding::ERL_NIF_LATIN1,
+                );
+                if found == 0 {
+                    return Err(DecodeError::Refused);
+                }
+                Ok(atom)
+            } else {
+                Ok(enif_make_atom_len(
+                    self.env,
+                    text.as_ptr().cast(),
+                    text.len(),
+                ))
+            }
+        }
+    }
+    fn make_binary(&mut self, data: &[u8], offset: usize) -> Result<ErlNifTerm, DecodeError> {
+        unsafe {
+            if let Some(input_term) = self.input_term {
+                if share_on_decode(data.len(), self.total) {
+                    self.shared_bytes += data.len();
+                    return Ok(enif_make_sub_binary(
+                        self.env,
+                        input_term,
+                        offset,
+                        data.len(),
+                    ));
+                }
+            }
+            let mut term = ErlNifTerm::default();
+            let dst = enif_make_new_binary(self.env, data.len(), &mut term);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
+            Ok(term)
+        }
+    }
+    fn vm_opaque(&mut self, _tag: u8, raw: &[u8]) -> Result<ErlNifTerm, DecodeError> {
+        self.scratch.clear();
+        self.scratch.push(VERSION);
+        self.scratch.extend_from_slice(raw);
+        let mut term = ErlNifTerm::default();
+        let used = unsafe {
+            enif_binary_to_term(
+                self.env,
+                self.scratch.as_ptr(),
+                self.scratch.len(),
+                &mut term,
+                self.flags(),
+            )
+        };
+        if used != self.scratch.len() {
+            return Err(DecodeError::Refused);
+        }
+        Ok(term)
     }
 }
 
@@ -223,30 +366,48 @@ pub unsafe fn decode(
 ) -> Option<(ErlNifTerm, usize)> {
     match layout(input).ok()? {
         Layout::Compressed { inflated } => {
-            return vm_decode(env, input, safe).map(|t| (t, inflated));
+            // Inflated here (on a dirty scheduler when large: see `needs_dirty`), then decoded
+            // as a plain term; nothing in it can be shared, it is not the caller's binary.
+            let mut plain = Vec::new();
+            plain.push(VERSION);
+            inflate::zlib(&input[6..], inflated, &mut plain).ok()?;
+            decode_plain(env, None, &plain, safe).map(|(t, _)| (t, inflated))
         }
-        Layout::Plain => {}
+        Layout::Plain => decode_plain(env, input_term, input, safe),
     }
-    // Too small to hold a binary worth sharing, or nothing to share from.
-    let Some(input_term) = input_term.filter(|_| input.len() >= DECODE_SHARE_MIN) else {
-        return vm_decode(env, input, safe).map(|t| (t, input.len()));
-    };
-    let mut scan = Scan {
-        total: input.len(),
-        shared_bytes: 0,
-    };
-    if parse(input, 1, &mut scan).is_err() || scan.shared_bytes == 0 {
+}
+
+/// Whether decoding `input` is work for a dirty scheduler: more than [`NORMAL_MAX_BYTES`] to
+/// decode, or to inflate first.
+pub fn needs_dirty(input: &[u8]) -> bool {
+    input.len() > NORMAL_MAX_BYTES
+        || matches!(layout(input), Ok(Layout::Compressed { inflated }) if inflated > NORMAL_MAX_BYTES)
+}
+
+/// [`decode`] of a plain (not compressed) term.
+unsafe fn decode_plain(
+    env: *mut ErlNifEnv,
+    input_term: Option<ErlNifTerm>,
+    input: &[u8],
+    safe: bool,
+) -> Option<(ErlNifTerm, usize)> {
+    // Small: the VM's decoder is fastest (and nothing in it is worth sharing).
+    if input.len() < DECODE_SHARE_MIN {
         return vm_decode(env, input, safe).map(|t| (t, input.len()));
     }
-    let mut make = Make {
-        env,
-        input_term,
-        total: input.len(),
-        safe,
-        scratch: Vec::new(),
-    };
-    match parse(input, 1, &mut make) {
-        Ok((term, _)) => Some((term, input.len() - scan.shared_bytes)),
+    // Large: made here when large binaries would become sub-binaries of the input (zero-copy)
+    // or when atoms abound (they come from a per-thread cache rather than the VM's atom
+    // table); else the VM's decoder is faster.
+    let share = input_term.is_some() && may_share(input);
+    if !share && !atom_heavy(input) {
+        return vm_decode(env, input, safe).map(|t| (t, input.len()));
+    }
+    let mut make = Make::new(env, input_term.filter(|_| share), input.len(), safe);
+    let made = parse(input, 1, &mut make);
+    let shared_bytes = make.shared_bytes;
+    make.done();
+    match made {
+        Ok((term, _)) => Some((term, input.len() - shared_bytes)),
         Err(_) => vm_decode(env, input, safe).map(|t| (t, input.len())),
     }
 }

@@ -13,9 +13,11 @@ mod atoms;
 mod codec_decode;
 mod codec_encode;
 mod deliver;
+mod diag;
 mod log;
 mod pool;
 mod runtime;
+mod term_word;
 
 use codec_encode::{to_iolist, OverBudget, NORMAL_BUDGET, UNITS_PER_REDUCTION};
 use rustler::{Binary, Encoder, Env, NifResult, Term};
@@ -55,7 +57,7 @@ fn codec_encode_dirty<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
 /// scheduler; raises `badarg` where `binary_to_term/1,2` would.
 #[rustler::nif]
 fn codec_decode<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifResult<Term<'a>> {
-    if input.len() > codec_decode::NORMAL_MAX_BYTES {
+    if codec_decode::needs_dirty(&input) {
         return Ok(atoms::dirty().encode(env));
     }
     let decoded = unsafe {

@@ -1,0 +1,720 @@
+%% @doc EUnit tests of `teleport_codec' against the VM's own `term_to_binary/1,2' and
+%% `binary_to_term/1,2': fixed terms of every type and tag, malformed and hostile input,
+%% safe mode and the zero-copy promises.
+-module(teleport_codec_tests).
+
+-include_lib("eunit/include/eunit.hrl").
+
+%%%===================================================================
+%%% Fixed cases: every type and tag
+%%%===================================================================
+
+%% Every case is checked five ways, each as its own test so that one broken direction does
+%% not hide the others.
+roundtrip_test_() ->
+    [{Name ++ ": " ++ Rel, {timeout, 60, fun() -> check_relation(Rel, T) end}}
+     || {Name, T} <- cases(),
+        Rel <- ["encode |> binary_to_term", "term_to_binary |> decode",
+                "term_to_binary(compressed) |> decode", "encode |> decode (iolist)",
+                "teleport:term_to_iolist =:= encode"]].
+
+check_relation("encode |> binary_to_term", T) ->
+    IoList = teleport_codec:encode(T),
+    ?assert(is_list(IoList)),
+    assert_exact(binary_to_term(iolist_to_binary(IoList)), T);
+check_relation("term_to_binary |> decode", T) ->
+    assert_exact(teleport_codec:decode(term_to_binary(T)), T);
+check_relation("term_to_binary(compressed) |> decode", T) ->
+    assert_exact(teleport_codec:decode(term_to_binary(T, [compressed])), T);
+check_relation("encode |> decode (iolist)", T) ->
+    assert_exact(teleport_codec:decode(teleport_codec:encode(T)), T);
+check_relation("teleport:term_to_iolist =:= encode", T) ->
+    ?assert(teleport:term_to_iolist(T) =:= teleport_codec:encode(T)).
+
+cases() ->
+    atom_cases() ++ integer_cases() ++ float_cases() ++ binary_cases() ++ tuple_cases()
+        ++ list_cases() ++ map_cases() ++ identifier_cases() ++ fun_cases() ++ mixed_cases().
+
+atom_cases() ->
+    Hiragana = list_to_atom([16#3042]),
+    Latin1 = list_to_atom([252, 110, 239]), % 'ünï'
+    Many = [list_to_atom("teleport_atom_" ++ integer_to_list(I)) || I <- lists:seq(1, 200)],
+    [{"atom ok", ok},
+     {"atom ''", ''},
+     {"atom true", true},
+     {"atom dirty (the NIF's own answer for \"too big\")", dirty},
+     {"atom 'ünï' (Latin-1 > 127)", Latin1},
+     {"atom of chars 128..255", list_to_atom(lists:seq(128, 255))},
+     {"atom of chars 1..127", list_to_atom(lists:seq(1, 127))},
+     {"atom U+3042", Hiragana},
+     {"atom with U+1F600 (4-byte UTF-8)", list_to_atom([$a, 16#3042, 16#1F600])},
+     {"atom of 255 ASCII chars", list_to_atom(lists:duplicate(255, $a))},
+     {"atom of 255 Latin-1 chars (510 UTF-8 bytes)", list_to_atom(lists:duplicate(255, 255))},
+     {"atom of 255 chars U+3042 (765 UTF-8 bytes)", list_to_atom(lists:duplicate(255, 16#3042))},
+     {"repeated atoms (atom cache)",
+      {ok, ok, error, ok, Latin1, Latin1, Hiragana, Hiragana, '', '', ok}},
+     {"200 distinct atoms, twice (cache collisions)", Many ++ lists:reverse(Many)}].
+
+integer_cases() ->
+    [{"int " ++ integer_to_list(I), I}
+     || I <- [0, 1, 255, 256, -1, -255, -256, (1 bsl 27) - 1, -(1 bsl 27),
+              (1 bsl 31) - 1, 1 bsl 31, -(1 bsl 31), -(1 bsl 31) - 1,
+              (1 bsl 32) - 1, 1 bsl 32, (1 bsl 59) - 1, 1 bsl 59, -(1 bsl 59) - 1,
+              (1 bsl 63) - 1, 1 bsl 63, -(1 bsl 63), -(1 bsl 63) - 1,
+              (1 bsl 64) - 1, 1 bsl 64, -(1 bsl 64), -(1 bsl 64) + 1]]
+        ++ [{"int 2^1000", 1 bsl 1000},
+            {"int -2^1000", -(1 bsl 1000)},
+            {"int 2^1000 - 1", (1 bsl 1000) - 1},
+            {"int 2^2040 (> 255 digit bytes: LARGE_BIG_EXT)", 1 bsl 2040},
+            {"int -2^100000", -(1 bsl 100000)},
+            {"ints of all sizes in a list", [(1 bsl N) - 1 || N <- lists:seq(0, 130)]
+                                            ++ [-(1 bsl N) || N <- lists:seq(0, 130)]}].
+
+float_cases() ->
+    [{"float 0.0", 0.0},
+     {"float -0.0", negative_zero()},
+     {"float 1.5", 1.5},
+     {"float -2.75", -2.75},
+     {"float pi", math:pi()},
+     {"float 1.5e308", 1.5e308},
+     {"float -1.5e308", -1.5e308},
+     {"float smallest normal", 2.2250738585072014e-308},
+     {"float smallest subnormal 5.0e-324", 5.0e-324},
+     {"float -5.0e-324", -5.0e-324},
+     {"floats in a tuple with -0.0", {0.0, negative_zero(), 1.0e-300, 1.0e300}}].
+
+binary_cases() ->
+    Big = pattern(1 bsl 20),
+    <<_:1, Unaligned:3000/binary, _/bitstring>> = Big,
+    [{"binary <<>>", <<>>},
+     {"binary of 1 byte", <<7>>},
+     {"binary of 64 bytes (heap binary)", pattern(64)},
+     {"binary of 65 bytes (refc binary)", pattern(65)},
+     {"binary of 2047 bytes", pattern(2047)},
+     {"binary of 2048 bytes", pattern(2048)},
+     {"binary of 1 MB", Big},
+     {"sub-binary of 10 bytes", binary:part(Big, 7, 10)},
+     {"sub-binary of 3000 bytes", binary:part(Big, 1, 3000)},
+     {"sub-binary of 70000 bytes", binary:part(Big, 5, 70000)},
+     {"sub-binary at a bit offset", Unaligned},
+     {"bitstring <<1:3>>", <<1:3>>},
+     {"bitstring <<255, 3:2>>", <<255, 3:2>>},
+     {"bitstring of 2047 bytes + 7 bits", <<(pattern(2047))/binary, 100:7>>},
+     {"bitstring of 1 MB + 1 bit", <<Big/binary, 1:1>>},
+     {"sub-bitstring", element(2, split_binary(<<Big/binary, 5:3>>, 1000))},
+     {"binaries and bitstrings together",
+      [<<>>, <<1:1>>, pattern(100), pattern(5000), <<(pattern(3000))/binary, 1:2>>, Big]}].
+
+tuple_cases() ->
+    [{"tuple {}", {}},
+     {"tuple {a}", {a}},
+     {"tuple of 255", list_to_tuple(lists:seq(1, 255))},
+     {"tuple of 256 (LARGE_TUPLE_EXT)", list_to_tuple(lists:seq(1, 256))},
+     {"tuple of 70000", list_to_tuple([{I, I * 2} || I <- lists:seq(1, 70000)])},
+     {"nested tuples", {{}, {{}}, {a, {b, {c, {}}}}}},
+     {"tuples nested 100000 deep", nest_tuple(100000)}].
+
+list_cases() ->
+    [{"list []", []},
+     {"list [1,2,3]", [1, 2, 3]},
+     {"improper list [a|b]", [a | b]},
+     {"improper list [1,2|3]", [1, 2 | 3]},
+     {"improper list [x|<<\"bin\">>]", [x | <<"bin">>]},
+     {"improper list with a tuple tail", [1 | {2, 3}]},
+     {"list [[]]", [[]]},
+     {"string \"abc\"", "abc"},
+     {"string of bytes 0..255", lists:seq(0, 255)},
+     {"string of 65535 bytes (STRING_EXT maximum)", bytes_list(65535)},
+     {"list of 65536 bytes", bytes_list(65536)},
+     {"list of 70000 bytes (beyond STRING_EXT)", bytes_list(70000)},
+     {"list of 1000 300s", lists:duplicate(1000, 300)},
+     {"list of bytes then 256", lists:seq(0, 255) ++ [256]},
+     {"list of bytes then -1", [1, 2, 3, -1]},
+     {"improper list of bytes [1,2|3]", [1, 2 | 3]},
+     {"string with a non-byte tail", [$a, $b | "c" ++ [1000]]},
+     {"unicode string (not bytes)", [16#3042, 16#3044, 16#1F600]},
+     {"list 1..70000", lists:seq(1, 70000)},
+     {"list of mixed terms", [1.5, <<"x">>, {t}, "s", [], [[]], a | []]},
+     {"list of strings", [lists:seq(1, N) || N <- lists:seq(0, 100)]},
+     {"list nested 100000 deep", nest_list(100000)},
+     {"improper lists nested 1000 deep",
+      lists:foldl(fun(I, Acc) -> [I | Acc] end, tail, lists:seq(1, 1000))}].
+
+map_cases() ->
+    [{"map #{}", #{}},
+     {"map of 2", #{a => 1, b => 2}},
+     {"map of 32 keys", maps:from_list([{I, I} || I <- lists:seq(1, 32)])},
+     {"map of 33 keys (hash map)", maps:from_list([{I, I} || I <- lists:seq(1, 33)])},
+     {"map of 1000 keys", maps:from_list([{{k, I}, [I]} || I <- lists:seq(1, 1000)])},
+     {"map with map, tuple, list, binary and float keys",
+      #{#{a => 1} => x, {1, 2} => y, [1, 2] => z, <<"k">> => v, 1.5 => f, -0 => zero,
+        #{#{} => #{}} => nested}},
+     {"nested maps", #{a => #{b => #{c => #{}}}, d => [#{e => f}]}},
+     {"map with large binary values", #{big => pattern(5000), small => pattern(10)}}].
+
+identifier_cases() ->
+    Dead = spawn(fun() -> ok end),
+    Port = hd(erlang:ports()),
+    [{"local pid self()", self()},
+     {"local pid of a dead process", Dead},
+     {"pid of another node", remote_pid()},
+     {"local reference", make_ref()},
+     {"monitor reference", monitor_ref()},
+     {"reference of another node", remote_ref()},
+     {"local port", Port},
+     {"port of another node", remote_port()},
+     {"pids, refs and ports together",
+      {self(), remote_pid(), make_ref(), remote_ref(), Port, remote_port(), [Dead]}}].
+
+fun_cases() ->
+    X = 42,
+    Y = "free",
+    Z = pattern(3000),
+    [{"local fun with free variables", fun(A) -> {X, Y, A} end},
+     {"local fun with a 3000-byte binary in its environment", fun() -> byte_size(Z) end},
+     {"local fun without free variables", fun() -> ok end},
+     {"external fun lists:map/2", fun lists:map/2},
+     {"external fun of an unloaded module", fun teleport_no_such_module:f/3},
+     {"funs in a list", [fun lists:map/2, fun(A) -> A + X end, fun erlang:self/0]}].
+
+mixed_cases() ->
+    Big = pattern(100000),
+    [{"everything in one tuple",
+      {ok, 'ünï', list_to_atom([16#3042]), 1 bsl 70, -5, 2.5, pattern(3000), <<1:3>>,
+       [a | b], "str", #{k => [v]}, self(), make_ref(), hd(erlang:ports()),
+       fun lists:map/2, {}, []}},
+     {"100 KB binary dominating the buffer, among small terms",
+      {msg, Big, [a, 1, 2.5, "s", pattern(100)], #{k => v}, self()}},
+     {"two 100 KB binaries", [Big, binary:part(Big, 1, 99990)]},
+     {"map of 100 keys beside a 100 KB binary",
+      {maps:from_list([{{k, I}, I} || I <- lists:seq(1, 100)]), Big,
+       #{a => 1, 'ünï' => [1.5], <<"k">> => "v"}}},
+     {"the same 3000-byte binary many times", lists:duplicate(50, pattern(3000))}].
+
+%%%===================================================================
+%%% Malformed input
+%%%===================================================================
+
+%% Every prefix of a valid encoding: decode/1 fails with badarg exactly where
+%% binary_to_term/1 does.
+truncation_test_() ->
+    [{"every prefix of " ++ Name, {timeout, 60, fun() -> check_prefixes(Enc, all) end}}
+     || {Name, Enc} <- small_encodings()]
+        ++ [{"prefixes of " ++ Name, {timeout, 120, fun() -> check_prefixes(Enc, sampled) end}}
+            || {Name, Enc} <- large_encodings()].
+
+check_prefixes(Enc, Which) ->
+    Size = byte_size(Enc),
+    Lengths = case Which of
+                  all -> lists:seq(0, Size - 1);
+                  sampled -> lists:usort(lists:seq(0, min(Size - 1, 300))
+                                         ++ lists:seq(max(0, Size - 300), Size - 1)
+                                         ++ lists:seq(0, Size - 1, 997))
+              end,
+    Mismatches = [{Len, Want, Got} || Len <- Lengths,
+                                      {Want, Got} <- [compare(binary:part(Enc, 0, Len), [])],
+                                      not agree(Want, Got)],
+    ?assertEqual([], lists:sublist(Mismatches, 5)).
+
+%% Random byte changes (deterministic seed): decode/1 and binary_to_term/1 agree, both
+%% succeeding with the same term or both raising badarg. Compressed encodings apart, so that
+%% a failure names its kind of input.
+byte_flip_test_() ->
+    [{"plain encodings", {timeout, 120, fun() -> flip_test(plain, 1000, 400) end}},
+     {"compressed encodings", {timeout, 120, fun() -> flip_test(compressed, 1000, 400) end}}].
+
+flip_test(Kind, SmallN, LargeN) ->
+    _ = rand:seed(exsss, {1, 2, 3}),
+    Small = [{E, []} || {_, E} <- small_encodings(), kind(E) =:= Kind],
+    Large = [{E, Payloads} || {_, E, Payloads} <- large_encodings_with_payloads(),
+                              kind(E) =:= Kind],
+    ?assertNotEqual([], Small ++ Large),
+    Mismatches = lists:append([flip_mismatches(E, Payloads, N)
+                               || {Encs, N} <- [{Small, SmallN}, {Large, LargeN}],
+                                  {E, Payloads} <- Encs]),
+    ?assertEqual([], lists:sublist(Mismatches, 3)).
+
+kind(<<131, 80, _/binary>>) -> compressed;
+kind(_) -> plain.
+
+%% N mutations of a byte or three of Enc, away from the data of Payloads (large binaries, where
+%% any value is fine) and from a compressed term's size field (which binary_to_term/1 trusts
+%% for its allocation); the ones where decode/1 and binary_to_term/1 disagree.
+flip_mismatches(Enc, Payloads, N) ->
+    Holes = [{P, P + L} || Payload <- Payloads, {P, L} <- [binary:match(Enc, Payload)]],
+    Allowed = list_to_tuple([P || P <- lists:seq(0, byte_size(Enc) - 1),
+                                  not in_compressed_size(Enc, P),
+                                  not lists:any(fun({S, E}) -> P >= S andalso P < E end, Holes)]),
+    lists:filtermap(
+      fun(_) ->
+              Bin = flip(Enc, Allowed, rand:uniform(3)),
+              {Want, Got} = compare(Bin, []),
+              case agree(Want, Got) of
+                  true -> false;
+                  false -> {true, {short(Bin), short(Want), short(Got)}}
+              end
+      end, lists:seq(1, N)).
+
+in_compressed_size(<<131, 80, _/binary>>, P) -> P >= 2 andalso P < 6;
+in_compressed_size(_, _) -> false.
+
+flip(Bin, _Allowed, 0) ->
+    Bin;
+flip(Bin, Allowed, K) ->
+    Pos = element(rand:uniform(tuple_size(Allowed)), Allowed),
+    <<Before:Pos/binary, Old, After/binary>> = Bin,
+    New = (Old + rand:uniform(255)) rem 256,
+    flip(<<Before/binary, New, After/binary>>, Allowed, K - 1).
+
+small_encodings() ->
+    Terms = [ok, 'ünï', list_to_atom([16#3042]), 0, 300, -1, 1 bsl 40, 1 bsl 100, -(1 bsl 70),
+             1.5, negative_zero(), <<>>, <<"bin">>, <<1:3>>, <<255, 3:2>>, {}, {a, b},
+             list_to_tuple(lists:seq(1, 300)), [], [1, 2, 3], [a | b], "abc", [300, 400],
+             #{}, #{a => 1, {b} => [c]}, maps:from_list([{I, I} || I <- lists:seq(1, 40)]),
+             self(), make_ref(), remote_pid(), remote_ref(), hd(erlang:ports()), remote_port(),
+             fun lists:map/2, fun() -> ok end,
+             {msg, [1, 2.5, "s", <<"b">>, #{k => v}, {x, -5}], self(), make_ref()}],
+    [{"term_to_binary(" ++ short(T) ++ ")", term_to_binary(T)} || T <- Terms]
+        ++ [{"encode(" ++ short(T) ++ ")", iolist_to_binary(teleport_codec:encode(T))}
+            || T <- Terms]
+        ++ [{"term_to_binary(" ++ short(T) ++ ", [compressed])", term_to_binary(T, [compressed])}
+            || T <- [lists:duplicate(100, ok), pattern(300), #{a => lists:seq(1, 100)}]]
+        ++ [{"FLOAT_EXT 1.5", float_ext(1.5)},
+            {"PID_EXT", old_pid_ext()},
+            {"ATOM_EXT 'ünï' (Latin-1)", <<131, 100, 0, 3, 252, 110, 239>>},
+            {"bignum with leading zero digits", <<131, 110, 4, 0, 5, 0, 0, 0>>},
+            {"LIST_EXT of length 0 with a tail", <<131, 108, 0, 0, 0, 0, 97, 5>>}].
+
+%% Encodings of 64 KiB and more, so that decode/1 takes its own parser's path (all but the
+%% compressed one, which goes to the VM's decoder).
+large_encodings() ->
+    [{Name, Enc} || {Name, Enc, _} <- large_encodings_with_payloads()].
+
+%% Each with the large binaries it holds (not periodic, so that each is found once).
+large_encodings_with_payloads() ->
+    Big = random_bytes(100000, 1),
+    Other = random_bytes(70000, 2),
+    T = {hdr, [a, 1, 2.5, "str", {x, -5, 1 bsl 70}], Big, #{k => v, 1 => [2]}, self(),
+         make_ref(), <<"tail">>, 'ünï', list_to_atom([16#3042])},
+    [{"term_to_binary of a 100 KB binary among small terms", term_to_binary(T), [Big]},
+     {"encode of a 100 KB binary among small terms",
+      iolist_to_binary(teleport_codec:encode(T)), [Big]},
+     {"term_to_binary of a 100 KB and a 70 KB binary",
+      term_to_binary([Big, {a, [1, 2]}, Other, "end"]), [Big, Other]},
+     {"term_to_binary of 100 KB of random bytes and 400 KB of a pattern, compressed",
+      term_to_binary({hdr, Big, [a, 1.5], pattern(400000)}, [compressed]), []}].
+
+hostile_test_() ->
+    [{"LIST_EXT claiming 4G elements",
+      ?_assertError(badarg, teleport_codec:decode(<<131, 108, 255, 255, 255, 255, 106>>))},
+     {"BINARY_EXT claiming 4 GB",
+      ?_assertError(badarg, teleport_codec:decode(<<131, 109, 255, 255, 255, 255>>))},
+     {"LARGE_TUPLE_EXT claiming 4G elements",
+      ?_assertError(badarg, teleport_codec:decode(<<131, 105, 255, 255, 255, 255, 97, 1>>))},
+     {"MAP_EXT claiming 2G pairs",
+      ?_assertError(badarg, teleport_codec:decode(<<131, 116, 128, 0, 0, 0, 97, 1>>))},
+     {"LARGE_BIG_EXT claiming 4 GB of digits",
+      ?_assertError(badarg, teleport_codec:decode(<<131, 111, 255, 255, 255, 255, 0, 1>>))},
+     {"BIT_BINARY_EXT claiming 4 GB",
+      ?_assertError(badarg, teleport_codec:decode(<<131, 77, 255, 255, 255, 255, 1>>))},
+     {"empty input", ?_assertError(badarg, teleport_codec:decode(<<>>))},
+     {"version byte only", ?_assertError(badarg, teleport_codec:decode(<<131>>))},
+     {"bad version byte", ?_assertError(badarg, teleport_codec:decode(<<130, 97, 1>>))},
+     {"unknown tag", ?_assertError(badarg, teleport_codec:decode(<<131, 1, 2, 3>>))},
+     {"ATOM_CACHE_REF", ?_assertError(badarg, teleport_codec:decode(<<131, 82, 0>>))},
+     {"NaN", ?_assertError(badarg, teleport_codec:decode(<<131, 70, 127, 248, 0, 0, 0, 0, 0, 0>>))},
+     {"atom of 256 characters",
+      ?_assertError(badarg, teleport_codec:decode(<<131, 118, 1, 0, (binary:copy(<<"a">>, 256))/binary>>))},
+     {"atom of invalid UTF-8", ?_assertError(badarg, teleport_codec:decode(<<131, 119, 1, 255>>))},
+     {"map with a repeated key",
+      ?_assertError(badarg, teleport_codec:decode(<<131, 116, 0, 0, 0, 2, 97, 1, 97, 2, 97, 1, 97, 3>>))},
+     {"the hostile inputs agree with binary_to_term/1",
+      fun() ->
+              Inputs = [<<131, 108, 255, 255, 255, 255, 106>>, <<131, 109, 255, 255, 255, 255>>,
+                        <<>>, <<131>>, <<130, 97, 1>>, <<131, 1, 2, 3>>,
+                        <<131, 116, 0, 0, 0, 2, 97, 1, 97, 2, 97, 1, 97, 3>>],
+              ?assertEqual([], [{I, W, G} || I <- Inputs, {W, G} <- [compare(I, [])],
+                                             not agree(W, G)])
+      end},
+     {"compressed term claiming 4 GB: badarg, quickly, without allocating",
+      {timeout, 30, fun compressed_bomb/0}},
+     {"64 KiB+ term malformed at the end", {timeout, 30, fun large_malformed_at_end/0}},
+     {"64 KiB+ term malformed in the middle", {timeout, 30, fun large_malformed_in_middle/0}},
+     {"non-binary input",
+      [?_assertError(badarg, teleport_codec:decode(foo)),
+       ?_assertError(badarg, teleport_codec:decode(42)),
+       ?_assertError(badarg, teleport_codec:decode([1, foo])),
+       ?_assertError(badarg, teleport_codec:decode([<<131>> | foo])),
+       ?_assertError(badarg, teleport_codec:decode(<<131, 97, 1:3>>)),
+       ?_assertError(badarg, teleport_codec:decode(self()))]},
+     {"bad options",
+      [?_assertError(badarg, teleport_codec:decode(term_to_binary(ok), [bogus])),
+       ?_assertError(badarg, teleport_codec:decode(term_to_binary(ok), [safe, bogus])),
+       ?_assertError(badarg, teleport_codec:decode(term_to_binary(ok), [{safe, true}])),
+       ?_assertError(badarg, teleport_codec:decode(term_to_binary(ok), bogus)),
+       ?_assertError(badarg, teleport_codec:decode(term_to_binary(ok), safe))]},
+     {"bad options: improper option list raises badarg, as binary_to_term/2 does",
+      ?_assertError(badarg, teleport_codec:decode(term_to_binary(ok), [safe | bogus]))},
+     {"iodata input",
+      [?_assertEqual(1, teleport_codec:decode([<<131>>, [97], 1])),
+       ?_assertEqual(ok, teleport_codec:decode([[], <<131, 119, 2>> | <<"ok">>])),
+       ?_assertEqual(1, teleport_codec:decode(<<131, 97, 1, 0, 0>>)),
+       ?_assertEqual(ok, teleport_codec:decode(term_to_binary(ok), [safe, safe]))]}].
+
+compressed_bomb() ->
+    Bomb = <<131, 80, 255, 255, 255, 255, 120, 156>>,
+    _ = catch teleport_codec:decode(Bomb), % warm up: module loading is not measured
+    erlang:garbage_collect(),
+    MemBefore = erlang:memory(total),
+    {AllocBefore, _} = allocated(), % also restarts the allocators' peaks
+    HwmBefore = rss_high_water_mark(),
+    T0 = erlang:monotonic_time(millisecond),
+    Result = (catch teleport_codec:decode(Bomb)),
+    Ms = erlang:monotonic_time(millisecond) - T0,
+    {_, AllocPeak} = allocated(),
+    MemAfter = erlang:memory(total),
+    HwmAfter = rss_high_water_mark(),
+    ?assertMatch({'EXIT', {badarg, _}}, Result),
+    ?assert(Ms < 500),
+    ?assert(MemAfter - MemBefore < 100 bsl 20),
+    ?assert(AllocPeak - AllocBefore < 100 bsl 20),
+    ?assert(HwmAfter - HwmBefore < 100 bsl 20).
+
+large_malformed_at_end() ->
+    Enc = term_to_binary({pattern(100000), [a, b]}),
+    Size = byte_size(Enc),
+    106 = binary:last(Enc),
+    Body = binary:part(Enc, 0, Size - 1),
+    Variants = [Body,                                % truncated
+                <<Body/binary, 255>>,                 % unknown tag instead of []
+                <<Body/binary, 100, 0>>,              % truncated ATOM_EXT
+                <<Body/binary, 109, 0, 0, 0, 9, 1>>,  % BINARY_EXT longer than the rest
+                <<Body/binary, 108, 255, 255, 255, 255>>],
+    lists:foreach(
+      fun(V) ->
+              ?assertError(badarg, binary_to_term(V)),
+              ?assertError(badarg, teleport_codec:decode(V)),
+              ?assertError(badarg, teleport_codec:decode(V, [safe]))
+      end, Variants).
+
+large_malformed_in_middle() ->
+    %% [Big, a, b] with its list length claiming one element more than there is.
+    Enc = term_to_binary([pattern(100000), a, b]),
+    <<131, 108, 3:32, Rest/binary>> = Enc,
+    Bad = <<131, 108, 4:32, Rest/binary>>,
+    ?assertError(badarg, binary_to_term(Bad)),
+    ?assertError(badarg, teleport_codec:decode(Bad)),
+    %% A map with a repeated key after a shared binary.
+    Big = pattern(100000),
+    Dup = <<131, 116, 2:32, 97, 1, 109, (byte_size(Big)):32, Big/binary, 97, 1, 97, 2>>,
+    ?assertError(badarg, binary_to_term(Dup)),
+    ?assertError(badarg, teleport_codec:decode(Dup)).
+
+%%%===================================================================
+%%% Safe mode
+%%%===================================================================
+
+safe_test_() ->
+    [{"new atom (SMALL_ATOM_UTF8_EXT) refused, no atom created",
+      fun() -> refuses_new_atom(fun(N) -> small_utf8_atom(N) end, <<"teleport_never_">>) end},
+     {"new non-ASCII atom (SMALL_ATOM_UTF8_EXT) refused, no atom created",
+      fun() -> refuses_new_atom(fun(N) -> small_utf8_atom(N) end,
+                                <<"teleport_ünï_never_"/utf8>>) end},
+     {"new atom (ATOM_EXT, Latin-1) refused, no atom created",
+      fun() -> refuses_new_atom(fun(N) -> <<100, (byte_size(N)):16, N/binary>> end,
+                                <<"teleport_latin1_never_">>) end},
+     {"new atom inside a 64 KiB+ term refused, no atom created",
+      {timeout, 30, fun() -> refuses_new_atom(fun large_with_atom/1, <<"teleport_large_never_">>) end}},
+     {"new non-ASCII atom inside a 64 KiB+ term refused, no atom created",
+      {timeout, 30, fun() -> refuses_new_atom(fun large_with_atom/1,
+                                              <<"teleport_large_ünï_never_"/utf8>>) end}},
+     {"new atom after the large binary of a 64 KiB+ term refused, no atom created",
+      {timeout, 30, fun() -> refuses_new_atom(fun large_with_atom_last/1,
+                                              <<"teleport_last_never_">>) end}},
+     {"new atom as a pid's node inside a 64 KiB+ term refused, no atom created",
+      {timeout, 30, fun() -> refuses_new_atom(fun large_with_pid_node/1,
+                                              <<"teleport_node_never_">>) end}},
+     {"without safe, a new atom inside a 64 KiB+ term is made", {timeout, 30, fun makes_new_atom/0}},
+     {"existing atoms decode with safe", fun existing_atoms_safe/0},
+     {"existing atoms inside a 64 KiB+ term decode with safe",
+      {timeout, 30, fun existing_atoms_safe_large/0}}].
+
+refuses_new_atom(Wrap, Prefix) ->
+    Name = fresh_atom_name(Prefix),
+    Inner = Wrap(Name),
+    Enc = <<131, Inner/binary>>,
+    %% Warm up: nothing below may load code (loading makes atoms).
+    ok = teleport_codec:decode(term_to_binary(ok), [safe]),
+    _ = (catch binary_to_existing_atom(<<"ok">>, utf8)),
+    Before = erlang:system_info(atom_count),
+    Result = (catch teleport_codec:decode(Enc, [safe])),
+    After = erlang:system_info(atom_count),
+    ?assertMatch({'EXIT', {badarg, _}}, Result),
+    ?assertEqual(Before, After),
+    ?assertError(badarg, binary_to_existing_atom(Name, utf8)),
+    %% binary_to_term/2 agrees (and creates nothing either).
+    ?assertError(badarg, binary_to_term(Enc, [safe])),
+    ?assertError(badarg, binary_to_existing_atom(Name, utf8)).
+
+small_utf8_atom(Name) ->
+    <<119, (byte_size(Name)), Name/binary>>.
+
+large_with_atom(Name) ->
+    Bin = pattern(100000),
+    <<104, 2, (small_utf8_atom(Name))/binary, 109, (byte_size(Bin)):32, Bin/binary>>.
+
+large_with_atom_last(Name) ->
+    Bin = pattern(100000),
+    <<108, 3:32, 119, 2, "ok", 109, (byte_size(Bin)):32, Bin/binary,
+      (small_utf8_atom(Name))/binary, 106>>.
+
+large_with_pid_node(Name) ->
+    Bin = pattern(100000),
+    <<104, 2, 109, (byte_size(Bin)):32, Bin/binary,
+      88, (small_utf8_atom(Name))/binary, 1:32, 0:32, 1:32>>.
+
+makes_new_atom() ->
+    Name = fresh_atom_name(<<"teleport_made_">>),
+    Enc = <<131, (large_with_atom(Name))/binary>>,
+    {Atom, Bin} = teleport_codec:decode(Enc),
+    ?assertEqual(Name, atom_to_binary(Atom, utf8)),
+    ?assert(pattern(100000) =:= Bin),
+    ?assert({Atom, Bin} =:= binary_to_term(Enc)).
+
+existing_atoms_safe() ->
+    T = {ok, 'ünï', list_to_atom([16#3042]), [error, true], #{undefined => ''}},
+    assert_exact(teleport_codec:decode(term_to_binary(T), [safe]), T),
+    assert_exact(teleport_codec:decode(teleport_codec:encode(T), [safe]), T),
+    assert_exact(teleport_codec:decode(term_to_binary(fun lists:map/2), [safe]), fun lists:map/2).
+
+existing_atoms_safe_large() ->
+    Big = pattern(100000),
+    T = {ok, 'ünï', Big, list_to_atom([16#3042]), [error, true], self(), make_ref()},
+    assert_exact(teleport_codec:decode(term_to_binary(T), [safe]), T),
+    assert_exact(teleport_codec:decode(teleport_codec:encode(T), [safe]), T).
+
+%%%===================================================================
+%%% Zero copy
+%%%===================================================================
+
+zero_copy_test_() ->
+    [{"encode keeps a 100 MB binary by reference", {timeout, 120, fun encode_shares_100mb/0}},
+     {"encode shares binaries of 2048 bytes, copies 2047", fun encode_share_threshold/0},
+     {"decode shares a dominating binary, copies a small one", {timeout, 120, fun decode_shares_large_copies_small/0}},
+     {"decode shares two 10 MB binaries", {timeout, 120, fun decode_shares_two/0}},
+     {"decode copies 100 binaries of 100 KB", {timeout, 120, fun decode_copies_many/0}},
+     {"decode of a sub-binary input at a bit offset", {timeout, 60, fun decode_unaligned_input/0}}].
+
+encode_shares_100mb() ->
+    in_fresh_process(
+      fun() ->
+              Bin = binary:copy(<<"0123456789">>, 10 bsl 20),
+              Size = byte_size(Bin),
+              erlang:garbage_collect(),
+              Before = erlang:memory(binary),
+              IoList = teleport_codec:encode({msg, Bin}),
+              After = erlang:memory(binary),
+              ?assert(After - Before < 1 bsl 20),
+              Flat = lists:flatten(IoList),
+              ?assert(lists:all(fun erlang:is_binary/1, Flat)),
+              Same = [E || E <- Flat, erts_debug:same(E, Bin)],
+              ?assertMatch([_], Same),
+              ?assertEqual(Size, binary:referenced_byte_size(hd(Same))),
+              Buf = iolist_to_binary(IoList),
+              {msg, Decoded} = teleport_codec:decode(Buf),
+              ?assertEqual(byte_size(Buf), binary:referenced_byte_size(Decoded)),
+              ?assert(Decoded =:= Bin),
+              ?assert({msg, Bin} =:= binary_to_term(Buf))
+      end).
+
+encode_share_threshold() ->
+    B2047 = pattern(2047),
+    B2048 = pattern(2048),
+    Flat2047 = lists:flatten(teleport_codec:encode({B2047})),
+    Flat2048 = lists:flatten(teleport_codec:encode({B2048})),
+    ?assertEqual([], [E || E <- Flat2047, erts_debug:same(E, B2047)]),
+    ?assertMatch([_], [E || E <- Flat2048, erts_debug:same(E, B2048)]),
+    %% Sub-binaries are kept by reference too.
+    Big = pattern(10000),
+    Sub = binary:part(Big, 100, 5000),
+    ?assertMatch([_], [E || E <- lists:flatten(teleport_codec:encode([Sub])),
+                            erts_debug:same(E, Sub)]).
+
+decode_shares_large_copies_small() ->
+    Big = pattern(10 bsl 20),
+    Small = pattern(100),
+    Buf = iolist_to_binary(teleport_codec:encode({Big, Small})),
+    {DBig, DSmall} = Decoded = teleport_codec:decode(Buf),
+    ?assertEqual(byte_size(Buf), binary:referenced_byte_size(DBig)),
+    ?assertEqual(100, binary:referenced_byte_size(DSmall)),
+    ?assert(Decoded =:= {Big, Small}),
+    %% The same from term_to_binary/1's encoding.
+    Buf2 = term_to_binary({Big, Small}),
+    {DBig2, DSmall2} = teleport_codec:decode(Buf2),
+    ?assertEqual(byte_size(Buf2), binary:referenced_byte_size(DBig2)),
+    ?assertEqual(100, binary:referenced_byte_size(DSmall2)),
+    ?assert({DBig2, DSmall2} =:= {Big, Small}).
+
+decode_shares_two() ->
+    A = pattern(10 bsl 20),
+    B = binary:copy(<<"z">>, 10 bsl 20),
+    Buf = term_to_binary({A, b, B}),
+    {DA, b, DB} = teleport_codec:decode(Buf),
+    ?assertEqual(byte_size(Buf), binary:referenced_byte_size(DA)),
+    ?assertEqual(byte_size(Buf), binary:referenced_byte_size(DB)),
+    ?assert(DA =:= A),
+    ?assert(DB =:= B).
+
+decode_copies_many() ->
+    Bins = [binary:copy(<<I>>, 100000) || I <- lists:seq(1, 100)],
+    Buf = term_to_binary(Bins),
+    Decoded = teleport_codec:decode(Buf),
+    ?assert(Decoded =:= Bins),
+    ?assertEqual(lists:duplicate(100, 100000), [binary:referenced_byte_size(D) || D <- Decoded]).
+
+decode_unaligned_input() ->
+    T = {msg, pattern(200000), [1, 2, 3]},
+    Enc = term_to_binary(T),
+    <<_:3, Unaligned:(byte_size(Enc))/binary, _:5>> = <<0:3, Enc/binary, 0:5>>,
+    assert_exact(teleport_codec:decode(Unaligned), T),
+    <<_:10/binary, Sub/binary>> = <<0:80, Enc/binary>>,
+    {msg, D, _} = teleport_codec:decode(Sub),
+    ?assertEqual(byte_size(Enc) + 10, binary:referenced_byte_size(D)).
+
+%%%===================================================================
+%%% Helpers
+%%%===================================================================
+
+%% Equal as terms, and equal bit for bit (0.0 =:= -0.0 on OTP 25). Terms holding funs are
+%% compared with =:= only: the byte changes of byte_flip_test_ forge funs whose creator is a
+%% port instead of a pid, which binary_to_term/1 accepts and OTP 25.2's term_to_binary/1 then
+%% crashes the VM on (a VM bug, reached through binary_to_term/1 and decode/1 alike).
+exact(A, B) ->
+    A =:= B andalso (has_fun(A) orelse term_to_binary(A) =:= term_to_binary(B)).
+
+has_fun(F) when is_function(F) -> true;
+has_fun(T) when is_tuple(T) -> has_fun(tuple_to_list(T));
+has_fun(M) when is_map(M) -> has_fun(maps:to_list(M));
+has_fun([H | T]) -> has_fun(H) orelse has_fun(T);
+has_fun(_) -> false.
+
+assert_exact(Got, Want) ->
+    case exact(Got, Want) of
+        true -> ok;
+        false -> erlang:error({not_exact, [{got, short(Got)}, {want, short(Want)}]})
+    end.
+
+%% What binary_to_term/2 and decode/2 make of Bin.
+compare(Bin, Opts) ->
+    {outcome(fun() -> binary_to_term(Bin, Opts) end),
+     outcome(fun() -> teleport_codec:decode(Bin, Opts) end)}.
+
+outcome(F) ->
+    try {ok, F()}
+    catch
+        error:badarg -> badarg;
+        C:R -> {C, R}
+    end.
+
+agree(badarg, badarg) -> true;
+agree({ok, A}, {ok, B}) -> exact(A, B);
+agree(_, _) -> false.
+
+short(T) ->
+    lists:flatten(io_lib:format("~0P", [T, 12])).
+
+negative_zero() ->
+    <<F/float>> = <<1:1, 0:63>>,
+    F.
+
+%% Bytes that are not all the same (so that a wrong offset shows).
+pattern(N) ->
+    Block = list_to_binary([I rem 251 || I <- lists:seq(0, 4095)]),
+    binary:part(binary:copy(Block, N div 4096 + 1), 0, N).
+
+bytes_list(N) ->
+    [I rem 256 || I <- lists:seq(1, N)].
+
+nest_list(N) ->
+    lists:foldl(fun(_, Acc) -> [Acc] end, [], lists:seq(1, N)).
+
+nest_tuple(N) ->
+    lists:foldl(fun(I, Acc) -> {I, Acc} end, {}, lists:seq(1, N)).
+
+monitor_ref() ->
+    {Pid, Ref} = spawn_monitor(fun() -> ok end),
+    receive {'DOWN', Ref, process, Pid, _} -> Ref end.
+
+%% Pids, references and ports of another node, as they arrive from one (NEW_PID_EXT,
+%% NEWER_REFERENCE_EXT, NEW_PORT_EXT of node 'peer@teleport.example').
+-define(NODE, "peer@teleport.example").
+
+node_atom() ->
+    <<119, (length(?NODE)), ?NODE>>.
+
+remote_pid() ->
+    binary_to_term(<<131, 88, (node_atom())/binary, 42:32, 0:32, 7:32>>).
+
+remote_ref() ->
+    binary_to_term(<<131, 90, 3:16, (node_atom())/binary, 7:32, 1:32, 2:32, 3:32>>).
+
+remote_port() ->
+    binary_to_term(<<131, 89, (node_atom())/binary, 99:32, 7:32>>).
+
+%% The old 31-byte FLOAT_EXT.
+float_ext(F) ->
+    Text = list_to_binary(io_lib:format("~.20e", [F])),
+    <<131, 99, Text/binary, 0:((31 - byte_size(Text)) * 8)>>.
+
+%% The old PID_EXT (one byte of creation).
+old_pid_ext() ->
+    <<131, 103, (node_atom())/binary, 5:32, 0:32, 1>>.
+
+%% An atom name (never made into an atom by this module) that is not an atom yet.
+fresh_atom_name(Prefix) ->
+    Name = <<Prefix/binary, (integer_to_binary(erlang:unique_integer([positive])))/binary, "_",
+             (integer_to_binary(erlang:system_time(nanosecond)))/binary>>,
+    try binary_to_existing_atom(Name, utf8) of
+        _ -> fresh_atom_name(Prefix)
+    catch
+        error:badarg -> Name
+    end.
+
+%% The memory the VM's allocators hold now, and the peak since the last call (each call
+%% restarts the peak).
+allocated() ->
+    Sizes = [{Cur, LastMax} || A <- erlang:system_info(alloc_util_allocators),
+                               Info <- [erlang:system_info({allocator, A})], is_list(Info),
+                               {instance, _, Props} <- Info,
+                               Kind <- [mbcs, sbcs],
+                               {_, KProps} <- [lists:keyfind(Kind, 1, Props)],
+                               {carriers_size, Cur, LastMax, _} <- KProps],
+    {lists:sum([C || {C, _} <- Sizes]), lists:sum([M || {_, M} <- Sizes])}.
+
+%% Deterministic bytes without a period.
+random_bytes(N, Seed) ->
+    State = rand:seed_s(exsss, {Seed, Seed, Seed}),
+    {Bytes, _} = lists:foldl(fun(_, {Acc, S0}) ->
+                                     {X, S1} = rand:uniform_s(256, S0),
+                                     {[X - 1 | Acc], S1}
+                             end, {[], State}, lists:seq(1, N)),
+    list_to_binary(Bytes).
+
+%% The OS's high-water mark of this VM's resident memory, in bytes (0 where unknown).
+rss_high_water_mark() ->
+    case file:read_file("/proc/self/status") of
+        {ok, Status} ->
+            case re:run(Status, "VmHWM:\\s+(\\d+) kB", [{capture, all_but_first, binary}]) of
+                {match, [Kb]} -> binary_to_integer(Kb) * 1024;
+                nomatch -> 0
+            end;
+        {error, _} ->
+            0
+    end.
+
+in_fresh_process(F) ->
+    {Pid, Ref} = spawn_monitor(fun() -> exit({done, catch F()}) end),
+    receive
+        {'DOWN', Ref, process, Pid, {done, ok}} -> ok;
+        {'DOWN', Ref, process, Pid, {done, Other}} -> erlang:error(Other)
+    end.
