@@ -21,29 +21,86 @@
 %% </ul>
 -module(teleport).
 
--export([start/0, stop/0, send/2, send/3, stats/0, term_to_iolist/1]).
+-export([start/0, stop/0, send/2, send/3, stats/0, info/0, term_to_iolist/1]).
 -export([gs_call/2, gs_call/3, gs_cast/2, abcast/2, abcast/3, multi_call/2, multi_call/3,
          multi_call/4]).
 
 -type dest() :: pid() | atom() | {atom(), node()}.
+%% Where a message goes: a pid, a local registered name, or `{Name, Node}'.
 -type send_option() :: nosuspend | noconnect.
+%% See {@link send/3}.
 -type reason() :: nodedown | not_started | too_large.
+%% Why a send failed: the node cannot be reached, teleport is not running on this node, or
+%% the message is too large for one frame.
 -type server_ref() :: pid() | atom() | {atom(), node()}.
-%% Where a call failed, as it appears in exit reasons: `{teleport, gs_call, Args}'.
+%% A `gen_server' (or `gen_statem'): a pid, a local registered name, or `{Name, Node}'.
 -type call_site() :: {module(), atom(), [term()]}.
--export_type([dest/0, send_option/0, reason/0, server_ref/0]).
+%% Where a call failed, as it appears in exit reasons: `{teleport, gs_call, Args}'.
+-type address() :: {inet:ip_address(), inet:port_number()}.
+-type conn_info() ::
+        #{index := non_neg_integer(),
+          state := down | connecting | up | closed,
+          peer_addr := address(),
+          local_addr := address() | undefined,
+          queued_bytes := non_neg_integer(),
+          frames_in_queue := non_neg_integer(),
+          msgs_out := non_neg_integer(),
+          bytes_out := non_neg_integer(),
+          last_error := binary() | undefined,
+          connected_since := integer() | undefined,
+          reconnects := non_neg_integer(),
+          sndbuf := non_neg_integer() | undefined,
+          recbuf := non_neg_integer() | undefined}.
+%% One outgoing connection of a pool (see {@link info/0}).
+-type incoming_info() ::
+        #{id := non_neg_integer(),
+          peer := node() | undefined,
+          state := handshaking | up,
+          peer_addr := address() | undefined,
+          local_addr := address() | undefined,
+          msgs_in := non_neg_integer(),
+          bytes_in := non_neg_integer(),
+          connected_since := integer(),
+          sndbuf := non_neg_integer(),
+          recbuf := non_neg_integer()}.
+%% One connection accepted by this node's listener (see {@link info/0}).
+-type listener_info() ::
+        #{ip := inet:ip_address(),
+          port := inet:port_number(),
+          handshaking := non_neg_integer(),
+          socket_opts := teleport_config:socket_opts(),
+          incoming := [incoming_info()]}.
+%% This node's listener (see {@link info/0}).
+-type info() :: #{listener => listener_info(), node() => [conn_info()]}.
+%% What {@link info/0} returns.
+-export_type([dest/0, send_option/0, reason/0, server_ref/0, info/0, conn_info/0,
+              incoming_info/0, listener_info/0]).
+
 
 -define(TABLE, teleport_pools).
 %% A blocked sender retries after 1, 2, 4, 8 ms, then every 8 ms.
 -define(MAX_BACKOFF, 8).
 
 %% @doc Starts the teleport application and what it needs.
+%%
+%% When teleport itself cannot start, the error is why, as `teleport_server' stopped (and
+%% logged in words): `{error, {invalid_config, Key, Value, Expected}}' for a bad value in
+%% the application environment (`Expected' a string: what `Key' accepts),
+%% `{error, {nif_not_loaded, Text}}' when `priv/teleport_nif.so' is missing or does not
+%% load, `{error, {listen_failed, Ip, Port, Reason}}' when the listener cannot be opened,
+%% `{error, {socket_opt_refused, Option, Value, Reason}}' when the kernel refuses a socket
+%% option. Other failures are `application:ensure_all_started/1''s.
 -spec start() -> ok | {error, term()}.
 start() ->
     case application:ensure_all_started(teleport) of
-        {ok, _} -> ok;
-        {error, _} = Error -> Error
+        {ok, _} ->
+            ok;
+        {error, {teleport, {{shutdown, {failed_to_start_child, teleport_server, Why}}, _}}} ->
+            {error, Why};
+        {error, _} = Error ->
+            Error
     end.
+
 
 %% @doc Stops the teleport application: pools and the listener close.
 -spec stop() -> ok | {error, term()}.
@@ -267,7 +324,60 @@ stats() ->
             #{}
     end.
 
+%% @doc What this node's teleport is doing: every pool's connections, by peer node, and the
+%% listener with its incoming connections. `#{}' when teleport is not running.
+%%
+%% ```
+%% #{listener => #{ip => {0,0,0,0}, port => 41231, handshaking => 0,
+%%                 socket_opts => #{nodelay => true, keepalive => false},
+%%                 incoming => [#{id => 0, peer => 'b@host', state => up,
+%%                                peer_addr => {{127,0,0,1}, 52814},
+%%                                local_addr => {{127,0,0,1}, 41231},
+%%                                msgs_in => 12, bytes_in => 3310,
+%%                                connected_since => 1767225600123,
+%%                                sndbuf => 2626560, recbuf => 131072}]},
+%%   'b@host' => [#{index => 0, state => up,
+%%                  peer_addr => {{127,0,0,1}, 38511}, local_addr => {{127,0,0,1}, 52816},
+%%                  queued_bytes => 0, frames_in_queue => 0,
+%%                  msgs_out => 7, bytes_out => 1840, last_error => undefined,
+%%                  connected_since => 1767225600120, reconnects => 0,
+%%                  sndbuf => 2626560, recbuf => 131072},
+%%                #{index => 1, state => down, ...}]}
+%% '''
+%%
+%% An outgoing connection (`conn_info()'): `index' its slot in the pool (messages of one
+%% sender to one destination always take the same slot); `state' `down' (not connected: no
+%% message needed it yet, or the last attempt failed and it waits to retry), `connecting'
+%% (TCP connect and handshake), `up', or `closed' (the pool was torn down); `peer_addr' the
+%% peer's address (its listener's when not up); `local_addr' this end, `undefined' when not
+%% up; `queued_bytes' and `frames_in_queue' what waits to be written (frames the writer is
+%% writing count in the bytes only); `msgs_out' and `bytes_out' what this slot wrote over
+%% all its connections, frame headers included; `last_error' what went wrong last, as text
+%% (connecting, the handshake, or a write), else `undefined'; `connected_since' when the
+%% current connection came up, in `erlang:system_time(millisecond)' units
+%% (`calendar:system_time_to_rfc3339(T, [{unit, millisecond}])' prints it), `undefined'
+%% when not up; `reconnects' the connections after the slot's first; `sndbuf' and `recbuf'
+%% the socket's buffer sizes as the kernel reports them (Linux shows twice what was set),
+%% `undefined' when not up.
+%%
+%% The listener (`listener_info()'): its `ip' and `port', `handshaking' the connections now
+%% proving their cookie, `socket_opts' the options every connection gets (the `socket_opts'
+%% configuration with defaults), and `incoming' every accepted connection
+%% (`incoming_info()'): `id' the listener's number for it (log events name it `id' too),
+%% `peer' the node once it authenticated (`undefined' during the handshake), `state'
+%% `handshaking' or `up', `peer_addr' and `local_addr', `msgs_in' and `bytes_in' read from
+%% it, `connected_since' when it was accepted, `sndbuf' and `recbuf' as above.
+%%
+%% `stats/0' has the counters per peer node, summed over connections and both ways.
+-spec info() -> info().
+info() ->
+    case teleport_server:listener_info() of
+        {ok, Listener} -> (teleport_server:pool_info())#{listener => Listener};
+        {error, not_started} -> #{}
+    end.
+
 %% @doc Encodes `Term' in the external term format as an iolist that keeps large binaries by
+
 %% reference. The same as {@link teleport_codec:encode/1}; kept under the name the 2015
 %% prototype exported.
 -spec term_to_iolist(term()) -> iolist().

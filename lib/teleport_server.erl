@@ -9,17 +9,29 @@
 %% Peers find each other over distributed Erlang: `connect/1' asks the peer's
 %% `teleport_server' for its listener, and that request is what allows the asking node to
 %% connect in (with the cookie `erlang:get_cookie(Node)' gives for it).
+%%
+%% When a peer cannot be found, callers get `{error, nodedown}' and the reason is logged
+%% once (until it changes, or the node goes up or down): not reachable over distributed
+%% Erlang, no teleport running there, no answer in time, or no address to reach it at.
 -module(teleport_server).
 -behaviour(gen_server).
 
--export([start_link/0, connect/1, reconnect/2, runtime/0, pool_info/0, listen_port/0]).
+-export([start_link/0, connect/1, reconnect/2, runtime/0, pool_info/0, listen_port/0,
+         listener_info/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(TABLE, teleport_pools).
 
 -type state() :: #{runtime := teleport_nif:runtime(),
                    config := teleport_config:config(),
-                   pending := #{node() => [gen_server:from()]}}.
+                   pending := #{node() => [gen_server:from()]},
+                   %% Why each node could not be found, as last logged.
+                   unreachable := #{node() => unreachable()}}.
+
+%% Why a peer's listener could not be found.
+-type unreachable() :: this_node | not_distributed | {no_dist_connection, node()}
+                     | {no_teleport, node()} | {no_answer, node(), timeout()}
+                     | {call_failed, node(), term()} | {no_address, node(), string()}.
 
 %% @doc Starts the server (from `teleport_sup').
 -spec start_link() -> {ok, pid()} | {error, term()}.
@@ -48,11 +60,35 @@ runtime() ->
         Rt -> {ok, Rt}
     end.
 
-%% @doc The state of every connection of every pool.
+%% @doc The state of every connection of every pool (see `teleport:info/0' for the fields);
+%% empty when teleport is not running.
 -spec pool_info() -> #{node() => [map()]}.
 pool_info() ->
-    maps:from_list([{Node, teleport_nif:pool_info(Pool)}
-                    || {Node, Pool} <- ets:tab2list(?TABLE)]).
+    try ets:tab2list(?TABLE) of
+        Pools -> maps:from_list([{Node, teleport_nif:pool_info(Pool)} || {Node, Pool} <- Pools])
+    catch
+        error:badarg -> #{}
+    end.
+
+%% @doc The listener and its incoming connections (see `teleport:info/0'), with the socket
+%% options in force.
+-spec listener_info() -> {ok, map()} | {error, not_started}.
+listener_info() ->
+    case runtime() of
+        {ok, Rt} ->
+            Info = #{incoming := Incoming} = teleport_nif:runtime_info(Rt),
+            Opts = persistent_term:get({?MODULE, socket_opts}, #{}),
+            {ok, Info#{incoming := [In#{peer := peer_name(P)} || In = #{peer := P} <- Incoming],
+                       socket_opts => Opts}};
+        Error ->
+            Error
+    end.
+
+%% Only a node allowed in by name (runtime_allow/3, with the atom's text) authenticates, so
+%% the atom exists already; `undefined' while the handshake runs.
+-spec peer_name(binary() | undefined) -> node() | undefined.
+peer_name(undefined) -> undefined;
+peer_name(Name) -> binary_to_existing_atom(Name, utf8).
 
 %% @doc The port this node's teleport listener is bound to.
 -spec listen_port() -> {ok, inet:port_number()} | {error, not_started}.
@@ -71,33 +107,91 @@ call(Request) ->
     end.
 
 %% @private
+%% Stops with `{invalid_config, Key, Value, Expected}' for a bad configuration value,
+%% `{nif_not_loaded, Why}' when the NIF is missing, `{listen_failed, Ip, Port, Reason}'
+%% when the listener cannot be opened, `{socket_opt_refused, Option, Value, Reason}' when
+%% the kernel refuses a socket option.
 -spec init([]) -> {ok, state()} | {stop, term()}.
 init([]) ->
     process_flag(trap_exit, true),
-    try teleport_config:load() of
-        Config -> start_runtime(Config)
-    catch
-        error:{invalid_config, _, _, _} = Reason -> {stop, Reason}
+    Result = try teleport_config:load() of
+                 Config ->
+                     case nif_loaded() of
+                         ok -> start_runtime(Config);
+                         {error, Reason} -> {stop, Reason}
+                     end
+             catch
+                 error:{invalid_config, _, _, _} = Reason -> {stop, Reason}
+             end,
+    case Result of
+        {stop, Why} ->
+            %% No domain: OTP's default handler prints it before teleport's filter is set.
+            logger:error("teleport cannot start: ~ts", [explain_start(Why)],
+                         #{teleport => start_failed, reason => Why});
+        {ok, _} ->
+            ok
+    end,
+    Result.
+
+%% Why teleport did not start, in words.
+-spec explain_start(term()) -> string().
+explain_start({invalid_config, socket_opts, Value, Expected}) ->
+    lists:flatten(io_lib:format("bad socket_opts in the teleport application environment: "
+                                "~0tp; expected ~ts", [Value, Expected]));
+explain_start({invalid_config, Key, Value, Expected}) ->
+    lists:flatten(io_lib:format("bad value of ~p in the teleport application environment: "
+                                "~0tp; expected ~ts", [Key, Value, Expected]));
+explain_start({nif_not_loaded, Why}) ->
+    Why;
+explain_start({socket_opt_refused, Option, Value, Reason}) ->
+    lists:flatten(io_lib:format("the kernel refused socket option ~p = ~0tp: ~ts",
+                                [Option, Value, Reason]));
+explain_start({listen_failed, Ip, Port, Reason}) ->
+    lists:flatten(io_lib:format("cannot listen on ~ts:~b: ~0tp",
+                                [inet:ntoa(Ip), Port, Reason])).
+
+%% teleport_nif's on_load has already logged where it looked and how to build the library.
+-spec nif_loaded() -> ok | {error, {nif_not_loaded, string()}}.
+nif_loaded() ->
+    case code:ensure_loaded(teleport_nif) of
+        {module, teleport_nif} ->
+            ok;
+        {error, What} ->
+            {error, {nif_not_loaded,
+                     lists:flatten(
+                       io_lib:format("teleport_nif did not load (~p): priv/teleport_nif.so is "
+                                     "missing or unloadable; build it with 'rebar3 compile', "
+                                     "'mix compile' or 'sh native/build.sh'", [What]))}}
     end.
 
 -spec start_runtime(teleport_config:config()) -> {ok, state()} | {stop, term()}.
 start_runtime(Config) ->
     #{listen_ip := Ip, port := Port, max_frame_bytes := MaxFrame,
-      handshake_timeout := HandshakeTimeout} = Config,
+      handshake_timeout := HandshakeTimeout, socket_opts := SockOpts} = Config,
     Me = atom_to_binary(node(), utf8),
-    case teleport_nif:runtime_start(Me, ip_text(Ip), Port, MaxFrame, HandshakeTimeout) of
+    case teleport_nif:runtime_start(Me, ip_text(Ip), Port, MaxFrame, HandshakeTimeout,
+                                    nif_socket_opts(SockOpts)) of
         {ok, Rt} ->
             _ = ets:new(?TABLE, [named_table, protected, set, {read_concurrency, true}]),
             persistent_term:put({?MODULE, runtime}, Rt),
+            persistent_term:put({?MODULE, socket_opts}, SockOpts),
             ok = net_kernel:monitor_nodes(true),
             log_to_default_handler(maps:get(log_to_default_handler, Config)),
             logger:info("teleport listening on ~ts:~b",
                         [inet:ntoa(Ip), teleport_nif:runtime_port(Rt)],
                         #{domain => [teleport]}),
-            {ok, #{runtime => Rt, config => Config, pending => #{}}};
+            {ok, #{runtime => Rt, config => Config, pending => #{}, unreachable => #{}}};
+        {error, {socket_opt, Option, Reason}} ->
+            {stop, {socket_opt_refused, Option, maps:get(Option, SockOpts, undefined), Reason}};
         {error, Reason} ->
             {stop, {listen_failed, Ip, Port, Reason}}
     end.
+
+%% The socket options as the NIF takes them: addresses as text.
+-spec nif_socket_opts(teleport_config:socket_opts()) ->
+          #{atom() => integer() | boolean() | binary()}.
+nif_socket_opts(Opts = #{bind_ip := Ip}) -> Opts#{bind_ip := ip_text(Ip)};
+nif_socket_opts(Opts) -> Opts.
 
 %% @private
 -spec handle_call(term(), gen_server:from(), state()) ->
@@ -136,15 +230,24 @@ handle_info({discovered, Node, Result}, State = #{pending := Pending}) ->
                               error -> {[], Pending};
                               Found -> Found
                           end,
-    Reply = start_pool(Node, Result, State),
-    [gen_server:reply(W, Reply) || W <- Waiters],
-    {noreply, State#{pending := Pending1}};
+    State1 = note_unreachable(Node, Result, State),
+    Found1 = case Result of
+                 {ok, _, _} -> Result;
+                 {error, _} -> {error, nodedown}
+             end,
+    Reply = start_pool(Node, Found1, State1),
+    _ = [gen_server:reply(W, Reply) || W <- Waiters],
+    {noreply, State1#{pending := Pending1}};
 handle_info({nodeup, Node}, State = #{config := #{eager_connect := true}}) ->
+    State1 = forget_unreachable(Node, State),
     case ets:member(?TABLE, Node) of
-        true -> {noreply, State};
-        false -> {noreply, discover(Node, none, State)}
+        true -> {noreply, State1};
+        false -> {noreply, discover(Node, none, State1)}
     end;
-handle_info({nodedown, Node}, State = #{runtime := Rt}) ->
+handle_info({nodeup, Node}, State) ->
+    {noreply, forget_unreachable(Node, State)};
+handle_info({nodedown, Node}, State0 = #{runtime := Rt}) ->
+    State = forget_unreachable(Node, State0),
     teleport_nif:runtime_forbid(Rt, atom_to_binary(Node, utf8)),
     case ets:take(?TABLE, Node) of
         [{_, Pool}] ->
@@ -164,6 +267,7 @@ terminate(_Reason, #{runtime := Rt}) ->
     [teleport_nif:pool_close(Pool) || {_, Pool} <- ets:tab2list(?TABLE)],
     teleport_nif:runtime_stop(Rt),
     _ = persistent_term:erase({?MODULE, runtime}),
+    _ = persistent_term:erase({?MODULE, socket_opts}),
     _ = logger:remove_handler_filter(default, ?MODULE),
     ok.
 
@@ -191,31 +295,80 @@ discover(Node, From, State = #{pending := Pending, config := Config}) ->
             State#{pending := Pending#{Node => Waiters}}
     end.
 
+%% Logs why `Node' cannot be reached, once per reason; a found node is forgotten.
+-spec note_unreachable(node(), {ok, inet:ip_address(), inet:port_number()}
+                       | {error, unreachable()}, state()) -> state().
+note_unreachable(Node, {ok, _, _}, State) ->
+    forget_unreachable(Node, State);
+note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
+    case Seen of
+        #{Node := Why} ->
+            State;
+        #{} ->
+            logger:warning("teleport: cannot reach ~ts: ~ts; sends to it return "
+                           "{error, nodedown}", [Node, explain(Why)],
+                           #{domain => [teleport], peer => Node, reason => Why}),
+            State#{unreachable := Seen#{Node => Why}}
+    end.
+
+-spec forget_unreachable(node(), state()) -> state().
+forget_unreachable(Node, State = #{unreachable := Seen}) ->
+    State#{unreachable := maps:remove(Node, Seen)}.
+
+%% A reason in words.
+-spec explain(unreachable()) -> string().
+explain(this_node) ->
+    "it is this node (local destinations need no teleport)";
+explain(not_distributed) ->
+    "this node is not distributed (start it with -sname or -name, or net_kernel:start/1)";
+explain({no_dist_connection, Node}) ->
+    lists:flatten(io_lib:format("no distributed Erlang connection to ~ts (net_kernel:connect_node/1"
+                                " failed: is it up, and does it have the same cookie?)", [Node]));
+explain({no_teleport, Node}) ->
+    lists:flatten(io_lib:format("teleport is not running on ~ts (no teleport_server there)",
+                                [Node]));
+explain({no_answer, Node, Timeout}) ->
+    lists:flatten(io_lib:format("teleport_server on ~ts did not answer within ~p ms "
+                                "(discovery_timeout)", [Node, Timeout]));
+explain({call_failed, Node, Reason}) ->
+    lists:flatten(io_lib:format("asking teleport_server on ~ts where it listens failed: ~0tp",
+                                [Node, Reason]));
+explain({no_address, Node, Host}) ->
+    lists:flatten(io_lib:format("~ts listens on every interface, and neither its distributed "
+                                "Erlang connection nor its host name ~ts gives an address "
+                                "to reach it at", [Node, Host])).
+
 %% Runs in its own process: asks `Node''s teleport_server where it listens.
--spec ask_listener(node(), timeout()) -> {ok, inet:ip_address(), inet:port_number()} | {error, nodedown}.
+-spec ask_listener(node(), timeout()) ->
+          {ok, inet:ip_address(), inet:port_number()} | {error, unreachable()}.
 ask_listener(Node, _Timeout) when Node =:= node() ->
-    {error, nodedown};
+    {error, this_node};
 ask_listener(Node, Timeout) ->
     case net_kernel:connect_node(Node) of
         true ->
             try gen_server:call({?MODULE, Node}, listen_info, Timeout) of
                 {ok, #{port := Port, ip := Ip}} -> peer_address(Node, Ip, Port);
-                _ -> {error, nodedown}
+                Other -> {error, {call_failed, Node, {unexpected_reply, Other}}}
             catch
-                exit:_ -> {error, nodedown}
+                exit:{noproc, _} -> {error, {no_teleport, Node}};
+                exit:{timeout, _} -> {error, {no_answer, Node, Timeout}};
+                exit:{{nodedown, _}, _} -> {error, {no_dist_connection, Node}};
+                exit:Reason -> {error, {call_failed, Node, Reason}}
             end;
-        _ ->
-            {error, nodedown}
+        ignored ->
+            {error, not_distributed};
+        false ->
+            {error, {no_dist_connection, Node}}
     end.
 
 %% A peer listening on every interface is reached at the address its disterl connection
 %% comes from, else at its host name's address.
 -spec peer_address(node(), inet:ip_address(), inet:port_number()) ->
-          {ok, inet:ip_address(), inet:port_number()} | {error, nodedown}.
+          {ok, inet:ip_address(), inet:port_number()} | {error, unreachable()}.
 peer_address(Node, Ip, Port) when Ip =:= {0, 0, 0, 0}; Ip =:= {0, 0, 0, 0, 0, 0, 0, 0} ->
     case dist_peer_ip(Node) of
         {ok, PeerIp} -> {ok, PeerIp, Port};
-        error -> {error, nodedown}
+        error -> {error, {no_address, Node, host_part(Node)}}
     end;
 peer_address(_Node, Ip, Port) ->
     {ok, Ip, Port}.
@@ -231,6 +384,13 @@ dist_peer_ip(Node) ->
             end;
         _ ->
             host_ip(Node)
+    end.
+
+-spec host_part(node()) -> string().
+host_part(Node) ->
+    case string:split(atom_to_list(Node), "@") of
+        [_, Host] -> Host;
+        _ -> ""
     end.
 
 -spec host_ip(node()) -> {ok, inet:ip_address()} | error.
@@ -278,8 +438,10 @@ new_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
             true = ets:insert(?TABLE, {Node, Pool}),
             {ok, Pool};
         {error, Reason} ->
-            logger:warning("teleport: cannot start a pool to ~ts at ~ts:~b: ~p",
-                           [Node, inet:ntoa(Ip), Port, Reason], #{domain => [teleport]}),
+            logger:warning("teleport: cannot start a pool to ~ts at ~ts:~b: ~tp; sends to it "
+                           "return {error, nodedown}",
+                           [Node, inet:ntoa(Ip), Port, Reason],
+                           #{domain => [teleport], peer => Node}),
             {error, nodedown}
     end;
 new_pool(_Node, {error, nodedown}, _State) ->

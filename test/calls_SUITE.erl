@@ -36,6 +36,7 @@ init_per_testcase(_Case, Config) ->
     [{peer, Peer}, {node, Node} | Config].
 
 end_per_testcase(_Case, Config) ->
+    ok = teleport_cover:peer_stopping(?config(node, Config)),
     catch peer:stop(?config(peer, Config)),
     ok.
 
@@ -43,6 +44,7 @@ start_peer() ->
     {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(calls),
                                          args => ["-pa" | code:get_path()],
                                          connection => standard_io}),
+    ok = teleport_cover:peer_started(Node),
     ok = peer:call(Peer, teleport, start, []),
     {ok, _} = peer:call(Peer, calls_test_server, start, [srv]),
     {Peer, Node}.

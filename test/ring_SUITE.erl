@@ -82,7 +82,7 @@ ring(_Config) ->
         ct:pal("teleport bytes out, all peers: ~b", [BytesOut]),
         ?assert(BytesOut >= Rounds * NNodes * NWorkers * (NNodes - 1) * Bytes)
     after
-        [catch peer:stop(P) || {P, _} <- Peers]
+        [begin ok = teleport_cover:peer_stopping(N), catch peer:stop(P) end || {P, N} <- Peers]
     end.
 
 %% Every worker reported once, with the hash it sent.
@@ -133,6 +133,7 @@ start_peers(N) ->
     Peers = lists:sort([receive {peer, Pid, I, P, Node} -> {I, P, Node} after 60000 -> error(peer_boot_timeout) end
                         || Pid <- Pids]),
     [begin
+         ok = teleport_cover:peer_started(Node),
          ok = erpc:call(Node, teleport, start, []),
          {P, Node}
      end || {_, P, Node} <- Peers].

@@ -805,6 +805,7 @@ try_start_peer(Name) ->
     try peer:start(#{name => Name, args => Args, connection => standard_io,
                      wait_boot => 30000}) of
         {ok, Peer, Node} ->
+            ok = teleport_cover:peer_started(Node),
             OsPid = peer:call(Peer, os, getpid, []),
             true = ets:insert(?PEERS, {Peer, Node, OsPid}),
             ok = peer:call(Peer, teleport, start, [], 15000),
@@ -817,8 +818,9 @@ try_start_peer(Name) ->
 
 stop_all_peers() ->
     lists:foreach(
-      fun({Peer, _Node, OsPid}) ->
+      fun({Peer, Node, OsPid}) ->
               continue_os_process(OsPid),
+              ok = teleport_cover:peer_stopping(Node),
               {Pid, MRef} = spawn_monitor(fun() -> catch peer:stop(Peer) end),
               receive {'DOWN', MRef, process, Pid, _} -> ok
               after 10000 -> exit(Pid, kill)

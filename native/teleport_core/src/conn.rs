@@ -11,7 +11,8 @@
 use crate::deadline::Deadline;
 use crate::handshake::{self, HandshakeError};
 use crate::out_frame::OutFrame;
-use crate::stats::PeerStats;
+use crate::sockopts::{self, SocketOpts};
+use crate::stats::{unix_millis, ConnStats, PeerStats};
 use parking_lot::{Condvar, Mutex};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::VecDeque;
@@ -19,7 +20,7 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Frames up to this size may be written from the sender's thread (a normal scheduler):
 /// a non-blocking write of this much is a memcpy of microseconds. Larger ones always go to
@@ -87,6 +88,8 @@ pub struct PeerConfig {
     pub connect_timeout: Duration,
     /// Bound on the whole handshake.
     pub handshake_timeout: Duration,
+    /// Options set on every socket before it connects.
+    pub sock_opts: SocketOpts,
 }
 
 /// Why a frame was not accepted; the frame is handed back.
@@ -124,6 +127,56 @@ struct State {
     last_error: Option<String>,
     /// Whether this slot ever had a connection (the next one counts as a reconnect).
     was_up: bool,
+    /// Connections of this slot after its first.
+    reconnects: u64,
+    /// When the current socket finished its handshake.
+    connected_since: Option<SystemTime>,
+}
+
+/// A picture of one outgoing connection, for `teleport:info/0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The slot's index in its pool.
+    pub index: usize,
+    /// What it is doing.
+    pub status: Status,
+    /// The peer's address: of the socket when connected, else where it connects to.
+    pub peer_addr: SocketAddr,
+    /// This end's address, when connected.
+    pub local_addr: Option<SocketAddr>,
+    /// Bytes queued and not yet written.
+    pub queued_bytes: usize,
+    /// Frames waiting in the queue (not counting those the writer is writing).
+    pub frames_in_queue: usize,
+    /// Messages written on this slot, over all its connections.
+    pub msgs_out: u64,
+    /// Bytes written on this slot, frame headers included.
+    pub bytes_out: u64,
+    /// What went wrong last (connecting, shaking hands or writing), if anything did.
+    pub last_error: Option<String>,
+    /// When the current connection came up, in milliseconds since the Unix epoch.
+    pub connected_since: Option<u64>,
+    /// Connections of this slot after its first.
+    pub reconnects: u64,
+    /// The socket's send and receive buffer sizes as the kernel reports them, when connected.
+    pub buffers: Option<(usize, usize)>,
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+enum ConnectError {
+    /// Making, configuring, binding or connecting the socket.
+    Socket(io::Error),
+    /// The handshake, after TCP connected.
+    Handshake(io::Error),
+}
+
+impl ConnectError {
+    fn io(&self) -> &io::Error {
+        match self {
+            ConnectError::Socket(e) | ConnectError::Handshake(e) => e,
+        }
+    }
 }
 
 /// One outgoing connection.
@@ -135,6 +188,8 @@ pub struct Conn {
     target: Arc<Target>,
     state: Mutex<State>,
     wake: Condvar,
+    /// What this slot wrote.
+    counters: ConnStats,
 }
 
 impl Conn {
@@ -159,8 +214,11 @@ impl Conn {
                 status: Status::Down,
                 last_error: None,
                 was_up: false,
+                reconnects: 0,
+                connected_since: None,
             }),
             wake: Condvar::new(),
+            counters: ConnStats::default(),
         });
         let c = conn.clone();
         std::thread::Builder::new()
@@ -168,7 +226,13 @@ impl Conn {
             .spawn(move || {
                 // A panic here must not unwind into nothing: log it and close the slot.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run())).is_err() {
-                    tracing::error!(index = c.index, "writer_panicked");
+                    tracing::error!(
+                        peer = %String::from_utf8_lossy(&c.cfg.peer),
+                        index = c.index,
+                        addr = %c.target.addr(),
+                        reason = "the writer thread panicked; the slot is closed",
+                        "writer_panicked"
+                    );
                     c.close();
                 }
             })?;
@@ -190,6 +254,7 @@ impl Conn {
                 match write_nonblocking(&sock, &frame) {
                     Ok(n) if n == frame.len() => {
                         self.stats.sent(n);
+                        self.counters.add(1, n as u64);
                         return Ok(());
                     }
                     Ok(n) => {
@@ -227,10 +292,23 @@ impl Conn {
     /// Tears the connection down for good: queued frames are dropped and counted.
     pub fn close(&self) {
         let mut st = self.state.lock();
+        if st.status == Status::Closed {
+            return;
+        }
         st.status = Status::Closed;
+        st.connected_since = None;
         if let Some(sock) = st.sock.take() {
             self.stats.connections.fetch_sub(1, Relaxed);
+            let addr = peer_addr(&sock).unwrap_or_else(|| self.target.addr());
             let _ = sock.shutdown(std::net::Shutdown::Both);
+            tracing::info!(
+                peer = %String::from_utf8_lossy(&self.cfg.peer),
+                index = self.index,
+                addr = %addr,
+                reason = "pool closed",
+                queued = st.queue.len(),
+                "connection_closed"
+            );
         }
         self.wake.notify_one();
     }
@@ -246,20 +324,65 @@ impl Conn {
         (st.status, st.queued, st.queue.len(), st.last_error.clone())
     }
 
+    /// Everything `teleport:info/0` shows of this connection.
+    pub fn info(&self) -> ConnInfo {
+        let (status, queued_bytes, frames_in_queue, last_error, since, reconnects, sock) = {
+            let st = self.state.lock();
+            (
+                st.status,
+                st.queued,
+                st.queue.len(),
+                st.last_error.clone(),
+                st.connected_since,
+                st.reconnects,
+                st.sock.clone(),
+            )
+        };
+        let (msgs_out, bytes_out) = self.counters.get();
+        let peer_addr = sock
+            .as_deref()
+            .and_then(peer_addr)
+            .unwrap_or_else(|| self.target.addr());
+        let local_addr = sock
+            .as_deref()
+            .and_then(|s| s.local_addr().ok())
+            .and_then(|a| a.as_socket());
+        ConnInfo {
+            index: self.index,
+            status,
+            peer_addr,
+            local_addr,
+            queued_bytes,
+            frames_in_queue,
+            msgs_out,
+            bytes_out,
+            last_error,
+            connected_since: since.map(unix_millis),
+            reconnects,
+            buffers: sock.as_deref().map(sockopts::buffer_sizes),
+        }
+    }
+
     fn lost_socket(&self, st: &mut State, err: &io::Error) {
-        if st.sock.take().is_some() {
+        if let Some(sock) = st.sock.take() {
             self.stats.connections.fetch_sub(1, Relaxed);
+            let addr = peer_addr(&sock).unwrap_or_else(|| self.target.addr());
             tracing::warn!(
                 peer = %String::from_utf8_lossy(&self.cfg.peer),
                 index = self.index,
+                addr = %addr,
                 reason = %err,
+                queued = st.queue.len(),
                 "connection_lost"
             );
+            st.last_error = Some(format!("connection to {addr} lost: {err}"));
+        } else {
+            st.last_error = Some(err.to_string());
         }
         if st.status != Status::Closed {
             st.status = Status::Down;
         }
-        st.last_error = Some(err.to_string());
+        st.connected_since = None;
     }
 
     /// Drops every queued frame, counting them.
@@ -305,31 +428,54 @@ impl Conn {
                             self.stats.connections.fetch_add(1, Relaxed);
                             if st.was_up {
                                 self.stats.reconnects.fetch_add(1, Relaxed);
+                                st.reconnects += 1;
                             }
                             st.was_up = true;
                             st.status = Status::Up;
+                            st.connected_since = Some(SystemTime::now());
                             st.sock = Some(Arc::new(sock));
                         }
                         Ok(_) => {}
-                        Err(e) => {
+                        Err(err) => {
+                            let e = err.io();
                             let refused = matches!(
                                 e.kind(),
                                 io::ErrorKind::ConnectionRefused | io::ErrorKind::PermissionDenied
                             );
+                            let addr = self.target.addr();
+                            // Once per run of failures: the next attempts (with a growing
+                            // pause) are only in `teleport:info/0`'s last_error.
                             if backoff == FIRST_BACKOFF {
-                                tracing::warn!(
-                                    peer = %String::from_utf8_lossy(&self.cfg.peer),
-                                    index = self.index,
-                                    addr = %self.target.addr(),
-                                    reason = %e,
-                                    queued = st.queue.len(),
-                                    "connect_failed"
-                                );
+                                let peer = String::from_utf8_lossy(&self.cfg.peer);
+                                let queued = st.queue.len();
+                                match &err {
+                                    ConnectError::Socket(_) => tracing::warn!(
+                                        peer = %peer,
+                                        index = self.index,
+                                        addr = %addr,
+                                        reason = %e,
+                                        queued,
+                                        "connect_failed"
+                                    ),
+                                    ConnectError::Handshake(_) => tracing::warn!(
+                                        peer = %peer,
+                                        index = self.index,
+                                        addr = %addr,
+                                        reason = %e,
+                                        queued,
+                                        "handshake_failed"
+                                    ),
+                                }
                             }
                             if st.status != Status::Closed {
                                 st.status = Status::Down;
                             }
-                            st.last_error = Some(e.to_string());
+                            st.last_error = Some(match &err {
+                                ConnectError::Socket(e) => format!("connect to {addr}: {e}"),
+                                ConnectError::Handshake(e) => {
+                                    format!("handshake with {addr}: {e}")
+                                }
+                            });
                             if refused {
                                 // The peer is there but not listening or not letting us in
                                 // where we thought: its listener must be found again.
@@ -352,7 +498,7 @@ impl Conn {
             st.writer_busy = true;
             drop(st);
 
-            let result = write_all_blocking(&sock, &mut batch, &self.stats);
+            let result = write_all_blocking(&sock, &mut batch, &self.stats, &self.counters);
             let mut st = self.state.lock();
             st.writer_busy = false;
             let mut requeued = 0;
@@ -384,31 +530,53 @@ impl Conn {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
         match sock.recv_with_flags(&mut probe, flags) {
-            Ok(0) => self.lost_socket(st, &io::Error::from(io::ErrorKind::ConnectionAborted)),
+            Ok(0) => self.lost_socket(
+                st,
+                &io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the peer closed the connection",
+                ),
+            ),
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.lost_socket(st, &e),
             _ => {}
         }
     }
 
-    fn connect(&self) -> io::Result<Socket> {
+    fn connect(&self) -> Result<Socket, ConnectError> {
         let cfg = &self.cfg;
         let addr = self.target.addr();
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        sock.set_nodelay(true)?;
-        sock.connect_timeout(&SockAddr::from(addr), cfg.connect_timeout)?;
-        // One deadline for the whole handshake: a per-read timeout would let the peer trickle.
-        let mut stream = Deadline::after(&sock, cfg.handshake_timeout);
-        handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cfg.cookie).map_err(handshake_io)?;
-        sock.set_read_timeout(None)?;
-        sock.set_write_timeout(None)?;
+        let sock = (|| {
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            cfg.sock_opts.apply(&sock)?;
+            cfg.sock_opts.bind(&sock, addr)?;
+            sock.connect_timeout(&SockAddr::from(addr), cfg.connect_timeout)?;
+            Ok::<_, io::Error>(sock)
+        })()
+        .map_err(ConnectError::Socket)?;
+        (|| {
+            // One deadline for the whole handshake: a per-read timeout would let the peer
+            // trickle.
+            let mut stream = Deadline::after(&sock, cfg.handshake_timeout);
+            handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cfg.cookie).map_err(handshake_io)?;
+            sock.set_read_timeout(None)?;
+            sock.set_write_timeout(None)
+        })()
+        .map_err(ConnectError::Handshake)?;
+        let local = sock.local_addr().ok().and_then(|a| a.as_socket());
         tracing::info!(
             peer = %String::from_utf8_lossy(&cfg.peer),
             index = self.index,
             addr = %addr,
+            local = %local.map(|a| a.to_string()).unwrap_or_default(),
             "connection_up"
         );
         Ok(sock)
     }
+}
+
+/// The address of the other end of a connected socket.
+fn peer_addr(sock: &Socket) -> Option<SocketAddr> {
+    sock.peer_addr().ok().and_then(|a| a.as_socket())
 }
 
 /// A handshake failure as an I/O error: socket errors keep their kind, refusals are
@@ -429,7 +597,26 @@ fn write_nonblocking(sock: &Socket, frame: &OutFrame) -> io::Result<usize> {
 
 /// Writes every frame of `batch`, coalescing them into as few `writev` calls as the iovec
 /// limit allows. On error, frames keep their progress so the caller can tell which are done.
-fn write_all_blocking(sock: &Socket, batch: &mut [OutFrame], stats: &PeerStats) -> io::Result<()> {
+fn write_all_blocking(
+    sock: &Socket,
+    batch: &mut [OutFrame],
+    stats: &PeerStats,
+    conn: &ConnStats,
+) -> io::Result<()> {
+    // Counted once per batch: two atomic additions per batch rather than per frame.
+    let (mut msgs, mut bytes) = (0u64, 0u64);
+    let result = write_frames(sock, batch, &mut msgs, &mut bytes);
+    stats.sent_many(msgs, bytes);
+    conn.add(msgs, bytes);
+    result
+}
+
+fn write_frames(
+    sock: &Socket,
+    batch: &mut [OutFrame],
+    msgs: &mut u64,
+    bytes: &mut u64,
+) -> io::Result<()> {
     let mut first = 0;
     while first < batch.len() {
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(64);
@@ -450,7 +637,8 @@ fn write_all_blocking(sock: &Socket, batch: &mut [OutFrame], stats: &PeerStats) 
         while left > 0 && first < batch.len() {
             left = batch[first].advance(left);
             if batch[first].remaining() == 0 {
-                stats.sent(batch[first].len());
+                *msgs += 1;
+                *bytes += batch[first].len() as u64;
                 first += 1;
             }
         }

@@ -11,11 +11,14 @@
 //! - [`frame`]: the data frames on an authenticated connection;
 //! - [`out_frame`], [`conn`], [`pool`]: the sending side, a pool of outgoing connections;
 //! - [`listener`]: the receiving side;
-//! - [`peers`], [`stats`]: which peers may connect, and counters per peer.
+//! - [`peers`], [`stats`]: which peers may connect, and counters per peer;
+//! - [`sockopts`]: the socket options the user sets, applied to every connection.
 //!
 //! The Erlang side lives in the `teleport_nif` crate, which only walks and makes terms.
 
-#![forbid(unsafe_code)]
+// No unsafe code but two `setsockopt`/`getsockopt` calls in `sockopts` (SO_PRIORITY, which
+// socket2 0.5 does not wrap), each allowed where it stands.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod conn;
@@ -29,5 +32,6 @@ pub mod listener;
 pub mod out_frame;
 pub mod peers;
 pub mod pool;
+pub mod sockopts;
 pub mod stats;
 pub mod value;

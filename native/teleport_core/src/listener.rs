@@ -9,14 +9,15 @@ use crate::conn::handshake_io;
 use crate::deadline::Deadline;
 use crate::frame::{self, FrameError, LEN_BYTES};
 use crate::handshake;
-use crate::stats::PeerStats;
+use crate::sockopts::{self, SocketOpts};
+use crate::stats::{unix_millis, ConnStats, PeerStats};
 use parking_lot::Mutex;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Size of a reader's buffer: small frames are parsed in place, many per `read`.
 const READ_BUF: usize = 256 * 1024;
@@ -63,6 +64,43 @@ pub struct ListenConfig {
     pub max_frame_bytes: usize,
     /// Bound on the whole handshake of an incoming connection.
     pub handshake_timeout: Duration,
+    /// Options set on the listening socket and on every accepted one.
+    pub sock_opts: SocketOpts,
+}
+
+/// One incoming connection, as the listener tracks it.
+struct Incoming {
+    id: u64,
+    sock: Socket,
+    /// Where it comes from, as a string for logs (empty if unknown).
+    from: String,
+    peer_addr: Option<SocketAddr>,
+    local_addr: Option<SocketAddr>,
+    since: SystemTime,
+    /// The peer's node name, once it authenticated.
+    peer: Mutex<Option<Vec<u8>>>,
+    counters: ConnStats,
+}
+
+/// A picture of one incoming connection, for `teleport:info/0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingInfo {
+    /// The listener's number for it, in the order accepted (logs name it `id` too).
+    pub id: u64,
+    /// The peer's node name once it authenticated; `None` while it shakes hands.
+    pub peer: Option<Vec<u8>>,
+    /// The address it comes from.
+    pub peer_addr: Option<SocketAddr>,
+    /// This end's address.
+    pub local_addr: Option<SocketAddr>,
+    /// Messages read from it.
+    pub msgs_in: u64,
+    /// Bytes read from it, frame headers included.
+    pub bytes_in: u64,
+    /// When it was accepted, in milliseconds since the Unix epoch.
+    pub connected_since: u64,
+    /// The socket's send and receive buffer sizes as the kernel reports them.
+    pub buffers: (usize, usize),
 }
 
 /// A running listener.
@@ -71,19 +109,25 @@ pub struct Listener {
     local: SocketAddr,
     closed: AtomicBool,
     handshaking: AtomicUsize,
-    /// The sockets of live incoming connections, to shut them at close.
-    conns: Mutex<Vec<(u64, Arc<Socket>)>>,
+    /// Live incoming connections: their sockets are shut at close.
+    conns: Mutex<Vec<Arc<Incoming>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Listener {
     /// Binds `addr` (port 0: any free port) and starts accepting.
+    ///
+    /// The socket options are set on the listening socket first, so that one the kernel
+    /// refuses fails here (the error wraps a [`sockopts::SockOptError`] naming it) rather than
+    /// on every connection later; accepted sockets also inherit from it what the TCP
+    /// handshake fixes (the window scale follows from the receive buffer).
     pub fn start<A: Acceptor>(
         addr: SocketAddr,
         cfg: ListenConfig,
         acceptor: Arc<A>,
     ) -> io::Result<Arc<Listener>> {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        cfg.sock_opts.apply(&sock)?;
         sock.set_reuse_address(true)?;
         sock.bind(&SockAddr::from(addr))?;
         sock.listen(1024)?;
@@ -117,9 +161,35 @@ impl Listener {
         self.local
     }
 
-    /// Incoming connections now open.
+    /// Incoming connections now open (including those still shaking hands).
     pub fn connections(&self) -> usize {
         self.conns.lock().len()
+    }
+
+    /// Incoming connections now in their handshake.
+    pub fn handshaking(&self) -> usize {
+        self.handshaking.load(Ordering::Relaxed)
+    }
+
+    /// Every incoming connection now open, in the order accepted.
+    pub fn incoming(&self) -> Vec<IncomingInfo> {
+        let conns: Vec<Arc<Incoming>> = self.conns.lock().clone();
+        conns
+            .iter()
+            .map(|c| {
+                let (msgs_in, bytes_in) = c.counters.get();
+                IncomingInfo {
+                    id: c.id,
+                    peer: c.peer.lock().clone(),
+                    peer_addr: c.peer_addr,
+                    local_addr: c.local_addr,
+                    msgs_in,
+                    bytes_in,
+                    connected_since: unix_millis(c.since),
+                    buffers: sockopts::buffer_sizes(&c.sock),
+                }
+            })
+            .collect()
     }
 
     /// Stops accepting and closes every incoming connection; their threads then end.
@@ -129,8 +199,8 @@ impl Listener {
         }
         // Shutting a listening socket wakes a blocked accept() with an error on Linux.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        for (_, s) in self.conns.lock().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        for c in self.conns.lock().drain(..) {
+            let _ = c.sock.shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -141,43 +211,69 @@ impl Listener {
                 Err(_) if self.closed.load(Ordering::SeqCst) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!(reason = %e, "accept_failed");
+                    tracing::warn!(addr = %self.local, reason = %e, "accept_failed");
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
             };
-            let from = from.as_socket().map(|a| a.to_string()).unwrap_or_default();
+            let peer_addr = from.as_socket();
+            let from = peer_addr.map(|a| a.to_string()).unwrap_or_default();
             if self.handshaking.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
                 self.handshaking.fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(from = %from, "too_many_handshakes");
+                tracing::warn!(
+                    addr = %from,
+                    reason = %format_args!("{MAX_HANDSHAKES} handshakes already in progress"),
+                    "too_many_handshakes"
+                );
                 continue; // dropping `sock` closes it
             }
-            let sock = Arc::new(sock);
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            self.conns.lock().push((id, sock.clone()));
+            // Inherited from the listening socket mostly; set again so that every option
+            // holds on every connection.
+            if let Err(e) = cfg.sock_opts.apply(&sock) {
+                tracing::warn!(addr = %from, id, reason = %e, "socket_opts_failed");
+            }
+            let conn = Arc::new(Incoming {
+                id,
+                local_addr: sock.local_addr().ok().and_then(|a| a.as_socket()),
+                sock,
+                from,
+                peer_addr,
+                since: SystemTime::now(),
+                peer: Mutex::new(None),
+                counters: ConnStats::default(),
+            });
+            self.conns.lock().push(conn.clone());
             if self.closed.load(Ordering::SeqCst) {
-                let _ = sock.shutdown(std::net::Shutdown::Both);
+                let _ = conn.sock.shutdown(std::net::Shutdown::Both);
             }
             let (l, cfg, acceptor) = (self.clone(), cfg.clone(), acceptor.clone());
             let spawned = std::thread::Builder::new()
                 .name("teleport_reader".into())
                 .spawn(move || {
-                    let run =
-                        std::panic::AssertUnwindSafe(|| l.serve(&sock, &from, &cfg, &*acceptor));
+                    let run = std::panic::AssertUnwindSafe(|| l.serve(&conn, &cfg, &*acceptor));
                     if std::panic::catch_unwind(run).is_err() {
-                        tracing::error!(from = %from, "reader_panicked");
+                        tracing::error!(
+                            addr = %conn.from,
+                            id = conn.id,
+                            reason = "the reader thread panicked; the connection is closed",
+                            "reader_panicked"
+                        );
+                        let _ = conn.sock.shutdown(std::net::Shutdown::Both);
                     }
-                    l.conns.lock().retain(|(i, _)| *i != id);
+                    l.conns.lock().retain(|c| c.id != id);
                 });
-            if spawned.is_err() {
+            if let Err(e) = spawned {
                 self.handshaking.fetch_sub(1, Ordering::SeqCst);
-                self.conns.lock().retain(|(i, _)| *i != id);
+                self.conns.lock().retain(|c| c.id != id);
+                tracing::warn!(id, reason = %e, "reader_spawn_failed");
             }
         }
     }
 
     /// One incoming connection: handshake, then frames until it closes.
-    fn serve<A: Acceptor>(&self, sock: &Socket, from: &str, cfg: &ListenConfig, acceptor: &A) {
+    fn serve<A: Acceptor>(&self, conn: &Incoming, cfg: &ListenConfig, acceptor: &A) {
+        let (sock, from, id) = (&conn.sock, conn.from.as_str(), conn.id);
         let shaken = (|| {
             // One deadline for the whole handshake: a per-read timeout would let the peer trickle.
             let mut stream = Deadline::after(sock, cfg.handshake_timeout);
@@ -192,20 +288,36 @@ impl Listener {
         let peer = match shaken {
             Ok(peer) => peer,
             Err(e) => {
-                tracing::warn!(from = %from, reason = %e, "handshake_failed");
+                tracing::warn!(addr = %from, id, reason = %e, "handshake_failed");
                 return;
             }
         };
         let name = String::from_utf8_lossy(&peer).into_owned();
+        *conn.peer.lock() = Some(peer.clone());
         let stats = acceptor.stats(&peer);
         stats.connections_in.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(peer = %name, from = %from, "connection_accepted");
+        tracing::info!(peer = %name, addr = %from, id, "connection_accepted");
         let mut sink = acceptor.sink(&peer);
-        let result = read_frames(sock, cfg.max_frame_bytes, &mut sink, &stats);
+        let result = read_frames(sock, cfg.max_frame_bytes, &mut sink, &stats, &conn.counters);
         stats.connections_in.fetch_sub(1, Ordering::Relaxed);
+        let (msgs, _) = conn.counters.get();
         match result {
-            Ok(()) => tracing::info!(peer = %name, from = %from, "connection_closed"),
-            Err(e) => tracing::warn!(peer = %name, from = %from, reason = %e, "connection_closed"),
+            Ok(()) => tracing::info!(
+                peer = %name,
+                addr = %from,
+                id,
+                reason = "closed by the peer",
+                msgs,
+                "connection_closed"
+            ),
+            Err(e) => tracing::warn!(
+                peer = %name,
+                addr = %from,
+                id,
+                reason = %e,
+                msgs,
+                "connection_closed"
+            ),
         }
         let _ = sock.shutdown(std::net::Shutdown::Both);
     }
@@ -235,12 +347,14 @@ impl std::fmt::Display for ReadError {
     }
 }
 
-/// Reads frames from `src` until it ends cleanly (`Ok`) or fails.
+/// Reads frames from `src` until it ends cleanly (`Ok`) or fails, counting each in the
+/// peer's `stats` and the connection's `conn`.
 pub fn read_frames<R: Read, S: Sink>(
     mut src: R,
     max_frame_bytes: usize,
     sink: &mut S,
     stats: &PeerStats,
+    conn: &ConnStats,
 ) -> Result<(), ReadError> {
     let mut buf = vec![0u8; READ_BUF];
     let (mut start, mut end) = (0usize, 0usize);
@@ -258,6 +372,7 @@ pub fn read_frames<R: Read, S: Sink>(
                 read_exact(&mut src, &mut dst[have..])?;
                 start = body_at + have;
                 stats.received(len + LEN_BYTES);
+                conn.add(1, (len + LEN_BYTES) as u64);
                 sink.frame_owned(owned).map_err(ReadError::Sink)?;
                 continue;
             }
@@ -265,6 +380,7 @@ pub fn read_frames<R: Read, S: Sink>(
                 break;
             }
             stats.received(len + LEN_BYTES);
+            conn.add(1, (len + LEN_BYTES) as u64);
             sink.frame(&buf[body_at..body_at + len])
                 .map_err(ReadError::Sink)?;
             start = body_at + len;
@@ -351,7 +467,9 @@ mod tests {
         for step in [1, 7, 4096, 1 << 20] {
             let mut sink = Collect::default();
             let stats = PeerStats::default();
-            read_frames(Trickle(&stream, step), 1 << 20, &mut sink, &stats).unwrap();
+            let conn = ConnStats::default();
+            read_frames(Trickle(&stream, step), 1 << 20, &mut sink, &stats, &conn).unwrap();
+            assert_eq!(conn.get(), (sizes.len() as u64, stream.len() as u64));
             assert_eq!(sink.frames.len(), sizes.len(), "step {step}");
             assert_eq!(sink.owned, 2);
             for (i, (_, dest, term)) in sink.frames.iter().enumerate() {
@@ -367,7 +485,14 @@ mod tests {
     fn an_oversized_frame_is_refused_before_allocating() {
         let stream = [255u8, 255, 255, 255, 1, 2, 3];
         let mut sink = Collect::default();
-        let err = read_frames(&stream[..], 1 << 20, &mut sink, &PeerStats::default()).unwrap_err();
+        let err = read_frames(
+            &stream[..],
+            1 << 20,
+            &mut sink,
+            &PeerStats::default(),
+            &ConnStats::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ReadError::Frame(FrameError::BadLength(_))));
         assert!(sink.frames.is_empty());
     }
@@ -381,6 +506,7 @@ mod tests {
             1 << 20,
             &mut sink,
             &PeerStats::default(),
+            &ConnStats::default(),
         );
         assert!(matches!(err, Err(ReadError::Io(_))));
     }
@@ -389,7 +515,14 @@ mod tests {
     fn a_malformed_body_stops_the_reader() {
         let stream = [0u8, 0, 0, 5, 9, 0, 0, 0, 131];
         let mut sink = Collect::default();
-        let err = read_frames(&stream[..], 1 << 20, &mut sink, &PeerStats::default()).unwrap_err();
+        let err = read_frames(
+            &stream[..],
+            1 << 20,
+            &mut sink,
+            &PeerStats::default(),
+            &ConnStats::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ReadError::Sink(_)));
     }
 }

@@ -2,7 +2,7 @@
 //! by hashing its (sender, destination) pair, so one pair always uses one connection (order
 //! kept) while different pairs spread over the pool.
 
-use crate::conn::{Conn, PeerConfig, Target};
+use crate::conn::{Conn, ConnInfo, PeerConfig, Target};
 use crate::stats::PeerStats;
 use std::io;
 use std::net::SocketAddr;
@@ -63,6 +63,16 @@ impl Pool {
         &self.conns
     }
 
+    /// Where the pool connects to now.
+    pub fn addr(&self) -> SocketAddr {
+        self.target.addr()
+    }
+
+    /// A picture of every connection, in index order, for `teleport:info/0`.
+    pub fn info(&self) -> Vec<ConnInfo> {
+        self.conns.iter().map(|c| c.info()).collect()
+    }
+
     /// The counters of this pool's peer.
     pub fn stats(&self) -> &Arc<PeerStats> {
         &self.stats
@@ -82,6 +92,365 @@ impl Drop for Pool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::conn::{SendError, Status};
+    use crate::listener::{Acceptor, ListenConfig, Listener, Sink};
+    use crate::out_frame::OutFrame;
+    use crate::peers::Peers;
+    use crate::sockopts::{Keepalive, SocketOpts};
+    use std::net::{Ipv4Addr, TcpListener};
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::time::{Duration, Instant};
+
+    /// Frames arrive here, as (peer, body).
+    struct ToChannel(Vec<u8>, Sender<(Vec<u8>, Vec<u8>)>);
+
+    impl Sink for ToChannel {
+        type Buf = Vec<u8>;
+        fn alloc(&mut self, len: usize) -> Option<Vec<u8>> {
+            Some(vec![0; len])
+        }
+        fn frame(&mut self, body: &[u8]) -> Result<(), String> {
+            let body = &body[4..];
+            if body == b"poison" {
+                return Err("poisoned".into());
+            }
+            let _ = self.1.send((self.0.clone(), body.to_vec()));
+            Ok(())
+        }
+        fn frame_owned(&mut self, body: Vec<u8>) -> Result<(), String> {
+            self.frame(&body)
+        }
+    }
+
+    struct TestAcceptor {
+        me: Vec<u8>,
+        peers: Peers,
+        tx: Mutex<Sender<(Vec<u8>, Vec<u8>)>>,
+    }
+
+    impl Acceptor for TestAcceptor {
+        type Sink = ToChannel;
+        fn me(&self) -> Vec<u8> {
+            self.me.clone()
+        }
+        fn cookie_for(&self, peer: &[u8]) -> Option<Vec<u8>> {
+            self.peers.cookie_for(peer)
+        }
+        fn stats(&self, peer: &[u8]) -> Arc<PeerStats> {
+            self.peers.stats(peer)
+        }
+        fn sink(&self, peer: &[u8]) -> ToChannel {
+            ToChannel(peer.to_vec(), self.tx.lock().clone())
+        }
+    }
+
+    use parking_lot::Mutex;
+
+    /// Frames as they arrive: (peer, body).
+    type Arrivals = Receiver<(Vec<u8>, Vec<u8>)>;
+
+    /// A listener for node `b@h` that lets `a@h` in with cookie `c`.
+    fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals) {
+        let (tx, rx) = channel();
+        let acceptor = Arc::new(TestAcceptor {
+            me: b"b@h".to_vec(),
+            peers: Peers::default(),
+            tx: Mutex::new(tx),
+        });
+        acceptor.peers.allow(b"a@h", b"c");
+        let cfg = ListenConfig {
+            max_frame_bytes: 1 << 20,
+            handshake_timeout: Duration::from_secs(2),
+            sock_opts: opts,
+        };
+        let l = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor.clone()).unwrap();
+        (l, acceptor, rx)
+    }
+
+    fn config(cookie: &[u8], opts: SocketOpts) -> PeerConfig {
+        PeerConfig {
+            me: b"a@h".to_vec(),
+            peer: b"b@h".to_vec(),
+            cookie: cookie.to_vec(),
+            max_queue_bytes: 1 << 20,
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_millis(500),
+            sock_opts: opts,
+        }
+    }
+
+    /// A frame whose body is 4 bytes of header (frames are longer than that) and `body`.
+    fn frame(body: &[u8]) -> OutFrame {
+        let mut buf = (body.len() as u32 + 4).to_be_bytes().to_vec();
+        buf.extend_from_slice(b"HEAD");
+        buf.extend_from_slice(body);
+        OutFrame::from_bytes(buf)
+    }
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < until, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn send(pool: &Pool, hash: u64, body: &[u8]) {
+        match pool.conn(hash).send(frame(body)) {
+            Ok(()) => {}
+            Err(SendError::Busy(_)) => panic!("busy"),
+            Err(SendError::Closed(_)) => panic!("closed"),
+        }
+    }
+
+    #[test]
+    fn frames_go_through_and_every_counter_shows_them() {
+        let opts = SocketOpts {
+            sndbuf: Some(256 * 1024),
+            recbuf: Some(256 * 1024),
+            keepalive: Some(Keepalive {
+                time: Some(Duration::from_secs(60)),
+                ..Keepalive::default()
+            }),
+            ..SocketOpts::default()
+        };
+        let (l, acceptor, rx) = listener(opts.clone());
+        let stats = Arc::new(PeerStats::default());
+        let pool = Pool::start(config(b"c", opts), l.local_addr(), 2, stats.clone()).unwrap();
+        assert_eq!(pool.addr(), l.local_addr());
+        assert!(pool
+            .info()
+            .iter()
+            .all(|c| c.status == Status::Down && c.local_addr.is_none()));
+        // Small frames (written from this thread once up), a large one (the writer's), and
+        // many at once (a batch).
+        send(&pool, 1, b"first");
+        let big = vec![7u8; 300_000];
+        send(&pool, 1, &big);
+        for i in 0..100u32 {
+            send(&pool, 1, &i.to_be_bytes());
+        }
+        let mut got = Vec::new();
+        while got.len() < 102 {
+            let (peer, body) = rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{e}: {:?}", pool.info()));
+            assert_eq!(peer, b"a@h");
+            got.push(body);
+        }
+        assert_eq!(got[0], b"first");
+        assert_eq!(got[1], big);
+        assert_eq!(got[101], 99u32.to_be_bytes());
+        let bytes: u64 = got.iter().map(|b| b.len() as u64 + 8).sum();
+        wait_for("counters", || stats.snapshot().msgs_out == 102);
+        assert_eq!(stats.snapshot().bytes_out, bytes);
+        let info = pool.info();
+        let used: Vec<_> = info.iter().filter(|c| c.msgs_out > 0).collect();
+        assert_eq!(used.len(), 1);
+        let c = used[0];
+        assert_eq!(
+            (c.status, c.msgs_out, c.bytes_out),
+            (Status::Up, 102, bytes)
+        );
+        assert_eq!(c.peer_addr, l.local_addr());
+        assert_eq!(c.local_addr.unwrap().ip(), Ipv4Addr::LOCALHOST);
+        assert!(c.connected_since.unwrap() > 1_600_000_000_000);
+        assert_eq!(c.buffers.unwrap().0, 2 * 256 * 1024);
+        assert_eq!((c.queued_bytes, c.frames_in_queue, c.reconnects), (0, 0, 0));
+        assert_eq!(c.last_error, None);
+        // The listener's side of the same connection.
+        wait_for("incoming counters", || {
+            l.incoming().iter().map(|i| i.msgs_in).sum::<u64>() == 102
+        });
+        let incoming = l.incoming();
+        assert_eq!(incoming.len(), 1);
+        let i = &incoming[0];
+        assert_eq!(i.peer.as_deref(), Some(&b"a@h"[..]));
+        assert_eq!(i.peer_addr, c.local_addr);
+        assert_eq!(i.local_addr, Some(l.local_addr()));
+        assert_eq!(i.bytes_in, bytes);
+        assert_eq!(i.buffers.1, 2 * 256 * 1024);
+        assert_eq!(l.handshaking(), 0);
+        assert_eq!(l.connections(), 1);
+        let peer_stats = acceptor.peers.stats(b"a@h").snapshot();
+        assert_eq!((peer_stats.msgs_in, peer_stats.connections_in), (102, 1));
+        assert_eq!(stats.snapshot().connections, 1);
+        // Closing: the connection goes, the counters stay.
+        pool.close();
+        let c = &pool.info()[c.index];
+        assert_eq!((c.status, c.msgs_out), (Status::Closed, 102));
+        assert!(matches!(
+            pool.conn(1).send(frame(b"late")),
+            Err(SendError::Closed(_))
+        ));
+        wait_for("the reader to end", || l.connections() == 0);
+        l.close();
+        l.close();
+    }
+
+    #[test]
+    fn a_wrong_cookie_is_a_handshake_failure_and_marks_the_pool_stale() {
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let stats = Arc::new(PeerStats::default());
+        let pool = Pool::start(
+            config(b"wrong", SocketOpts::default()),
+            l.local_addr(),
+            1,
+            stats,
+        )
+        .unwrap();
+        send(&pool, 0, b"x");
+        wait_for("the stale mark", || pool.is_stale());
+        let c = &pool.info()[0];
+        assert_eq!(c.status, Status::Down);
+        let err = c.last_error.clone().unwrap();
+        assert!(
+            err.starts_with(&format!("handshake with {}: ", l.local_addr())),
+            "{err}"
+        );
+        // The frame waits for a connection that works: at the same place, now allowed in.
+        assert_eq!(c.frames_in_queue, 1);
+        assert!(rx.try_recv().is_err());
+        l.close();
+        pool.close();
+    }
+
+    #[test]
+    fn a_refused_connection_is_named_and_the_pool_follows_a_retarget() {
+        // A port nobody listens on.
+        let gone = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let nowhere = gone.local_addr().unwrap();
+        drop(gone);
+        let stats = Arc::new(PeerStats::default());
+        let pool = Pool::start(
+            config(b"c", SocketOpts::default()),
+            nowhere,
+            1,
+            stats.clone(),
+        )
+        .unwrap();
+        send(&pool, 0, b"queued while down");
+        wait_for("the stale mark", || pool.is_stale());
+        let err = pool.info()[0].last_error.clone().unwrap();
+        assert!(err.starts_with(&format!("connect to {nowhere}: ")), "{err}");
+        assert_eq!(pool.info()[0].peer_addr, nowhere);
+        // The peer's listener is found elsewhere: what was queued goes there.
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        pool.retarget(l.local_addr());
+        assert!(!pool.is_stale());
+        let (_, body) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(body, b"queued while down");
+        // The listener goes away with the connection: it is lost, and the next one counts as
+        // a reconnection.
+        l.close();
+        wait_for("the connection to be lost", || {
+            pool.info()[0].status != Status::Up
+        });
+        let (l2, _acceptor2, rx2) = listener(SocketOpts::default());
+        pool.retarget(l2.local_addr());
+        send(&pool, 0, b"after");
+        let (_, body) = rx2.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(body, b"after");
+        wait_for("the reconnect count", || pool.info()[0].reconnects == 1);
+        assert_eq!(stats.snapshot().reconnects, 1);
+        pool.close();
+        l2.close();
+    }
+
+    #[test]
+    fn a_full_queue_is_busy_and_closing_drops_and_counts_it() {
+        // Accepts but never answers the handshake: frames queue meanwhile.
+        let mute = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let mut cfg = config(b"c", SocketOpts::default());
+        cfg.max_queue_bytes = 1000;
+        cfg.handshake_timeout = Duration::from_secs(5);
+        let stats = Arc::new(PeerStats::default());
+        let pool = Pool::start(cfg, mute.local_addr().unwrap(), 1, stats.clone()).unwrap();
+        send(&pool, 0, &[1; 600]);
+        wait_for("connecting", || pool.info()[0].status == Status::Connecting);
+        // Over the limit with others queued: busy. On an empty queue a big frame goes in.
+        assert!(matches!(
+            pool.conn(0).send(frame(&[2; 600])),
+            Err(SendError::Busy(_))
+        ));
+        send(&pool, 0, &[3; 10]);
+        let c = &pool.info()[0];
+        assert_eq!((c.queued_bytes, c.frames_in_queue), (608 + 18, 2));
+        assert_eq!(stats.snapshot().queued_bytes, 626);
+        pool.close();
+        wait_for("the queue to be dropped", || stats.snapshot().dropped == 2);
+        assert_eq!(stats.snapshot().queued_bytes, 0);
+        drop(mute);
+    }
+
+    #[test]
+    fn a_frame_the_sink_refuses_closes_only_its_connection() {
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let stats = Arc::new(PeerStats::default());
+        let pool = Pool::start(
+            config(b"c", SocketOpts::default()),
+            l.local_addr(),
+            1,
+            stats,
+        )
+        .unwrap();
+        send(&pool, 0, b"one");
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().1, b"one");
+        send(&pool, 0, b"poison");
+        // The reader closed the connection; the writer finds out and connects again.
+        wait_for("a reconnection", || {
+            send(&pool, 0, b"probe");
+            std::thread::sleep(Duration::from_millis(20));
+            pool.info()[0].reconnects >= 1
+        });
+        pool.close();
+        l.close();
+    }
+
+    #[test]
+    fn a_socket_option_the_kernel_refuses_stops_the_listener_from_starting() {
+        let (tx, _rx) = channel();
+        let acceptor = Arc::new(TestAcceptor {
+            me: b"b@h".to_vec(),
+            peers: Peers::default(),
+            tx: Mutex::new(tx),
+        });
+        let cfg = ListenConfig {
+            max_frame_bytes: 1 << 20,
+            handshake_timeout: Duration::from_secs(1),
+            sock_opts: SocketOpts {
+                priority: Some(u32::MAX),
+                ..SocketOpts::default()
+            },
+        };
+        let err = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor)
+            .err()
+            .unwrap();
+        let named = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<crate::sockopts::SockOptError>())
+            .unwrap();
+        assert_eq!(named.option, "priority");
+    }
+
+    #[test]
+    fn an_outgoing_connection_binds_to_bind_ip() {
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let opts = SocketOpts {
+            bind_ip: Some("127.0.0.3".parse().unwrap()),
+            ..SocketOpts::default()
+        };
+        let pool = Pool::start(config(b"c", opts), l.local_addr(), 1, Default::default()).unwrap();
+        send(&pool, 0, b"hi");
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let local = pool.info()[0].local_addr.unwrap();
+        assert_eq!(local.ip().to_string(), "127.0.0.3");
+        assert_eq!(l.incoming()[0].peer_addr.unwrap().ip(), local.ip());
+        pool.close();
+        l.close();
+    }
+
     #[test]
     fn slots_spread_evenly() {
         let n = 4u64;

@@ -1,7 +1,8 @@
-//! Counters per peer node, kept with relaxed atomics on the hot paths and read by
-//! `teleport:stats/0`.
+//! Counters per peer node and per connection, kept with relaxed atomics on the hot paths
+//! and read by `teleport:stats/0` and `teleport:info/0`.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Traffic and trouble with one peer node, in both directions.
 #[derive(Debug, Default)]
@@ -73,10 +74,81 @@ impl PeerStats {
         self.bytes_out.fetch_add(bytes as u64, Relaxed);
     }
 
+    /// Counts `msgs` messages of `bytes` in all written.
+    #[inline]
+    pub fn sent_many(&self, msgs: u64, bytes: u64) {
+        if msgs > 0 {
+            self.msgs_out.fetch_add(msgs, Relaxed);
+            self.bytes_out.fetch_add(bytes, Relaxed);
+        }
+    }
+
     /// Counts one message of `bytes` received.
     #[inline]
     pub fn received(&self, bytes: usize) {
         self.msgs_in.fetch_add(1, Relaxed);
         self.bytes_in.fetch_add(bytes as u64, Relaxed);
+    }
+}
+
+/// The traffic of one connection in its one direction (an outgoing connection writes, an
+/// incoming one reads), for `teleport:info/0`. Only the connection's own thread (or the
+/// sender writing on its behalf) adds; relaxed atomics on a line no other connection touches.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Whole messages written or read.
+    pub msgs: AtomicU64,
+    /// Bytes written or read, frame headers included.
+    pub bytes: AtomicU64,
+}
+
+impl ConnStats {
+    /// Counts `msgs` messages of `bytes` in all.
+    #[inline]
+    pub fn add(&self, msgs: u64, bytes: u64) {
+        if msgs > 0 {
+            self.msgs.fetch_add(msgs, Relaxed);
+            self.bytes.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    /// `(msgs, bytes)` now.
+    pub fn get(&self) -> (u64, u64) {
+        (self.msgs.load(Relaxed), self.bytes.load(Relaxed))
+    }
+}
+
+/// Milliseconds since the Unix epoch of `t`, the unit of `erlang:system_time(millisecond)`.
+pub fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn counters_add_up() {
+        let s = PeerStats::default();
+        s.sent(10);
+        s.sent_many(3, 30);
+        s.sent_many(0, 99);
+        s.received(7);
+        let snap = s.snapshot();
+        assert_eq!((snap.msgs_out, snap.bytes_out), (4, 40));
+        assert_eq!((snap.msgs_in, snap.bytes_in), (1, 7));
+        let c = ConnStats::default();
+        c.add(2, 20);
+        c.add(0, 5);
+        assert_eq!(c.get(), (2, 20));
+    }
+
+    #[test]
+    fn unix_millis_counts_from_the_epoch() {
+        assert_eq!(unix_millis(UNIX_EPOCH + Duration::from_millis(1234)), 1234);
+        assert_eq!(unix_millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
     }
 }

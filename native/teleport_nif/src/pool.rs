@@ -2,7 +2,7 @@
 //! `teleport_pools` ETS table, and the send path that encodes straight into a frame.
 
 use crate::codec_encode::{fallback, write_atom, write_term, OverBudget, NORMAL_BUDGET};
-use crate::runtime::Runtime;
+use crate::runtime::{maybe_addr, Runtime};
 use rustler::sys::{
     enif_alloc_env, enif_free_env, enif_hash, enif_inspect_binary, enif_is_atom, enif_is_pid,
     enif_make_copy, enif_self, ErlNifBinary, ErlNifEnv, ErlNifHash, ErlNifPid, ErlNifTerm,
@@ -22,7 +22,8 @@ mod atoms {
     rustler::atoms! {
         ok, error, busy, closed, dirty, too_large, bad_ip,
         index, state, queued_bytes, frames_in_queue, last_error, undefined,
-        down, connecting, up,
+        down, connecting, up, peer_addr, local_addr, msgs_out, bytes_out, connected_since,
+        reconnects, sndbuf, recbuf,
     }
 }
 
@@ -104,6 +105,7 @@ fn pool_start<'a>(
         max_queue_bytes,
         connect_timeout: Duration::from_millis(timeouts_ms.0),
         handshake_timeout: Duration::from_millis(timeouts_ms.1),
+        sock_opts: rt.sock_opts.clone(),
     };
     let stats = rt.peers.stats(peer.as_slice());
     match Pool::start(cfg, SocketAddr::new(ip_addr, port), size, stats) {
@@ -133,28 +135,40 @@ fn pool_close(pool: ResourceArc<PoolRes>) {
     pool.pool.close();
 }
 
-/// Per connection: `#{index, state, queued_bytes, frames_in_queue, last_error}`.
+/// Per connection: `#{index, state, peer_addr, local_addr, queued_bytes, frames_in_queue,
+/// msgs_out, bytes_out, last_error, connected_since, reconnects, sndbuf, recbuf}`
+/// (`teleport:info/0` documents them).
 #[rustler::nif]
 fn pool_info<'a>(env: Env<'a>, pool: ResourceArc<PoolRes>) -> NifResult<Term<'a>> {
+    let undefined = || atoms::undefined().encode(env);
     let mut out = Vec::new();
-    for c in pool.pool.conns() {
-        let (status, queued, frames, last_error) = c.status();
-        let state = match status {
+    for c in pool.pool.info() {
+        let state = match c.status {
             Status::Down => atoms::down(),
             Status::Connecting => atoms::connecting(),
             Status::Up => atoms::up(),
             Status::Closed => atoms::closed(),
         };
-        let last_error = match last_error {
-            Some(e) => e.encode(env),
-            None => atoms::undefined().encode(env),
+        let last_error = c.last_error.map_or_else(undefined, |e| e.encode(env));
+        let since = c.connected_since.map_or_else(undefined, |t| t.encode(env));
+        let (sndbuf, recbuf) = match c.buffers {
+            Some((s, r)) => (s.encode(env), r.encode(env)),
+            None => (undefined(), undefined()),
         };
         let map = Term::map_new(env)
-            .map_put(atoms::index(), c.index())?
+            .map_put(atoms::index(), c.index)?
             .map_put(atoms::state(), state)?
-            .map_put(atoms::queued_bytes(), queued)?
-            .map_put(atoms::frames_in_queue(), frames)?
-            .map_put(atoms::last_error(), last_error)?;
+            .map_put(atoms::peer_addr(), maybe_addr(env, Some(c.peer_addr)))?
+            .map_put(atoms::local_addr(), maybe_addr(env, c.local_addr))?
+            .map_put(atoms::queued_bytes(), c.queued_bytes)?
+            .map_put(atoms::frames_in_queue(), c.frames_in_queue)?
+            .map_put(atoms::msgs_out(), c.msgs_out)?
+            .map_put(atoms::bytes_out(), c.bytes_out)?
+            .map_put(atoms::last_error(), last_error)?
+            .map_put(atoms::connected_since(), since)?
+            .map_put(atoms::reconnects(), c.reconnects)?
+            .map_put(atoms::sndbuf(), sndbuf)?
+            .map_put(atoms::recbuf(), recbuf)?;
         out.push(map);
     }
     Ok(out.encode(env))

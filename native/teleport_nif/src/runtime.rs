@@ -1,14 +1,17 @@
 //! `runtime_*`: this node's teleport runtime, a resource held by `teleport_server`: the
-//! listener that receives from peers, the peers allowed to connect in, and the counters.
+//! listener that receives from peers, the peers allowed to connect in, the counters, and
+//! the socket options every connection gets.
 
 use crate::deliver::Deliver;
 use parking_lot::Mutex;
-use rustler::{Binary, Encoder, Env, NifResult, ResourceArc, Term};
+use rustler::types::tuple::make_tuple;
+use rustler::{Atom, Binary, Encoder, Env, NifResult, ResourceArc, Term};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use teleport_core::listener::{Acceptor, ListenConfig, Listener};
 use teleport_core::peers::Peers;
+use teleport_core::sockopts::{Keepalive, SockOptError, SocketOpts};
 use teleport_core::stats::PeerStats;
 
 /// The runtime of this node.
@@ -16,6 +19,8 @@ pub struct Runtime {
     /// This node's name; set again by `runtime_set_name` when the node becomes distributed.
     pub me: Arc<Mutex<Vec<u8>>>,
     pub peers: Arc<Peers>,
+    /// The options of every socket: the listener's, and the pools' (`pool_start`).
+    pub sock_opts: SocketOpts,
     listener: Arc<Listener>,
 }
 
@@ -50,11 +55,56 @@ impl Acceptor for NifAcceptor {
 }
 
 mod atoms {
-    rustler::atoms! { ok, error, listen, bad_ip }
+    rustler::atoms! {
+        ok, error, listen, bad_ip, socket_opt, undefined,
+        sndbuf, recbuf, nodelay, keepalive, keepalive_time, keepalive_interval,
+        keepalive_retries, priority, tos, user_timeout, bind_ip,
+        ip, port, handshaking, incoming, id, peer, state, up, peer_addr, local_addr,
+        msgs_in, bytes_in, connected_since,
+    }
 }
 
-/// Starts listening on `Ip:Port` (port 0: any) for node `Me`.
-/// `{ok, Runtime} | {error, {bad_ip, Ip} | {listen, Reason}}`.
+/// The value of `key` in the map `opts`, if there.
+fn opt<'a, T: rustler::Decoder<'a>>(opts: Term<'a>, key: Atom) -> NifResult<Option<T>> {
+    match opts.map_get(key) {
+        Ok(v) => Ok(Some(v.decode()?)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The socket options from the map `teleport_config` checked (absent keys: the kernel's
+/// default; `nodelay` absent is true).
+fn decode_sock_opts(opts: Term) -> NifResult<SocketOpts> {
+    let secs = |key| -> NifResult<Option<Duration>> {
+        Ok(opt::<u64>(opts, key)?.map(Duration::from_secs))
+    };
+    let keepalive = match opt::<bool>(opts, atoms::keepalive())? {
+        Some(true) => Some(Keepalive {
+            time: secs(atoms::keepalive_time())?,
+            interval: secs(atoms::keepalive_interval())?,
+            retries: opt(opts, atoms::keepalive_retries())?,
+        }),
+        _ => None,
+    };
+    let bind_ip = match opt::<String>(opts, atoms::bind_ip())? {
+        Some(text) => Some(text.parse::<IpAddr>().map_err(|_| rustler::Error::BadArg)?),
+        None => None,
+    };
+    Ok(SocketOpts {
+        sndbuf: opt(opts, atoms::sndbuf())?,
+        recbuf: opt(opts, atoms::recbuf())?,
+        nodelay: opt(opts, atoms::nodelay())?.unwrap_or(true),
+        keepalive,
+        priority: opt(opts, atoms::priority())?,
+        tos: opt(opts, atoms::tos())?,
+        user_timeout: opt::<u64>(opts, atoms::user_timeout())?.map(Duration::from_millis),
+        bind_ip,
+    })
+}
+
+/// Starts listening on `Ip:Port` (port 0: any) for node `Me`, with the socket options
+/// `SockOpts` (a map, see `teleport_config`) for the listener and every connection.
+/// `{ok, Runtime} | {error, {bad_ip, Ip} | {listen, Reason} | {socket_opt, Option, Reason}}`.
 #[rustler::nif]
 fn runtime_start<'a>(
     env: Env<'a>,
@@ -63,15 +113,18 @@ fn runtime_start<'a>(
     port: u16,
     max_frame_bytes: usize,
     handshake_timeout_ms: u64,
+    sock_opts: Term<'a>,
 ) -> NifResult<Term<'a>> {
     let Ok(ip_addr) = ip.parse::<IpAddr>() else {
         return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
     };
+    let sock_opts = decode_sock_opts(sock_opts)?;
     let peers = Arc::new(Peers::default());
     let me = Arc::new(Mutex::new(me.as_slice().to_vec()));
     let cfg = ListenConfig {
         max_frame_bytes,
         handshake_timeout: Duration::from_millis(handshake_timeout_ms),
+        sock_opts: sock_opts.clone(),
     };
     let acceptor = Arc::new(NifAcceptor {
         peers: peers.clone(),
@@ -82,12 +135,83 @@ fn runtime_start<'a>(
             let rt = ResourceArc::new(Runtime {
                 me,
                 peers,
+                sock_opts,
                 listener,
             });
             Ok((atoms::ok(), rt).encode(env))
         }
-        Err(e) => Ok((atoms::error(), (atoms::listen(), e.to_string())).encode(env)),
+        Err(e) => match e.get_ref().and_then(|r| r.downcast_ref::<SockOptError>()) {
+            Some(refused) => {
+                let option = Atom::from_str(env, refused.option)?;
+                let why = (atoms::socket_opt(), option, refused.to_string());
+                Ok((atoms::error(), why).encode(env))
+            }
+            None => Ok((atoms::error(), (atoms::listen(), e.to_string())).encode(env)),
+        },
     }
+}
+
+/// `{Ip, Port}` as `inet:peername/1` gives it.
+pub fn addr_term<'a>(env: Env<'a>, addr: SocketAddr) -> Term<'a> {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            let parts: Vec<Term> = o.iter().map(|b| b.encode(env)).collect();
+            make_tuple(env, &parts)
+        }
+        IpAddr::V6(v6) => {
+            let parts: Vec<Term> = v6.segments().iter().map(|s| s.encode(env)).collect();
+            make_tuple(env, &parts)
+        }
+    };
+    make_tuple(env, &[ip, addr.port().encode(env)])
+}
+
+/// `addr_term` of an address that may be unknown (`undefined`).
+pub fn maybe_addr<'a>(env: Env<'a>, addr: Option<SocketAddr>) -> Term<'a> {
+    match addr {
+        Some(a) => addr_term(env, a),
+        None => atoms::undefined().encode(env),
+    }
+}
+
+/// The listener and its incoming connections: `#{ip, port, handshaking, incoming =>
+/// [#{id, peer, state, peer_addr, local_addr, msgs_in, bytes_in, connected_since, sndbuf,
+/// recbuf}]}`, `peer` the node name as a binary (`undefined` while it shakes hands).
+#[rustler::nif]
+fn runtime_info<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'a>> {
+    let l = &rt.listener;
+    let mut incoming = Vec::new();
+    for c in l.incoming() {
+        let (peer, state) = match &c.peer {
+            Some(name) => {
+                let mut bin = rustler::OwnedBinary::new(name.len());
+                bin.as_mut_slice().copy_from_slice(name);
+                (Binary::from_owned(bin, env).encode(env), atoms::up())
+            }
+            None => (atoms::undefined().encode(env), atoms::handshaking()),
+        };
+        let map = Term::map_new(env)
+            .map_put(atoms::id(), c.id)?
+            .map_put(atoms::peer(), peer)?
+            .map_put(atoms::state(), state)?
+            .map_put(atoms::peer_addr(), maybe_addr(env, c.peer_addr))?
+            .map_put(atoms::local_addr(), maybe_addr(env, c.local_addr))?
+            .map_put(atoms::msgs_in(), c.msgs_in)?
+            .map_put(atoms::bytes_in(), c.bytes_in)?
+            .map_put(atoms::connected_since(), c.connected_since)?
+            .map_put(atoms::sndbuf(), c.buffers.0)?
+            .map_put(atoms::recbuf(), c.buffers.1)?;
+        incoming.push(map);
+    }
+    let local = l.local_addr();
+    let addr = addr_term(env, local);
+    let ip = addr.decode::<(Term, u16)>()?.0;
+    Term::map_new(env)
+        .map_put(atoms::ip(), ip)?
+        .map_put(atoms::port(), local.port())?
+        .map_put(atoms::handshaking(), l.handshaking())?
+        .map_put(atoms::incoming(), incoming)
 }
 
 /// Sets this node's name (`atom_to_binary(node())`), as handshakes state it from now on.

@@ -1,0 +1,359 @@
+%% teleport:info/0 between real nodes, the socket options seen on real connections, and the
+%% log events of a connection's life (up, accepted, lost, closed), each with the peer, the
+%% connection's index or id, the address and the reason. Also the forms of the API that the
+%% other suites leave out (all-node abcast and multi_call, terms big enough for a dirty
+%% scheduler, eager_connect).
+-module(inspect_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile([export_all, nowarn_export_all]).
+
+-define(KB, 1024).
+
+suite() ->
+    [{timetrap, {seconds, 120}}].
+
+all() ->
+    [info_shape, state_changes_are_logged_once_each, eager_connect_opens_the_pool_at_nodeup,
+     all_nodes_forms_and_big_terms].
+
+init_per_suite(Config) ->
+    Started = case node() of
+                  nonode@nohost ->
+                      _ = os:cmd("epmd -daemon"),
+                      Name = list_to_atom("inspect_ct_" ++ os:getpid()),
+                      {ok, _} = net_kernel:start([Name, shortnames]),
+                      true;
+                  _ ->
+                      false
+              end,
+    [{started_dist, Started} | Config].
+
+end_per_suite(Config) ->
+    _ = teleport:stop(),
+    case ?config(started_dist, Config) of
+        true -> _ = net_kernel:stop();
+        false -> ok
+    end,
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    reset_env(),
+    #{level := Level} = logger:get_primary_config(),
+    ok = logger:set_primary_config(level, info),
+    [{primary_level, Level} | Config].
+
+end_per_testcase(_Case, Config) ->
+    _ = logger:remove_handler(?MODULE),
+    ok = logger:set_primary_config(level, ?config(primary_level, Config)),
+    reset_env(),
+    [begin
+         ok = teleport_cover:peer_stopping(Node),
+         catch peer:stop(Peer)
+     end || {Peer, Node} <- peers()],
+    erase(peers),
+    ok.
+
+reset_env() ->
+    _ = teleport:stop(),
+    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
+    ok.
+
+%%--------------------------------------------------------------------------------------------
+%% Cases
+
+info_shape(_Config) ->
+    ok = application:set_env(teleport, pool_size, 2),
+    ok = application:set_env(teleport, socket_opts, [{sndbuf, 256 * ?KB}, {recbuf, 256 * ?KB},
+                                                     {bind_ip, "127.0.0.1"}]),
+    ok = teleport:start(),
+    capture_logs(),
+    {ok, Port} = teleport_server:listen_port(),
+    %% The peer listens on one address only: the pool goes there.
+    {P, Node} = start_peer(#{socket_opts => #{recbuf => 128 * ?KB},
+                             listen_ip => {127, 0, 0, 1}}),
+    {ok, PeerPort} = peer:call(P, teleport_server, listen_port, []),
+    T0 = erlang:system_time(millisecond),
+    Coll = peer:call(P, ?MODULE, start_collector, [coll]),
+    [ok = teleport:send({coll, Node}, {msg, I}) || I <- lists:seq(1, 10)],
+    ?assertEqual([{msg, I} || I <- lists:seq(1, 10)], collected(P, Coll, 10)),
+    %% The peer sends back: its pool connects to this node's listener.
+    true = register(inspect_rx, self()),
+    ok = peer:call(P, ?MODULE, send_back, [{inspect_rx, node()}, 3]),
+    [receive {back, I} -> ok after 5000 -> ct:fail({not_back, I}) end || I <- lists:seq(1, 3)],
+    unregister(inspect_rx),
+    wait_until(fun() -> maps:get(msgs_out, maps:get(Node, teleport:stats())) =:= 10 end),
+    %% The pool is there: asking for it again gives the same one.
+    {ok, Pool} = teleport_server:connect(Node),
+    ?assertEqual({ok, Pool}, teleport_server:connect(Node)),
+    %% A connection still in its handshake (nothing sent on it).
+    {ok, Raw} = gen_tcp:connect({127, 0, 0, 1}, Port, [binary, {active, false}]),
+    wait_until(fun() -> maps:get(handshaking, maps:get(listener, teleport:info())) =:= 1 end),
+    Info = teleport:info(),
+    ok = gen_tcp:close(Raw),
+    T1 = erlang:system_time(millisecond),
+    ct:pal("teleport:info() on ~p:~n~p", [node(), Info]),
+    ?assertEqual(lists:sort([listener, Node]), lists:sort(maps:keys(Info))),
+    Stats = maps:get(Node, teleport:stats()),
+
+    %% The pool: one slot was used (one sender, one destination), the other never connected.
+    Conns = maps:get(Node, Info),
+    ?assertEqual([0, 1], [I || #{index := I} <- Conns]),
+    ConnKeys = [bytes_out, connected_since, frames_in_queue, index, last_error, local_addr,
+                msgs_out, peer_addr, queued_bytes, reconnects, recbuf, sndbuf, state],
+    [?assertEqual(lists:sort(ConnKeys), lists:sort(maps:keys(C))) || C <- Conns],
+    [Up] = [C || C = #{state := up} <- Conns],
+    [Down] = [C || C = #{state := down} <- Conns],
+    #{peer_addr := {PeerIp, PeerPort}, local_addr := {LocalIp, LocalPort},
+      connected_since := Since} = Up,
+    ?assertEqual({127, 0, 0, 1}, PeerIp),
+    ?assertEqual({127, 0, 0, 1}, LocalIp),
+    ?assert(is_integer(LocalPort)),
+    ?assert(Since >= T0 - 5000 andalso Since =< T1),
+    ?assertMatch(#{msgs_out := 10, queued_bytes := 0, frames_in_queue := 0,
+                   reconnects := 0, last_error := undefined}, Up),
+    ?assertEqual(maps:get(bytes_out, Stats), maps:get(bytes_out, Up)),
+    %% The buffer asked for, doubled by Linux and capped by net.core.wmem_max.
+    ?assertEqual(2 * min(256 * ?KB, sysctl("net/core/wmem_max")), maps:get(sndbuf, Up)),
+    ?assertEqual(2 * min(256 * ?KB, sysctl("net/core/rmem_max")), maps:get(recbuf, Up)),
+    ?assertMatch(#{peer_addr := {PeerIp, PeerPort}, local_addr := undefined,
+                   connected_since := undefined, sndbuf := undefined, recbuf := undefined,
+                   msgs_out := 0, bytes_out := 0, last_error := undefined}, Down),
+
+    %% The listener: the peer's connection, with what it read.
+    #{listener := Listener} = Info,
+    ?assertEqual([handshaking, incoming, ip, port, socket_opts],
+                 lists:sort(maps:keys(Listener))),
+    ?assertMatch(#{ip := {0, 0, 0, 0}, port := Port, handshaking := 1,
+                   socket_opts := #{sndbuf := 262144, recbuf := 262144, nodelay := true,
+                                    keepalive := false, bind_ip := {127, 0, 0, 1}}}, Listener),
+    [In] = [I || I = #{state := up} <- maps:get(incoming, Listener)],
+    [Shaking] = [I || I = #{state := handshaking} <- maps:get(incoming, Listener)],
+    ?assertMatch(#{peer := undefined, msgs_in := 0, local_addr := {_, Port}}, Shaking),
+    ?assertEqual([bytes_in, connected_since, id, local_addr, msgs_in, peer, peer_addr, recbuf,
+                  sndbuf, state], lists:sort(maps:keys(In))),
+    ?assertMatch(#{peer := Node, state := up, msgs_in := 3, local_addr := {_, Port},
+                   peer_addr := {_, _}}, In),
+    ?assertEqual(maps:get(bytes_in, Stats), maps:get(bytes_in, In)),
+    %% Incoming sockets get this node's options too.
+    ?assertEqual(2 * min(256 * ?KB, sysctl("net/core/rmem_max")), maps:get(recbuf, In)),
+
+    %% The peer's view of the same connection.
+    PeerInfo = peer:call(P, teleport, info, []),
+    [PeerIn] = [I || I = #{peer := N} <- maps:get(incoming, maps:get(listener, PeerInfo)),
+                     N =:= node()],
+    ?assertEqual({LocalIp, LocalPort}, maps:get(peer_addr, PeerIn)),
+    ?assertEqual(10, maps:get(msgs_in, PeerIn)),
+    ?assertEqual(maps:get(bytes_out, Up), maps:get(bytes_in, PeerIn)),
+    ?assertEqual(2 * min(128 * ?KB, sysctl("net/core/rmem_max")), maps:get(recbuf, PeerIn)),
+
+    %% Logged: this node's connection up, and its listener accepting the peer's.
+    NodeBin = atom_to_binary(Node),
+    UpEvent = wait_event(connection_up),
+    ?assertMatch(#{peer := NodeBin, index := _, addr := _, local := _}, UpEvent),
+    ?assert(lists:suffix(":" ++ integer_to_list(PeerPort), binary_to_list(maps:get(addr, UpEvent)))),
+    Accepted = wait_event(connection_accepted),
+    ?assertMatch(#{peer := NodeBin, addr := _, id := _}, Accepted),
+    ok.
+
+%% A connection's life as the log tells it: up, lost (the peer's teleport stopped), up
+%% again once the peer is found where it listens now, closed when the pool is. Each once,
+%% with the peer, the index, the address and the reason.
+state_changes_are_logged_once_each(_Config) ->
+    ok = application:set_env(teleport, pool_size, 1),
+    ok = teleport:start(),
+    capture_logs(),
+    {P, Node} = start_peer(#{}),
+    NodeBin = atom_to_binary(Node),
+    Coll = peer:call(P, ?MODULE, start_collector, [coll]),
+    ok = teleport:send({coll, Node}, one),
+    ?assertEqual([one], collected(P, Coll, 1)),
+    {ok, Port1} = peer:call(P, teleport_server, listen_port, []),
+    Up1 = wait_event(connection_up),
+    ?assertMatch(#{peer := NodeBin, index := 0}, Up1),
+
+    %% The peer's teleport stops: the idle connection is found lost within a second or so.
+    ok = peer:call(P, teleport, stop, []),
+    Lost = wait_event(connection_lost),
+    ct:pal("connection_lost: ~p", [Lost]),
+    ?assertMatch(#{peer := NodeBin, index := 0, addr := _, reason := _}, Lost),
+    ?assert(lists:suffix(":" ++ integer_to_list(Port1), binary_to_list(maps:get(addr, Lost)))),
+    wait_until(fun() -> [C] = maps:get(Node, teleport:info()), maps:get(state, C) =:= down end),
+    [#{last_error := LastError}] = maps:get(Node, teleport:info()),
+    ct:pal("last_error: ~ts", [LastError]),
+    ?assertMatch({match, _}, re:run(LastError, "^connection to .*:" ++ integer_to_list(Port1)
+                                        ++ " lost: ")),
+    %% Lost once, not once per check.
+    timer:sleep(1500),
+    ?assertEqual([], other_events(connection_lost)),
+
+    %% teleport again on the peer, on another port: the next connection is refused where
+    %% the peer was; the send after that finds it where it is now, and both arrive.
+    ok = peer:call(P, teleport, start, []),
+    Coll2 = peer:call(P, ?MODULE, start_collector, [coll2]),
+    ok = teleport:send({coll2, Node}, two),
+    Refused = wait_event(connect_failed),
+    ct:pal("connect_failed: ~p", [Refused]),
+    ?assertMatch(#{peer := NodeBin, index := 0, addr := _, reason := _, queued := 1}, Refused),
+    wait_until(fun() -> [#{last_error := E}] = maps:get(Node, teleport:info()),
+                        lists:prefix("connect to ", binary_to_list(E)) end),
+    ok = teleport:send({coll2, Node}, three),
+    ?assertEqual([two, three], collected(P, Coll2, 2)),
+    {ok, Port2} = peer:call(P, teleport_server, listen_port, []),
+    Up2 = wait_event(connection_up),
+    ?assert(lists:suffix(":" ++ integer_to_list(Port2), binary_to_list(maps:get(addr, Up2)))),
+    [Conn] = maps:get(Node, teleport:info()),
+    ?assertMatch(#{state := up, reconnects := 1, peer_addr := {_, Port2}}, Conn),
+
+    %% This node's teleport stops: its pool's connection is closed, and says why.
+    ok = teleport:stop(),
+    Closed = wait_event(connection_closed),
+    ct:pal("connection_closed: ~p", [Closed]),
+    ?assertMatch(#{peer := NodeBin, index := 0, addr := _, reason := <<"pool closed">>}, Closed),
+    ok.
+
+%% eager_connect: the pool to a node is made when it comes up over disterl, before any send.
+eager_connect_opens_the_pool_at_nodeup(_Config) ->
+    ok = application:set_env(teleport, eager_connect, true),
+    ok = teleport:start(),
+    %% Not under cover: that would connect it before teleport runs there. The ping connects.
+    {_P, Node} = start_peer(#{}, false),
+    ?assertNot(lists:member(Node, nodes())),
+    pong = net_adm:ping(Node),
+    wait_until(fun() -> maps:is_key(Node, teleport:info()) end),
+    Conns = maps:get(Node, teleport:info()),
+    ?assert(lists:all(fun(#{state := S}) -> S =:= down end, Conns)),
+    ?assertEqual(0, lists:sum([M || #{msgs_out := M} <- Conns])),
+    ok.
+
+%% abcast/2 and multi_call/2 (every connected node), a call to a local server by pid, and
+%% messages big enough to be encoded on a dirty scheduler, one to one and one to many.
+all_nodes_forms_and_big_terms(_Config) ->
+    ok = teleport:start(),
+    {P, Node} = start_peer(#{}),
+    pong = net_adm:ping(Node),
+    {ok, _} = peer:call(P, calls_test_server, start, [inspect_srv]),
+    ?assertEqual(abcast, teleport:abcast(inspect_srv, {hello, 1})),
+    ?assertEqual([{hello, 1}], teleport:gs_call({inspect_srv, Node}, casts)),
+    {Replies, Bad} = teleport:multi_call(inspect_srv, {echo, m}),
+    ?assert(lists:member({Node, m}, Replies)),
+    ?assert(lists:member(node(), Bad)),
+    ?assertEqual({[], [Node]}, teleport:multi_call([Node], inspect_no_srv, req, 5000)),
+    {ok, Local} = calls_test_server:start(inspect_local_srv),
+    ?assertEqual(here, teleport:gs_call(Local, {echo, here})),
+    gen_server:stop(Local),
+    %% 300 000 integers: more than a normal scheduler's slice to encode.
+    Big = lists:seq(1, 300000),
+    Coll = peer:call(P, ?MODULE, start_collector, [coll]),
+    ok = teleport:send({coll, Node}, {big, Big}),
+    ?assertEqual(abcast, teleport:abcast([Node], coll, {big_cast, Big})),
+    [{big, Got}, {'$gen_cast', {big_cast, Got2}}] = collected(P, Coll, 2),
+    ?assertEqual(Big, Got),
+    ?assertEqual(Big, Got2),
+    ok.
+
+%%--------------------------------------------------------------------------------------------
+%% Helpers
+
+peers() ->
+    case get(peers) of
+        undefined -> [];
+        Ps -> Ps
+    end.
+
+%% A peer running teleport with the application environment Env.
+start_peer(Env) ->
+    start_peer(Env, true).
+
+start_peer(Env, Cover) ->
+    Args = ["-setcookie", atom_to_list(erlang:get_cookie()), "-connect_all", "false",
+            "-pa" | code:get_path()],
+    {ok, Peer, Node} = peer:start(#{name => peer:random_name(inspect), args => Args,
+                                    connection => standard_io}),
+    put(peers, [{Peer, Node} | peers()]),
+    ok = case Cover of
+             true -> teleport_cover:peer_started(Node);
+             false -> ok
+         end,
+    [ok = peer:call(Peer, application, set_env, [teleport, K, V]) || {K, V} <- maps:to_list(Env)],
+    ok = peer:call(Peer, teleport, start, []),
+    {Peer, Node}.
+
+sysctl(Name) ->
+    {ok, Text} = file:read_file("/proc/sys/" ++ Name),
+    binary_to_integer(string:trim(Text)).
+
+start_collector(Name) ->
+    Pid = spawn(fun() -> collector([]) end),
+    true = register(Name, Pid),
+    Pid.
+
+collector(Acc) ->
+    receive
+        {'$get', From} -> From ! {collected, lists:reverse(Acc)}, collector(Acc);
+        Msg -> collector([Msg | Acc])
+    end.
+
+collected(Peer, Collector, N) ->
+    Deadline = erlang:monotonic_time(millisecond) + 5000,
+    collected(Peer, Collector, N, Deadline).
+
+collected(Peer, Collector, N, Deadline) ->
+    Got = peer:call(Peer, ?MODULE, ask, [Collector]),
+    case length(Got) >= N orelse erlang:monotonic_time(millisecond) > Deadline of
+        true -> Got;
+        false -> timer:sleep(20), collected(Peer, Collector, N, Deadline)
+    end.
+
+ask(Pid) ->
+    Pid ! {'$get', self()},
+    receive {collected, Got} -> Got after 5000 -> error(timeout) end.
+
+%% On the peer: N messages back over teleport.
+send_back(Dest, N) ->
+    [ok = teleport:send(Dest, {back, I}) || I <- lists:seq(1, N)],
+    ok.
+
+wait_until(Fun) ->
+    Deadline = erlang:monotonic_time(millisecond) + 10000,
+    wait_until(Fun, Deadline).
+
+wait_until(Fun, Deadline) ->
+    case Fun() of
+        true -> ok;
+        false ->
+            case erlang:monotonic_time(millisecond) > Deadline of
+                true -> ct:fail(wait_until_timed_out);
+                false -> timer:sleep(20), wait_until(Fun, Deadline)
+            end
+    end.
+
+%% teleport's Rust events (reports of teleport_log) come to the test process.
+capture_logs() ->
+    _ = logger:remove_handler(?MODULE),
+    ok = logger:add_handler(?MODULE, ?MODULE, #{config => #{to => self()}}).
+
+%% The logger handler callback.
+log(#{msg := {report, #{event := _} = Report}, meta := #{domain := [teleport | _]}},
+    #{config := #{to := Pid}}) ->
+    Pid ! {teleport_event, Report},
+    ok;
+log(_Event, _Config) ->
+    ok.
+
+%% The fields of the next event named Name.
+wait_event(Name) ->
+    receive
+        {teleport_event, #{event := Name} = Report} -> Report
+    after 10000 ->
+            ct:fail({event_not_logged, Name})
+    end.
+
+%% Events named Name that are already here.
+other_events(Name) ->
+    receive
+        {teleport_event, #{event := Name} = Report} -> [Report | other_events(Name)]
+    after 0 -> []
+    end.
