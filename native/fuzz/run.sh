@@ -1,26 +1,28 @@
 #!/bin/sh
-# Coverage-guided fuzzing of teleport_core's decoder: cargo-fuzz (libFuzzer) on stable Rust,
-# with `--sanitizer none` (the default AddressSanitizer build needs nightly's -Z flags).
+# Coverage-guided fuzzing of teleport_core's decoder, frame reader and handshake: cargo-fuzz
+# (libFuzzer) on stable Rust, with `--sanitizer none` (the default AddressSanitizer build needs
+# nightly's -Z flags).
 #
-#   sh native/fuzz/run.sh smoke   each target for FUZZ_SMOKE_SECONDS (default 20): `make test`
+#   sh native/fuzz/run.sh smoke   each target for FUZZ_SMOKE_SECONDS (default 12): `make test`
 #   sh native/fuzz/run.sh long    each target for FUZZ_SECONDS (default 600): `make fuzz`
 #   sh native/fuzz/run.sh build   only build the targets
 #
 # Installs cargo-fuzz if it is missing. Exits non-zero if a target finds a crash, a hang
 # (an input taking over FUZZ_TIMEOUT seconds, default 10) or an input that blows the memory
 # limits; the input is then in native/fuzz/artifacts/TARGET/. The corpus that the fuzzer grows
-# is kept in native/fuzz/corpus/TARGET/ (gitignored) and starts from native/fuzz/seeds/.
+# is kept in native/fuzz/corpus/TARGET/ (gitignored) and starts from native/fuzz/seeds/TARGET/
+# (native/fuzz/seeds/decode_etf/ for a target without seeds of its own).
 # Other settings: FUZZ_TARGETS (default: every target), FUZZ_MAX_LEN (default 4096).
 set -eu
 
 mode=${1:-smoke}
 case $mode in
-  smoke) seconds=${FUZZ_SMOKE_SECONDS:-20} ;;
+  smoke) seconds=${FUZZ_SMOKE_SECONDS:-12} ;;
   long) seconds=${FUZZ_SECONDS:-600} ;;
   build) seconds=0 ;;
   *) echo "usage: sh native/fuzz/run.sh [smoke|long|build]" >&2; exit 2 ;;
 esac
-targets=${FUZZ_TARGETS:-"decode_etf decode_scan"}
+targets=${FUZZ_TARGETS:-"decode_etf decode_scan frame_stream handshake"}
 max_len=${FUZZ_MAX_LEN:-4096}
 timeout=${FUZZ_TIMEOUT:-10}
 cargo_fuzz_version=0.13.2
@@ -60,10 +62,12 @@ for t in $targets; do
   mkdir -p "$corpus" "$artifacts"
   echo "==> fuzz: $t for ${seconds}s (corpus native/fuzz/corpus/$t, log ${log#"$PWD"/})"
   # The first corpus directory is where libFuzzer adds new inputs; the seeds are only read.
-  # Every target starts from the same real encodings.
+  # The decoder targets share the real encodings of seeds/decode_etf/.
+  seeds=$fuzz_dir/seeds/$t
+  [ -d "$seeds" ] || seeds=$fuzz_dir/seeds/decode_etf
   rm -f "$log.rc"
   {
-    cargo fuzz run "$@" "$t" "$corpus" "$fuzz_dir/seeds/decode_etf" -- \
+    cargo fuzz run "$@" "$t" "$corpus" "$seeds" -- \
       -max_total_time="$seconds" -max_len="$max_len" -timeout="$timeout" \
       -rss_limit_mb=2048 -print_final_stats=1 2>&1
     echo $? >"$log.rc"
