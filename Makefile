@@ -64,6 +64,20 @@ bench-codec: nif
 	erl -noshell -pa _build/bench/lib/teleport/ebin -pa _build/bench/lib/teleport/bench \
 	    -eval 'codec_bench:main(), halt().'
 
+## docs: doc/index.html, edoc's HTML of the Erlang modules (edoc ships with OTP), and
+## doc/teleport_ex.md and .html, the Elixir facade's docs read back from its compiled module
+## (no ExDoc: it is a hex package). Fails if a public function lacks a doc or a spec.
+.PHONY: docs
+docs: nif
+	mix run --no-start tools/docs.exs
+
+## example: two nodes from the shell; A sends B a file (FILE, else 100 MB of random bytes)
+## with teleport:send/2, then with `!', while pinging B over disterl every 50 ms.
+.PHONY: example
+example: nif
+	rebar3 compile
+	sh examples/big_file.sh $(FILE)
+
 test-mix: setup
 	MIX_ENV=test mix test
 
@@ -76,3 +90,52 @@ fuzz: setup
 
 clean:
 	rm -rf _build native/target priv/*.so .setup-done
+
+## soak: no loss, no duplicate, no reordering, no leak under load: 2 sender nodes x 8 senders
+## x SOAK_MSGS (default 200000) messages of 100 B..1 MB, mostly small, spread over 4 receivers
+## on a third node, full rounds repeated until SOAK_MINUTES (default 2) have passed; every
+## node's VmRSS sampled every SOAK_SAMPLE_MS (default 3000) and checked flat after warm-up.
+## Prints each round, the totals and the RSS samples; fails on any loss or growth.
+.PHONY: soak
+soak: nif
+	rebar3 as test compile
+	erl -noshell -connect_all false -pa _build/test/lib/teleport/ebin \
+	    -pa _build/test/lib/teleport/test \
+	    -eval 'try teleport_soak:main() of ok -> halt(0) catch C:E:S -> io:format("~nfailed: ~p:~p~n~p~n", [C, E, S]), halt(1) end.'
+
+## cover: line coverage of the Erlang code over every node the tests run on (eunit, and the
+## suites' runner node and peers: test/teleport_cover.erl loads the cover-compiled modules on
+## each peer and collects them before it stops), and of the Rust crates over the core's cargo
+## tests and every VM of those Erlang runs (the NIF is built instrumented for the run, then
+## rebuilt plain; a VM killed by a test leaves no counts, or a cut file that is skipped).
+## Needs cargo-llvm-cov and the llvm-tools component (installed if missing). Prints both
+## totals; HTML in _build/test/cover/index.html and _build/test/cover/rust/html/index.html.
+COVER_ENV = eval "$$($(CARGO) llvm-cov show-env --sh $(MANIFEST) 2>/dev/null)"
+.PHONY: cover
+cover: setup
+	@command -v cargo-llvm-cov >/dev/null || { rustup component add llvm-tools-preview && \
+	  $(CARGO) install cargo-llvm-cov --locked; }
+	@mkdir -p _build/test/cover; rm -f _build/test/cover/*.coverdata _build/test/cover/failed
+	@( $(COVER_ENV); \
+	  $(CARGO) llvm-cov clean --workspace $(MANIFEST); \
+	  $(CARGO) test $(MANIFEST) --workspace --release --quiet || touch _build/test/cover/failed; \
+	  rebar3 eunit --cover || touch _build/test/cover/failed; \
+	  rebar3 ct --cover || touch _build/test/cover/failed; \
+	  rebar3 cover --verbose > _build/test/cover/erlang.txt 2>&1; \
+	  profdata=$$(ls $$(rustc --print sysroot)/lib/rustlib/*/bin/llvm-profdata); \
+	  for f in native/target/*.profraw; do \
+	    "$$profdata" merge -sparse -o /dev/null "$$f" 2>/dev/null || rm -f "$$f"; done; \
+	  $(CARGO) llvm-cov report $(MANIFEST) --release --html --output-dir _build/test/cover/rust; \
+	  $(CARGO) llvm-cov report $(MANIFEST) --release --lcov --output-path _build/test/cover/rust.lcov; \
+	  $(CARGO) llvm-cov report $(MANIFEST) --release --summary-only > _build/test/cover/rust.txt; \
+	  $(CARGO) llvm-cov clean --workspace $(MANIFEST) )
+	@# Back to the plain NIF, in native/target and priv/.
+	sh native/build.sh
+	@cat _build/test/cover/erlang.txt _build/test/cover/rust.txt
+	@echo "==> Erlang lines covered, all nodes: $$(grep -o 'total *| *[0-9]*%' \
+	  _build/test/cover/erlang.txt | grep -o '[0-9]*%')"
+	@awk '$$1 ~ /^teleport_(core|nif)\// { split($$1, p, "/"); n[p[1]] += $$8; m[p[1]] += $$9 } \
+	  $$1 == "TOTAL" { t = $$10 } \
+	  END { for (c in n) printf "==> Rust lines covered, %s: %.2f%%\n", c, 100 * (n[c] - m[c]) / n[c]; \
+	        print "==> Rust lines covered, both crates: " t }' _build/test/cover/rust.txt
+	@test ! -f _build/test/cover/failed || { echo "==> some tests failed (counted above all the same)"; exit 1; }
