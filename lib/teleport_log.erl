@@ -170,8 +170,12 @@ rate_limited(Level, Event, Fields, State) ->
 
 -spec log(level(), atom(), map()) -> ok.
 log(Level, Event, Fields) ->
+    %% The peer, connection index and peer address also go into the metadata, so handlers
+    %% and formatters can filter and route on them without parsing the report.
+    Meta = maps:with([peer, index, addr, from], Fields),
     logger:log(Level, Fields#{event => Event},
-               #{domain => [teleport], report_cb => fun ?MODULE:format_report/1}).
+               Meta#{domain => [teleport], teleport_event => Event,
+                     report_cb => fun ?MODULE:format_report/1}).
 
 -spec log_suppressed(atom(), non_neg_integer()) -> ok.
 log_suppressed(_Event, 0) ->

@@ -81,7 +81,8 @@ report_test() ->
         #{level := Level, msg := {report, Report}, meta := Meta} = LogEvent =
             expect_event(connection_lost),
         ?assertEqual(warning, Level),
-        ?assertMatch(#{domain := [teleport]}, Meta),
+        ?assertMatch(#{domain := [teleport], peer := <<"a@b">>, index := 3,
+                       teleport_event := connection_lost}, Meta),
         ?assertEqual(#{event => connection_lost, peer => <<"a@b">>, index => 3}, Report),
         ?assertMatch({match, _},
                      re:run(formatted(LogEvent), "teleport connection_lost: index=3 peer=a@b$"))
