@@ -111,13 +111,16 @@ soak: nif
 ## Needs cargo-llvm-cov and the llvm-tools component (installed if missing). Prints both
 ## totals; HTML in _build/test/cover/index.html and _build/test/cover/rust/html/index.html.
 COVER_ENV = eval "$$($(CARGO) llvm-cov show-env --sh $(MANIFEST) 2>/dev/null)"
+# cargo does not see the instrumenting wrapper come or go: the crates' release builds are
+# thrown away before and after, so neither kind of build is ever taken for the other.
+COVER_CLEAN = $(CARGO) clean $(MANIFEST) --release --quiet -p teleport_core -p teleport_nif
 .PHONY: cover
 cover: setup
 	@command -v cargo-llvm-cov >/dev/null || { rustup component add llvm-tools-preview && \
 	  $(CARGO) install cargo-llvm-cov --locked; }
 	@mkdir -p _build/test/cover; rm -f _build/test/cover/*.coverdata _build/test/cover/failed
 	@( $(COVER_ENV); \
-	  $(CARGO) llvm-cov clean --workspace $(MANIFEST); \
+	  $(CARGO) llvm-cov clean --workspace $(MANIFEST); $(COVER_CLEAN); \
 	  $(CARGO) test $(MANIFEST) --workspace --release --quiet || touch _build/test/cover/failed; \
 	  rebar3 eunit --cover || touch _build/test/cover/failed; \
 	  rebar3 ct --cover || touch _build/test/cover/failed; \
@@ -128,7 +131,7 @@ cover: setup
 	  $(CARGO) llvm-cov report $(MANIFEST) --release --html --output-dir _build/test/cover/rust; \
 	  $(CARGO) llvm-cov report $(MANIFEST) --release --lcov --output-path _build/test/cover/rust.lcov; \
 	  $(CARGO) llvm-cov report $(MANIFEST) --release --summary-only > _build/test/cover/rust.txt; \
-	  $(CARGO) llvm-cov clean --workspace $(MANIFEST) )
+	  $(CARGO) llvm-cov clean --workspace $(MANIFEST); $(COVER_CLEAN) )
 	@# Back to the plain NIF, in native/target and priv/.
 	sh native/build.sh
 	@cat _build/test/cover/erlang.txt _build/test/cover/rust.txt

@@ -67,7 +67,10 @@ reset_env() ->
 info_shape(_Config) ->
     ok = application:set_env(teleport, pool_size, 2),
     ok = application:set_env(teleport, socket_opts, [{sndbuf, 256 * ?KB}, {recbuf, 256 * ?KB},
-                                                     {bind_ip, "127.0.0.1"}]),
+                                                     {bind_ip, "127.0.0.1"},
+                                                     {keepalive_time, 60},
+                                                     {keepalive_interval, 10},
+                                                     {keepalive_retries, 5}]),
     ok = teleport:start(),
     capture_logs(),
     {ok, Port} = teleport_server:listen_port(),
@@ -128,7 +131,8 @@ info_shape(_Config) ->
                  lists:sort(maps:keys(Listener))),
     ?assertMatch(#{ip := {0, 0, 0, 0}, port := Port, handshaking := 1,
                    socket_opts := #{sndbuf := 262144, recbuf := 262144, nodelay := true,
-                                    keepalive := false, bind_ip := {127, 0, 0, 1}}}, Listener),
+                                    keepalive := true, keepalive_time := 60,
+                                    bind_ip := {127, 0, 0, 1}}}, Listener),
     [In] = [I || I = #{state := up} <- maps:get(incoming, Listener)],
     [Shaking] = [I || I = #{state := handshaking} <- maps:get(incoming, Listener)],
     ?assertMatch(#{peer := undefined, msgs_in := 0, local_addr := {_, Port}}, Shaking),
@@ -207,8 +211,10 @@ state_changes_are_logged_once_each(_Config) ->
     [Conn] = maps:get(Node, teleport:info()),
     ?assertMatch(#{state := up, reconnects := 1, peer_addr := {_, Port2}}, Conn),
 
-    %% This node's teleport stops: its pool's connection is closed, and says why.
-    ok = teleport:stop(),
+    %% The pool is torn down (as at nodedown, or when teleport stops): its connection is
+    %% closed, and says why.
+    {ok, Pool} = teleport_server:connect(Node),
+    ok = teleport_nif:pool_close(Pool),
     Closed = wait_event(connection_closed),
     ct:pal("connection_closed: ~p", [Closed]),
     ?assertMatch(#{peer := NodeBin, index := 0, addr := _, reason := <<"pool closed">>}, Closed),

@@ -313,17 +313,6 @@ impl Conn {
         self.wake.notify_one();
     }
 
-    /// The slot's index in its pool.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
-    /// Current status, queued bytes and frames, and the last error.
-    pub fn status(&self) -> (Status, usize, usize, Option<String>) {
-        let st = self.state.lock();
-        (st.status, st.queued, st.queue.len(), st.last_error.clone())
-    }
-
     /// Everything `teleport:info/0` shows of this connection.
     pub fn info(&self) -> ConnInfo {
         let (status, queued_bytes, frames_in_queue, last_error, since, reconnects, sock) = {

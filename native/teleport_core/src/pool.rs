@@ -219,6 +219,8 @@ mod tests {
         let stats = Arc::new(PeerStats::default());
         let pool = Pool::start(config(b"c", opts), l.local_addr(), 2, stats.clone()).unwrap();
         assert_eq!(pool.addr(), l.local_addr());
+        assert_eq!(pool.conns().len(), 2);
+        assert!(Arc::ptr_eq(pool.stats(), &stats));
         assert!(pool
             .info()
             .iter()

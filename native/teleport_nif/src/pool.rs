@@ -131,8 +131,9 @@ fn pool_retarget<'a>(
 
 /// Tears the pool down; queued messages are dropped and counted.
 #[rustler::nif]
-fn pool_close(pool: ResourceArc<PoolRes>) {
+fn pool_close(pool: ResourceArc<PoolRes>) -> Atom {
     pool.pool.close();
+    atoms::ok()
 }
 
 /// Per connection: `#{index, state, peer_addr, local_addr, queued_bytes, frames_in_queue,

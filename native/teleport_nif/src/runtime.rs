@@ -216,14 +216,16 @@ fn runtime_info<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'a
 
 /// Sets this node's name (`atom_to_binary(node())`), as handshakes state it from now on.
 #[rustler::nif]
-fn runtime_set_name(rt: ResourceArc<Runtime>, me: Binary) {
+fn runtime_set_name(rt: ResourceArc<Runtime>, me: Binary) -> Atom {
     *rt.me.lock() = me.as_slice().to_vec();
+    atoms::ok()
 }
 
 /// Stops listening and closes every incoming connection.
 #[rustler::nif]
-fn runtime_stop(rt: ResourceArc<Runtime>) {
+fn runtime_stop(rt: ResourceArc<Runtime>) -> Atom {
     rt.listener.close();
+    atoms::ok()
 }
 
 /// The port the listener is bound to.
@@ -234,14 +236,16 @@ fn runtime_port(rt: ResourceArc<Runtime>) -> u16 {
 
 /// Lets node `Node` connect in, proving it knows `Cookie`.
 #[rustler::nif]
-fn runtime_allow(rt: ResourceArc<Runtime>, node: Binary, cookie: Binary) {
+fn runtime_allow(rt: ResourceArc<Runtime>, node: Binary, cookie: Binary) -> Atom {
     rt.peers.allow(node.as_slice(), cookie.as_slice());
+    atoms::ok()
 }
 
 /// Stops node `Node` from connecting in.
 #[rustler::nif]
-fn runtime_forbid(rt: ResourceArc<Runtime>, node: Binary) {
+fn runtime_forbid(rt: ResourceArc<Runtime>, node: Binary) -> Atom {
     rt.peers.forbid(node.as_slice());
+    atoms::ok()
 }
 
 /// `[{NodeName :: binary(), #{Counter => integer()}}]` for every peer seen.
