@@ -251,9 +251,9 @@ node_without_teleport(Config) ->
     ?assertNotEqual(nomatch, string:find(Line, "teleport is not running on " ++
                                              atom_to_list(Node))),
     ok = peer:call(Peer, teleport, start, []),
-    Collector = peer:call(Peer, ?MODULE, start_collector, [coll]),
+    Collector = peer:call(Peer, teleport_test_util, start_collector, [coll]),
     ?assertEqual(ok, teleport:send({coll, Node}, hello)),
-    ?assertEqual([hello], collected(Peer, Collector, 1)),
+    ?assertEqual([hello], teleport_test_util:collected(Peer, Collector, 1)),
     ok.
 
 %% The peer's teleport_server does not answer within discovery_timeout: {error, nodedown},
@@ -421,32 +421,6 @@ start_peer(_Config, StartTeleport) ->
         false -> ok
     end,
     {Peer, Node}.
-
-start_collector(Name) ->
-    Pid = spawn(fun() -> collector([]) end),
-    true = register(Name, Pid),
-    Pid.
-
-collector(Acc) ->
-    receive
-        {'$get', From} -> From ! {collected, lists:reverse(Acc)}, collector(Acc);
-        Msg -> collector([Msg | Acc])
-    end.
-
-collected(Peer, Collector, N) ->
-    Deadline = erlang:monotonic_time(millisecond) + 5000,
-    collected(Peer, Collector, N, Deadline).
-
-collected(Peer, Collector, N, Deadline) ->
-    Got = peer:call(Peer, ?MODULE, ask, [Collector]),
-    case length(Got) >= N orelse erlang:monotonic_time(millisecond) > Deadline of
-        true -> Got;
-        false -> timer:sleep(20), collected(Peer, Collector, N, Deadline)
-    end.
-
-ask(Pid) ->
-    Pid ! {'$get', self()},
-    receive {collected, Got} -> Got after 5000 -> error(timeout) end.
 
 %% Logger events of this node go to the test process as {logged, Event}.
 capture_logs() ->

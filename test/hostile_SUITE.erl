@@ -198,7 +198,7 @@ positive_control(Config) ->
 positive_control_round(PNode) ->
     {ok, Port} = teleport_server:listen_port(),
     Ref = erlang:unique_integer(),
-    case raw_dial(Port, atom_to_binary(PNode), cookie()) of
+    case teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()) of
         {ok, S} ->
             ok = raw_send_frame(S, hostile_sink, {raw_frame, Ref, by_name}),
             ok = raw_send_frame(S, self(), {raw_frame, Ref, by_pid}),
@@ -241,9 +241,9 @@ bad_handshakes(Config) ->
                 fun() ->
                         {ok, Port} = teleport_server:listen_port(),
                         U = integer_to_binary(erlang:unique_integer([positive])),
-                        #{wrong_cookie => raw_dial(Port, Name, <<"wrong-cookie-", U/binary>>),
-                          unknown_node => raw_dial(Port, <<"stranger_", U/binary, "@nowhere">>, cookie()),
-                          empty_cookie_mac => raw_dial(Port, Name, <<>>),
+                        #{wrong_cookie => teleport_test_util:raw_dial(Port, Name, <<"wrong-cookie-", U/binary>>),
+                          unknown_node => teleport_test_util:raw_dial(Port, <<"stranger_", U/binary, "@nowhere">>, cookie()),
+                          empty_cookie_mac => teleport_test_util:raw_dial(Port, Name, <<>>),
                           bad_version => raw_send_and_close(
                                            Port, handshake_frame(<<"HTLPT", 2, 3, "a@b", 0:256>>), 5000),
                           bad_magic => raw_send_and_close(
@@ -331,7 +331,7 @@ malformed_frames_after_handshake(Config) ->
 malformed_frame_round(PNode, Frame) ->
     {ok, Port} = teleport_server:listen_port(),
     Ref = erlang:unique_integer(),
-    {ok, S} = raw_dial(Port, atom_to_binary(PNode), cookie()),
+    {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
     ok = raw_send_frame(S, self(), {before, Ref}),
     Before = receive {before, Ref} -> before_delivered after 5000 -> before_lost end,
     ok = inet:setopts(S, [{packet, raw}]),
@@ -405,7 +405,7 @@ half_open_connections(Config) ->
                                                    raw_wait_closed(S, 3000)
                                            end),
                         Authed = spawn_timed(fun() ->
-                                                     {ok, S} = raw_dial(Port, atom_to_binary(PNode), cookie()),
+                                                     {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
                                                      ok = inet:setopts(S, [{packet, raw}]),
                                                      F = raw_frame_bytes(hostile_sink, {half, x}),
                                                      ok = gen_tcp:send(S, binary:part(F, 0, byte_size(F) div 2)),
@@ -482,7 +482,7 @@ idle_connections_over_the_limit(Config) ->
                         Socks = [begin {ok, S} = connect(Port), S end || _ <- lists:seq(1, 70)],
                         timer:sleep(300),
                         Early = [S || S <- Socks, is_closed(S, 0)],
-                        During = raw_dial(Port, atom_to_binary(PNode), cookie()),
+                        During = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
                         _ = case During of {ok, DS} -> gen_tcp:close(DS); _ -> ok end,
                         Late = [{raw_wait_closed(S, ?HANDSHAKE_MS + 2000),
                                  erlang:monotonic_time(millisecond) - T0} || S <- Socks -- Early],
@@ -551,7 +551,7 @@ announced_large_frame_then_stall(Config) ->
                         {ok, Port} = teleport_server:listen_port(),
                         Bin0 = erlang:memory(binary),
                         Rss0 = teleport_soak:rss_kb(os:getpid()),
-                        {ok, S} = raw_dial(Port, atom_to_binary(PNode), cookie()),
+                        {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
                         ok = inet:setopts(S, [{packet, raw}]),
                         ok = gen_tcp:send(S, <<(512 * ?MB):32, 2, 0, 0:16>>),
                         timer:sleep(500),
@@ -757,46 +757,10 @@ connect(Port) ->
 hello_bytes(Me) ->
     handshake_frame(<<"HTLPT", 1, (byte_size(Me)):8, Me/binary, (crypto:strong_rand_bytes(32))/binary>>).
 
-%% The dialer's side of the handshake as node `Me' with cookie `Cookie':
-%% {ok, Socket} (in {packet, 2}) | {rejected, Code, closed | Other} | {unexpected, Term}.
-raw_dial(Port, Me, Cookie) ->
-    {ok, S} = gen_tcp:connect({127, 0, 0, 1}, Port,
-                              [binary, {active, false}, {packet, 2}, {nodelay, true}]),
-    NonceD = crypto:strong_rand_bytes(32),
-    ok = gen_tcp:send(S, <<"HTLPT", 1, (byte_size(Me)):8, Me/binary, NonceD/binary>>),
-    Acceptor = atom_to_binary(node(), utf8),
-    case gen_tcp:recv(S, 0, 5000) of
-        {ok, <<"C", L:8, Acceptor:L/binary, NonceA:32/binary>>} ->
-            Names = <<(byte_size(Me)):8, Me/binary, (byte_size(Acceptor)):8, Acceptor/binary>>,
-            MacD = crypto:mac(hmac, sha256, Cookie,
-                              [<<"teleport-dial", 0, 0, 0>>, NonceA, NonceD, Names]),
-            ok = gen_tcp:send(S, <<"A", MacD/binary>>),
-            MacA = crypto:mac(hmac, sha256, Cookie,
-                              [<<"teleport-accept", 0>>, NonceD, NonceA, Names]),
-            case gen_tcp:recv(S, 0, 5000) of
-                {ok, <<"K", MacA/binary>>} -> {ok, S};
-                {ok, <<"R", Code>>} -> {rejected, Code, after_reject(S)};
-                Other -> gen_tcp:close(S), {unexpected, Other}
-            end;
-        {ok, <<"R", Code>>} ->
-            {rejected, Code, after_reject(S)};
-        Other ->
-            gen_tcp:close(S),
-            {unexpected, Other}
-    end.
-
-after_reject(S) ->
-    R = case gen_tcp:recv(S, 0, 5000) of
-            {error, closed} -> closed;
-            Other -> Other
-        end,
-    gen_tcp:close(S),
-    R.
-
 %% A valid handshake as P, then Bytes: {closed, WhatCameBack} | {still_open, _}.
 authenticated_then(PNode, Bytes) ->
     {ok, Port} = teleport_server:listen_port(),
-    {ok, S} = raw_dial(Port, atom_to_binary(PNode), cookie()),
+    {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
     ok = inet:setopts(S, [{packet, raw}]),
     ok = gen_tcp:send(S, Bytes),
     raw_wait_closed(S, 5000).
@@ -805,7 +769,7 @@ authenticated_then(PNode, Bytes) ->
 %% same connection: probe_delivered if the connection survived the first.
 frame_then_probe(PNode, Frame) ->
     {ok, Port} = teleport_server:listen_port(),
-    {ok, S} = raw_dial(Port, atom_to_binary(PNode), cookie()),
+    {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
     ok = inet:setopts(S, [{packet, raw}]),
     Ref = erlang:unique_integer(),
     ok = gen_tcp:send(S, Frame),

@@ -79,9 +79,9 @@ info_shape(_Config) ->
                              listen_ip => {127, 0, 0, 1}}),
     {ok, PeerPort} = peer:call(P, teleport_server, listen_port, []),
     T0 = erlang:system_time(millisecond),
-    Coll = peer:call(P, ?MODULE, start_collector, [coll]),
+    Coll = peer:call(P, teleport_test_util, start_collector, [coll]),
     [ok = teleport:send({coll, Node}, {msg, I}) || I <- lists:seq(1, 10)],
-    ?assertEqual([{msg, I} || I <- lists:seq(1, 10)], collected(P, Coll, 10)),
+    ?assertEqual([{msg, I} || I <- lists:seq(1, 10)], teleport_test_util:collected(P, Coll, 10)),
     %% The peer sends back: its pool connects to this node's listener.
     true = register(inspect_rx, self()),
     ok = peer:call(P, ?MODULE, send_back, [{inspect_rx, node()}, 3]),
@@ -171,9 +171,9 @@ state_changes_are_logged_once_each(_Config) ->
     capture_logs(),
     {P, Node} = start_peer(#{}),
     NodeBin = atom_to_binary(Node),
-    Coll = peer:call(P, ?MODULE, start_collector, [coll]),
+    Coll = peer:call(P, teleport_test_util, start_collector, [coll]),
     ok = teleport:send({coll, Node}, one),
-    ?assertEqual([one], collected(P, Coll, 1)),
+    ?assertEqual([one], teleport_test_util:collected(P, Coll, 1)),
     {ok, Port1} = peer:call(P, teleport_server, listen_port, []),
     Up1 = wait_event(connection_up),
     ?assertMatch(#{peer := NodeBin, index := 0}, Up1),
@@ -196,7 +196,7 @@ state_changes_are_logged_once_each(_Config) ->
     %% teleport again on the peer, on another port: the next connection is refused where
     %% the peer was; the send after that finds it where it is now, and both arrive.
     ok = peer:call(P, teleport, start, []),
-    Coll2 = peer:call(P, ?MODULE, start_collector, [coll2]),
+    Coll2 = peer:call(P, teleport_test_util, start_collector, [coll2]),
     ok = teleport:send({coll2, Node}, two),
     Refused = wait_event(connect_failed),
     ct:pal("connect_failed: ~p", [Refused]),
@@ -204,7 +204,7 @@ state_changes_are_logged_once_each(_Config) ->
     wait_until(fun() -> [#{last_error := E}] = maps:get(Node, teleport:info()),
                         lists:prefix("connect to ", binary_to_list(E)) end),
     ok = teleport:send({coll2, Node}, three),
-    ?assertEqual([two, three], collected(P, Coll2, 2)),
+    ?assertEqual([two, three], teleport_test_util:collected(P, Coll2, 2)),
     {ok, Port2} = peer:call(P, teleport_server, listen_port, []),
     Up2 = wait_event(connection_up),
     ?assert(lists:suffix(":" ++ integer_to_list(Port2), binary_to_list(maps:get(addr, Up2)))),
@@ -252,10 +252,10 @@ all_nodes_forms_and_big_terms(_Config) ->
     gen_server:stop(Local),
     %% 300 000 integers: more than a normal scheduler's slice to encode.
     Big = lists:seq(1, 300000),
-    Coll = peer:call(P, ?MODULE, start_collector, [coll]),
+    Coll = peer:call(P, teleport_test_util, start_collector, [coll]),
     ok = teleport:send({coll, Node}, {big, Big}),
     ?assertEqual(abcast, teleport:abcast([Node], coll, {big_cast, Big})),
-    [{big, Got}, {'$gen_cast', {big_cast, Got2}}] = collected(P, Coll, 2),
+    [{big, Got}, {'$gen_cast', {big_cast, Got2}}] = teleport_test_util:collected(P, Coll, 2),
     ?assertEqual(Big, Got),
     ?assertEqual(Big, Got2),
     ok.
@@ -290,32 +290,6 @@ start_peer(Env, Cover) ->
 sysctl(Name) ->
     {ok, Text} = file:read_file("/proc/sys/" ++ Name),
     binary_to_integer(string:trim(Text)).
-
-start_collector(Name) ->
-    Pid = spawn(fun() -> collector([]) end),
-    true = register(Name, Pid),
-    Pid.
-
-collector(Acc) ->
-    receive
-        {'$get', From} -> From ! {collected, lists:reverse(Acc)}, collector(Acc);
-        Msg -> collector([Msg | Acc])
-    end.
-
-collected(Peer, Collector, N) ->
-    Deadline = erlang:monotonic_time(millisecond) + 5000,
-    collected(Peer, Collector, N, Deadline).
-
-collected(Peer, Collector, N, Deadline) ->
-    Got = peer:call(Peer, ?MODULE, ask, [Collector]),
-    case length(Got) >= N orelse erlang:monotonic_time(millisecond) > Deadline of
-        true -> Got;
-        false -> timer:sleep(20), collected(Peer, Collector, N, Deadline)
-    end.
-
-ask(Pid) ->
-    Pid ! {'$get', self()},
-    receive {collected, Got} -> Got after 5000 -> error(timeout) end.
 
 %% On the peer: N messages back over teleport.
 send_back(Dest, N) ->

@@ -369,10 +369,10 @@ wrong_cookie_rejected(_Config) ->
 hostile_round(Port, PeerName, Cookie) ->
     Unique = integer_to_binary(erlang:unique_integer([positive])),
     %% A connected peer's name with a wrong cookie: REJECT(2), then closed.
-    Wrong = raw_dial(Port, PeerName, <<"wrong-cookie-", Unique/binary>>),
+    Wrong = teleport_test_util:raw_dial(Port, PeerName, <<"wrong-cookie-", Unique/binary>>),
     ?assertMatch({rejected, 2, closed}, Wrong),
     %% A name the runner never heard of (no atom exists for it): REJECT(2), then closed.
-    Unknown = raw_dial(Port, <<"stranger_", Unique/binary, "@nowhere">>, Cookie),
+    Unknown = teleport_test_util:raw_dial(Port, <<"stranger_", Unique/binary, "@nowhere">>, Cookie),
     ?assertMatch({rejected, 2, closed}, Unknown),
     %% Another handshake version: REJECT(3).
     BadVersion = raw_send_and_close(Port, handshake_frame(<<"HTLPT", 2, 3, "a@b",
@@ -388,7 +388,7 @@ hostile_round(Port, PeerName, Cookie) ->
     %% The positive control: the same client with the right cookie gets OK, and its frame
     %% (to a registered name on the runner) is delivered.
     Ref = erlang:unique_integer(),
-    {ok, S} = raw_dial(Port, PeerName, Cookie),
+    {ok, S} = teleport_test_util:raw_dial(Port, PeerName, Cookie),
     ok = raw_send_frame(S, transport_raw_sink, {raw_frame, Ref, <<"payload">>}),
     receive
         {raw_frame, Ref, <<"payload">>} -> ok
@@ -397,46 +397,6 @@ hostile_round(Port, PeerName, Cookie) ->
     ok = gen_tcp:close(S),
     #{wrong_cookie => Wrong, unknown_node => Unknown, bad_version => BadVersion,
       random => Random, http => Http, huge_length => Huge, positive_control => delivered}.
-
-%% The dialer's side of the handshake (handshake.rs), as node `Me' with cookie `Cookie'.
-%% {ok, Socket} | {rejected, Code, closed | Other} | {unexpected, Term}.
-raw_dial(Port, Me, Cookie) ->
-    {ok, S} = gen_tcp:connect({127, 0, 0, 1}, Port,
-                              [binary, {active, false}, {packet, 2}, {nodelay, true}]),
-    NonceD = crypto:strong_rand_bytes(32),
-    ok = gen_tcp:send(S, <<"HTLPT", 1, (byte_size(Me)):8, Me/binary, NonceD/binary>>),
-    Acceptor = atom_to_binary(node(), utf8),
-    case gen_tcp:recv(S, 0, 5000) of
-        {ok, <<"C", L:8, Acceptor:L/binary, NonceA:32/binary>>} ->
-            Names = <<(byte_size(Me)):8, Me/binary, (byte_size(Acceptor)):8, Acceptor/binary>>,
-            MacD = crypto:mac(hmac, sha256, Cookie,
-                              [<<"teleport-dial", 0, 0, 0>>, NonceA, NonceD, Names]),
-            ok = gen_tcp:send(S, <<"A", MacD/binary>>),
-            MacA = crypto:mac(hmac, sha256, Cookie,
-                              [<<"teleport-accept", 0>>, NonceD, NonceA, Names]),
-            case gen_tcp:recv(S, 0, 5000) of
-                {ok, <<"K", MacA/binary>>} ->
-                    {ok, S};
-                {ok, <<"R", Code>>} ->
-                    {rejected, Code, after_reject(S)};
-                Other ->
-                    gen_tcp:close(S),
-                    {unexpected, Other}
-            end;
-        {ok, <<"R", Code>>} ->
-            {rejected, Code, after_reject(S)};
-        Other ->
-            gen_tcp:close(S),
-            {unexpected, Other}
-    end.
-
-after_reject(S) ->
-    R = case gen_tcp:recv(S, 0, 5000) of
-            {error, closed} -> closed;
-            Other -> Other
-        end,
-    gen_tcp:close(S),
-    R.
 
 %% One data frame (frame.rs): a term to a name registered on the acceptor.
 raw_send_frame(S, Name, Msg) ->
