@@ -51,6 +51,8 @@ test-erlang: setup
 ## against raw loopback TCP, peak RSS); about 2.5 minutes on 2 cores. Prints a table and
 ## writes bench/results/latest.json and latest.svg. The codec benchmark is `make bench-codec'.
 bench: nif
+	@# net_kernel:start/1 does not start epmd; start it well before the benchmark needs it.
+	epmd -daemon
 	rebar3 as bench compile
 	$(CARGO) build --release --quiet --manifest-path native/loopback_bench/Cargo.toml \
 	    --target-dir _build/loopback_bench

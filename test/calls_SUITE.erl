@@ -13,22 +13,13 @@ all() ->
      node_killed_mid_call].
 
 init_per_suite(Config) ->
-    Started = case node() of
-                  nonode@nohost ->
-                      {ok, _} = net_kernel:start([calls_suite, shortnames]),
-                      true;
-                  _ ->
-                      false
-              end,
+    Started = teleport_test_util:start_distribution("calls_ct_"),
     ok = teleport:start(),
     [{dist_started, Started} | Config].
 
 end_per_suite(Config) ->
     _ = teleport:stop(),
-    case ?config(dist_started, Config) of
-        true -> net_kernel:stop();
-        false -> ok
-    end,
+    teleport_test_util:stop_distribution(?config(dist_started, Config)),
     ok.
 
 init_per_testcase(_Case, Config) ->

@@ -48,15 +48,7 @@ groups() ->
      {small_queue, [], [receiver_stopped_others_flow]}].
 
 init_per_suite(Config) ->
-    Started = case node() of
-                  nonode@nohost ->
-                      _ = os:cmd("epmd -daemon"),
-                      Name = list_to_atom("faults_ct_" ++ os:getpid()),
-                      {ok, _} = net_kernel:start([Name, shortnames]),
-                      true;
-                  _ ->
-                      false
-              end,
+    Started = teleport_test_util:start_distribution("faults_ct_"),
     Holder = spawn(fun() ->
                            _ = ets:new(?PEERS, [named_table, public, set]),
                            receive stop -> ok end
@@ -67,10 +59,7 @@ init_per_suite(Config) ->
 end_per_suite(Config) ->
     _ = teleport:stop(),
     ?config(peer_table_holder, Config) ! stop,
-    case ?config(started_dist, Config) of
-        true -> _ = net_kernel:stop();
-        false -> ok
-    end,
+    teleport_test_util:stop_distribution(?config(started_dist, Config)),
     ok.
 
 init_per_group(small_queue, Config) ->

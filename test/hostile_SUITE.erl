@@ -50,15 +50,7 @@ groups() ->
      {small_frames, [], [oversized_frame_from_real_peer]}].
 
 init_per_suite(Config) ->
-    Started = case node() of
-                  nonode@nohost ->
-                      _ = os:cmd("epmd -daemon"),
-                      Name = list_to_atom("hostile_ct_" ++ os:getpid()),
-                      {ok, _} = net_kernel:start([Name, shortnames]),
-                      true;
-                  _ ->
-                      false
-              end,
+    Started = teleport_test_util:start_distribution("hostile_ct_"),
     Holder = spawn(fun() ->
                            _ = ets:new(?PEERS, [named_table, public, set]),
                            _ = ets:new(?LOGS, [named_table, public, ordered_set]),
@@ -72,10 +64,7 @@ end_per_suite(Config) ->
     _ = logger:remove_handler(hostile_log_counter),
     _ = teleport:stop(),
     ?config(table_holder, Config) ! stop,
-    case ?config(started_dist, Config) of
-        true -> _ = net_kernel:stop();
-        false -> ok
-    end,
+    teleport_test_util:stop_distribution(?config(started_dist, Config)),
     ok.
 
 init_per_group(Group, Config) ->

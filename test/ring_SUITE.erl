@@ -32,22 +32,11 @@ all() ->
     [ring].
 
 init_per_suite(Config) ->
-    Started = case node() of
-                  nonode@nohost ->
-                      _ = os:cmd("epmd -daemon"),
-                      Name = list_to_atom("ring_ct_" ++ os:getpid()),
-                      {ok, _} = net_kernel:start([Name, shortnames]),
-                      true;
-                  _ ->
-                      false
-              end,
+    Started = teleport_test_util:start_distribution("ring_ct_"),
     [{started_dist, Started} | Config].
 
 end_per_suite(Config) ->
-    case ?config(started_dist, Config) of
-        true -> _ = net_kernel:stop();
-        false -> ok
-    end,
+    teleport_test_util:stop_distribution(?config(started_dist, Config)),
     ok.
 
 %%--------------------------------------------------------------------------------------------

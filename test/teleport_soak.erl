@@ -608,12 +608,7 @@ main() ->
     Minutes = env_int("SOAK_MINUTES", 2),
     N = env_int("SOAK_MSGS", 200000),
     SampleMs = env_int("SOAK_SAMPLE_MS", 3000),
-    _ = os:cmd("epmd -daemon"),
-    case node() of
-        nonode@nohost ->
-            {ok, _} = net_kernel:start([list_to_atom("soak_ctl_" ++ os:getpid()), shortnames]);
-        _ -> ok
-    end,
+    _ = teleport_test_util:start_distribution("soak_ctl_"),
     io:format("soak: 2 sender nodes x 8 senders x ~b messages per round (100 B..1 MB, mostly "
               "small) to 4 receivers on a third node, for ~b min~n", [N, Minutes]),
     Started = [begin

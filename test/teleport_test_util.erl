@@ -2,7 +2,36 @@
 %% (to test the listener from outside), and a message collector to run on peer nodes.
 -module(teleport_test_util).
 
+-export([start_distribution/1, stop_distribution/1]).
 -export([raw_dial/3, start_collector/1, collected/3, ask/1]).
+
+%% Makes the test runner a distributed node named `Prefix' ++ its OS pid (unique, in case
+%% another run is going on), unless it already is one. Returns whether it started
+%% distribution, for stop_distribution/1. A clean CI machine has no epmd running, and
+%% net_kernel:start/1 (unlike `erl -sname') does not start one: start it here and retry
+%% while the freshly forked daemon is not listening yet.
+-spec start_distribution(string()) -> boolean().
+start_distribution(Prefix) ->
+    case node() of
+        nonode@nohost ->
+            _ = os:cmd("epmd -daemon"),
+            Name = list_to_atom(Prefix ++ os:getpid()),
+            ok = start_net_kernel(Name, 50),
+            true;
+        _ ->
+            false
+    end.
+
+start_net_kernel(Name, Tries) ->
+    case net_kernel:start([Name, shortnames]) of
+        {ok, _} -> ok;
+        {error, _} when Tries > 1 -> timer:sleep(100), start_net_kernel(Name, Tries - 1);
+        {error, Reason} -> error({no_distribution, Reason})
+    end.
+
+-spec stop_distribution(boolean()) -> ok.
+stop_distribution(true) -> _ = net_kernel:stop(), ok;
+stop_distribution(false) -> ok.
 
 %% The dialer's side of the handshake (native/teleport_core/src/handshake.rs), as node `Me'
 %% with cookie `Cookie', against the listener of this node on `Port':

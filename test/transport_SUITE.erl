@@ -37,16 +37,7 @@ groups() ->
      {short_handshake, [], [peer_paused_while_connecting]}].
 
 init_per_suite(Config) ->
-    Started = case node() of
-                  nonode@nohost ->
-                      _ = os:cmd("epmd -daemon"),
-                      %% Unique per OS process, in case another run of the suite is going on.
-                      Name = list_to_atom("teleport_ct_" ++ os:getpid()),
-                      {ok, _} = net_kernel:start([Name, shortnames]),
-                      true;
-                  _ ->
-                      false
-              end,
+    Started = teleport_test_util:start_distribution("teleport_ct_"),
     ct:pal("runner ~p, cookie set: ~p", [node(), erlang:get_cookie() =/= nocookie]),
     %% A table of the peers started by the current test case, owned by a process that lives
     %% as long as the suite (CT runs init_per_suite in a process of its own).
@@ -60,10 +51,7 @@ init_per_suite(Config) ->
 end_per_suite(Config) ->
     _ = teleport:stop(),
     ?config(peer_table_holder, Config) ! stop,
-    case ?config(started_dist, Config) of
-        true -> _ = net_kernel:stop();
-        false -> ok
-    end,
+    teleport_test_util:stop_distribution(?config(started_dist, Config)),
     ok.
 
 init_per_group(small_queue, Config) ->
