@@ -4,7 +4,9 @@
 
 Enum.reduce_while(1..50, nil, fn _, _ ->
   case :erl_epmd.names() do
-    {:ok, _} -> {:halt, :ok}
+    {:ok, _} ->
+      {:halt, :ok}
+
     _ ->
       Process.sleep(100)
       {:cont, nil}
