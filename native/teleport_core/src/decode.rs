@@ -12,6 +12,14 @@
 use crate::etf::*;
 use std::fmt;
 
+/// An atom given by its index in the VM's atom table (2 or 3 bytes): a VM-internal encoding
+/// that no encoder writes for others, but that `binary_to_term/1` accepts on OTP 25 (an index
+/// beyond the table is `badarg`). Parsed (see [`Builder::atom_by_index`]) so that
+/// [`check_for_vm`] refuses nothing that `binary_to_term/1` accepts.
+const ATOM_INTERNAL_REF2: u8 = 73;
+/// See [`ATOM_INTERNAL_REF2`].
+const ATOM_INTERNAL_REF3: u8 = 75;
+
 /// Why a buffer is not a valid encoded term. The NIF turns every one of these into `badarg`,
 /// as `binary_to_term/1` does; the variants are for logs and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,9 +146,20 @@ pub trait Builder {
     /// A binary: `data` is its bytes, found at `offset` in the input given to [`parse`].
     fn binary(&mut self, data: &[u8], offset: usize) -> Result<Self::Term, DecodeError>;
     /// A term the builder is expected to hand to the VM's own decoder: pids, ports,
-    /// references, funs, bitstrings, bignums beyond 64 bits, `FLOAT_EXT`. `raw` is its whole
-    /// encoding, tag included; the parser only checked that its lengths fit in the input.
+    /// references, funs, bitstrings, bignums beyond 64 bits, `FLOAT_EXT`.
+    /// `raw` is its whole encoding, tag included. For most of these the parser only checked
+    /// that their lengths fit in the input; funs (`NEW_FUN_EXT`, `EXPORT_EXT`) it checked
+    /// field by field, free variables included, since OTP 25's decoder trusts parts of them
+    /// (see [`check_for_vm`]). The builder is not asked to make a fun's free variables: the
+    /// VM makes them from `raw`.
     fn opaque(&mut self, tag: u8, raw: &[u8]) -> Result<Self::Term, DecodeError>;
+    /// An atom given by its index in the VM's atom table (tag 73 or 75, VM-internal encodings
+    /// that `binary_to_term/1` accepts); `raw` is its whole encoding, tag included. Only the
+    /// VM can tell which atom it is, so builders not backed by the VM refuse it, as this
+    /// default does, with `BadTag`.
+    fn atom_by_index(&mut self, raw: &[u8]) -> Result<Self::Term, DecodeError> {
+        Err(DecodeError::BadTag(raw[0]))
+    }
     /// `[]`.
     fn nil(&mut self) -> Result<Self::Term, DecodeError>;
     /// A proper list of the given bytes, as integers (`STRING_EXT`).
@@ -162,6 +181,12 @@ enum Kind {
     Tuple,
     List,
     Map,
+    /// The free variables of a `NEW_FUN_EXT` that starts (at its tag) at `at` and, as its
+    /// Size field claims, ends just before `end`. They are checked, not built.
+    Fun {
+        at: usize,
+        end: usize,
+    },
 }
 
 /// An open container: its elements so far sit on the value stack from `start`.
@@ -219,14 +244,46 @@ impl<'a> Input<'a> {
         Ok(n)
     }
 
-    /// Skips an atom (the node name inside a pid, port or reference).
+    /// Skips an atom (the node name inside a pid, port or reference, the module of a fun),
+    /// checking its text as the VM does.
     fn skip_atom(&mut self) -> Result<(), DecodeError> {
-        let n = match self.u8()? {
+        let tag = self.u8()?;
+        let n = match tag {
             ATOM_EXT | ATOM_UTF8_EXT => self.u16()?,
             SMALL_ATOM_EXT | SMALL_ATOM_UTF8_EXT => self.u8()? as usize,
+            ATOM_INTERNAL_REF2 => return self.take(2).map(|_| ()),
+            ATOM_INTERNAL_REF3 => return self.take(3).map(|_| ()),
             t => return Err(DecodeError::BadTag(t)),
         };
-        self.take(n).map(|_| ())
+        check_atom(
+            self.take(n)?,
+            matches!(tag, ATOM_UTF8_EXT | SMALL_ATOM_UTF8_EXT),
+        )
+    }
+
+    /// Skips the OldIndex or OldUniq of a fun: an integer as `term_to_binary/1` writes it,
+    /// `SMALL_INTEGER_EXT` or `INTEGER_EXT`.
+    fn skip_fun_int(&mut self) -> Result<(), DecodeError> {
+        match self.u8()? {
+            SMALL_INTEGER_EXT => self.take(1)?,
+            INTEGER_EXT => self.take(4)?,
+            t => return Err(DecodeError::BadTag(t)),
+        };
+        Ok(())
+    }
+
+    /// Skips the creator of a fun, which must be a pid: OTP 25 decodes whatever term is
+    /// there and takes it for a pid, and encoding the fun later (`term_to_binary/1`, a send
+    /// to another node) crashes the VM.
+    fn skip_fun_creator(&mut self) -> Result<(), DecodeError> {
+        let tag = self.u8()?;
+        let rest = match tag {
+            NEW_PID_EXT => 12,
+            PID_EXT => 9,
+            t => return Err(DecodeError::BadTag(t)),
+        };
+        self.skip_atom()?;
+        self.take(rest).map(|_| ())
     }
 }
 
@@ -277,21 +334,38 @@ pub fn parse<B: Builder>(
     };
     let mut values: Vec<B::Term> = Vec::new();
     let mut open: Vec<Open> = Vec::new();
+    // Open funs around the current node. Inside a fun nodes are checked but not built (the
+    // builder gets the whole fun as one opaque term): building them too would make the
+    // work quadratic in the nesting depth of funs in funs.
+    let mut in_funs = 0usize;
+    // What `b` makes of a node whose fields have all been read, or `None` inside a fun.
+    macro_rules! build {
+        ($made:expr) => {
+            if in_funs > 0 {
+                None
+            } else {
+                Some($made?)
+            }
+        };
+    }
     loop {
         let at = inp.pos;
         let tag = inp.u8()?;
         let mut term = match tag {
-            SMALL_INTEGER_EXT => b.int(inp.u8()? as i64)?,
+            SMALL_INTEGER_EXT => {
+                let v = inp.u8()? as i64;
+                build!(b.int(v))
+            }
             INTEGER_EXT => {
                 let v = i32::from_be_bytes(inp.take(4)?.try_into().unwrap());
-                b.int(v as i64)?
+                build!(b.int(v as i64))
             }
             NEW_FLOAT_EXT => {
                 let v = f64::from_be_bytes(inp.take(8)?.try_into().unwrap());
                 if !v.is_finite() {
                     return Err(DecodeError::BadFloat);
                 }
-                b.float(v)?
+                build!(b.float(v))
             }
             ATOM_EXT | SMALL_ATOM_EXT | ATOM_UTF8_EXT | SMALL_ATOM_UTF8_EXT => {
                 let n = match tag {
@@ -301,17 +375,23 @@ pub fn parse<B: Builder>(
                 let text = inp.take(n)?;
                 let utf8 = matches!(tag, ATOM_UTF8_EXT | SMALL_ATOM_UTF8_EXT);
                 check_atom(text, utf8)?;
-                b.atom(text, utf8, &input[at..inp.pos])?
+                build!(b.atom(text, utf8, &input[at..inp.pos]))
             }
-            NIL_EXT => b.nil()?,
+            ATOM_INTERNAL_REF2 | ATOM_INTERNAL_REF3 => {
+                inp.take(if tag == ATOM_INTERNAL_REF2 { 2 } else { 3 })?;
+                build!(b.atom_by_index(&input[at..inp.pos]))
+            }
+            NIL_EXT => build!(b.nil()),
             STRING_EXT => {
                 let n = inp.u16()?;
-                b.string(inp.take(n)?)?
+                let bytes = inp.take(n)?;
+                build!(b.string(bytes))
             }
             BINARY_EXT => {
                 let n = inp.u32()?;
                 let offset = inp.pos;
-                b.binary(inp.take(n)?, offset)?
+                let data = inp.take(n)?;
+                build!(b.binary(data, offset))
             }
             SMALL_BIG_EXT | LARGE_BIG_EXT => {
                 let n = if tag == SMALL_BIG_EXT {
@@ -319,15 +399,13 @@ pub fn parse<B: Builder>(
                 } else {
                     inp.u32()?
                 };
-                let negative = match inp.u8()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(DecodeError::BadTag(tag)),
-                };
+                // Any sign byte but 0 is negative to the VM; the same here, so that the
+                // check before the VM's decoder (`check_for_vm`) refuses nothing it accepts.
+                let negative = inp.u8()? != 0;
                 let digits = inp.take(n)?;
                 match small_big(negative, digits) {
-                    Some(v) => b.int(v)?,
-                    None => b.opaque(tag, &input[at..inp.pos])?,
+                    Some(v) => build!(b.int(v)),
+                    None => build!(b.opaque(tag, &input[at..inp.pos])),
                 }
             }
             SMALL_TUPLE_EXT | LARGE_TUPLE_EXT => {
@@ -345,7 +423,7 @@ pub fn parse<B: Builder>(
                     });
                     continue;
                 }
-                b.tuple(&mut [])?
+                build!(b.tuple(&mut []))
             }
             LIST_EXT => {
                 // n elements and then the tail: n + 1 terms.
@@ -369,7 +447,7 @@ pub fn parse<B: Builder>(
                     });
                     continue;
                 }
-                b.map(&mut [])?
+                build!(b.map(&mut []))
             }
             // The types the VM decodes itself: only their extent is found here.
             NEW_PID_EXT | PID_EXT | NEW_PORT_EXT | V4_PORT_EXT | PORT_EXT => {
@@ -380,25 +458,55 @@ pub fn parse<B: Builder>(
                     NEW_PORT_EXT => 8,
                     _ => 5,
                 })?;
-                b.opaque(tag, &input[at..inp.pos])?
+                build!(b.opaque(tag, &input[at..inp.pos]))
             }
             NEWER_REFERENCE_EXT | NEW_REFERENCE_EXT => {
                 let words = inp.u16()?;
                 inp.skip_atom()?;
                 let creation = if tag == NEWER_REFERENCE_EXT { 4 } else { 1 };
                 inp.take(creation + 4 * words)?;
-                b.opaque(tag, &input[at..inp.pos])?
+                build!(b.opaque(tag, &input[at..inp.pos]))
             }
             REFERENCE_EXT => {
                 inp.skip_atom()?;
                 inp.take(5)?;
-                b.opaque(tag, &input[at..inp.pos])?
+                build!(b.opaque(tag, &input[at..inp.pos]))
             }
+            // Size:32 (counting itself and every byte after it), Arity:8, Uniq:16 bytes,
+            // Index:32, NumFree:32, Module (atom), OldIndex and OldUniq (integers), Pid (the
+            // creator), then NumFree terms. Every field is checked, for the VM's decoder
+            // trusts some of them (on OTP 25 it does not check that the creator is a pid).
             NEW_FUN_EXT => {
                 let size = inp.u32()?;
-                inp.take(size.checked_sub(4).ok_or(DecodeError::BadLength)?)?;
-                b.opaque(tag, &input[at..inp.pos])?
+                let end = (at + 1)
+                    .checked_add(size)
+                    .filter(|&end| size >= 4 && end <= input.len())
+                    .ok_or(DecodeError::BadLength)?;
+                inp.take(1 + 16 + 4)?; // Arity, Uniq, Index
+                let free = inp.u32()?;
+                inp.skip_atom()?;
+                inp.skip_fun_int()?;
+                inp.skip_fun_int()?;
+                inp.skip_fun_creator()?;
+                // Each free variable takes at least a byte, before the end Size claims.
+                if free > end.saturating_sub(inp.pos) {
+                    return Err(DecodeError::BadLength);
+                }
+                if free > 0 {
+                    open.push(Open {
+                        kind: Kind::Fun { at, end },
+                        start: values.len(),
+                        left: free,
+                    });
+                    in_funs += 1;
+                    continue;
+                }
+                if inp.pos != end {
+                    return Err(DecodeError::BadLength);
+                }
+                build!(b.opaque(tag, &input[at..end]))
             }
+            // Module (atom), Function (atom), Arity (SMALL_INTEGER_EXT), as OTP requires.
             EXPORT_EXT => {
                 inp.skip_atom()?;
                 inp.skip_atom()?;
@@ -406,41 +514,112 @@ pub fn parse<B: Builder>(
                     SMALL_INTEGER_EXT => inp.take(1)?,
                     t => return Err(DecodeError::BadTag(t)),
                 };
-                b.opaque(tag, &input[at..inp.pos])?
+                build!(b.opaque(tag, &input[at..inp.pos]))
             }
             BIT_BINARY_EXT => {
                 let n = inp.u32()?;
                 inp.take(1 + n)?;
-                b.opaque(tag, &input[at..inp.pos])?
+                build!(b.opaque(tag, &input[at..inp.pos]))
             }
             FLOAT_EXT => {
                 inp.take(31)?;
-                b.opaque(tag, &input[at..inp.pos])?
+                build!(b.opaque(tag, &input[at..inp.pos]))
             }
             t => return Err(DecodeError::BadTag(t)),
         };
         // A value is complete: hand it to its container, closing every container it fills.
         loop {
             let Some(top) = open.last_mut() else {
-                return Ok((term, inp.pos));
+                // Outside every fun, so something was built.
+                return Ok((term.ok_or(DecodeError::Refused)?, inp.pos));
             };
-            values.push(term);
+            // `None` inside a fun: nothing to keep, only to count.
+            values.extend(term);
             top.left -= 1;
             if top.left > 0 {
                 break;
             }
             let Open { kind, start, .. } = open.pop().unwrap();
+            if let Kind::Fun { end, .. } = kind {
+                // The free variables end exactly where Size says the fun does.
+                if inp.pos != end {
+                    return Err(DecodeError::BadLength);
+                }
+                in_funs -= 1;
+            }
             term = match kind {
-                Kind::Tuple => b.tuple(&mut values[start..])?,
-                Kind::Map => b.map(&mut values[start..])?,
+                _ if in_funs > 0 => None,
+                Kind::Tuple => Some(b.tuple(&mut values[start..])?),
+                Kind::Map => Some(b.map(&mut values[start..])?),
                 Kind::List => {
                     let tail = values.pop().unwrap();
-                    b.list(&mut values[start..], tail)?
+                    Some(b.list(&mut values[start..], tail)?)
                 }
+                Kind::Fun { at, end } => Some(b.opaque(NEW_FUN_EXT, &input[at..end])?),
             };
             values.truncate(start);
         }
     }
+}
+
+/// A [`Builder`] that makes nothing: [`parse`] with it only checks the input.
+struct Check;
+
+impl Builder for Check {
+    type Term = ();
+    fn int(&mut self, _: i64) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn float(&mut self, _: f64) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn atom(&mut self, _: &[u8], _: bool, _: &[u8]) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn binary(&mut self, _: &[u8], _: usize) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn opaque(&mut self, _: u8, _: &[u8]) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    // The VM decides whether the index is an atom; nothing here for a fun to hide in.
+    fn atom_by_index(&mut self, _: &[u8]) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn nil(&mut self) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn string(&mut self, _: &[u8]) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn tuple(&mut self, _: &mut [()]) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn list(&mut self, _: &mut [()], _: ()) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    fn map(&mut self, _: &mut [()]) -> Result<(), DecodeError> {
+        Ok(())
+    }
+}
+
+/// Checks a whole plain encoded term (version byte first) before it goes to the VM's own
+/// decoder (`enif_binary_to_term`), which must never see a malformed fun: OTP 25 accepts a
+/// `NEW_FUN_EXT` whose creator is not a pid, and the VM crashes when such a fun is later
+/// encoded. So every fun is checked field by field, its Size included. An error means
+/// `badarg`.
+///
+/// Inputs holding neither a `NEW_FUN_EXT` nor an `EXPORT_EXT` byte anywhere cannot hold a
+/// fun and pass at memory speed, untouched: the VM's decoder checks everything else itself.
+/// The others are parsed whole by [`parse`], which checks every fun field by field. The
+/// parse must be whole, not a search for fun tags: only the parse knows which bytes are
+/// tags and which are data (a 112 inside a binary is no fun).
+pub fn check_for_vm(input: &[u8]) -> Result<(), DecodeError> {
+    let body = input.get(1..).unwrap_or_default();
+    if !body.contains(&NEW_FUN_EXT) && !body.contains(&EXPORT_EXT) {
+        return Ok(());
+    }
+    parse(input, 1, &mut Check).map(|_| ())
 }
 
 pub mod inflate {
@@ -923,9 +1102,11 @@ mod tests {
         assert_eq!(decode_value(&min), Ok(Value::Int(i64::MIN)));
         let over = [131, 110, 8, 0, 0, 0, 0, 0, 0, 0, 0, 128];
         assert!(matches!(decode_value(&over), Ok(Value::Opaque(110, _))));
+        // binary_to_term/1 takes any sign byte but 0 for negative.
+        assert_eq!(decode_value(&[131, 110, 1, 2, 5]), Ok(Value::Int(-5)));
         assert_eq!(
-            decode_value(&[131, 110, 1, 2, 5]),
-            Err(DecodeError::BadTag(110))
+            decode_value(&[131, 111, 0, 0, 0, 1, 7, 5]),
+            Ok(Value::Int(-5))
         );
     }
 
@@ -992,6 +1173,276 @@ mod tests {
             Err(DecodeError::BadLength)
         );
         assert_eq!(decode_value(&[131, 82, 0]), Err(DecodeError::BadTag(82)));
+        // Atoms by index: delimited, refused by builders without a VM (the `Value` one),
+        // accepted by the check before the VM's decoder, which takes them.
+        let by_index = term(&[&[104, 3, 75, 0, 0, 1, 73, 0, 1], &GENUINE_FUN[1..]]);
+        assert_eq!(decode_value(&by_index), Err(DecodeError::BadTag(75)));
+        assert_eq!(check_for_vm(&by_index), Ok(()));
+        assert!(check_for_vm(&by_index[..by_index.len() - 1]).is_err());
+        let pid = [88, 73, 0, 1, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            decode_value(&term(&[&pid])),
+            Ok(Value::Opaque(88, pid.to_vec()))
+        );
+    }
+
+    /// `tfun:mk(5, <<"ab">>)` (with `mk(X, Y) -> fun(Z) -> {X, Y, Z} end.`) as OTP 25's
+    /// `term_to_binary/1` writes it: a `NEW_FUN_EXT` with two free variables.
+    const GENUINE_FUN: &[u8] = &[
+        131, 112, 0, 0, 0, 81, 1, 126, 70, 35, 69, 181, 198, 56, 168, 183, 195, 74, 215, 227, 180,
+        7, 56, 0, 0, 0, 0, 0, 0, 0, 2, 100, 0, 4, 116, 102, 117, 110, 97, 0, 98, 3, 242, 49, 26,
+        88, 100, 0, 13, 110, 111, 110, 111, 100, 101, 64, 110, 111, 104, 111, 115, 116, 0, 0, 0, 9,
+        0, 0, 0, 0, 0, 0, 0, 0, 97, 5, 109, 0, 0, 0, 2, 97, 98,
+    ];
+
+    /// `self()` of `nonode@nohost` as OTP 25 writes it (`NEW_PID_EXT`).
+    fn pid() -> Vec<u8> {
+        let mut pid = vec![NEW_PID_EXT, ATOM_EXT, 0, 13];
+        pid.extend_from_slice(b"nonode@nohost");
+        pid.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0]);
+        pid
+    }
+
+    /// A `NEW_FUN_EXT` (no version byte) of `GENUINE_FUN`'s code with the given creator and
+    /// free variables; Size is `size_delta` more than the true size.
+    fn fun_ext(creator: &[u8], free: &[&[u8]], size_delta: i64) -> Vec<u8> {
+        let mut body = GENUINE_FUN[6..27].to_vec(); // Arity, Uniq, Index
+        body.extend_from_slice(&(free.len() as u32).to_be_bytes());
+        body.extend_from_slice(&GENUINE_FUN[31..45]); // Module, OldIndex, OldUniq
+        body.extend_from_slice(creator);
+        for f in free {
+            body.extend_from_slice(f);
+        }
+        let size = (body.len() as i64 + 4 + size_delta) as u32;
+        let mut fun = vec![NEW_FUN_EXT];
+        fun.extend_from_slice(&size.to_be_bytes());
+        fun.extend_from_slice(&body);
+        fun
+    }
+
+    /// A whole encoded term: the version byte, then `parts`.
+    fn term(parts: &[&[u8]]) -> Vec<u8> {
+        let mut t = vec![VERSION];
+        for p in parts {
+            t.extend_from_slice(p);
+        }
+        t
+    }
+
+    const FREE: [&[u8]; 2] = [&[97, 5], &[109, 0, 0, 0, 2, 97, 98]];
+
+    #[test]
+    fn genuine_funs_are_kept_whole() {
+        let fun = fun_ext(&pid(), &FREE, 0);
+        assert_eq!(
+            term(&[&fun]),
+            GENUINE_FUN,
+            "the helper writes what OTP writes"
+        );
+        let opaque = Value::Opaque(NEW_FUN_EXT, fun.clone());
+        assert_eq!(decode_value(GENUINE_FUN), Ok(opaque.clone()));
+        // A fun among other terms, after it: Size tells where it ends.
+        let tuple = term(&[&[104, 2], &fun, &[97, 7]]);
+        assert_eq!(
+            decode_value(&tuple),
+            Ok(Value::Tuple(vec![opaque.clone(), Value::Int(7)]))
+        );
+        // A fun in the free variables of a fun; no free variables; the old PID_EXT creator.
+        let nested = fun_ext(&pid(), &[&fun, &[97, 1]], 0);
+        let bare = fun_ext(&pid(), &[], 0);
+        let mut old_pid = vec![PID_EXT];
+        old_pid.extend_from_slice(&pid()[1..17]); // the node atom
+        old_pid.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0, 0]);
+        let old = fun_ext(&old_pid, &FREE, 0);
+        for f in [&nested, &bare, &old] {
+            assert_eq!(
+                decode_value(&term(&[f])),
+                Ok(Value::Opaque(NEW_FUN_EXT, f.clone()))
+            );
+        }
+        for t in [GENUINE_FUN, &tuple, &term(&[&nested])] {
+            assert_eq!(check_for_vm(t), Ok(()));
+        }
+    }
+
+    #[test]
+    fn fun_creator_must_be_a_pid() {
+        let port = {
+            let mut p = vec![NEW_PORT_EXT];
+            p.extend_from_slice(&pid()[1..17]);
+            p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+            p
+        };
+        let creators: [&[u8]; 5] = [
+            &[SMALL_INTEGER_EXT, 0],
+            &[ATOM_EXT, 0, 2, b'o', b'k'],
+            &[NIL_EXT],
+            &[SMALL_TUPLE_EXT, 0],
+            &port,
+        ];
+        for creator in creators {
+            let forged = fun_ext(creator, &FREE, 0);
+            let want = DecodeError::BadTag(creator[0]);
+            assert_eq!(decode_value(&term(&[&forged])), Err(want), "{creator:?}");
+            assert_eq!(check_for_vm(&term(&[&forged])), Err(want));
+            // Also when it hides in a genuine fun's free variables, or after other terms.
+            let nested = fun_ext(&pid(), &[&[97, 1], &forged], 0);
+            assert_eq!(check_for_vm(&term(&[&nested])), Err(want));
+            let late = term(&[
+                &[108, 0, 0, 0, 2, 109, 0, 0, 0, 1, 112, 97, 1],
+                &forged,
+                &[106],
+            ]);
+            assert_eq!(check_for_vm(&late), Err(want));
+        }
+    }
+
+    #[test]
+    fn fun_size_must_match_its_bytes() {
+        for delta in [-100, -4, -1, 1, 2, 30, 1 << 20] {
+            let fun = fun_ext(&pid(), &FREE, delta);
+            // In a tuple with bytes after the fun, so that a larger Size still fits.
+            let t = term(&[&[104, 2], &fun, &[100, 0, 40], &[b'x'; 40]]);
+            let e = decode_value(&t).unwrap_err();
+            assert!(
+                matches!(e, DecodeError::BadLength | DecodeError::BadTag(_)),
+                "delta {delta}: {e:?}"
+            );
+            assert!(check_for_vm(&t).is_err(), "delta {delta}");
+        }
+        // Size below its own 4 bytes, and Size beyond the input.
+        for size in [0u32, 3, u32::MAX] {
+            let mut fun = fun_ext(&pid(), &FREE, 0);
+            fun[1..5].copy_from_slice(&size.to_be_bytes());
+            assert_eq!(
+                decode_value(&term(&[&fun])),
+                Err(DecodeError::BadLength),
+                "size {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn funs_nested_deep_are_checked_without_recursion_or_rebuilding() {
+        // 100,000 funs, each the only free variable of the one around it: 7 MB.
+        let depth = 100_000;
+        let head = fun_ext(&pid(), &[&[]], 0); // NumFree 1, the free variable left out
+        let inner = fun_ext(&pid(), &FREE, 0);
+        let total = depth * head.len() + inner.len();
+        let mut input = vec![VERSION];
+        for i in 0..depth {
+            let size = (total - i * head.len() - 1) as u32;
+            input.push(NEW_FUN_EXT);
+            input.extend_from_slice(&size.to_be_bytes());
+            input.extend_from_slice(&head[5..]);
+        }
+        input.extend_from_slice(&inner);
+        assert_eq!(check_for_vm(&input), Ok(()));
+        // One opaque term for the outermost fun: inner funs are not built (each would copy
+        // its whole encoding, quadratic work in all).
+        let (v, end) = crate::value::decode_value_used(&input).unwrap();
+        assert_eq!(end, input.len());
+        assert!(matches!(&v, Value::Opaque(NEW_FUN_EXT, raw) if raw[..] == input[1..]));
+        // The innermost creator forged: found, however deep.
+        let at = input.len() - inner.len() + 44;
+        assert_eq!(input[at], NEW_PID_EXT);
+        input[at] = NEW_PORT_EXT;
+        assert_eq!(check_for_vm(&input), Err(DecodeError::BadTag(NEW_PORT_EXT)));
+    }
+
+    #[test]
+    fn truncated_funs_are_refused() {
+        let nested = term(&[&fun_ext(&pid(), &[&GENUINE_FUN[1..], &[97, 1]], 0)]);
+        for whole in [GENUINE_FUN, &nested] {
+            for n in 0..whole.len() {
+                assert!(decode_value(&whole[..n]).is_err(), "{n} bytes");
+            }
+            // From the fun's tag on, the fun is checked, and found cut short.
+            for n in 2..whole.len() {
+                assert!(check_for_vm(&whole[..n]).is_err(), "{n} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn fun_fields_are_checked() {
+        let fun = fun_ext(&pid(), &FREE, 0);
+        let with = |at: usize, old: usize, new: &[u8]| {
+            let mut f = fun[..at].to_vec();
+            f.extend_from_slice(new);
+            f.extend_from_slice(&fun[at + old..]);
+            let size = (f.len() - 1) as u32;
+            f[1..5].copy_from_slice(&size.to_be_bytes());
+            decode_value(&term(&[&f]))
+        };
+        // Offsets in `fun` (no version byte): Module at 30, OldIndex at 37, OldUniq at 39.
+        assert_eq!(with(30, 7, &[97, 1]), Err(DecodeError::BadTag(97)));
+        assert_eq!(with(30, 7, &[119, 1, 0xff]), Err(DecodeError::BadAtom));
+        assert_eq!(with(37, 2, &[110, 1, 0, 5]), Err(DecodeError::BadTag(110)));
+        assert_eq!(
+            with(39, 5, &[100, 0, 1, b'x']),
+            Err(DecodeError::BadTag(100))
+        );
+        // The same field values in other allowed encodings are fine.
+        assert!(with(30, 7, &[119, 4, b't', b'f', b'u', b'n']).is_ok());
+        assert!(with(37, 2, &[98, 0, 0, 0, 0]).is_ok());
+        // NumFree claiming more (or fewer) free variables than Size leaves room for.
+        for free in [0u32, 1, 3, 1000, u32::MAX] {
+            let mut f = fun.clone();
+            f[26..30].copy_from_slice(&free.to_be_bytes());
+            assert!(decode_value(&term(&[&f])).is_err(), "NumFree {free}");
+        }
+    }
+
+    #[test]
+    fn exports_need_two_atoms_and_a_small_arity() {
+        let mut export = vec![EXPORT_EXT, ATOM_EXT, 0, 5];
+        export.extend_from_slice(b"lists");
+        export.extend_from_slice(&[ATOM_EXT, 0, 3]);
+        export.extend_from_slice(b"sum");
+        let good = term(&[&export, &[SMALL_INTEGER_EXT, 1]]);
+        assert_eq!(
+            decode_value(&good),
+            Ok(Value::Opaque(EXPORT_EXT, good[1..].to_vec()))
+        );
+        assert_eq!(check_for_vm(&good), Ok(()));
+        let bad: [(Vec<u8>, DecodeError); 4] = [
+            (
+                term(&[&export, &[INTEGER_EXT, 0, 0, 0, 1]]),
+                DecodeError::BadTag(INTEGER_EXT),
+            ),
+            (term(&[&export, &[NIL_EXT]]), DecodeError::BadTag(NIL_EXT)),
+            (
+                term(&[&[EXPORT_EXT, SMALL_INTEGER_EXT, 1], &export[8..], &[97, 1]]),
+                DecodeError::BadTag(SMALL_INTEGER_EXT),
+            ),
+            (
+                term(&[&export[..9], &[BINARY_EXT, 0, 0, 0, 0, 97, 1]]),
+                DecodeError::BadTag(BINARY_EXT),
+            ),
+        ];
+        for (input, want) in bad {
+            assert_eq!(decode_value(&input), Err(want), "{input:?}");
+            assert_eq!(check_for_vm(&input), Err(want));
+        }
+    }
+
+    #[test]
+    fn check_for_vm_parses_only_inputs_that_may_hold_funs() {
+        // No fun tag byte anywhere: left to the VM's decoder, malformed or not.
+        assert_eq!(check_for_vm(&[131, 108, 255, 255, 255, 255, 106]), Ok(()));
+        assert_eq!(check_for_vm(&[]), Ok(()));
+        // A forged fun as the bytes of a binary is no fun.
+        let forged = fun_ext(&[SMALL_INTEGER_EXT, 0], &FREE, 0);
+        let mut bin = vec![131, BINARY_EXT];
+        bin.extend_from_slice(&(forged.len() as u32).to_be_bytes());
+        bin.extend_from_slice(&forged);
+        assert_eq!(check_for_vm(&bin), Ok(()));
+        // A fun tag byte makes the whole input checked.
+        assert_eq!(
+            check_for_vm(&[131, 108, 255, 255, 255, 255, 112]),
+            Err(DecodeError::BadLength)
+        );
     }
 
     /// `may_share` as its definition says, one position at a time.

@@ -10,6 +10,7 @@
 //! sub-binaries of the frame, so the frame should be read into a buffer of its own.
 
 use crate::encode::Writer;
+use crate::etf;
 use std::fmt;
 
 /// Bytes of the length prefix.
@@ -37,6 +38,8 @@ pub enum FrameError {
     BadKind(u8),
     /// The destination runs past the end of the frame, or the term is missing.
     Truncated,
+    /// The destination is not a pid (for [`Kind::ToPid`]) or an atom (for [`Kind::ToName`]).
+    BadDest,
 }
 
 impl fmt::Display for FrameError {
@@ -45,6 +48,7 @@ impl fmt::Display for FrameError {
             FrameError::BadLength(n) => write!(f, "frame length {n} is out of bounds"),
             FrameError::BadKind(k) => write!(f, "unknown frame kind {k}"),
             FrameError::Truncated => f.write_str("frame ends inside its header"),
+            FrameError::BadDest => f.write_str("frame destination is not a pid or an atom"),
         }
     }
 }
@@ -95,6 +99,24 @@ pub fn parse(body: &[u8]) -> Result<Frame<'_>, FrameError> {
         dest,
         term,
     })
+}
+
+/// Checks that a destination is what its kind says, by its outer tag, before the VM's own
+/// decoder sees it: a pid (whose only inner term is its node's atom) or an atom. Anything
+/// else could hide a term the VM's decoder mishandles, such as a forged fun (OTP 25 accepts
+/// a NEW_FUN_EXT whose creator is no pid, and crashes using it).
+pub fn check_dest(kind: Kind, dest: &[u8]) -> Result<(), FrameError> {
+    let ok = match (kind, dest) {
+        (Kind::ToPid, [etf::VERSION, tag, ..]) => {
+            matches!(*tag, etf::NEW_PID_EXT | etf::PID_EXT)
+        }
+        (Kind::ToName, [etf::VERSION, tag, ..]) => matches!(
+            *tag,
+            etf::ATOM_UTF8_EXT | etf::SMALL_ATOM_UTF8_EXT | etf::ATOM_EXT | etf::SMALL_ATOM_EXT
+        ),
+        _ => false,
+    };
+    ok.then_some(()).ok_or(FrameError::BadDest)
 }
 
 /// The position of a frame being written, to be completed by [`finish`].
@@ -189,5 +211,31 @@ mod tests {
         // Destination as long as the rest: no term left.
         assert_eq!(parse(&[2, 0, 0, 2, b'a', b'b']), Err(FrameError::Truncated));
         assert_eq!(parse(&[2, 0, 255, 255, b'a']), Err(FrameError::Truncated));
+    }
+
+    #[test]
+    fn destinations_must_be_pids_or_atoms() {
+        let pid = [131, etf::NEW_PID_EXT, 119, 1, b'a', 0, 0, 0, 1];
+        let atom = [131, etf::SMALL_ATOM_UTF8_EXT, 2, b'h', b'i'];
+        assert_eq!(check_dest(Kind::ToPid, &pid), Ok(()));
+        assert_eq!(check_dest(Kind::ToPid, &[131, etf::PID_EXT]), Ok(()));
+        assert_eq!(check_dest(Kind::ToName, &atom), Ok(()));
+        assert_eq!(check_dest(Kind::ToName, &[131, etf::ATOM_EXT]), Ok(()));
+        // The other kind's destination, a fun, a tuple, no version byte, nothing.
+        assert_eq!(check_dest(Kind::ToPid, &atom), Err(FrameError::BadDest));
+        assert_eq!(check_dest(Kind::ToName, &pid), Err(FrameError::BadDest));
+        assert_eq!(
+            check_dest(Kind::ToPid, &[131, 112, 0]),
+            Err(FrameError::BadDest)
+        );
+        assert_eq!(
+            check_dest(Kind::ToName, &[131, 104, 1]),
+            Err(FrameError::BadDest)
+        );
+        assert_eq!(
+            check_dest(Kind::ToName, &atom[1..]),
+            Err(FrameError::BadDest)
+        );
+        assert_eq!(check_dest(Kind::ToPid, &[]), Err(FrameError::BadDest));
     }
 }

@@ -4,8 +4,11 @@
 //! (`enif_binary_to_term`), which is as fast as `binary_to_term/1` itself. Only a buffer whose
 //! bulk is one or a few large binaries is decoded here, so that those binaries become
 //! sub-binaries of the buffer instead of copies (zero-copy receive). Whenever this path
-//! fails, the VM's decoder gets the whole input and has the last word, so errors are exactly
-//! those of `binary_to_term/1`.
+//! fails, the VM's decoder gets the whole input and has the last word, so errors are those
+//! of `binary_to_term/1`, with one exception: no input goes to the VM's decoder before
+//! [`check_for_vm`] has checked every fun in it (OTP 25 accepts funs whose creator is not a
+//! pid, and crashes when it later encodes them), so malformed funs are `badarg` here even
+//! where `binary_to_term/1` accepts them.
 
 use crate::term_word::{self, from_word, word};
 use rustler::sys::{
@@ -16,7 +19,7 @@ use rustler::sys::{
 };
 use std::cell::Cell;
 use teleport_core::decode::inflate;
-use teleport_core::decode::{layout, may_share, parse, Builder, DecodeError, Layout};
+use teleport_core::decode::{check_for_vm, layout, may_share, parse, Builder, DecodeError, Layout};
 use teleport_core::etf::{share_on_decode, DECODE_SHARE_MIN, VERSION};
 
 /// Counts the atoms among the first [`SAMPLE_NODES`] nodes of a term, then stops the parse.
@@ -203,6 +206,9 @@ impl Builder for Make {
     fn opaque(&mut self, tag: u8, raw: &[u8]) -> Result<ErlNifTerm, DecodeError> {
         self.vm_opaque(tag, raw)
     }
+    fn atom_by_index(&mut self, raw: &[u8]) -> Result<ErlNifTerm, DecodeError> {
+        self.vm_opaque(raw[0], raw)
+    }
     fn nil(&mut self) -> Result<ErlNifTerm, DecodeError> {
         Ok(unsafe { enif_make_list_from_array(self.env, std::ptr::null(), 0) })
     }
@@ -341,8 +347,10 @@ impl Make {
     }
 }
 
-/// The VM's own decoder on the whole input: `None` where `binary_to_term/1` raises `badarg`.
+/// The VM's own decoder on the whole input: `None` where `binary_to_term/1` raises `badarg`
+/// or where [`check_for_vm`] finds a malformed fun, which the VM must not see.
 unsafe fn vm_decode(env: *mut ErlNifEnv, input: &[u8], safe: bool) -> Option<ErlNifTerm> {
+    check_for_vm(input).ok()?;
     let flags = if safe { ERL_NIF_BIN2TERM_SAFE } else { 0 };
     let mut term = ErlNifTerm::default();
     let used = enif_binary_to_term(env, input.as_ptr(), input.len(), &mut term, flags);
@@ -402,6 +410,8 @@ unsafe fn decode_plain(
     if !share && !atom_heavy(input) {
         return vm_decode(env, input, safe).map(|t| (t, input.len()));
     }
+    // No `check_for_vm` needed before this parse: it checks every fun itself before `Make`
+    // hands one to the VM's decoder (`vm_opaque`), and `vm_decode` below checks again.
     let mut make = Make::new(env, input_term.filter(|_| share), input.len(), safe);
     let made = parse(input, 1, &mut make);
     let shared_bytes = make.shared_bytes;

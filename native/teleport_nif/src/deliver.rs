@@ -57,6 +57,7 @@ impl Deliver {
 
     /// The local pid a frame is for, or `None` if there is no such process.
     unsafe fn resolve(&self, kind: Kind, dest: &[u8]) -> Result<Option<ErlNifPid>, String> {
+        frame::check_dest(kind, dest).map_err(|e| e.to_string())?;
         let mut pid = MaybeUninit::<ErlNifPid>::uninit();
         let found = match kind {
             Kind::ToPid => {
