@@ -96,6 +96,8 @@ check(Key, V) -> bad(Key, V, "a positive integer").
 -spec check_size(atom(), pos_integer()) -> pos_integer().
 check_size(max_frame_bytes, V) when V > 16#FFFFFFFF ->
     bad(max_frame_bytes, V, "at most 4294967295 (frames carry a 32-bit length)");
+check_size(pool_size, V) when V > 1024 ->
+    bad(pool_size, V, "at most 1024");
 check_size(_Key, V) -> V.
 
 %% @doc Checks socket options given as a map or a proplist (`[{sndbuf, 1048576}, nodelay]')

@@ -103,6 +103,8 @@ runtime_stats(_Runtime) -> ?NOT_LOADED.
 runtime_info(_Runtime) -> ?NOT_LOADED.
 
 %% @doc Starts `Size' connection slots to node `Peer' at `Ip:Port'; they connect on first use.
+%% When the peer refuses their connections, the calling process (the pool's owner) gets
+%% `{teleport_pool_stale, Peer}' and should find the peer's listener and retarget the pool.
 -spec pool_start(runtime(), binary(), binary(), inet:port_number(), binary(), pos_integer(),
                  pos_integer(), {pos_integer(), pos_integer()}) ->
           {ok, pool()} | {error, term()}.

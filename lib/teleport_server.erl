@@ -258,6 +258,16 @@ handle_info({nodedown, Node}, State0 = #{runtime := Rt}) ->
             ok
     end,
     {noreply, State};
+handle_info({teleport_pool_stale, PeerBin}, State) ->
+    %% A pool's writer was refused where the peer's listener was (its teleport restarted on
+    %% another port, or it no longer lets us in): find it again now, so that what is queued
+    %% goes out (or, if the peer's teleport is gone, is dropped and counted) even if nobody
+    %% sends any more. The name is one of our pools' peers, so its atom exists.
+    Node = binary_to_existing_atom(PeerBin, utf8),
+    case ets:member(?TABLE, Node) of
+        true -> {noreply, discover(Node, none, State)};
+        false -> {noreply, State}
+    end;
 handle_info(_Info, State) ->
     {noreply, State}.
 

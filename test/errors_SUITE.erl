@@ -79,7 +79,7 @@ not_started(_Config) ->
 bad_config_value_for_each_key(_Config) ->
     Bad = #{port => [70000, -1, "4000"],
             listen_ip => ["not an ip", {1, 2, 3}, 42],
-            pool_size => [0, 2.5, two],
+            pool_size => [0, 2.5, two, 1025],
             max_queue_bytes => [0, -1, "64MB"],
             max_frame_bytes => [0, 16#100000000],
             eager_connect => [yes, 1],

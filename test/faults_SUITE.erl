@@ -29,21 +29,18 @@
 suite() ->
     [{timetrap, {seconds, 90}}].
 
-%% The known_bugs group holds product bugs found by this suite and not fixed yet; it fails
-%% until they are and is left out of `all/0' so CI stays meaningful. Run it with
-%% `rebar3 ct --suite test/faults_SUITE --group known_bugs'; move each case into
-%% default_config when its bug is fixed.
 all() ->
     [{group, default_config}, {group, small_queue}].
 
 groups() ->
     [{default_config, [],
-      [receiver_killed_mid_stream, receiver_teleport_restarted, disterl_disconnect_and_reconnect,
+      [receiver_killed_mid_stream,
+       sender_socket_reset_keeps_order, receiver_socket_reset_keeps_order,
+       sender_socket_reset_while_flowing, receiver_socket_reset_while_flowing,
+       receiver_teleport_restarted, idle_pool_follows_a_receiver_teleport_restart,
+       disterl_disconnect_and_reconnect, disterl_reconnect_with_full_buffers_keeps_order,
+       frame_over_the_receivers_limit,
        no_loss_no_reorder_under_load]},
-     {known_bugs, [],
-      [bug_reordered_after_sender_socket_reset, bug_reordered_after_receiver_socket_reset,
-       bug_reordered_after_disterl_reconnect,
-       bug_idle_pool_stuck_after_receiver_teleport_restart]},
      %% max_queue_bytes = 1 MB on the runner, so a stopped receiver fills it quickly.
      {small_queue, [], [receiver_stopped_others_flow]}].
 
@@ -216,29 +213,30 @@ receiver_killed_mid_stream(_Config) ->
 %% order; what is lost is what was in flight, reported exactly (per sender, the lost ranges;
 %% in all, how many were counted as dropped and how many were written but never delivered).
 %% R is paused (SIGSTOP) for 300 ms before each kill so that the socket buffers are full.
-%% Three kills per case, 1 s apart (each is a race). These two cases are `bug_' cases:
-%% delivered messages come out of order (below). While the data flows freely (buffers nearly
-%% empty, no SIGSTOP) the same happens, only less often, so no case here runs that way until
-%% the bug is fixed (socket_killed(sender | receiver, flowing) then makes two more cases).
+%% Three kills per case, 1 s apart (each is a race).
 %%
-%% BUG: the runner's sockets to R are destroyed while the buffers are full. R's old reader
-%% thread still holds, in its socket's receive queue (readable before the reset's error) and
-%% in its own read buffer, frames the runner wrote before the reset; it delivers them *while*
-%% the runner's new connection delivers the frames that were still queued: the two
-%% interleave, and messages of one (sender, destination) pair arrive out of order, e.g.
-%% seq 4860 (new connection) before seq 4261 (old connection). README "Order" is violated.
-%% Nothing on the receiving side orders an old connection of a pool slot before its
-%% replacement.
-bug_reordered_after_sender_socket_reset(_Config) ->
+%% Fixed bug (first found here): R's old reader thread still holds, in its socket's receive
+%% queue (readable before the reset's error) and in its own read buffer, frames the runner
+%% wrote before the reset; it delivered them *while* the runner's new connection delivered
+%% the frames that were still queued, so messages of one (sender, destination) pair arrived
+%% out of order (e.g. seq 4860 on the new connection before seq 4261 on the old). Now each
+%% connection names its pool slot (its lane) in the handshake and R's reader of a new
+%% connection waits until the lane's previous reader is done (native/teleport_core/src/lanes.rs).
+sender_socket_reset_keeps_order(_Config) ->
     socket_killed(sender, full_buffers).
 
-%% BUG: the same from R's end: R's accepted sockets are destroyed while the buffers are full.
-%% The kernel keeps what the destroyed socket had already received (5-10 MB here) readable
-%% before the error, so R's old reader goes on delivering it while the runner's new
-%% connection delivers newer frames of the same pairs: out of order again (e.g. 9760 before
-%% 9181). Same root cause.
-bug_reordered_after_receiver_socket_reset(_Config) ->
+%% The same from R's end: R's accepted sockets are destroyed while the buffers are full. The
+%% kernel keeps what the destroyed socket had already received (5-10 MB here) readable
+%% before the error, which R's old reader delivers before the new connection's frames.
+receiver_socket_reset_keeps_order(_Config) ->
     socket_killed(receiver, full_buffers).
+
+%% The same two with the data flowing freely (buffers nearly empty, no SIGSTOP): one kill.
+sender_socket_reset_while_flowing(_Config) ->
+    socket_killed(sender, flowing).
+
+receiver_socket_reset_while_flowing(_Config) ->
+    socket_killed(receiver, flowing).
 
 socket_killed(Side, Buffers) ->
     {PR, R, OsR} = start_peer(peer:random_name(fault_rx), rx_setup()),
@@ -350,15 +348,17 @@ receiver_teleport_restarted(_Config) ->
     check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtRestart)),
     ok.
 
-%% BUG: README "while both nodes stay up and connected, nothing is lost". R's teleport
-%% restarts (its listener moves to another port) while the runner's pool to R is idle; once
-%% the pool's writer noticed that its connection closed (it checks idle connections every
-%% second), one message is sent, and nothing after it. send/2 returns ok, the frame is
-%% queued, the writer's connects to the old port are refused (it marks the pool stale and
-%% retries with backoff, forever), but only a *later send* sees the stale mark and has the
-%% pool re-pointed: with no later send the message stays queued for ever (queued_bytes 160,
-%% never delivered, never counted as dropped).
-bug_idle_pool_stuck_after_receiver_teleport_restart(_Config) ->
+%% R's teleport restarts (its listener moves to another port) while the runner's pool to R is
+%% idle; once the pool's writer noticed that its connection closed (it checks idle
+%% connections every second), one message is sent, and nothing after it: it must arrive.
+%%
+%% Fixed bug (first found here): send/2 returned ok and queued the frame, the writer's
+%% connects to the old port were refused (it marked the pool stale and retried with backoff,
+%% for ever), but only a *later send* saw the stale mark and had the pool re-pointed: with no
+%% later send the message stayed queued for ever (never delivered, never counted as
+%% dropped). Now the pool tells teleport_server when it becomes stale, which finds R's
+%% listener again at once.
+idle_pool_follows_a_receiver_teleport_restart(_Config) ->
     {PR, R, _} = start_peer(peer:random_name(fault_rx), rx_setup()),
     S0 = warm_up(R),
     ok = peer:call(PR, application, stop, [teleport]),
@@ -385,15 +385,15 @@ bug_idle_pool_stuck_after_receiver_teleport_restart(_Config) ->
 disterl_disconnect_and_reconnect(_Config) ->
     disterl_disconnect(flowing).
 
-%% BUG: the same disconnect while the buffers are full (R paused for 300 ms before the
+%% The same disconnect while the buffers are full (R paused for 300 ms before the
 %% disconnect, continued right after; three times, as it is a race). nodedown closes the old
 %% pool and drops its queue (thousands of messages, all counted as dropped); its sockets are
 %% shut down, not reset, so what they had written still arrives, through R's old reader
-%% threads, *while* the new pool's connections deliver newer messages of the same pairs:
-%% delivered messages of one (sender, destination) pair arrive out of order, e.g. seq 3960
-%% (new pool) before seq 2403 (old pool). Same root cause as
-%% bug_reordered_after_sender_socket_reset.
-bug_reordered_after_disterl_reconnect(_Config) ->
+%% threads. Fixed bug (first found here): that went on *while* the new pool's connections
+%% delivered newer messages of the same pairs, out of order (e.g. seq 3960 on the new pool
+%% before seq 2403 on the old). Same cause and fix as sender_socket_reset_keeps_order: a new
+%% pool's slots are the same lanes.
+disterl_reconnect_with_full_buffers_keeps_order(_Config) ->
     disterl_disconnect(full_buffers).
 
 disterl_disconnect(Buffers) ->
@@ -442,6 +442,40 @@ disterl_disconnect(Buffers) ->
     %% The old pool's connections are shut down, not reset: what they had written still
     %% arrives, so whatever was lost was counted as dropped.
     ?assertEqual(Dropped, Lost),
+    ok.
+
+%%--------------------------------------------------------------------------------------------
+%% 5b. frame_over_the_receivers_limit
+
+%% R reads frames of at most 1 MB (its max_frame_bytes), and says so in every handshake.
+%% A 2 MB message sent before the runner's first connection to R is up cannot be refused
+%% yet: it is dropped when the connection comes up, counted and logged, never written (it
+%% would close the connection and take what follows it along). Once a handshake told the
+%% limit, a 2 MB message is refused at once with {error, too_large}. Either way the
+%% connection stays up and every other message arrives, in order.
+%%
+%% Fixed bug (first found here): send/2 returned ok for a message over the receiver's limit;
+%% R closed the connection on reading its length, and the message and whatever the runner
+%% had written behind it on that connection were lost, uncounted.
+frame_over_the_receivers_limit(_Config) ->
+    {PR, R, _} = start_peer(peer:random_name(fault_rx),
+                            #{env => [{max_frame_bytes, ?MB}],
+                              setup => [{teleport_test_util, start_collector, [coll]}]}),
+    Big = binary:copy(<<7>>, 2 * ?MB),
+    S0 = node_stats(R),
+    %% A fresh pool: the first send creates it and queues the frame before any handshake.
+    ok = teleport:send({coll, R}, {1, Big}),
+    ok = teleport:send({coll, R}, 2),
+    ?assertEqual([2], teleport_test_util:collected(PR, coll, 1)),
+    ?assertEqual({error, too_large}, teleport:send({coll, R}, {3, Big})),
+    %% Just under the limit still goes.
+    Fits = binary:copy(<<8>>, ?MB - 100),
+    ok = teleport:send({coll, R}, {4, Fits}),
+    ok = teleport:send({coll, R}, 5),
+    ?assertEqual([2, {4, Fits}, 5], teleport_test_util:collected(PR, coll, 3)),
+    Delta = delta(node_stats(R), S0),
+    ct:pal("stats delta ~p", [Delta]),
+    ?assertMatch(#{dropped := 1, reconnects := 0}, Delta),
     ok.
 
 %%--------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ start_peer(Name, Opts) ->
     try peer:start(#{name => Name, args => Args, connection => standard_io,
                      wait_boot => 30000}) of
         {ok, Peer, Node} ->
+            ok = teleport_cover:peer_started(Node),
             OsPid = peer:call(Peer, os, getpid, []),
             Started = {Peer, Node, OsPid},
             case maps:get(on_start, Opts, undefined) of
@@ -76,8 +77,9 @@ start_peer_retrying(Name, Opts, Deadline, Last) ->
     end.
 
 %% Stops a peer whatever state it is in (stopped, killed, running).
-stop_peer({Peer, _Node, OsPid}) ->
+stop_peer({Peer, Node, OsPid}) ->
     continue_os_process(OsPid),
+    ok = teleport_cover:peer_stopping(Node),
     {Pid, MRef} = spawn_monitor(fun() -> catch peer:stop(Peer) end),
     receive {'DOWN', MRef, process, Pid, _} -> ok
     after 10000 -> exit(Pid, kill)

@@ -3,7 +3,7 @@
 -module(teleport_test_util).
 
 -export([start_distribution/1, stop_distribution/1]).
--export([raw_dial/3, start_collector/1, collected/3, ask/1]).
+-export([raw_dial/3, start_collector/1, collected/3, ask/1, forged_fun/0]).
 
 %% Makes the test runner a distributed node named `Prefix' ++ its OS pid (unique, in case
 %% another run is going on), unless it already is one. Returns whether it started
@@ -33,25 +33,29 @@ start_net_kernel(Name, Tries) ->
 stop_distribution(true) -> _ = net_kernel:stop(), ok;
 stop_distribution(false) -> ok.
 
-%% The dialer's side of the handshake (native/teleport_core/src/handshake.rs), as node `Me'
-%% with cookie `Cookie', against the listener of this node on `Port':
+%% The dialer's side of the handshake (native/teleport_core/src/handshake.rs), version 2, as
+%% node `Me' with cookie `Cookie', against the listener of this node on `Port'. It claims lane
+%% 65535, which no pool uses (they have at most 1024 slots): were it a lane of `Me''s real
+%% pool, the listener would take it for that slot's replacement connection (lanes.rs).
 %% {ok, Socket} (in {packet, 2}) | {rejected, Code, closed | Other} | {unexpected, Term}.
 raw_dial(Port, Me, Cookie) ->
     {ok, S} = gen_tcp:connect({127, 0, 0, 1}, Port,
                               [binary, {active, false}, {packet, 2}, {nodelay, true}]),
     NonceD = crypto:strong_rand_bytes(32),
-    ok = gen_tcp:send(S, <<"HTLPT", 1, (byte_size(Me)):8, Me/binary, NonceD/binary>>),
+    ok = gen_tcp:send(S, <<"HTLPT", 2, (byte_size(Me)):8, Me/binary, NonceD/binary>>),
     Acceptor = atom_to_binary(node(), utf8),
     case gen_tcp:recv(S, 0, 5000) of
         {ok, <<"C", L:8, Acceptor:L/binary, NonceA:32/binary>>} ->
             Names = <<(byte_size(Me)):8, Me/binary, (byte_size(Acceptor)):8, Acceptor/binary>>,
+            Lane = <<65535:16>>,
             MacD = crypto:mac(hmac, sha256, Cookie,
-                              [<<"teleport-dial", 0, 0, 0>>, NonceA, NonceD, Names]),
-            ok = gen_tcp:send(S, <<"A", MacD/binary>>),
-            MacA = crypto:mac(hmac, sha256, Cookie,
-                              [<<"teleport-accept", 0>>, NonceD, NonceA, Names]),
+                              [<<"teleport-dial", 0, 0, 0>>, NonceA, NonceD, Names, Lane]),
+            ok = gen_tcp:send(S, <<"A", MacD/binary, Lane/binary>>),
             case gen_tcp:recv(S, 0, 5000) of
-                {ok, <<"K", MacA/binary>>} -> {ok, S};
+                {ok, <<"K", MacA:32/binary, MaxFrame:32>>} ->
+                    MacA = crypto:mac(hmac, sha256, Cookie, [<<"teleport-accept", 0>>, NonceD,
+                                                             NonceA, Names, <<MaxFrame:32>>]),
+                    {ok, S};
                 {ok, <<"R", Code>>} -> {rejected, Code, after_reject(S)};
                 Other -> gen_tcp:close(S), {unexpected, Other}
             end;
@@ -98,3 +102,10 @@ collected(Peer, Collector, N, Deadline) ->
 ask(Pid) ->
     Pid ! {'$get', self()},
     receive {collected, Got} -> Got after 5000 -> error(timeout) end.
+
+%% A fun in the external term format (version byte first) that OTP 25's binary_to_term/1
+%% accepts although its creator is the integer 0, not a pid, and that crashes the VM once
+%% encoded again: teleport must refuse it wherever untrusted bytes are decoded.
+forged_fun() ->
+    Body = <<0, 0:128, 0:32, 0:32, 119, 5, "lists", 97, 0, 97, 0, 97, 0>>,
+    <<131, 112, (4 + byte_size(Body)):32, Body/binary>>.

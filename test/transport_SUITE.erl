@@ -362,8 +362,8 @@ hostile_round(Port, PeerName, Cookie) ->
     %% A name the runner never heard of (no atom exists for it): REJECT(2), then closed.
     Unknown = teleport_test_util:raw_dial(Port, <<"stranger_", Unique/binary, "@nowhere">>, Cookie),
     ?assertMatch({rejected, 2, closed}, Unknown),
-    %% Another handshake version: REJECT(3).
-    BadVersion = raw_send_and_close(Port, handshake_frame(<<"HTLPT", 2, 3, "a@b",
+    %% Another handshake version (1, before lanes): REJECT(3).
+    BadVersion = raw_send_and_close(Port, handshake_frame(<<"HTLPT", 1, 3, "a@b",
                                                             0:256>>)),
     ?assertMatch({closed, <<0, 2, "R", 3>>}, BadVersion),
     %% Garbage: random bytes, an HTTP request, a huge length prefix.

@@ -140,7 +140,7 @@ fn check_accept(data: &[u8], out: &mut Vec<u8>) {
         pos: 0,
         out,
     };
-    let result = accept(&mut duplex, ACCEPTOR, |name| {
+    let result = accept(&mut duplex, ACCEPTOR, 1 << 20, |name| {
         asked += 1;
         assert!(
             (1..=255).contains(&name.len()) && std::str::from_utf8(name).is_ok(),
@@ -152,9 +152,9 @@ fn check_accept(data: &[u8], out: &mut Vec<u8>) {
     });
     let read = duplex.pos;
     let err = match result {
-        Ok(name) => panic!(
+        Ok(dialer) => panic!(
             "the acceptor authenticated {:?} from arbitrary bytes",
-            String::from_utf8_lossy(&name)
+            String::from_utf8_lossy(&dialer.name)
         ),
         Err(e) => e,
     };
@@ -214,7 +214,7 @@ fn check_dial(data: &[u8], out: &mut Vec<u8>) {
         pos: 0,
         out,
     };
-    let result = dial(&mut duplex, DIALER, ACCEPTOR, COOKIE);
+    let result = dial(&mut duplex, DIALER, ACCEPTOR, COOKIE, 0);
     let read = duplex.pos;
     let Err(err) = result else {
         panic!("the dialer accepted an acceptor that cannot know its nonce");

@@ -9,6 +9,7 @@
 //! nothing is lost while connections come up.
 
 use crate::deadline::Deadline;
+use crate::frame::LEN_BYTES;
 use crate::handshake::{self, HandshakeError};
 use crate::out_frame::OutFrame;
 use crate::sockopts::{self, SocketOpts};
@@ -18,9 +19,9 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Frames up to this size may be written from the sender's thread (a normal scheduler):
 /// a non-blocking write of this much is a memcpy of microseconds. Larger ones always go to
@@ -33,6 +34,11 @@ const MAX_IOVECS: usize = 1024;
 /// How long an idle writer sleeps before checking that the peer did not hang up.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// A connection idle for this long is checked (one non-blocking peek) before a frame is
+/// written on it: a peer that closed it meanwhile (its teleport restarted) would otherwise
+/// take the frame into a socket it no longer reads, and it would be lost without a trace.
+const PROBE_AFTER_IDLE: Duration = Duration::from_millis(100);
+
 /// The first wait after a failed connection attempt; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest wait between connection attempts.
@@ -41,10 +47,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Where a pool's connections go, shared by them: the peer's listener can move (its
 /// teleport application restarted on another port) while the node stays up, and then the
 /// pool is pointed at the new place with its queues intact.
-#[derive(Debug)]
 pub struct Target {
     addr: Mutex<SocketAddr>,
     stale: AtomicBool,
+    /// Called when the pool becomes stale, so that its owner finds the listener again even
+    /// if no one sends (the writers' queues would otherwise wait for ever).
+    on_stale: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// The largest frame body the peer reads, as its last handshake said (`usize::MAX`
+    /// until one did).
+    max_frame: AtomicUsize,
 }
 
 impl Target {
@@ -53,7 +64,14 @@ impl Target {
         Target {
             addr: Mutex::new(addr),
             stale: AtomicBool::new(false),
+            on_stale: OnceLock::new(),
+            max_frame: AtomicUsize::new(usize::MAX),
         }
+    }
+
+    /// The largest frame body the peer reads, once a handshake said; `usize::MAX` before.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame.load(Relaxed)
     }
 
     /// The current address.
@@ -64,6 +82,21 @@ impl Target {
     /// Whether the peer refused a connection: the owner should find its listener again.
     pub fn is_stale(&self) -> bool {
         self.stale.load(Relaxed)
+    }
+
+    /// Sets what to call when the pool becomes stale; only the first call counts.
+    pub fn on_stale(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_stale.set(Box::new(f));
+    }
+
+    /// Marks the target stale: the peer refused us where we thought it listens. The owner is
+    /// told once per stale spell (a retarget ends it), not on every refused attempt.
+    fn mark_stale(&self) {
+        if !self.stale.swap(true, Relaxed) {
+            if let Some(f) = self.on_stale.get() {
+                f();
+            }
+        }
     }
 
     /// Points at `addr` and clears the stale mark.
@@ -99,6 +132,9 @@ pub enum SendError {
     Busy(OutFrame),
     /// The pool was torn down.
     Closed(OutFrame),
+    /// The frame is larger than the peer reads (its `max_frame_bytes`): it would only close
+    /// the connection.
+    TooLarge(OutFrame),
 }
 
 /// What the connection is doing, for `teleport:info/0` and logs.
@@ -131,6 +167,8 @@ struct State {
     reconnects: u64,
     /// When the current socket finished its handshake.
     connected_since: Option<SystemTime>,
+    /// When a frame was last written (or the socket came up).
+    last_write: Instant,
 }
 
 /// A picture of one outgoing connection, for `teleport:info/0`.
@@ -216,6 +254,7 @@ impl Conn {
                 was_up: false,
                 reconnects: 0,
                 connected_since: None,
+                last_write: Instant::now(),
             }),
             wake: Condvar::new(),
             counters: ConnStats::default(),
@@ -224,7 +263,8 @@ impl Conn {
         std::thread::Builder::new()
             .name(format!("teleport_writer_{index}"))
             .spawn(move || {
-                // A panic here must not unwind into nothing: log it and close the slot.
+                // A panic here must not unwind into nothing: log it and close the slot, dropping
+                // (and counting) what it had queued, as the writer would have.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run())).is_err() {
                     tracing::error!(
                         peer = %String::from_utf8_lossy(&c.cfg.peer),
@@ -234,6 +274,9 @@ impl Conn {
                         "writer_panicked"
                     );
                     c.close();
+                    let mut st = c.state.lock();
+                    st.writer_busy = false;
+                    c.drop_queue(&mut st);
                 }
             })?;
         Ok(conn)
@@ -249,15 +292,21 @@ impl Conn {
         if st.status == Status::Closed {
             return Err(SendError::Closed(frame));
         }
+        if body_len(&frame) > self.target.max_frame() {
+            return Err(SendError::TooLarge(frame));
+        }
         if st.queue.is_empty() && !st.writer_busy && frame.len() <= DIRECT_MAX {
+            self.probe_if_idle(&mut st);
             if let Some(sock) = st.sock.clone() {
                 match write_nonblocking(&sock, &frame) {
                     Ok(n) if n == frame.len() => {
+                        st.last_write = Instant::now();
                         self.stats.sent(n);
                         self.counters.add(1, n as u64);
                         return Ok(());
                     }
                     Ok(n) => {
+                        st.last_write = Instant::now();
                         frame.advance(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -374,6 +423,34 @@ impl Conn {
         st.connected_since = None;
     }
 
+    /// Drops (and counts) the queued frames larger than the peer reads: they were queued
+    /// before a handshake told its limit, or it changed (the peer restarted with another).
+    fn drop_too_large(&self, st: &mut State) {
+        let max = self.target.max_frame();
+        let (before, mut bytes) = (st.queue.len(), 0);
+        st.queue.retain(|f| {
+            let keep = body_len(f) <= max;
+            if !keep {
+                bytes += f.remaining();
+            }
+            keep
+        });
+        let n = before - st.queue.len();
+        if n > 0 {
+            st.queued -= bytes;
+            self.stats.queued_bytes.fetch_sub(bytes as u64, Relaxed);
+            self.stats.dropped.fetch_add(n as u64, Relaxed);
+            tracing::warn!(
+                peer = %String::from_utf8_lossy(&self.cfg.peer),
+                index = self.index,
+                max_frame_bytes = max,
+                dropped = n,
+                reason = "larger than the peer's max_frame_bytes",
+                "frames_too_large"
+            );
+        }
+    }
+
     /// Drops every queued frame, counting them.
     fn drop_queue(&self, st: &mut State) {
         let n = st.queue.len() as u64;
@@ -402,6 +479,7 @@ impl Conn {
                 self.drop_queue(&mut st);
                 return;
             }
+            self.probe_if_idle(&mut st);
             let sock = match st.sock.clone() {
                 Some(sock) => sock,
                 None => {
@@ -422,7 +500,9 @@ impl Conn {
                             st.was_up = true;
                             st.status = Status::Up;
                             st.connected_since = Some(SystemTime::now());
+                            st.last_write = Instant::now();
                             st.sock = Some(Arc::new(sock));
+                            self.drop_too_large(&mut st);
                         }
                         Ok(_) => {}
                         Err(err) => {
@@ -468,7 +548,7 @@ impl Conn {
                             if refused {
                                 // The peer is there but not listening or not letting us in
                                 // where we thought: its listener must be found again.
-                                self.target.stale.store(true, Relaxed);
+                                self.target.mark_stale();
                             }
                             // Queued frames stay: they go out once a connection is up, or are
                             // dropped (and counted) when the pool is closed at nodedown.
@@ -490,6 +570,7 @@ impl Conn {
             let result = write_all_blocking(&sock, &mut batch, &self.stats, &self.counters);
             let mut st = self.state.lock();
             st.writer_busy = false;
+            st.last_write = Instant::now();
             let mut requeued = 0;
             if let Err(e) = result {
                 self.lost_socket(&mut st, &e);
@@ -510,6 +591,15 @@ impl Conn {
             st.queued -= freed;
             self.stats.queued_bytes.fetch_sub(freed as u64, Relaxed);
             batch.clear();
+        }
+    }
+
+    /// Checks the connection before writing on it if it has been idle a while.
+    fn probe_if_idle(&self, st: &mut State) {
+        if st.sock.is_some() && st.last_write.elapsed() >= PROBE_AFTER_IDLE {
+            self.check_alive(st);
+            // Probed: the next frames of a burst need not be.
+            st.last_write = Instant::now();
         }
     }
 
@@ -542,15 +632,20 @@ impl Conn {
             Ok::<_, io::Error>(sock)
         })()
         .map_err(ConnectError::Socket)?;
-        (|| {
+        let max_frame = (|| {
             // One deadline for the whole handshake: a per-read timeout would let the peer
             // trickle.
             let mut stream = Deadline::after(&sock, cfg.handshake_timeout);
-            handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cfg.cookie).map_err(handshake_io)?;
+            // The slot index is the lane: a pool has at most `pool::MAX_SIZE` (< 2^16) slots.
+            let lane = u16::try_from(self.index).unwrap_or(u16::MAX);
+            let max_frame = handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cfg.cookie, lane)
+                .map_err(handshake_io)?;
             sock.set_read_timeout(None)?;
-            sock.set_write_timeout(None)
+            sock.set_write_timeout(None)?;
+            Ok::<_, io::Error>(max_frame)
         })()
         .map_err(ConnectError::Handshake)?;
+        self.target.max_frame.store(max_frame as usize, Relaxed);
         let local = sock.local_addr().ok().and_then(|a| a.as_socket());
         tracing::info!(
             peer = %String::from_utf8_lossy(&cfg.peer),
@@ -561,6 +656,11 @@ impl Conn {
         );
         Ok(sock)
     }
+}
+
+/// The length of a frame's body, as the peer's `max_frame_bytes` limits it.
+fn body_len(frame: &OutFrame) -> usize {
+    frame.len().saturating_sub(LEN_BYTES)
 }
 
 /// The address of the other end of a connected socket.

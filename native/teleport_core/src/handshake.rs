@@ -18,15 +18,23 @@
 //! dialer -> acceptor  HELLO      'H', "TLPT", VERSION, NameLen:8, DialerName, NonceD:32
 //! acceptor -> dialer  CHALLENGE  'C', NameLen:8, AcceptorName, NonceA:32
 //!                     or REJECT  'R', Reason:8            (3: the HELLO was not understood)
-//! dialer -> acceptor  RESPONSE   'A', MacD:32
-//! acceptor -> dialer  OK         'K', MacA:32
+//! dialer -> acceptor  RESPONSE   'A', MacD:32, Lane:16
+//! acceptor -> dialer  OK         'K', MacA:32, MaxFrame:32
 //!                     or REJECT  'R', Reason:8            (2: unknown node or wrong MacD,
 //!                                                          3: the RESPONSE was malformed)
 //!
-//! MacD = HMAC-SHA256(Cookie, "teleport-dial\0\0\0" ++ NonceA ++ NonceD ++ Names)
-//! MacA = HMAC-SHA256(Cookie, "teleport-accept\0"   ++ NonceD ++ NonceA ++ Names)
+//! MacD = HMAC-SHA256(Cookie, "teleport-dial\0\0\0" ++ NonceA ++ NonceD ++ Names ++ Lane:16)
+//! MacA = HMAC-SHA256(Cookie, "teleport-accept\0"   ++ NonceD ++ NonceA ++ Names ++ MaxFrame:32)
 //! Names = len(DialerName):8 ++ DialerName ++ len(AcceptorName):8 ++ AcceptorName
 //! ```
+//!
+//! Besides authenticating, the handshake settles two things, each covered by its sender's MAC:
+//! - `Lane`, which of the dialer's pool slots this connection serves. A sender that loses a
+//!   connection opens a new one for the same slot, and the acceptor lets the new one deliver
+//!   only once the old one's reader is done (see [`crate::lanes`]): that keeps a pair's
+//!   messages in order across reconnections.
+//! - `MaxFrame`, the largest frame body the acceptor reads (its `max_frame_bytes`): the dialer
+//!   refuses a larger message at once rather than sending what would close the connection.
 //!
 //! The acceptor looks the dialer's cookie up once, right after the HELLO. For a node it has no
 //! cookie for, it carries on exactly as for a known one, with a fresh nonce and a random
@@ -51,7 +59,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// The handshake version this node speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// The largest handshake message body, in bytes; longer length prefixes are refused unread.
 pub const MAX_MESSAGE: usize = 1024;
 /// The magic that follows the HELLO tag and identifies the protocol.
@@ -183,6 +191,8 @@ pub struct Challenge {
 pub struct Response {
     /// The dialer's proof, `MacD`.
     pub mac: [u8; MAC_LEN],
+    /// The dialer's pool slot this connection serves.
+    pub lane: u16,
 }
 
 /// The acceptor's OK, with its proof that it knows the cookie too.
@@ -190,6 +200,17 @@ pub struct Response {
 pub struct Accepted {
     /// The acceptor's proof, `MacA`.
     pub mac: [u8; MAC_LEN],
+    /// The largest frame body the acceptor reads.
+    pub max_frame: u32,
+}
+
+/// What the acceptor learns of an authenticated dialer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dialer {
+    /// Its node name.
+    pub name: Vec<u8>,
+    /// The pool slot the connection serves.
+    pub lane: u16,
 }
 
 /// Reads one message and returns its body.
@@ -291,15 +312,17 @@ pub fn parse_response(body: &[u8]) -> Result<Response, HandshakeError> {
         return Err(HandshakeError::Malformed("expected RESPONSE"));
     }
     let mac = f.array("truncated MAC")?;
+    let lane = u16::from_be_bytes(f.array("truncated lane")?);
     f.finish()?;
-    Ok(Response { mac })
+    Ok(Response { mac, lane })
 }
 
 /// Serialises a RESPONSE body.
 pub fn encode_response(response: &Response) -> Vec<u8> {
-    let mut body = Vec::with_capacity(1 + MAC_LEN);
+    let mut body = Vec::with_capacity(3 + MAC_LEN);
     body.push(TAG_RESPONSE);
     body.extend_from_slice(&response.mac);
+    body.extend_from_slice(&response.lane.to_be_bytes());
     body
 }
 
@@ -313,15 +336,17 @@ pub fn parse_verdict(body: &[u8]) -> Result<Accepted, HandshakeError> {
         _ => return Err(HandshakeError::Malformed("expected OK or REJECT")),
     }
     let mac = f.array("truncated MAC")?;
+    let max_frame = u32::from_be_bytes(f.array("truncated max frame size")?);
     f.finish()?;
-    Ok(Accepted { mac })
+    Ok(Accepted { mac, max_frame })
 }
 
 /// Serialises an OK body.
 pub fn encode_ok(accepted: &Accepted) -> Vec<u8> {
-    let mut body = Vec::with_capacity(1 + MAC_LEN);
+    let mut body = Vec::with_capacity(5 + MAC_LEN);
     body.push(TAG_OK);
     body.extend_from_slice(&accepted.mac);
+    body.extend_from_slice(&accepted.max_frame.to_be_bytes());
     body
 }
 
@@ -342,8 +367,10 @@ pub fn encode_reject(code: u8) -> Vec<u8> {
 
 /// Runs the dialer's side: proves to the node `peer` that this node `me` knows `cookie`, after
 /// checking that `peer` answers under that name, then checks that `peer` knows the cookie too.
+/// `lane` is the pool slot the connection is for.
 ///
-/// On success the stream is positioned right after the handshake, ready for data frames. On
+/// On success it returns the largest frame body `peer` reads, and the stream is positioned
+/// right after the handshake, ready for data frames. On
 /// [`HandshakeError::WrongPeer`] nothing more than the HELLO has been sent; on
 /// [`HandshakeError::BadMac`] the acceptor said OK without knowing the cookie. Either way, and
 /// on every other error, the caller should close the connection. An empty cookie is refused
@@ -353,7 +380,8 @@ pub fn dial<S: Read + Write>(
     me: &[u8],
     peer: &[u8],
     cookie: &[u8],
-) -> Result<(), HandshakeError> {
+    lane: u16,
+) -> Result<u32, HandshakeError> {
     name_len(me)?;
     name_len(peer)?;
     if cookie.is_empty() {
@@ -373,20 +401,29 @@ pub fn dial<S: Read + Write>(
         // something to test cookie guesses against: send nothing.
         return Err(HandshakeError::WrongPeer);
     }
-    let mac = dial_mac(cookie, &challenge.nonce, &nonce_d, me, peer)?
+    let mac = dial_mac(cookie, &challenge.nonce, &nonce_d, me, peer, lane)?
         .finalize()
         .into_bytes()
         .into();
-    write_message(s, &encode_response(&Response { mac }))?;
+    write_message(s, &encode_response(&Response { mac, lane }))?;
 
     let accepted = parse_verdict(&read_message(s)?)?;
     // `verify_slice` compares in constant time.
-    accept_mac(cookie, &nonce_d, &challenge.nonce, me, peer)?
-        .verify_slice(&accepted.mac)
-        .map_err(|_| HandshakeError::BadMac)
+    accept_mac(
+        cookie,
+        &nonce_d,
+        &challenge.nonce,
+        me,
+        peer,
+        accepted.max_frame,
+    )?
+    .verify_slice(&accepted.mac)
+    .map_err(|_| HandshakeError::BadMac)?;
+    Ok(accepted.max_frame)
 }
 
-/// Runs the acceptor's side as node `me`, and returns the authenticated dialer's node name.
+/// Runs the acceptor's side as node `me`, which reads frame bodies of up to `max_frame` bytes,
+/// and returns the authenticated dialer's node name and lane.
 ///
 /// `cookie_for` is asked once, right after the HELLO, for the cookie shared with the dialer, by
 /// the name the dialer claims. `None` (or an empty cookie) refuses the dialer as
@@ -398,8 +435,9 @@ pub fn dial<S: Read + Write>(
 pub fn accept<S: Read + Write>(
     s: &mut S,
     me: &[u8],
+    max_frame: u32,
     cookie_for: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
-) -> Result<Vec<u8>, HandshakeError> {
+) -> Result<Dialer, HandshakeError> {
     name_len(me)?;
     let hello = read_message(s).and_then(|body| parse_hello(&body));
     let hello = rejecting(s, REJECT_PROTOCOL, hello)?;
@@ -421,9 +459,16 @@ pub fn accept<S: Read + Write>(
     let response = rejecting(s, REJECT_PROTOCOL, response)?;
     // `verify_slice` compares in constant time. Under the stand-in key the MAC cannot verify
     // (but for a 2^-256 chance, which `known` rules out anyway).
-    let mac_ok = dial_mac(&cookie, &nonce_a, &hello.nonce, &hello.name, me)?
-        .verify_slice(&response.mac)
-        .is_ok();
+    let mac_ok = dial_mac(
+        &cookie,
+        &nonce_a,
+        &hello.nonce,
+        &hello.name,
+        me,
+        response.lane,
+    )?
+    .verify_slice(&response.mac)
+    .is_ok();
     if !known {
         return rejecting(s, REJECT_BAD_MAC, Err(HandshakeError::UnknownNode));
     }
@@ -431,12 +476,15 @@ pub fn accept<S: Read + Write>(
         return rejecting(s, REJECT_BAD_MAC, Err(HandshakeError::BadMac));
     }
 
-    let mac = accept_mac(&cookie, &hello.nonce, &nonce_a, &hello.name, me)?
+    let mac = accept_mac(&cookie, &hello.nonce, &nonce_a, &hello.name, me, max_frame)?
         .finalize()
         .into_bytes()
         .into();
-    write_message(s, &encode_ok(&Accepted { mac }))?;
-    Ok(hello.name)
+    write_message(s, &encode_ok(&Accepted { mac, max_frame }))?;
+    Ok(Dialer {
+        name: hello.name,
+        lane: response.lane,
+    })
 }
 
 /// Passes `result` through, first telling the peer REJECT(`code`) if it is a protocol error.
@@ -462,8 +510,11 @@ fn accept_mac(
     nonce_a: &[u8; NONCE_LEN],
     dialer: &[u8],
     acceptor: &[u8],
+    max_frame: u32,
 ) -> Result<HmacSha256, HandshakeError> {
-    keyed_mac(cookie, ACCEPT_LABEL, nonce_d, nonce_a, dialer, acceptor)
+    let mut mac = keyed_mac(cookie, ACCEPT_LABEL, nonce_d, nonce_a, dialer, acceptor)?;
+    mac.update(&max_frame.to_be_bytes());
+    Ok(mac)
 }
 
 /// The keyed HMAC state for the dialer's proof `MacD`: note the nonces in the other order.
@@ -473,8 +524,11 @@ fn dial_mac(
     nonce_d: &[u8; NONCE_LEN],
     dialer: &[u8],
     acceptor: &[u8],
+    lane: u16,
 ) -> Result<HmacSha256, HandshakeError> {
-    keyed_mac(cookie, DIAL_LABEL, nonce_a, nonce_d, dialer, acceptor)
+    let mut mac = keyed_mac(cookie, DIAL_LABEL, nonce_a, nonce_d, dialer, acceptor)?;
+    mac.update(&lane.to_be_bytes());
+    Ok(mac)
 }
 
 fn keyed_mac(
@@ -576,6 +630,8 @@ mod tests {
     const COOKIE: &[u8] = b"SECRETCOOKIEXYZ";
     const DIALER: &[u8] = b"a@host";
     const ACCEPTOR: &[u8] = b"b@host";
+    const LANE: u16 = 5;
+    const MAX_FRAME: u32 = 64 << 20;
 
     /// A connected loopback pair, with timeouts so that a broken test fails instead of hanging.
     fn pair() -> (TcpStream, TcpStream) {
@@ -662,8 +718,8 @@ mod tests {
 
     /// Both sides' results of one session, then the bytes each side wrote (dialer, acceptor).
     type Session = (
-        Result<(), HandshakeError>,
-        Result<Vec<u8>, HandshakeError>,
+        Result<u32, HandshakeError>,
+        Result<Dialer, HandshakeError>,
         Vec<u8>,
         Vec<u8>,
     );
@@ -681,7 +737,7 @@ mod tests {
                 inner: a,
                 written: Vec::new(),
             };
-            let result = accept(&mut a, ACCEPTOR, |name| {
+            let result = accept(&mut a, ACCEPTOR, MAX_FRAME, |name| {
                 assert_eq!(name, DIALER);
                 acceptor_cookie
             });
@@ -691,7 +747,7 @@ mod tests {
             inner: d,
             written: Vec::new(),
         };
-        let dialed = dial(&mut d, DIALER, expected_peer, dialer_cookie);
+        let dialed = dial(&mut d, DIALER, expected_peer, dialer_cookie, LANE);
         // Close before joining, as a real caller would on failure, so the acceptor sees EOF.
         drop(d.inner);
         let (accepted, acceptor_bytes) = acceptor.join().unwrap();
@@ -729,11 +785,17 @@ mod tests {
     }
 
     fn valid_response() -> Vec<u8> {
-        encode_response(&Response { mac: [10; MAC_LEN] })
+        encode_response(&Response {
+            mac: [10; MAC_LEN],
+            lane: 7,
+        })
     }
 
     fn valid_ok() -> Vec<u8> {
-        encode_ok(&Accepted { mac: [11; MAC_LEN] })
+        encode_ok(&Accepted {
+            mac: [11; MAC_LEN],
+            max_frame: 1 << 20,
+        })
     }
 
     /// A small deterministic PRNG (xorshift64*) for garbage inputs.
@@ -752,11 +814,17 @@ mod tests {
     }
 
     #[test]
-    fn handshake_succeeds_and_returns_dialer_name() {
+    fn handshake_succeeds_and_settles_name_lane_and_max_frame() {
         let (dialed, accepted, dialer_bytes, acceptor_bytes) =
             session(COOKIE, Some(COOKIE), ACCEPTOR);
-        dialed.unwrap();
-        assert_eq!(accepted.unwrap(), DIALER);
+        assert_eq!(dialed.unwrap(), MAX_FRAME);
+        assert_eq!(
+            accepted.unwrap(),
+            Dialer {
+                name: DIALER.to_vec(),
+                lane: LANE
+            }
+        );
         // HELLO, RESPONSE one way; CHALLENGE, OK the other.
         let sent = messages(&dialer_bytes);
         assert_eq!(sent.len(), 2);
@@ -768,9 +836,25 @@ mod tests {
         let accepted = parse_verdict(&answered[1]).unwrap();
         assert_eq!(challenge.name, ACCEPTOR);
         // The MACs on the wire are the documented ones.
-        let mac_d = dial_mac(COOKIE, &challenge.nonce, &hello.nonce, DIALER, ACCEPTOR).unwrap();
+        let mac_d = dial_mac(
+            COOKIE,
+            &challenge.nonce,
+            &hello.nonce,
+            DIALER,
+            ACCEPTOR,
+            LANE,
+        )
+        .unwrap();
         assert_eq!(response.mac, mac_bytes(mac_d));
-        let mac_a = accept_mac(COOKIE, &hello.nonce, &challenge.nonce, DIALER, ACCEPTOR).unwrap();
+        let mac_a = accept_mac(
+            COOKIE,
+            &hello.nonce,
+            &challenge.nonce,
+            DIALER,
+            ACCEPTOR,
+            MAX_FRAME,
+        )
+        .unwrap();
         assert_eq!(accepted.mac, mac_bytes(mac_a));
     }
 
@@ -778,15 +862,15 @@ mod tests {
     fn stream_is_left_right_after_the_handshake() {
         let (mut d, mut a) = pair();
         let acceptor = thread::spawn(move || {
-            let name = accept(&mut a, ACCEPTOR, |_| Some(COOKIE.to_vec())).unwrap();
+            let name = accept(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).unwrap();
             let mut frame = [0u8; 5];
             a.read_exact(&mut frame).unwrap();
             (name, frame)
         });
-        dial(&mut d, DIALER, ACCEPTOR, COOKIE).unwrap();
+        dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE).unwrap();
         d.write_all(b"frame").unwrap();
-        let (name, frame) = acceptor.join().unwrap();
-        assert_eq!(name, DIALER);
+        let (dialer, frame) = acceptor.join().unwrap();
+        assert_eq!(dialer.name, DIALER);
         assert_eq!(&frame, b"frame");
     }
 
@@ -859,7 +943,7 @@ mod tests {
         ));
         assert!(matches!(accepted, Err(HandshakeError::UnknownNode)));
         let mut s = Scripted::new(b"");
-        let dialed = dial(&mut s, DIALER, ACCEPTOR, b"");
+        let dialed = dial(&mut s, DIALER, ACCEPTOR, b"", LANE);
         assert!(matches!(dialed, Err(HandshakeError::Malformed(_))));
         assert!(s.output.is_empty());
     }
@@ -869,7 +953,7 @@ mod tests {
         let (mut d, mut a) = pair();
         let acceptor = thread::spawn(move || {
             let mut calls = 0;
-            let result = accept(&mut a, ACCEPTOR, |name| {
+            let result = accept(&mut a, ACCEPTOR, MAX_FRAME, |name| {
                 calls += 1;
                 assert_eq!(name, DIALER);
                 None
@@ -877,7 +961,14 @@ mod tests {
             (result, calls)
         });
         hello_and_challenge(&mut d, [1; NONCE_LEN]);
-        write_message(&mut d, &encode_response(&Response { mac: [0; MAC_LEN] })).unwrap();
+        write_message(
+            &mut d,
+            &encode_response(&Response {
+                mac: [0; MAC_LEN],
+                lane: 0,
+            }),
+        )
+        .unwrap();
         assert_eq!(read_message(&mut d).unwrap(), encode_reject(REJECT_BAD_MAC));
         let (result, calls) = acceptor.join().unwrap();
         assert!(
@@ -893,8 +984,9 @@ mod tests {
         response: Vec<u8>,
     ) -> (Vec<u8>, Vec<u8>, HandshakeError) {
         let (mut d, mut a) = pair();
-        let acceptor =
-            thread::spawn(move || accept(&mut a, ACCEPTOR, |_| cookie.map(<[u8]>::to_vec)));
+        let acceptor = thread::spawn(move || {
+            accept(&mut a, ACCEPTOR, MAX_FRAME, |_| cookie.map(<[u8]>::to_vec))
+        });
         let challenge = hello_and_challenge(&mut d, [3; NONCE_LEN]);
         write_message(&mut d, &response).unwrap();
         let verdict = read_message(&mut d).unwrap();
@@ -916,6 +1008,7 @@ mod tests {
         // and the answer is REJECT(2) whether or not the name is known.
         let garbage = encode_response(&Response {
             mac: [0xAB; MAC_LEN],
+            lane: 0,
         });
         let (known_challenge, known_verdict, known_err) = probe(Some(COOKIE), garbage.clone());
         let (unknown_challenge, unknown_verdict, unknown_err) = probe(None, garbage);
@@ -970,7 +1063,7 @@ mod tests {
     /// (computed from the two nonces by `make_mac`).
     fn impostor(
         make_mac: impl FnOnce(&[u8; NONCE_LEN], &[u8; NONCE_LEN]) -> [u8; MAC_LEN] + Send + 'static,
-    ) -> Result<(), HandshakeError> {
+    ) -> Result<u32, HandshakeError> {
         let (mut d, mut a) = pair();
         let fake = thread::spawn(move || {
             let hello = parse_hello(&read_message(&mut a).unwrap()).unwrap();
@@ -982,9 +1075,10 @@ mod tests {
             write_message(&mut a, &encode_challenge(&challenge).unwrap()).unwrap();
             parse_response(&read_message(&mut a).unwrap()).unwrap();
             let mac = make_mac(&hello.nonce, &nonce_a);
-            write_message(&mut a, &encode_ok(&Accepted { mac })).unwrap();
+            let max_frame = MAX_FRAME;
+            write_message(&mut a, &encode_ok(&Accepted { mac, max_frame })).unwrap();
         });
-        let dialed = dial(&mut d, DIALER, ACCEPTOR, COOKIE);
+        let dialed = dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE);
         fake.join().unwrap();
         dialed
     }
@@ -993,12 +1087,14 @@ mod tests {
     fn acceptor_without_the_cookie_cannot_fake_an_ok() {
         let dialed = impostor(|_, _| [0; MAC_LEN]);
         assert!(matches!(dialed, Err(HandshakeError::BadMac)), "{dialed:?}");
-        let dialed =
-            impostor(|d, a| mac_bytes(accept_mac(b"WRONG", d, a, DIALER, ACCEPTOR).unwrap()));
+        let dialed = impostor(|d, a| {
+            mac_bytes(accept_mac(b"WRONG", d, a, DIALER, ACCEPTOR, MAX_FRAME).unwrap())
+        });
         assert!(matches!(dialed, Err(HandshakeError::BadMac)), "{dialed:?}");
         // The acceptor's MAC under the right cookie is what makes it pass.
-        let dialed =
-            impostor(|d, a| mac_bytes(accept_mac(COOKIE, d, a, DIALER, ACCEPTOR).unwrap()));
+        let dialed = impostor(|d, a| {
+            mac_bytes(accept_mac(COOKIE, d, a, DIALER, ACCEPTOR, MAX_FRAME).unwrap())
+        });
         dialed.unwrap();
     }
 
@@ -1009,7 +1105,7 @@ mod tests {
         dialed.unwrap();
         accepted.unwrap();
         let mut replay = Scripted::new(&dialer_bytes);
-        let result = accept(&mut replay, ACCEPTOR, |_| Some(COOKIE.to_vec()));
+        let result = accept(&mut replay, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec()));
         assert!(matches!(result, Err(HandshakeError::BadMac)), "{result:?}");
         let sent = messages(&replay.output);
         assert_eq!(sent.len(), 2);
@@ -1018,7 +1114,8 @@ mod tests {
 
         // The same over TCP, against a live acceptor.
         let (mut d, mut a) = pair();
-        let acceptor = thread::spawn(move || accept(&mut a, ACCEPTOR, |_| Some(COOKIE.to_vec())));
+        let acceptor =
+            thread::spawn(move || accept(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())));
         let recorded = messages(&dialer_bytes);
         write_message(&mut d, &recorded[0]).unwrap();
         parse_challenge(&read_message(&mut d).unwrap()).unwrap();
@@ -1034,7 +1131,7 @@ mod tests {
         let (dialed, _, _, acceptor_bytes) = session(COOKIE, Some(COOKIE), ACCEPTOR);
         dialed.unwrap();
         let mut replay = Scripted::new(&acceptor_bytes);
-        let result = dial(&mut replay, DIALER, ACCEPTOR, COOKIE);
+        let result = dial(&mut replay, DIALER, ACCEPTOR, COOKIE, LANE);
         assert!(matches!(result, Err(HandshakeError::BadMac)), "{result:?}");
         assert_eq!(messages(&replay.output).len(), 2, "HELLO and RESPONSE");
     }
@@ -1043,15 +1140,15 @@ mod tests {
     fn reflected_mac_fails() {
         // The acceptor's MacA sent back as the dialer's MacD must not verify, nor the reverse.
         let (d, a) = ([1; NONCE_LEN], [2; NONCE_LEN]);
-        let mac_a = mac_bytes(accept_mac(COOKIE, &d, &a, DIALER, ACCEPTOR).unwrap());
-        let mac_d = mac_bytes(dial_mac(COOKIE, &a, &d, DIALER, ACCEPTOR).unwrap());
+        let mac_a = mac_bytes(accept_mac(COOKIE, &d, &a, DIALER, ACCEPTOR, MAX_FRAME).unwrap());
+        let mac_d = mac_bytes(dial_mac(COOKIE, &a, &d, DIALER, ACCEPTOR, LANE).unwrap());
         assert_ne!(mac_a, mac_d);
         for (x, y) in [(&a, &d), (&d, &a)] {
-            assert!(dial_mac(COOKIE, x, y, DIALER, ACCEPTOR)
+            assert!(dial_mac(COOKIE, x, y, DIALER, ACCEPTOR, LANE)
                 .unwrap()
                 .verify_slice(&mac_a)
                 .is_err());
-            assert!(accept_mac(COOKIE, x, y, DIALER, ACCEPTOR)
+            assert!(accept_mac(COOKIE, x, y, DIALER, ACCEPTOR, MAX_FRAME)
                 .unwrap()
                 .verify_slice(&mac_d)
                 .is_err());
@@ -1075,7 +1172,7 @@ mod tests {
     #[test]
     fn reject_instead_of_challenge_is_reported() {
         let mut s = Scripted::new(&framed(&[encode_reject(REJECT_PROTOCOL)]));
-        let result = dial(&mut s, DIALER, ACCEPTOR, COOKIE);
+        let result = dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE);
         assert!(
             matches!(result, Err(HandshakeError::Rejected(REJECT_PROTOCOL))),
             "{result:?}"
@@ -1088,7 +1185,9 @@ mod tests {
         let http = b"GET / HTTP/1.1\r\n\r\n";
         // As raw bytes the "GE" is read as a length of 18245 and refused unread.
         let mut s = Scripted::new(http);
-        let result = accept(&mut s, ACCEPTOR, |_| panic!("no cookie for garbage"));
+        let result = accept(&mut s, ACCEPTOR, MAX_FRAME, |_| {
+            panic!("no cookie for garbage")
+        });
         assert!(
             matches!(result, Err(HandshakeError::Malformed(_))),
             "{result:?}"
@@ -1097,7 +1196,9 @@ mod tests {
         assert_eq!(messages(&s.output), vec![encode_reject(REJECT_PROTOCOL)]);
         // Framed, it is a body without the magic.
         let mut s = Scripted::new(&framed(&[http.to_vec()]));
-        let result = accept(&mut s, ACCEPTOR, |_| panic!("no cookie for garbage"));
+        let result = accept(&mut s, ACCEPTOR, MAX_FRAME, |_| {
+            panic!("no cookie for garbage")
+        });
         assert!(
             matches!(result, Err(HandshakeError::BadMagic)),
             "{result:?}"
@@ -1116,7 +1217,7 @@ mod tests {
             );
             // The dialer reads the same prefix as the acceptor's answer to its HELLO.
             let mut s = Scripted::new(&prefix);
-            let result = dial(&mut s, DIALER, ACCEPTOR, COOKIE);
+            let result = dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE);
             assert!(
                 matches!(result, Err(HandshakeError::Malformed(_))),
                 "{result:?}"
@@ -1129,15 +1230,18 @@ mod tests {
 
     #[test]
     fn bad_version_is_rejected() {
+        // Version 1 had no lane nor max frame size: its peers are refused as clearly as any.
         let mut hello = valid_hello();
-        hello[5] = 2;
+        hello[5] = 1;
         assert!(matches!(
             parse_hello(&hello),
-            Err(HandshakeError::BadVersion(2))
+            Err(HandshakeError::BadVersion(1))
         ));
         let mut s = Scripted::new(&framed(&[hello]));
-        let result = accept(&mut s, ACCEPTOR, |_| panic!("no cookie for bad version"));
-        assert!(matches!(result, Err(HandshakeError::BadVersion(2))));
+        let result = accept(&mut s, ACCEPTOR, MAX_FRAME, |_| {
+            panic!("no cookie for bad version")
+        });
+        assert!(matches!(result, Err(HandshakeError::BadVersion(1))));
         assert_eq!(messages(&s.output), vec![encode_reject(REJECT_PROTOCOL)]);
     }
 
@@ -1153,9 +1257,9 @@ mod tests {
                 input[..2].copy_from_slice(&body.to_be_bytes());
             }
             let mut s = Scripted::new(&input);
-            assert!(accept(&mut s, ACCEPTOR, |_| Some(COOKIE.to_vec())).is_err());
+            assert!(accept(&mut s, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).is_err());
             let mut s = Scripted::new(&input);
-            assert!(dial(&mut s, DIALER, ACCEPTOR, COOKIE).is_err());
+            assert!(dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE).is_err());
             // Every parser sees the raw bytes too, and with each valid tag in front.
             for tag in [
                 None,
@@ -1182,11 +1286,11 @@ mod tests {
             let mut input = framed(&[valid_hello()]);
             input.extend(rng.bytes(len));
             let mut s = Scripted::new(&input);
-            assert!(accept(&mut s, ACCEPTOR, |_| Some(COOKIE.to_vec())).is_err());
+            assert!(accept(&mut s, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).is_err());
             let mut input = framed(&[valid_challenge()]);
             input.extend(rng.bytes(len));
             let mut s = Scripted::new(&input);
-            assert!(dial(&mut s, DIALER, ACCEPTOR, COOKIE).is_err());
+            assert!(dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE).is_err());
         }
     }
 
@@ -1243,12 +1347,18 @@ mod tests {
             parse_challenge(&encode_challenge(&challenge).unwrap()).unwrap(),
             challenge
         );
-        let response = Response { mac: [5; MAC_LEN] };
+        let response = Response {
+            mac: [5; MAC_LEN],
+            lane: 0xBEEF,
+        };
         assert_eq!(
             parse_response(&encode_response(&response)).unwrap(),
             response
         );
-        let accepted = Accepted { mac: [6; MAC_LEN] };
+        let accepted = Accepted {
+            mac: [6; MAC_LEN],
+            max_frame: 0xDEAD_BEEF,
+        };
         assert_eq!(parse_verdict(&encode_ok(&accepted)).unwrap(), accepted);
         assert_eq!(parse_reject(&encode_reject(7)).unwrap(), 7);
     }
@@ -1275,7 +1385,7 @@ mod tests {
             (DIALER, &b"\xff"[..]),
         ] {
             let mut s = Scripted::new(b"");
-            let result = dial(&mut s, me, peer, COOKIE);
+            let result = dial(&mut s, me, peer, COOKIE, LANE);
             assert!(matches!(result, Err(HandshakeError::Malformed(_))));
             assert!(s.output.is_empty());
         }
@@ -1293,7 +1403,7 @@ mod tests {
         d.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let start = Instant::now();
-        let result = dial(&mut d, DIALER, ACCEPTOR, COOKIE);
+        let result = dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE);
         assert!(matches!(result, Err(HandshakeError::Io(_))), "{result:?}");
         assert!(start.elapsed() < Duration::from_secs(2));
 
@@ -1301,7 +1411,7 @@ mod tests {
         a.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let start = Instant::now();
-        let result = accept(&mut a, ACCEPTOR, |_| Some(COOKIE.to_vec()));
+        let result = accept(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec()));
         assert!(matches!(result, Err(HandshakeError::Io(_))), "{result:?}");
         assert!(start.elapsed() < Duration::from_secs(2));
     }

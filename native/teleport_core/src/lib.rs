@@ -10,7 +10,7 @@
 //! - [`handshake`]: the cookie challenge-response that opens every connection;
 //! - [`frame`]: the data frames on an authenticated connection;
 //! - [`out_frame`], [`conn`], [`pool`]: the sending side, a pool of outgoing connections;
-//! - [`listener`]: the receiving side;
+//! - [`listener`], [`lanes`]: the receiving side, which keeps a slot's reconnections in turn;
 //! - [`peers`], [`stats`]: which peers may connect, and counters per peer;
 //! - [`sockopts`]: the socket options the user sets, applied to every connection.
 //!
@@ -28,6 +28,7 @@ pub mod encode;
 pub mod etf;
 pub mod frame;
 pub mod handshake;
+pub mod lanes;
 pub mod listener;
 pub mod out_frame;
 pub mod peers;

@@ -9,6 +9,7 @@ use crate::conn::handshake_io;
 use crate::deadline::Deadline;
 use crate::frame::{self, FrameError, LEN_BYTES};
 use crate::handshake;
+use crate::lanes::{Lanes, Waited};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
 use parking_lot::Mutex;
@@ -28,6 +29,11 @@ pub const OWNED_FRAME_MIN: usize = 64 * 1024;
 /// At most this many connections may be in their handshake at once; more are closed at
 /// once, so a flood of idle sockets cannot pin a thread each.
 const MAX_HANDSHAKES: usize = 64;
+
+/// How long a new connection waits for the reader of its lane's previous connection to
+/// finish by itself before stopping it (see [`crate::lanes`]). Draining even full socket
+/// buffers takes milliseconds; a reader still going after this is on a half-open connection.
+const LANE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Where one incoming connection's frames go.
 pub trait Sink: Send + 'static {
@@ -112,6 +118,8 @@ pub struct Listener {
     /// Live incoming connections: their sockets are shut at close.
     conns: Mutex<Vec<Arc<Incoming>>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Successive connections of one peer's pool slot read in turn.
+    lanes: Lanes,
 }
 
 impl Listener {
@@ -142,16 +150,21 @@ impl Listener {
             handshaking: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
             next_id: 0.into(),
+            lanes: Lanes::default(),
         });
         let l = listener.clone();
         let cfg = Arc::new(cfg);
         std::thread::Builder::new()
             .name("teleport_acceptor".into())
-            .spawn(move || {
+            .spawn(move || loop {
+                // A listener that stopped accepting would leave the node unreachable while
+                // looking alive: after a panic, log it and accept again.
                 let run = std::panic::AssertUnwindSafe(|| l.accept_loop(&cfg, &acceptor));
-                if std::panic::catch_unwind(run).is_err() {
-                    tracing::error!("acceptor_panicked");
+                if std::panic::catch_unwind(run).is_ok() || l.closed.load(Ordering::SeqCst) {
+                    return;
                 }
+                tracing::error!(addr = %l.local, reason = "the accept loop panicked; it goes on", "acceptor_panicked");
+                std::thread::sleep(Duration::from_millis(100));
             })?;
         Ok(listener)
     }
@@ -271,22 +284,29 @@ impl Listener {
         }
     }
 
-    /// One incoming connection: handshake, then frames until it closes.
-    fn serve<A: Acceptor>(&self, conn: &Incoming, cfg: &ListenConfig, acceptor: &A) {
+    /// One incoming connection: handshake, its turn on its lane, then frames until it closes.
+    fn serve<A: Acceptor>(&self, conn: &Arc<Incoming>, cfg: &ListenConfig, acceptor: &A) {
         let (sock, from, id) = (&conn.sock, conn.from.as_str(), conn.id);
+        // What a peer may send is what the handshake announces (a 32-bit length at most).
+        let max_frame = u32::try_from(cfg.max_frame_bytes).unwrap_or(u32::MAX);
+        // Counted down however the handshake ends, unwinding included: a leaked count would
+        // end up refusing every connection (MAX_HANDSHAKES).
+        let handshaking = OnDrop(|| {
+            self.handshaking.fetch_sub(1, Ordering::SeqCst);
+        });
         let shaken = (|| {
             // One deadline for the whole handshake: a per-read timeout would let the peer trickle.
             let mut stream = Deadline::after(sock, cfg.handshake_timeout);
             let me = acceptor.me();
-            let peer = handshake::accept(&mut stream, &me, |p| acceptor.cookie_for(p))
+            let dialer = handshake::accept(&mut stream, &me, max_frame, |p| acceptor.cookie_for(p))
                 .map_err(handshake_io)?;
             sock.set_read_timeout(None)?;
             sock.set_write_timeout(None)?;
-            Ok::<_, io::Error>(peer)
+            Ok::<_, io::Error>(dialer)
         })();
-        self.handshaking.fetch_sub(1, Ordering::SeqCst);
-        let peer = match shaken {
-            Ok(peer) => peer,
+        drop(handshaking);
+        let (peer, lane) = match shaken {
+            Ok(dialer) => (dialer.name, dialer.lane),
             Err(e) => {
                 tracing::warn!(addr = %from, id, reason = %e, "handshake_failed");
                 return;
@@ -296,10 +316,33 @@ impl Listener {
         *conn.peer.lock() = Some(peer.clone());
         let stats = acceptor.stats(&peer);
         stats.connections_in.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(peer = %name, addr = %from, id, "connection_accepted");
+        let connected = OnDrop(|| {
+            stats.connections_in.fetch_sub(1, Ordering::Relaxed);
+        });
+        tracing::info!(peer = %name, addr = %from, id, lane, "connection_accepted");
+        let old = conn.clone();
+        let mut place = self.lanes.join(&peer, lane, move || {
+            let _ = old.sock.shutdown(std::net::Shutdown::Both);
+        });
+        let waited = place.wait_turn(LANE_PATIENCE);
+        if matches!(waited, Waited::Stopped | Waited::GaveUp) {
+            tracing::warn!(
+                peer = %name,
+                addr = %from,
+                id,
+                lane,
+                reason = %format_args!(
+                    "the lane's previous connection still had a reader after {} s: {}",
+                    LANE_PATIENCE.as_secs(),
+                    if waited == Waited::Stopped { "it was stopped" } else { "going ahead of it" }
+                ),
+                "lane_previous_stopped"
+            );
+        }
         let mut sink = acceptor.sink(&peer);
         let result = read_frames(sock, cfg.max_frame_bytes, &mut sink, &stats, &conn.counters);
-        stats.connections_in.fetch_sub(1, Ordering::Relaxed);
+        drop(place);
+        drop(connected);
         let (msgs, _) = conn.counters.get();
         match result {
             Ok(()) => tracing::info!(
@@ -320,6 +363,15 @@ impl Listener {
             ),
         }
         let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Runs its closure when dropped, on unwinding too.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
 

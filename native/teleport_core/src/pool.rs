@@ -15,9 +15,13 @@ pub struct Pool {
     target: Arc<Target>,
 }
 
+/// The most connections a pool has: each names its slot in the handshake as a 16-bit lane,
+/// and far fewer already saturate any link.
+pub const MAX_SIZE: usize = 1024;
+
 impl Pool {
-    /// Starts `size` connection slots (at least 1) to the peer's listener at `addr`. They
-    /// connect on first use.
+    /// Starts `size` connection slots (1 to [`MAX_SIZE`]) to the peer's listener at `addr`.
+    /// They connect on first use.
     pub fn start(
         cfg: PeerConfig,
         addr: SocketAddr,
@@ -26,7 +30,7 @@ impl Pool {
     ) -> io::Result<Pool> {
         let cfg = Arc::new(cfg);
         let target = Arc::new(Target::new(addr));
-        let conns = (0..size.max(1))
+        let conns = (0..size.clamp(1, MAX_SIZE))
             .map(|i| Conn::start(i, cfg.clone(), stats.clone(), target.clone()))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Pool {
@@ -40,6 +44,13 @@ impl Pool {
     /// again and [`Pool::retarget`] the pool.
     pub fn is_stale(&self) -> bool {
         self.target.is_stale()
+    }
+
+    /// Sets what to call (from a writer thread) when the pool becomes stale, so the owner can
+    /// find the peer's listener again and [`Pool::retarget`] the pool without waiting for a
+    /// send to notice. Only the first call counts.
+    pub fn on_stale(&self, f: impl Fn() + Send + Sync + 'static) {
+        self.target.on_stale(f);
     }
 
     /// Points every connection at `addr` (where the peer listens now) and has them try at
@@ -181,6 +192,12 @@ mod tests {
     }
 
     /// A frame whose body is 4 bytes of header (frames are longer than that) and `body`.
+    /// A pool of one connection slot, and its counters.
+    fn one_slot(cfg: PeerConfig, addr: SocketAddr) -> (Pool, Arc<PeerStats>) {
+        let stats = Arc::new(PeerStats::default());
+        (Pool::start(cfg, addr, 1, stats.clone()).unwrap(), stats)
+    }
+
     fn frame(body: &[u8]) -> OutFrame {
         let mut buf = (body.len() as u32 + 4).to_be_bytes().to_vec();
         buf.extend_from_slice(b"HEAD");
@@ -201,6 +218,7 @@ mod tests {
             Ok(()) => {}
             Err(SendError::Busy(_)) => panic!("busy"),
             Err(SendError::Closed(_)) => panic!("closed"),
+            Err(SendError::TooLarge(_)) => panic!("too large"),
         }
     }
 
@@ -294,14 +312,7 @@ mod tests {
     #[test]
     fn a_wrong_cookie_is_a_handshake_failure_and_marks_the_pool_stale() {
         let (l, _acceptor, rx) = listener(SocketOpts::default());
-        let stats = Arc::new(PeerStats::default());
-        let pool = Pool::start(
-            config(b"wrong", SocketOpts::default()),
-            l.local_addr(),
-            1,
-            stats,
-        )
-        .unwrap();
+        let (pool, _) = one_slot(config(b"wrong", SocketOpts::default()), l.local_addr());
         send(&pool, 0, b"x");
         wait_for("the stale mark", || pool.is_stale());
         let c = &pool.info()[0];
@@ -324,16 +335,19 @@ mod tests {
         let gone = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let nowhere = gone.local_addr().unwrap();
         drop(gone);
-        let stats = Arc::new(PeerStats::default());
-        let pool = Pool::start(
-            config(b"c", SocketOpts::default()),
-            nowhere,
-            1,
-            stats.clone(),
-        )
-        .unwrap();
+        let (pool, stats) = one_slot(config(b"c", SocketOpts::default()), nowhere);
+        // The owner is told, without a send having to notice: once per stale spell however
+        // many attempts are refused.
+        let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let t = told.clone();
+        pool.on_stale(move || {
+            t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
         send(&pool, 0, b"queued while down");
         wait_for("the stale mark", || pool.is_stale());
+        // Attempts at 0, 50 and 150 ms (the backoff doubles): three refusals, one call.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(told.load(std::sync::atomic::Ordering::SeqCst), 1);
         let err = pool.info()[0].last_error.clone().unwrap();
         assert!(err.starts_with(&format!("connect to {nowhere}: ")), "{err}");
         assert_eq!(pool.info()[0].peer_addr, nowhere);
@@ -356,6 +370,60 @@ mod tests {
         assert_eq!(body, b"after");
         wait_for("the reconnect count", || pool.info()[0].reconnects == 1);
         assert_eq!(stats.snapshot().reconnects, 1);
+        pool.close();
+        l2.close();
+    }
+
+    #[test]
+    fn frames_over_the_peers_limit_are_refused_or_dropped_never_sent() {
+        // The listener reads frames of up to 1 MiB, and its handshake says so.
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let mut cfg = config(b"c", SocketOpts::default());
+        cfg.max_queue_bytes = 8 << 20;
+        let (pool, stats) = one_slot(cfg, l.local_addr());
+        let big = vec![1u8; 2 << 20];
+        // Before any handshake the limit is unknown: queued, then dropped and counted once
+        // the connection is up, instead of closing it.
+        send(&pool, 0, &big);
+        send(&pool, 0, b"after");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().1,
+            b"after"
+        );
+        assert_eq!(stats.snapshot().dropped, 1);
+        // Now it is known: refused at once.
+        assert!(matches!(
+            pool.conn(0).send(frame(&big)),
+            Err(SendError::TooLarge(_))
+        ));
+        // The limit counts the whole body ("HEAD" here is part of it).
+        let fits = vec![2u8; (1 << 20) - 4];
+        send(&pool, 0, &fits);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().1, fits);
+        assert_eq!(pool.info()[0].reconnects, 0);
+        pool.close();
+        l.close();
+    }
+
+    #[test]
+    fn a_frame_after_the_peer_closed_an_idle_connection_is_not_lost() {
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let (pool, _) = one_slot(config(b"c", SocketOpts::default()), l.local_addr());
+        send(&pool, 0, b"first");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().1,
+            b"first"
+        );
+        // The peer's teleport stops (its sockets are shut: a FIN arrives) and starts again
+        // elsewhere, all well within the writer's once-a-second idle check.
+        l.close();
+        std::thread::sleep(Duration::from_millis(150));
+        let (l2, _acceptor2, rx2) = listener(SocketOpts::default());
+        pool.retarget(l2.local_addr());
+        // Written into the closed socket, this frame would be lost without a trace.
+        send(&pool, 0, b"second");
+        let (_, body) = rx2.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(body, b"second");
         pool.close();
         l2.close();
     }
@@ -389,14 +457,7 @@ mod tests {
     #[test]
     fn a_frame_the_sink_refuses_closes_only_its_connection() {
         let (l, _acceptor, rx) = listener(SocketOpts::default());
-        let stats = Arc::new(PeerStats::default());
-        let pool = Pool::start(
-            config(b"c", SocketOpts::default()),
-            l.local_addr(),
-            1,
-            stats,
-        )
-        .unwrap();
+        let (pool, _) = one_slot(config(b"c", SocketOpts::default()), l.local_addr());
         send(&pool, 0, b"one");
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().1, b"one");
         send(&pool, 0, b"poison");

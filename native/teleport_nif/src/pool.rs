@@ -7,7 +7,8 @@ use rustler::sys::{
     enif_alloc_env, enif_free_env, enif_hash, enif_inspect_binary, enif_is_atom, enif_is_pid,
     enif_make_copy, enif_self, ErlNifBinary, ErlNifEnv, ErlNifHash, ErlNifPid, ErlNifTerm,
 };
-use rustler::{Atom, Binary, Encoder, Env, NifResult, ResourceArc, Term};
+use rustler::types::binary::NewBinary;
+use rustler::{Atom, Binary, Encoder, Env, NifResult, OwnedEnv, ResourceArc, Term};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ mod atoms {
         ok, error, busy, closed, dirty, too_large, bad_ip,
         index, state, queued_bytes, frames_in_queue, last_error, undefined,
         down, connecting, up, peer_addr, local_addr, msgs_out, bytes_out, connected_since,
-        reconnects, sndbuf, recbuf,
+        reconnects, sndbuf, recbuf, teleport_pool_stale,
     }
 }
 
@@ -81,7 +82,9 @@ impl Drop for Kept {
     }
 }
 
-/// Starts a pool of `Size` connections to node `Peer` at `Ip:Port`.
+/// Starts a pool of `Size` connections to node `Peer` at `Ip:Port`. When the peer refuses its
+/// connections (its listener moved or forgot us), the calling process (the pool's owner) gets
+/// `{teleport_pool_stale, Peer}` and should find the listener again and retarget the pool.
 #[rustler::nif]
 #[allow(clippy::too_many_arguments)]
 fn pool_start<'a>(
@@ -109,7 +112,20 @@ fn pool_start<'a>(
     };
     let stats = rt.peers.stats(peer.as_slice());
     match Pool::start(cfg, SocketAddr::new(ip_addr, port), size, stats) {
-        Ok(pool) => Ok((atoms::ok(), ResourceArc::new(PoolRes { pool })).encode(env)),
+        Ok(pool) => {
+            let (owner, name) = (env.pid(), peer.as_slice().to_vec());
+            // Runs on a writer thread, never a scheduler: an OwnedEnv may send from there.
+            pool.on_stale(move || {
+                let mut msg = OwnedEnv::new();
+                // An owner that is gone (teleport stopping) has nothing left to do about it.
+                let _ = msg.send_and_clear(&owner, |env| {
+                    let mut bin = NewBinary::new(env, name.len());
+                    bin.as_mut_slice().copy_from_slice(&name);
+                    (atoms::teleport_pool_stale(), Binary::from(bin)).encode(env)
+                });
+            });
+            Ok((atoms::ok(), ResourceArc::new(PoolRes { pool })).encode(env))
+        }
         Err(e) => Ok((atoms::error(), e.to_string()).encode(env)),
     }
 }
@@ -239,6 +255,7 @@ fn enqueue(pool: &PoolRes, hash: u64, frame: OutFrame) -> Atom {
         Ok(()) => atoms::ok(),
         Err(SendError::Busy(_)) => atoms::busy(),
         Err(SendError::Closed(_)) => atoms::closed(),
+        Err(SendError::TooLarge(_)) => atoms::too_large(),
     }
 }
 

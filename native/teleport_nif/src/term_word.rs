@@ -84,7 +84,8 @@ pub unsafe fn fast_ok(env: *mut ErlNifEnv) -> bool {
             FAST.store(if ok { ON } else { OFF }, Ordering::Relaxed);
             if !ok {
                 tracing::warn!(
-                    "term word layout is not the expected one: codec fast paths are off"
+                    reason = "the VM's term word layout is not the expected one: codec fast paths are off",
+                    "codec_fast_paths_off"
                 );
             }
             ok
