@@ -31,7 +31,7 @@ use teleport_core::handshake::{
     accept, dial, encode_challenge, encode_hello, encode_ok, encode_reject, encode_response,
     parse_challenge, parse_hello, parse_reject, parse_response, parse_verdict, read_message,
     write_message, HandshakeError, Hello, MAX_MESSAGE, NONCE_LEN, REJECT_BAD_MAC, REJECT_PROTOCOL,
-    TAG_CHALLENGE, TAG_OK, TAG_REJECT,
+    TAG_CHALLENGE, TAG_OK, TAG_REJECT, VERSION,
 };
 use teleport_fuzz::run_check_with_budget;
 
@@ -295,7 +295,9 @@ fn check_parsers(data: &[u8]) {
     match parse_hello(data) {
         Ok(hello) => assert_eq!(encode_hello(&hello).expect("re-encodes"), data),
         Err(HandshakeError::BadMagic) => assert!(data.len() >= 5 && !data.starts_with(b"HTLPT")),
-        Err(HandshakeError::BadVersion(v)) => assert!(data.len() >= 6 && data[5] == v && v != 1),
+        Err(HandshakeError::BadVersion(v)) => {
+            assert!(data.len() >= 6 && data[5] == v && v != VERSION)
+        }
         Err(HandshakeError::Malformed(_)) => {}
         Err(e) => panic!("parse_hello failed with {e:?}"),
     }
