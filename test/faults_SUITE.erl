@@ -46,11 +46,7 @@ groups() ->
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("faults_ct_"),
-    Holder = spawn(fun() ->
-                           _ = ets:new(?PEERS, [named_table, public, set]),
-                           receive stop -> ok end
-                   end),
-    ok = teleport_soak:wait_until(fun() -> ets:info(?PEERS) =/= undefined end, 5000),
+    Holder = teleport_test_util:start_tables([{?PEERS, [set]}]),
     [{started_dist, Started}, {peer_table_holder, Holder} | Config].
 
 end_per_suite(Config) ->
@@ -67,9 +63,7 @@ init_per_group(_, Config) ->
     Config.
 
 end_per_group(_, _Config) ->
-    _ = teleport:stop(),
-    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
-    ok.
+    teleport_test_util:reset_teleport().
 
 init_per_testcase(_, Config) ->
     true = ets:delete_all_objects(?PEERS),
@@ -83,12 +77,7 @@ end_per_testcase(_, _Config) ->
     ok.
 
 start_runner_teleport(Env) ->
-    _ = teleport:stop(),
-    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
-    [ok = application:set_env(teleport, K, V) || {K, V} <- Env],
-    ok = teleport:start(),
-    {ok, Port} = teleport_server:listen_port(),
-    ct:pal("runner ~p: teleport on port ~b with env ~p", [node(), Port, Env]).
+    teleport_test_util:restart_teleport(Env).
 
 %%--------------------------------------------------------------------------------------------
 %% 1. receiver_killed_mid_stream

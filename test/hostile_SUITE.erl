@@ -51,12 +51,7 @@ groups() ->
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("hostile_ct_"),
-    Holder = spawn(fun() ->
-                           _ = ets:new(?PEERS, [named_table, public, set]),
-                           _ = ets:new(?LOGS, [named_table, public, ordered_set]),
-                           receive stop -> ok end
-                   end),
-    ok = teleport_soak:wait_until(fun() -> ets:info(?LOGS) =/= undefined end, 5000),
+    Holder = teleport_test_util:start_tables([{?PEERS, [set]}, {?LOGS, [ordered_set]}]),
     ok = logger:add_handler(hostile_log_counter, ?MODULE, #{level => all}),
     [{started_dist, Started}, {table_holder, Holder} | Config].
 
@@ -84,9 +79,7 @@ init_per_group(Group, Config) ->
 end_per_group(_Group, _Config) ->
     [teleport_soak:stop_peer(S) || {_, S} <- ets:tab2list(?PEERS)],
     true = ets:delete_all_objects(?PEERS),
-    _ = teleport:stop(),
-    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
-    ok.
+    teleport_test_util:reset_teleport().
 
 init_per_testcase(_Case, Config) ->
     true = ets:delete_all_objects(?LOGS),
@@ -104,12 +97,7 @@ end_per_testcase(_Case, Config) ->
     ok.
 
 start_runner_teleport(Env) ->
-    _ = teleport:stop(),
-    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
-    [ok = application:set_env(teleport, K, V) || {K, V} <- Env],
-    ok = teleport:start(),
-    {ok, Port} = teleport_server:listen_port(),
-    ct:pal("runner ~p: teleport on port ~b with env ~p", [node(), Port, Env]).
+    teleport_test_util:restart_teleport(Env).
 
 start_peer(Name) ->
     Opts = #{setup => [{?MODULE, start_echo, [hostile_echo]}],

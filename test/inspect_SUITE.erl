@@ -38,17 +38,12 @@ end_per_testcase(_Case, Config) ->
     _ = logger:remove_handler(?MODULE),
     ok = logger:set_primary_config(level, ?config(primary_level, Config)),
     reset_env(),
-    [begin
-         ok = teleport_cover:peer_stopping(Node),
-         catch peer:stop(Peer)
-     end || {Peer, Node} <- peers()],
+    teleport_test_util:stop_peers(peers()),
     erase(peers),
     ok.
 
 reset_env() ->
-    _ = teleport:stop(),
-    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
-    ok.
+    teleport_test_util:reset_teleport().
 
 %%--------------------------------------------------------------------------------------------
 %% Cases

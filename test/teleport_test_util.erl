@@ -2,7 +2,8 @@
 %% (to test the listener from outside), and a message collector to run on peer nodes.
 -module(teleport_test_util).
 
--export([start_distribution/1, stop_distribution/1]).
+-export([start_distribution/1, stop_distribution/1, start_tables/1, restart_teleport/1,
+         reset_teleport/0, stop_peers/1]).
 -export([raw_dial/3, start_collector/1, collected/3, ask/1, forged_fun/0]).
 
 %% Makes the test runner a distributed node named `Prefix' ++ its OS pid (unique, in case
@@ -32,6 +33,37 @@ start_net_kernel(Name, Tries) ->
 -spec stop_distribution(boolean()) -> ok.
 stop_distribution(true) -> _ = net_kernel:stop(), ok;
 stop_distribution(false) -> ok.
+
+%% Named public ETS tables ([{Name, Options}]) owned by a process that lives until sent
+%% `stop': a suite's tables outlive init_per_suite's process (CT runs it in one of its own).
+%% Returns the owner once the tables exist.
+-spec start_tables([{atom(), [term()]}]) -> pid().
+start_tables(Tables) ->
+    Self = self(),
+    Owner = spawn(fun() ->
+                          [_ = ets:new(Name, [named_table, public | Opts]) || {Name, Opts} <- Tables],
+                          Self ! {tables_ready, self()},
+                          receive stop -> ok end
+                  end),
+    receive {tables_ready, Owner} -> Owner
+    after 5000 -> error(tables_not_created)
+    end.
+
+%% Stops teleport on this node and clears its application environment.
+-spec reset_teleport() -> ok.
+reset_teleport() ->
+    _ = teleport:stop(),
+    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
+    ok.
+
+%% Restarts teleport on this node with exactly the application environment `Env'.
+-spec restart_teleport([{atom(), term()}]) -> ok.
+restart_teleport(Env) ->
+    reset_teleport(),
+    [ok = application:set_env(teleport, K, V) || {K, V} <- Env],
+    ok = teleport:start(),
+    {ok, Port} = teleport_server:listen_port(),
+    ct:pal("~p: teleport on port ~b with env ~p", [node(), Port, Env]).
 
 %% The dialer's side of the handshake (native/teleport_core/src/handshake.rs), version 2, as
 %% node `Me' with cookie `Cookie', against the listener of this node on `Port'. It claims lane
@@ -109,3 +141,13 @@ ask(Pid) ->
 forged_fun() ->
     Body = <<0, 0:128, 0:32, 0:32, 119, 5, "lists", 97, 0, 97, 0, 97, 0>>,
     <<131, 112, (4 + byte_size(Body)):32, Body/binary>>.
+
+%% Stops peers ([{Peer, Node}]) started with peer:start, collecting their cover data first
+%% when cover runs.
+-spec stop_peers([{pid(), node()}]) -> ok.
+stop_peers(Peers) ->
+    [begin
+         ok = teleport_cover:peer_stopping(Node),
+         catch peer:stop(Peer)
+     end || {Peer, Node} <- Peers],
+    ok.

@@ -39,13 +39,8 @@ groups() ->
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("teleport_ct_"),
     ct:pal("runner ~p, cookie set: ~p", [node(), erlang:get_cookie() =/= nocookie]),
-    %% A table of the peers started by the current test case, owned by a process that lives
-    %% as long as the suite (CT runs init_per_suite in a process of its own).
-    Holder = spawn(fun() ->
-                           _ = ets:new(?PEERS, [named_table, public, set]),
-                           receive stop -> ok end
-                   end),
-    wait_until(fun() -> ets:info(?PEERS) =/= undefined end, 5000),
+    %% The peers started by the current test case.
+    Holder = teleport_test_util:start_tables([{?PEERS, [set]}]),
     [{started_dist, Started}, {peer_table_holder, Holder} | Config].
 
 end_per_suite(Config) ->
@@ -65,9 +60,7 @@ init_per_group(_, Config) ->
     Config.
 
 end_per_group(_, _Config) ->
-    ok = teleport:stop(),
-    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
-    ok.
+    teleport_test_util:reset_teleport().
 
 init_per_testcase(_, Config) ->
     true = ets:delete_all_objects(?PEERS),
@@ -78,12 +71,7 @@ end_per_testcase(_, _Config) ->
     ok.
 
 start_runner_teleport(Env) ->
-    _ = teleport:stop(),
-    [application:unset_env(teleport, K) || {K, _} <- application:get_all_env(teleport)],
-    [ok = application:set_env(teleport, K, V) || {K, V} <- Env],
-    ok = teleport:start(),
-    {ok, Port} = teleport_server:listen_port(),
-    ct:pal("runner teleport listening on port ~b with env ~p", [Port, Env]).
+    teleport_test_util:restart_teleport(Env).
 
 %%--------------------------------------------------------------------------------------------
 %% 1. delivery
@@ -432,7 +420,7 @@ peer_restart(_Config) ->
     %% The peer stops reading, messages pile up (in socket buffers, then in the queue), and
     %% the peer dies: what was still queued is dropped, and counted.
     true = monitor_node(Node, true),
-    stop_os_process(OsPid1),
+    teleport_soak:stop_os_process(OsPid1),
     Bin = crypto:strong_rand_bytes(?MB),
     Sent = 40,
     [ok = teleport:send({coll, Node}, {queued, I, Bin}) || I <- lists:seq(1, Sent)],
@@ -502,7 +490,7 @@ nosuspend_when_peer_stops_reading(_Config) ->
                         end),
     receive warmed_up -> ok end,
     wait_until(fun() -> peer:call(PA, ?MODULE, count, [coll]) =:= 2 end, 5000),
-    stop_os_process(OsPidA),
+    teleport_soak:stop_os_process(OsPidA),
     Filler ! go,
     {Oks, Attempts, Transient} = receive {filled, R} -> R after 60000 -> ct:fail(fill_stuck) end,
     unlink(Filler),
@@ -532,7 +520,7 @@ nosuspend_when_peer_stops_reading(_Config) ->
     ct:pal("while A was stopped: ~b MB to B in ~.3f s, ping and rpc to B answered",
            [NB, (T1 - T0) / 1.0e6]),
     %% A reads again: everything that returned ok arrives, in order, and nothing else.
-    continue_os_process(OsPidA),
+    teleport_soak:continue_os_process(OsPidA),
     T2 = erlang:monotonic_time(microsecond),
     wait_until(fun() -> peer:call(PA, ?MODULE, count, [coll]) >= Oks + 2 end, 30000),
     T3 = erlang:monotonic_time(microsecond),
@@ -561,12 +549,12 @@ peer_paused_while_connecting(_Config) ->
     _ = peer:call(P, ?MODULE, start_collector, [coll]),
     %% The pool exists (the peer's listener is known); its connections come up on first use.
     {ok, _Pool} = teleport_server:connect(Node),
-    stop_os_process(OsPid),
+    teleport_soak:stop_os_process(OsPid),
     ok = teleport:send({coll, Node}, {msg, 1}),
     timer:sleep(2500),
     Paused = node_stats(Node),
     Info = teleport_server:pool_info(),
-    continue_os_process(OsPid),
+    teleport_soak:continue_os_process(OsPid),
     ok = teleport:send({coll, Node}, {msg, 2}),
     wait_until(fun() -> peer:call(P, ?MODULE, count, [coll]) >= 1 end, 5000),
     timer:sleep(500),
@@ -724,68 +712,27 @@ pool_size() ->
 start_peers(Prefix, Count) ->
     [start_peer(peer:random_name(Prefix)) || _ <- lists:seq(1, Count)].
 
+%% The peers are recorded in ?PEERS as {Peer, Node, OsPid}, and teleport runs on them.
 start_peer(Name) ->
-    case try_start_peer(Name) of
+    case teleport_soak:start_peer(Name, #{on_start => fun record_peer/1}) of
         {ok, Started} -> Started;
         {error, Reason} -> ct:fail({peer_start_failed, Name, Reason})
     end.
 
 start_peer_retrying(Name, Timeout) ->
-    Deadline = erlang:monotonic_time(millisecond) + Timeout,
-    start_peer_retrying(Name, Deadline, undefined).
-
-start_peer_retrying(Name, Deadline, Last) ->
-    case erlang:monotonic_time(millisecond) > Deadline of
-        true -> ct:fail({peer_start_failed, Name, Last});
-        false ->
-            case try_start_peer(Name) of
-                {ok, Started} -> Started;
-                {error, Reason} -> timer:sleep(200), start_peer_retrying(Name, Deadline, Reason)
-            end
+    case teleport_soak:start_peer_retrying(Name, #{on_start => fun record_peer/1}, Timeout) of
+        {ok, Started} -> Started;
+        {error, Reason} -> ct:fail({peer_start_failed, Name, Reason})
     end.
 
-try_start_peer(Name) ->
-    Paths = [D || D <- code:get_path(), not lists:prefix(code:root_dir(), D)],
-    %% connect_all false: peers need no connections to each other (and global then has no
-    %% partitions to warn about when one of them goes away).
-    Args = ["-pa" | Paths] ++ ["-setcookie", atom_to_list(erlang:get_cookie()),
-                               "-connect_all", "false"],
-    try peer:start(#{name => Name, args => Args, connection => standard_io,
-                     wait_boot => 30000}) of
-        {ok, Peer, Node} ->
-            ok = teleport_cover:peer_started(Node),
-            OsPid = peer:call(Peer, os, getpid, []),
-            true = ets:insert(?PEERS, {Peer, Node, OsPid}),
-            ok = peer:call(Peer, teleport, start, [], 15000),
-            {ok, {Peer, Node, OsPid}};
-        Error ->
-            {error, Error}
-    catch
-        Class:Reason -> {error, {Class, Reason}}
-    end.
+record_peer(Started) ->
+    true = ets:insert(?PEERS, Started).
 
 stop_all_peers() ->
-    lists:foreach(
-      fun({Peer, Node, OsPid}) ->
-              continue_os_process(OsPid),
-              ok = teleport_cover:peer_stopping(Node),
-              {Pid, MRef} = spawn_monitor(fun() -> catch peer:stop(Peer) end),
-              receive {'DOWN', MRef, process, Pid, _} -> ok
-              after 10000 -> exit(Pid, kill)
-              end,
-              %% Whatever is left of it (it may have been stopped or killed already).
-              _ = os:cmd("kill -9 " ++ OsPid ++ " 2>/dev/null")
-      end, ets:tab2list(?PEERS)),
+    [teleport_soak:stop_peer(S) || S <- ets:tab2list(?PEERS)],
     true = ets:delete_all_objects(?PEERS),
     ok.
 
-stop_os_process(OsPid) ->
-    _ = os:cmd("kill -STOP " ++ OsPid),
-    ok.
-
-continue_os_process(OsPid) ->
-    _ = os:cmd("kill -CONT " ++ OsPid ++ " 2>/dev/null"),
-    ok.
 
 %%--------------------------------------------------------------------------------------------
 %% Peer-side code (called with peer:call)
