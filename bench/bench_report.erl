@@ -4,7 +4,7 @@
 
 -export([stats/1, pct/2, median/1]).
 -export([fmt_s/1, fmt_us/1, fmt_rate/1, fmt_float/2, fmt_mb/1, fmt_ratio/1]).
--export([json/1, svg/3]).
+-export([json/1, svg/3, cpu_model/0]).
 
 %%% ----------------------------------------------------------------------------------------
 %%% Statistics (nearest rank, as codec_bench)
@@ -46,6 +46,21 @@ fmt_ratio(R) -> fmt_float(R, 2) ++ "x".
 
 fmt_float(F, 0) -> integer_to_list(round(F));
 fmt_float(F, D) -> float_to_list(float(F), [{decimals, D}]).
+
+%%% ----------------------------------------------------------------------------------------
+%%% Machine facts
+
+%% @doc The CPU's model name from /proc/cpuinfo, or "unknown".
+cpu_model() ->
+    case file:read_file("/proc/cpuinfo") of
+        {ok, Text} ->
+            case re:run(Text, "^model name\\s*:\\s*(.*)$", [multiline, {capture, [1], list}]) of
+                {match, [Model]} -> Model;
+                nomatch -> "unknown"
+            end;
+        _ ->
+            "unknown"
+    end.
 
 %%% ----------------------------------------------------------------------------------------
 %%% JSON: {obj, [{Key, Value}]}, lists, strings (char lists or binaries), numbers,

@@ -237,16 +237,10 @@ now_ns() ->
     erlang:monotonic_time(nanosecond).
 
 stats(Samples, Batch, Size) ->
-    Sorted = lists:sort(Samples),
-    N = length(Sorted),
-    T = list_to_tuple(Sorted),
-    P = fun(Q) -> element(max(1, min(N, ceil(Q * N))), T) end,
-    P50 = P(0.50),
-    #{count => N, batch => Batch, ops => N * Batch,
-      min => element(1, T), p50 => P50, p90 => P(0.90), p99 => P(0.99), max => element(N, T),
-      mean => lists:sum(Sorted) / N,
-      ops_per_s => 1.0e9 / P50,
-      mb_per_s => Size / P50 * 1.0e9 / ?MB}.
+    S = #{count := N, p50 := P50} = bench_report:stats(Samples),
+    S#{batch => Batch, ops => N * Batch,
+       ops_per_s => 1.0e9 / P50,
+       mb_per_s => Size / P50 * 1.0e9 / ?MB}.
 
 print_stats(Op, Impl, S) ->
     #{count := N, batch := B, min := Min, p50 := P50, p90 := P90, p99 := P99, max := Max,
@@ -415,20 +409,9 @@ machine_info() ->
       logical_processors => erlang:system_info(logical_processors),
       logical_processors_available => erlang:system_info(logical_processors_available),
       wordsize => erlang:system_info(wordsize),
-      cpu_model => cpu_model(),
+      cpu_model => bench_report:cpu_model(),
       os => atom_to_list(element(2, os:type())),
       timestamp => calendar:system_time_to_rfc3339(erlang:system_time(second))}.
-
-cpu_model() ->
-    case file:read_file("/proc/cpuinfo") of
-        {ok, Text} ->
-            case re:run(Text, "^model name\\s*:\\s*(.*)$", [multiline, {capture, [1], list}]) of
-                {match, [Model]} -> Model;
-                nomatch -> "unknown"
-            end;
-        _ ->
-            "unknown"
-    end.
 
 print_machine(M) ->
     io:format("teleport codec benchmark: OTP ~s (erts ~s), ~s~n"
@@ -464,7 +447,7 @@ write_json(Path, Machine, Results, Shapes, Targets, ZeroCopy, ElapsedMs) ->
                   {zero_copy_binary_growth_bytes, {obj, maps:to_list(ZeroCopy)}},
                   {total_run_time_s, ElapsedMs / 1000}]},
     ok = filelib:ensure_dir(Path),
-    ok = file:write_file(Path, [json(Json), $\n]).
+    ok = file:write_file(Path, [bench_report:json(Json), $\n]).
 
 case_json(#{id := Id, desc := Desc, size := Size, stats := Stats,
             encode_ratio := ER, decode_ratio := DR}) ->
@@ -486,34 +469,3 @@ fun_name(encode, vm) -> "erlang:term_to_iovec/1";
 fun_name(decode, teleport) -> "teleport_codec:decode/1";
 fun_name(decode, vm) -> "erlang:binary_to_term/1".
 
-%% A tiny JSON writer: {obj, [{Key, Value}]}, lists, strings (as char lists or binaries),
-%% numbers, true/false/null and other atoms (as strings).
-json({obj, Pairs}) ->
-    ["{", lists:join(",", [[json_str(key(K)), ":", json(V)] || {K, V} <- Pairs]), "}"];
-json(true) -> "true";
-json(false) -> "false";
-json(null) -> "null";
-json(A) when is_atom(A) -> json_str(atom_to_list(A));
-json(I) when is_integer(I) -> integer_to_list(I);
-json(F) when is_float(F) -> float_to_list(F, [{decimals, 3}, compact]);
-json(B) when is_binary(B) -> json_str(unicode:characters_to_list(B));
-json(L) when is_list(L) ->
-    case io_lib:printable_unicode_list(L) of
-        true when L =/= [] -> json_str(L);
-        _ -> ["[", lists:join(",", [json(E) || E <- L]), "]"]
-    end.
-
-key(K) when is_atom(K) -> atom_to_list(K);
-key(K) when is_binary(K) -> unicode:characters_to_list(K);
-key(K) -> K.
-
-json_str(S) ->
-    [$", [esc(C) || C <- S], $"].
-
-esc($") -> "\\\"";
-esc($\\) -> "\\\\";
-esc($\n) -> "\\n";
-esc($\r) -> "\\r";
-esc($\t) -> "\\t";
-esc(C) when C < 32 -> io_lib:format("\\u~4.16.0b", [C]);
-esc(C) -> unicode:characters_to_binary([C]).

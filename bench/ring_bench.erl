@@ -820,22 +820,11 @@ machine_info() ->
       erts_version => erlang:system_info(version),
       system_architecture => erlang:system_info(system_architecture),
       rustc => string:trim(os:cmd("rustc --version 2>/dev/null || echo 'rustc: not found'")),
-      cpu_model => cpu_model(),
+      cpu_model => bench_report:cpu_model(),
       kernel => string:trim(os:cmd("uname -sr")),
       memory_total_bytes => mem_total(),
       loadavg_start => loadavg(),
       timestamp => calendar:system_time_to_rfc3339(erlang:system_time(second))}.
-
-cpu_model() ->
-    case file:read_file("/proc/cpuinfo") of
-        {ok, Text} ->
-            case re:run(Text, "^model name\\s*:\\s*(.*)$", [multiline, {capture, [1], list}]) of
-                {match, [Model]} -> Model;
-                nomatch -> "unknown"
-            end;
-        _ ->
-            "unknown"
-    end.
 
 mem_total() ->
     case file:read_file("/proc/meminfo") of
