@@ -33,6 +33,10 @@
                      | {no_teleport, node()} | {no_answer, node(), timeout()}
                      | {call_failed, node(), term()} | {no_address, node(), string()}.
 
+%% Where a peer's listener is, and the largest frame it reads (`undefined' if it did not
+%% say; every handshake says it again).
+-type found() :: {ok, inet:ip_address(), inet:port_number(), pos_integer() | undefined}.
+
 %% @doc Starts the server (from `teleport_sup').
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() ->
@@ -209,12 +213,15 @@ handle_call({reconnect, Node, Old}, From, State) ->
             %% Find the listener again; the pool in the table, if any, is re-pointed.
             {noreply, discover(Node, From, State)}
     end;
-handle_call(listen_info, {Pid, _}, State = #{runtime := Rt, config := #{listen_ip := Ip}}) ->
-    %% A peer is about to connect in: let it, with the cookie we share with it.
+handle_call(listen_info, {Pid, _}, State = #{runtime := Rt, config := Config}) ->
+    %% A peer is about to connect in: let it, with the cookie we share with it. Our frame
+    %% limit lets it refuse a message too large for us before its first connection is up.
+    #{listen_ip := Ip, max_frame_bytes := MaxFrame} = Config,
     Node = node(Pid),
     set_name(Rt),
     allow(Rt, Node),
-    {reply, {ok, #{port => teleport_nif:runtime_port(Rt), ip => Ip}}, State};
+    {reply, {ok, #{port => teleport_nif:runtime_port(Rt), ip => Ip,
+                   max_frame_bytes => MaxFrame}}, State};
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_request}, State}.
 
@@ -232,7 +239,7 @@ handle_info({discovered, Node, Result}, State = #{pending := Pending}) ->
                           end,
     State1 = note_unreachable(Node, Result, State),
     Found1 = case Result of
-                 {ok, _, _} -> Result;
+                 {ok, _, _, _} -> Result;
                  {error, _} -> {error, nodedown}
              end,
     Reply = start_pool(Node, Found1, State1),
@@ -306,9 +313,8 @@ discover(Node, From, State = #{pending := Pending, config := Config}) ->
     end.
 
 %% Logs why `Node' cannot be reached, once per reason; a found node is forgotten.
--spec note_unreachable(node(), {ok, inet:ip_address(), inet:port_number()}
-                       | {error, unreachable()}, state()) -> state().
-note_unreachable(Node, {ok, _, _}, State) ->
+-spec note_unreachable(node(), found() | {error, unreachable()}, state()) -> state().
+note_unreachable(Node, {ok, _, _, _}, State) ->
     forget_unreachable(Node, State);
 note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
     case Seen of
@@ -349,15 +355,18 @@ explain({no_address, Node, Host}) ->
                                 "to reach it at", [Node, Host])).
 
 %% Runs in its own process: asks `Node''s teleport_server where it listens.
--spec ask_listener(node(), timeout()) ->
-          {ok, inet:ip_address(), inet:port_number()} | {error, unreachable()}.
+-spec ask_listener(node(), timeout()) -> found() | {error, unreachable()}.
 ask_listener(Node, _Timeout) when Node =:= node() ->
     {error, this_node};
 ask_listener(Node, Timeout) ->
     case net_kernel:connect_node(Node) of
         true ->
             try gen_server:call({?MODULE, Node}, listen_info, Timeout) of
-                {ok, #{port := Port, ip := Ip}} -> peer_address(Node, Ip, Port);
+                {ok, #{port := Port, ip := Ip} = Info} ->
+                    case peer_address(Node, Ip) of
+                        {ok, PeerIp} -> {ok, PeerIp, Port, maps:get(max_frame_bytes, Info, undefined)};
+                        Error -> Error
+                    end;
                 Other -> {error, {call_failed, Node, {unexpected_reply, Other}}}
             catch
                 exit:{noproc, _} -> {error, {no_teleport, Node}};
@@ -373,15 +382,14 @@ ask_listener(Node, Timeout) ->
 
 %% A peer listening on every interface is reached at the address its disterl connection
 %% comes from, else at its host name's address.
--spec peer_address(node(), inet:ip_address(), inet:port_number()) ->
-          {ok, inet:ip_address(), inet:port_number()} | {error, unreachable()}.
-peer_address(Node, Ip, Port) when Ip =:= {0, 0, 0, 0}; Ip =:= {0, 0, 0, 0, 0, 0, 0, 0} ->
+-spec peer_address(node(), inet:ip_address()) -> {ok, inet:ip_address()} | {error, unreachable()}.
+peer_address(Node, Ip) when Ip =:= {0, 0, 0, 0}; Ip =:= {0, 0, 0, 0, 0, 0, 0, 0} ->
     case dist_peer_ip(Node) of
-        {ok, PeerIp} -> {ok, PeerIp, Port};
+        {ok, PeerIp} -> {ok, PeerIp};
         error -> {error, {no_address, Node, host_part(Node)}}
     end;
-peer_address(_Node, Ip, Port) ->
-    {ok, Ip, Port}.
+peer_address(_Node, Ip) ->
+    {ok, Ip}.
 
 -spec dist_peer_ip(node()) -> {ok, inet:ip_address()} | error.
 dist_peer_ip(Node) ->
@@ -415,12 +423,13 @@ host_ip(Node) ->
             error
     end.
 
--spec start_pool(node(), {ok, inet:ip_address(), inet:port_number()} | {error, nodedown},
-                 state()) -> {ok, teleport_nif:pool()} | {error, nodedown}.
+-spec start_pool(node(), found() | {error, nodedown}, state()) ->
+          {ok, teleport_nif:pool()} | {error, nodedown}.
 start_pool(Node, Found, State) ->
     case {ets:lookup(?TABLE, Node), Found} of
-        {[{_, Pool}], {ok, Ip, Port}} ->
+        {[{_, Pool}], {ok, Ip, Port, MaxFrame}} ->
             allow(maps:get(runtime, State), Node),
+            limit_frames(Pool, MaxFrame),
             ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port),
             {ok, Pool};
         {[{_, Pool}], {error, nodedown}} ->
@@ -433,9 +442,9 @@ start_pool(Node, Found, State) ->
             new_pool(Node, Found, State)
     end.
 
--spec new_pool(node(), {ok, inet:ip_address(), inet:port_number()} | {error, nodedown},
-               state()) -> {ok, teleport_nif:pool()} | {error, nodedown}.
-new_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
+-spec new_pool(node(), found() | {error, nodedown}, state()) ->
+          {ok, teleport_nif:pool()} | {error, nodedown}.
+new_pool(Node, {ok, Ip, Port, MaxFrame}, #{runtime := Rt, config := Config}) ->
     set_name(Rt),
     #{pool_size := Size, max_queue_bytes := MaxQueue, connect_timeout := ConnectTimeout,
       handshake_timeout := HandshakeTimeout} = Config,
@@ -445,6 +454,7 @@ new_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
     case teleport_nif:pool_start(Rt, atom_to_binary(Node, utf8), ip_text(Ip), Port, Cookie,
                                  Size, MaxQueue, {ConnectTimeout, HandshakeTimeout}) of
         {ok, Pool} ->
+            limit_frames(Pool, MaxFrame),
             true = ets:insert(?TABLE, {Node, Pool}),
             {ok, Pool};
         {error, Reason} ->
@@ -456,6 +466,11 @@ new_pool(Node, {ok, Ip, Port}, #{runtime := Rt, config := Config}) ->
     end;
 new_pool(_Node, {error, nodedown}, _State) ->
     {error, nodedown}.
+
+%% Tells the pool the largest frame its peer reads, when the peer said.
+-spec limit_frames(teleport_nif:pool(), pos_integer() | undefined) -> ok.
+limit_frames(_Pool, undefined) -> ok;
+limit_frames(Pool, MaxFrame) -> teleport_nif:pool_limit_frames(Pool, MaxFrame).
 
 %% The node may have become distributed (net_kernel:start/1) after teleport started.
 -spec set_name(teleport_nif:runtime()) -> ok.

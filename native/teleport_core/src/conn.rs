@@ -84,6 +84,12 @@ impl Target {
         self.stale.load(Relaxed)
     }
 
+    /// Records the largest frame body the peer reads, as it told some other way than a
+    /// handshake (which says it again on every connection).
+    pub fn limit_frames(&self, max: usize) {
+        self.max_frame.store(max, Relaxed);
+    }
+
     /// Sets what to call when the pool becomes stale; only the first call counts.
     pub fn on_stale(&self, f: impl Fn() + Send + Sync + 'static) {
         let _ = self.on_stale.set(Box::new(f));

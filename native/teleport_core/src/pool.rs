@@ -46,6 +46,14 @@ impl Pool {
         self.target.is_stale()
     }
 
+    /// Refuses frames whose body is over `max` bytes from now on ([`SendError::TooLarge`]):
+    /// the peer's `max_frame_bytes`, as its owner learnt before any handshake told it.
+    ///
+    /// [`SendError::TooLarge`]: crate::conn::SendError::TooLarge
+    pub fn limit_frames(&self, max: usize) {
+        self.target.limit_frames(max);
+    }
+
     /// Sets what to call (from a writer thread) when the pool becomes stale, so the owner can
     /// find the peer's listener again and [`Pool::retarget`] the pool without waiting for a
     /// send to notice. Only the first call counts.
@@ -382,8 +390,15 @@ mod tests {
         cfg.max_queue_bytes = 8 << 20;
         let (pool, stats) = one_slot(cfg, l.local_addr());
         let big = vec![1u8; 2 << 20];
-        // Before any handshake the limit is unknown: queued, then dropped and counted once
-        // the connection is up, instead of closing it.
+        // Told by the owner (as discovery does), the limit holds before any handshake.
+        pool.limit_frames(1 << 20);
+        assert!(matches!(
+            pool.conn(0).send(frame(&big)),
+            Err(SendError::TooLarge(_))
+        ));
+        // Not told (usize::MAX: unknown): queued, then dropped and counted once the
+        // connection's handshake says the limit, instead of closing the connection.
+        pool.limit_frames(usize::MAX);
         send(&pool, 0, &big);
         send(&pool, 0, b"after");
         assert_eq!(

@@ -130,6 +130,15 @@ fn pool_start<'a>(
     }
 }
 
+/// Refuses messages whose frame body is over `MaxFrameBytes` (the peer's `max_frame_bytes`,
+/// learnt at discovery) with `too_large`, before a handshake says the limit again.
+#[rustler::nif]
+fn pool_limit_frames(pool: ResourceArc<PoolRes>, max_frame_bytes: u64) -> Atom {
+    pool.pool
+        .limit_frames(usize::try_from(max_frame_bytes).unwrap_or(usize::MAX));
+    atoms::ok()
+}
+
 /// Points the pool at `Ip:Port`, where its peer listens now; queued messages go there.
 #[rustler::nif]
 fn pool_retarget<'a>(
