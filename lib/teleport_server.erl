@@ -363,8 +363,9 @@ ask_listener(Node, Timeout) ->
         true ->
             try gen_server:call({?MODULE, Node}, listen_info, Timeout) of
                 {ok, #{port := Port, ip := Ip} = Info} ->
+                    MaxFrame = maps:get(max_frame_bytes, Info, undefined),
                     case peer_address(Node, Ip) of
-                        {ok, PeerIp} -> {ok, PeerIp, Port, maps:get(max_frame_bytes, Info, undefined)};
+                        {ok, PeerIp} -> {ok, PeerIp, Port, MaxFrame};
                         Error -> Error
                     end;
                 Other -> {error, {call_failed, Node, {unexpected_reply, Other}}}

@@ -302,17 +302,20 @@ impl Conn {
             return Err(SendError::TooLarge(frame));
         }
         if st.queue.is_empty() && !st.writer_busy && frame.len() <= DIRECT_MAX {
-            self.probe_if_idle(&mut st);
+            // One clock read per send: the write takes microseconds, so `now` serves as its
+            // time too.
+            let now = Instant::now();
+            self.probe_if_idle(&mut st, now);
             if let Some(sock) = st.sock.clone() {
                 match write_nonblocking(&sock, &frame) {
                     Ok(n) if n == frame.len() => {
-                        st.last_write = Instant::now();
+                        st.last_write = now;
                         self.stats.sent(n);
                         self.counters.add(1, n as u64);
                         return Ok(());
                     }
                     Ok(n) => {
-                        st.last_write = Instant::now();
+                        st.last_write = now;
                         frame.advance(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -485,7 +488,7 @@ impl Conn {
                 self.drop_queue(&mut st);
                 return;
             }
-            self.probe_if_idle(&mut st);
+            self.probe_if_idle(&mut st, Instant::now());
             let sock = match st.sock.clone() {
                 Some(sock) => sock,
                 None => {
@@ -601,11 +604,11 @@ impl Conn {
     }
 
     /// Checks the connection before writing on it if it has been idle a while.
-    fn probe_if_idle(&self, st: &mut State) {
-        if st.sock.is_some() && st.last_write.elapsed() >= PROBE_AFTER_IDLE {
+    fn probe_if_idle(&self, st: &mut State, now: Instant) {
+        if st.sock.is_some() && now.saturating_duration_since(st.last_write) >= PROBE_AFTER_IDLE {
             self.check_alive(st);
             // Probed: the next frames of a burst need not be.
-            st.last_write = Instant::now();
+            st.last_write = now;
         }
     }
 

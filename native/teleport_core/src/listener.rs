@@ -320,9 +320,11 @@ impl Listener {
             stats.connections_in.fetch_sub(1, Ordering::Relaxed);
         });
         tracing::info!(peer = %name, addr = %from, id, lane, "connection_accepted");
-        let old = conn.clone();
+        // A newer connection of the lane stops this one's reader, if it must, by shutting
+        // this socket.
+        let this = conn.clone();
         let mut place = self.lanes.join(&peer, lane, move || {
-            let _ = old.sock.shutdown(std::net::Shutdown::Both);
+            let _ = this.sock.shutdown(std::net::Shutdown::Both);
         });
         let waited = place.wait_turn(LANE_PATIENCE);
         if matches!(waited, Waited::Stopped | Waited::GaveUp) {
