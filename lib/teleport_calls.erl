@@ -56,7 +56,12 @@ worker(Dest, Request, Caller, Alias, Timeout) ->
 
 -spec call(pid(), term(), pid(), reference(), timeout()) -> ok.
 call(Pid, Request, Caller, Alias, Timeout) ->
-    CallerMon = erlang:monitor(process, Caller),
+    %% A finite timeout bounds this worker anyway; only an infinite one needs to learn that
+    %% the caller died, and a monitor of a remote process costs two disterl messages.
+    CallerMon = case Timeout of
+                    infinity -> erlang:monitor(process, Caller);
+                    _ -> none
+                end,
     Mref = erlang:monitor(process, Pid),
     %% The same message gen_server:call/3 sends; the reply comes back to this worker.
     Pid ! {'$gen_call', {self(), Mref}, Request},

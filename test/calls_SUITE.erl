@@ -10,7 +10,7 @@ all() ->
      late_reply_never_lands, noproc_shape, callee_crash_mid_call, local_destination,
      big_reply_not_over_disterl, gs_cast, casts_then_call_in_order, abcast_with_a_bad_node,
      multi_call_with_a_node_down,
-     node_killed_mid_call].
+     node_killed_mid_call, abandoned_calls_leave_no_worker].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("calls_ct_"),
@@ -69,6 +69,31 @@ late_reply_never_lands(Config) ->
     ?assertEqual([], Msgs),
     %% The server is fine and so is the path.
     ?assertEqual(ok, teleport:gs_call(Dest, {echo, ok})).
+
+%% Each call runs in a worker on the callee's node. It ends with the call, or when the
+%% caller's timeout has passed; with an infinite timeout, when the caller dies (it monitors
+%% the caller only then: a finite timeout bounds it anyway, and a remote monitor costs two
+%% disterl messages per call).
+abandoned_calls_leave_no_worker(Config) ->
+    {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
+    Dest = {srv, Node},
+    Workers = fun() -> peer:call(Peer, ?MODULE, call_workers, []) end,
+    ?assertEqual(0, Workers()),
+    Caller = spawn(fun() -> teleport:gs_call(Dest, {reply_later, x, 60000}, infinity) end),
+    ok = teleport_soak:wait_until(fun() -> Workers() =:= 1 end, 5000),
+    exit(Caller, kill),
+    ok = teleport_soak:wait_until(fun() -> Workers() =:= 0 end, 5000),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertExit({timeout, _}, teleport:gs_call(Dest, {reply_later, y, 60000}, 300)),
+    ok = teleport_soak:wait_until(fun() -> Workers() =:= 0 end, 5000),
+    ct:pal("the finite call's worker ended ~b ms after the call began",
+           [erlang:monotonic_time(millisecond) - T0]).
+
+%% On the peer: how many teleport_calls workers are running.
+call_workers() ->
+    length([P || P <- processes(),
+                 {dictionary, D} <- [process_info(P, dictionary)],
+                 lists:member({'$initial_call', {teleport_calls, worker, 5}}, D)]).
 
 noproc_shape(Config) ->
     Dest = {no_such_server, ?config(node, Config)},
