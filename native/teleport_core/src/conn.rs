@@ -2,8 +2,10 @@
 //! writes straight from the sender's thread when the connection is idle.
 //!
 //! Order is kept because every frame of a connection is written by one party at a time, in
-//! queue order: the sender writes directly only while the queue is empty and the writer
-//! thread holds no frames; otherwise the frame joins the queue behind the others.
+//! queue order: the sender writes directly only while the queue is empty and nobody else is
+//! writing; otherwise the frame joins the queue behind the others. A sender writing directly
+//! also takes, for a few rounds, the small frames others queued meanwhile and writes them with
+//! one `writev` each round: concurrent small sends cost one syscall per batch, not per frame.
 //!
 //! Only the writer thread connects, so a pool is usable (frames queue) the moment it exists:
 //! nothing is lost while connections come up.
@@ -27,6 +29,13 @@ use std::time::{Duration, Instant, SystemTime};
 /// a non-blocking write of this much is a memcpy of microseconds. Larger ones always go to
 /// the writer thread.
 pub const DIRECT_MAX: usize = 64 * 1024;
+
+/// A sender writing directly takes frames others queued meanwhile for at most this many
+/// more rounds (one non-blocking `writev` each): a normal scheduler is not held long.
+const COMBINE_ROUNDS: usize = 8;
+
+/// ... and only while the queue holds at most this many bytes; more is the writer's job.
+const COMBINE_MAX: usize = 256 * 1024;
 
 /// How many iovecs one `writev` gets (Linux's `IOV_MAX` is 1024).
 const MAX_IOVECS: usize = 1024;
@@ -96,7 +105,8 @@ impl Target {
     }
 
     /// Marks the target stale: the peer refused us where we thought it listens. The owner is
-    /// told once per stale spell (a retarget ends it), not on every refused attempt.
+    /// told once per stale spell (a retarget ends it), not on every refused attempt. Call it
+    /// with no lock held: the owner may retarget the pool from the callback.
     fn mark_stale(&self) {
         if !self.stale.swap(true, Relaxed) {
             if let Some(f) = self.on_stale.get() {
@@ -106,9 +116,12 @@ impl Target {
     }
 
     /// Points at `addr` and clears the stale mark.
-    pub fn set(&self, addr: SocketAddr) {
-        *self.addr.lock() = addr;
+    ///
+    /// Returns whether the address changed.
+    pub fn set(&self, addr: SocketAddr) -> bool {
+        let changed = std::mem::replace(&mut *self.addr.lock(), addr) != addr;
         self.stale.store(false, Relaxed);
+        changed
     }
 }
 
@@ -163,6 +176,10 @@ struct State {
     sock: Option<Arc<Socket>>,
     /// The writer holds frames taken from the queue, or is connecting.
     writer_busy: bool,
+    /// A sender is writing directly (its frame, then frames it took from the queue).
+    direct_busy: bool,
+    /// The direct writer's batch, kept between sends so that it is allocated once.
+    spare: Vec<OutFrame>,
     /// The writer sleeps on `wake`.
     writer_waiting: bool,
     status: Status,
@@ -254,6 +271,8 @@ impl Conn {
                 queued: 0,
                 sock: None,
                 writer_busy: false,
+                direct_busy: false,
+                spare: Vec::new(),
                 writer_waiting: false,
                 status: Status::Down,
                 last_error: None,
@@ -293,7 +312,7 @@ impl Conn {
     /// A frame is refused as [`SendError::Busy`] only when others are queued and it would
     /// take the queue past `max_queue_bytes`, so a frame larger than the limit still goes
     /// through on an empty queue.
-    pub fn send(&self, mut frame: OutFrame) -> Result<(), SendError> {
+    pub fn send(&self, frame: OutFrame) -> Result<(), SendError> {
         let mut st = self.state.lock();
         if st.status == Status::Closed {
             return Err(SendError::Closed(frame));
@@ -301,31 +320,30 @@ impl Conn {
         if body_len(&frame) > self.target.max_frame() {
             return Err(SendError::TooLarge(frame));
         }
-        if st.queue.is_empty() && !st.writer_busy && frame.len() <= DIRECT_MAX {
+        if st.queue.is_empty() && !st.writer_busy && !st.direct_busy && frame.len() <= DIRECT_MAX {
             // One clock read per send: the write takes microseconds, so `now` serves as its
             // time too.
             let now = Instant::now();
             self.probe_if_idle(&mut st, now);
             if let Some(sock) = st.sock.clone() {
-                match write_nonblocking(&sock, &frame) {
-                    Ok(n) if n == frame.len() => {
-                        st.last_write = now;
-                        self.stats.sent(n);
-                        self.counters.add(1, n as u64);
-                        return Ok(());
-                    }
-                    Ok(n) => {
-                        st.last_write = now;
-                        frame.advance(n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        // Nothing was written: the writer reconnects and sends it.
-                        self.lost_socket(&mut st, &e);
-                    }
-                }
+                st.direct_busy = true;
+                st.last_write = now;
+                let mut batch = std::mem::take(&mut st.spare);
+                drop(st);
+                batch.push(frame);
+                self.write_direct(&sock, batch);
+                return Ok(());
             }
         }
+        self.enqueue(st, frame)
+    }
+
+    /// Queues `frame` behind the others, unless that takes the queue over its limit.
+    fn enqueue(
+        &self,
+        mut st: parking_lot::MutexGuard<'_, State>,
+        frame: OutFrame,
+    ) -> Result<(), SendError> {
         let len = frame.remaining();
         if st.queued > 0 && st.queued + len > self.cfg.max_queue_bytes {
             return Err(SendError::Busy(frame));
@@ -334,11 +352,92 @@ impl Conn {
         self.stats.queued_bytes.fetch_add(len as u64, Relaxed);
         st.queue.push_back(frame);
         // The writer sleeps with an empty queue only when idle; with frames queued it is
-        // waiting out a reconnection backoff, which more frames should not cut short.
-        if st.writer_waiting && st.queue.len() == 1 {
+        // waiting out a reconnection backoff, which more frames should not cut short. A
+        // direct writer takes the frame, or wakes the writer when it is done.
+        if st.writer_waiting && st.queue.len() == 1 && !st.direct_busy {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Writes `batch` (one frame, the sender's own) from the sender's thread with
+    /// non-blocking `writev`s, then, for a few rounds, whatever small frames other senders
+    /// queued meanwhile. What cannot be written at once goes back to the front of the queue
+    /// for the writer thread. Called with `direct_busy` set, which keeps everyone else from
+    /// writing; clears it.
+    fn write_direct(&self, sock: &Arc<Socket>, mut batch: Vec<OutFrame>) {
+        // The sender's own frame is not counted in `queued`; frames taken from the queue are.
+        let mut uncounted = batch[0].remaining();
+        let mut rounds = 0;
+        let mut st = loop {
+            let before: usize = batch.iter().map(OutFrame::remaining).sum();
+            let (mut msgs, mut bytes) = (0u64, 0u64);
+            let result = write_once(sock, &mut batch, &mut msgs, &mut bytes);
+            self.stats.sent_many(msgs, bytes);
+            self.counters.add(msgs, bytes);
+            let after: usize = batch.iter().map(OutFrame::remaining).sum();
+            let written = before - after;
+            let counted = written.saturating_sub(uncounted);
+            uncounted -= written - counted;
+            batch.retain(|f| f.remaining() > 0);
+            let mut st = self.state.lock();
+            self.uncount(&mut st, counted);
+            match result {
+                Ok(()) if batch.is_empty() => {
+                    rounds += 1;
+                    let same_sock = st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock));
+                    if rounds > COMBINE_ROUNDS
+                        || st.queue.is_empty()
+                        || st.queued > COMBINE_MAX
+                        || !same_sock
+                        || st.status == Status::Closed
+                    {
+                        break st;
+                    }
+                    batch.extend(st.queue.drain(..));
+                }
+                // The socket is full: the writer thread goes on from where this stopped.
+                Ok(()) => break st,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break st,
+                Err(e) => {
+                    self.lost_socket(&mut st, &e);
+                    // A frame cut in the middle is lost; the untouched ones go out again
+                    // first on the next connection.
+                    if batch.first().is_some_and(OutFrame::started) {
+                        let cut = batch.remove(0);
+                        let counted_part = cut.remaining().saturating_sub(uncounted);
+                        uncounted -= cut.remaining() - counted_part;
+                        self.uncount(&mut st, counted_part);
+                        self.stats.dropped.fetch_add(1, Relaxed);
+                    }
+                    break st;
+                }
+            }
+        };
+        // What is left goes back to the front, in order: the queue only holds newer frames.
+        if uncounted > 0 {
+            st.queued += uncounted;
+            self.stats.queued_bytes.fetch_add(uncounted as u64, Relaxed);
+        }
+        for f in batch.drain(..).rev() {
+            st.queue.push_front(f);
+        }
+        st.spare = batch;
+        st.direct_busy = false;
+        if st.status == Status::Closed {
+            // The writer may be gone already: what is left is dropped here, and counted.
+            self.drop_queue(&mut st);
+        } else if !st.queue.is_empty() && st.writer_waiting {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes `bytes` written off the queued counts.
+    fn uncount(&self, st: &mut State, bytes: usize) {
+        if bytes > 0 {
+            st.queued -= bytes;
+            self.stats.queued_bytes.fetch_sub(bytes as u64, Relaxed);
+        }
     }
 
     /// Wakes the writer to try connecting at once (the pool was pointed elsewhere).
@@ -423,6 +522,14 @@ impl Conn {
                 "connection_lost"
             );
             st.last_error = Some(format!("connection to {addr} lost: {err}"));
+            // A frame begun on the lost socket cannot be finished on the next one (its rest
+            // would open that connection with garbage): it is lost, and counted.
+            if st.queue.front().is_some_and(OutFrame::started) {
+                if let Some(cut) = st.queue.pop_front() {
+                    self.uncount(st, cut.remaining());
+                    self.stats.dropped.fetch_add(1, Relaxed);
+                }
+            }
         } else {
             st.last_error = Some(err.to_string());
         }
@@ -476,7 +583,8 @@ impl Conn {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let mut st = self.state.lock();
-            while st.queue.is_empty() && st.status != Status::Closed {
+            // A sender writing directly owns the socket until it is done (it wakes us then).
+            while (st.queue.is_empty() || st.direct_busy) && st.status != Status::Closed {
                 st.writer_waiting = true;
                 let timed_out = self.wake.wait_for(&mut st, IDLE_CHECK).timed_out();
                 st.writer_waiting = false;
@@ -557,7 +665,9 @@ impl Conn {
                             if refused {
                                 // The peer is there but not listening or not letting us in
                                 // where we thought: its listener must be found again.
-                                self.target.mark_stale();
+                                parking_lot::MutexGuard::unlocked(&mut st, || {
+                                    self.target.mark_stale()
+                                });
                             }
                             // Queued frames stay: they go out once a connection is up, or are
                             // dropped (and counted) when the pool is closed at nodedown.
@@ -686,11 +796,42 @@ pub fn handshake_io(e: HandshakeError) -> io::Error {
     }
 }
 
-/// One non-blocking `writev` of a frame's unwritten parts.
-fn write_nonblocking(sock: &Socket, frame: &OutFrame) -> io::Result<usize> {
-    let mut slices = Vec::with_capacity(4);
-    frame.slices(&mut slices, MAX_IOVECS);
-    sock.send_vectored_with_flags(&slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+/// One non-blocking `writev` of as much of `batch` as the iovec limit allows. Frames keep
+/// their progress; `msgs` and `bytes` count the frames it completed. `Ok` whether or not
+/// everything fit (the caller looks at what remains); `WouldBlock` if nothing did.
+fn write_once(
+    sock: &Socket,
+    batch: &mut [OutFrame],
+    msgs: &mut u64,
+    bytes: &mut u64,
+) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(4);
+    for f in batch.iter() {
+        f.slices(&mut slices, MAX_IOVECS);
+        if slices.len() >= MAX_IOVECS {
+            break;
+        }
+    }
+    let n = loop {
+        match sock.send_vectored_with_flags(&slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            other => break other?,
+        }
+    };
+    drop(slices);
+    let mut left = n;
+    for f in batch.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        left = f.advance(left);
+        if f.remaining() == 0 {
+            *msgs += 1;
+            *bytes += f.len() as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Writes every frame of `batch`, coalescing them into as few `writev` calls as the iovec

@@ -63,9 +63,14 @@ impl Pool {
 
     /// Points every connection at `addr` (where the peer listens now) and has them try at
     /// once; what they queued goes out there, in order.
+    ///
+    /// At the same address, the connections keep waiting out their backoff: the owner
+    /// re-discovers on every stale spell, and a peer that keeps refusing (another handshake
+    /// version, say) must not make that a busy loop.
     pub fn retarget(&self, addr: SocketAddr) {
-        self.target.set(addr);
-        self.conns.iter().for_each(|c| c.poke());
+        if self.target.set(addr) {
+            self.conns.iter().for_each(|c| c.poke());
+        }
     }
 
     /// The connection for a (sender, destination) hash.
@@ -335,6 +340,35 @@ mod tests {
         assert!(rx.try_recv().is_err());
         l.close();
         pool.close();
+    }
+
+    #[test]
+    fn a_peer_that_keeps_refusing_is_retried_with_backoff_not_in_a_loop() {
+        // The owner re-discovers on every stale notice and finds the same address (a peer
+        // that keeps rejecting the handshake, e.g. one speaking another version).
+        let (l, _acceptor, _rx) = listener(SocketOpts::default());
+        let (pool, _) = one_slot(config(b"wrong", SocketOpts::default()), l.local_addr());
+        let pool = Arc::new(pool);
+        let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (p, t, addr) = (Arc::downgrade(&pool), told.clone(), l.local_addr());
+        pool.on_stale(move || {
+            t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // As teleport_server does: a moment later, from another thread.
+            let p = p.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(5));
+                if let Some(p) = p.upgrade() {
+                    p.retarget(addr);
+                }
+            });
+        });
+        send(&pool, 0, b"x");
+        std::thread::sleep(Duration::from_millis(700));
+        // Attempts at 0, 50, 150, 350 ms (the backoff doubles): a handful, not hundreds.
+        let n = told.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((1..=6).contains(&n), "{n} stale notices in 700 ms");
+        pool.close();
+        l.close();
     }
 
     #[test]
