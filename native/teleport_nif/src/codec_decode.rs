@@ -5,10 +5,11 @@
 //! bulk is one or a few large binaries is decoded here, so that those binaries become
 //! sub-binaries of the buffer instead of copies (zero-copy receive). Whenever this path
 //! fails, the VM's decoder gets the whole input and has the last word, so errors are those
-//! of `binary_to_term/1`, with one exception: no input goes to the VM's decoder before
-//! [`check_for_vm`] has checked every fun in it (OTP 25 accepts funs whose creator is not a
-//! pid, and crashes when it later encodes them), so malformed funs are `badarg` here even
-//! where `binary_to_term/1` accepts them.
+//! of `binary_to_term/1`, with one exception: no input of `teleport_codec:decode/1,2` goes to
+//! the VM's decoder before [`check_for_vm`] has checked every fun in it (OTP 25 accepts funs
+//! whose creator is not a pid, and crashes when it later encodes them), so malformed funs are
+//! `badarg` there even where `binary_to_term/1` accepts them. Frames from an authenticated
+//! peer skip that pass, as disterl does ([`Source::Peer`]).
 
 use crate::term_word::{self, from_word, word};
 use rustler::sys::{
@@ -347,11 +348,40 @@ impl Make {
     }
 }
 
+/// Where the bytes come from, which says how far they are trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `teleport_codec:decode/1,2`: anything, from anywhere. `safe` creates no atoms. Every
+    /// fun is checked before the VM's decoder sees it ([`check_for_vm`]).
+    Api {
+        /// The `safe` option: no new atoms.
+        safe: bool,
+    },
+    /// A frame from an authenticated peer. It holds the cookie, so it could send the same
+    /// bytes over disterl (or run any code here): it is decoded as disterl decodes, atoms
+    /// made, and without [`check_for_vm`]'s pass over the input, which every message would
+    /// pay (most hold a byte 112 or 113).
+    Peer,
+}
+
+impl Source {
+    fn safe(self) -> bool {
+        matches!(self, Source::Api { safe: true })
+    }
+}
+
 /// The VM's own decoder on the whole input: `None` where `binary_to_term/1` raises `badarg`
-/// or where [`check_for_vm`] finds a malformed fun, which the VM must not see.
-unsafe fn vm_decode(env: *mut ErlNifEnv, input: &[u8], safe: bool) -> Option<ErlNifTerm> {
-    check_for_vm(input).ok()?;
-    let flags = if safe { ERL_NIF_BIN2TERM_SAFE } else { 0 };
+/// or, for [`Source::Api`], where [`check_for_vm`] finds a malformed fun, which the VM must
+/// not see.
+unsafe fn vm_decode(env: *mut ErlNifEnv, input: &[u8], source: Source) -> Option<ErlNifTerm> {
+    if source != Source::Peer {
+        check_for_vm(input).ok()?;
+    }
+    let flags = if source.safe() {
+        ERL_NIF_BIN2TERM_SAFE
+    } else {
+        0
+    };
     let mut term = ErlNifTerm::default();
     let used = enif_binary_to_term(env, input.as_ptr(), input.len(), &mut term, flags);
     (used != 0).then_some(term)
@@ -370,7 +400,7 @@ pub unsafe fn decode(
     env: *mut ErlNifEnv,
     input_term: Option<ErlNifTerm>,
     input: &[u8],
-    safe: bool,
+    source: Source,
 ) -> Option<(ErlNifTerm, usize)> {
     match layout(input).ok()? {
         Layout::Compressed { inflated } => {
@@ -379,9 +409,9 @@ pub unsafe fn decode(
             let mut plain = Vec::new();
             plain.push(VERSION);
             inflate::zlib(&input[6..], inflated, &mut plain).ok()?;
-            decode_plain(env, None, &plain, safe).map(|(t, _)| (t, inflated))
+            decode_plain(env, None, &plain, source).map(|(t, _)| (t, inflated))
         }
-        Layout::Plain => decode_plain(env, input_term, input, safe),
+        Layout::Plain => decode_plain(env, input_term, input, source),
     }
 }
 
@@ -397,27 +427,33 @@ unsafe fn decode_plain(
     env: *mut ErlNifEnv,
     input_term: Option<ErlNifTerm>,
     input: &[u8],
-    safe: bool,
+    source: Source,
 ) -> Option<(ErlNifTerm, usize)> {
     // Small: the VM's decoder is fastest (and nothing in it is worth sharing).
     if input.len() < DECODE_SHARE_MIN {
-        return vm_decode(env, input, safe).map(|t| (t, input.len()));
+        return vm_decode(env, input, source).map(|t| (t, input.len()));
     }
     // Large: made here when large binaries would become sub-binaries of the input (zero-copy)
     // or when atoms abound (they come from a per-thread cache rather than the VM's atom
     // table); else the VM's decoder is faster.
     let share = input_term.is_some() && may_share(input);
     if !share && !atom_heavy(input) {
-        return vm_decode(env, input, safe).map(|t| (t, input.len()));
+        return vm_decode(env, input, source).map(|t| (t, input.len()));
     }
     // No `check_for_vm` needed before this parse: it checks every fun itself before `Make`
-    // hands one to the VM's decoder (`vm_opaque`), and `vm_decode` below checks again.
-    let mut make = Make::new(env, input_term.filter(|_| share), input.len(), safe);
+    // hands one to the VM's decoder (`vm_opaque`), and `vm_decode` below checks again for
+    // the API.
+    let mut make = Make::new(
+        env,
+        input_term.filter(|_| share),
+        input.len(),
+        source.safe(),
+    );
     let made = parse(input, 1, &mut make);
     let shared_bytes = make.shared_bytes;
     make.done();
     match made {
         Ok((term, _)) => Some((term, input.len() - shared_bytes)),
-        Err(_) => vm_decode(env, input, safe).map(|t| (t, input.len())),
+        Err(_) => vm_decode(env, input, source).map(|t| (t, input.len())),
     }
 }

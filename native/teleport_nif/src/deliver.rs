@@ -105,7 +105,7 @@ impl Deliver {
             let offset = body.len() - f.term.len();
             enif_make_sub_binary(self.env, bin, offset, f.term.len())
         });
-        let (msg, _) = codec_decode::decode(self.env, term_bin, f.term, false)
+        let (msg, _) = codec_decode::decode(self.env, term_bin, f.term, codec_decode::Source::Peer)
             .ok_or("message is not a valid external term")?;
         // A dead receiver is no error: the message is dropped, as disterl drops it.
         enif_send(std::ptr::null_mut(), &pid, self.env, msg);

@@ -65,7 +65,7 @@ fn codec_decode<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifResult<Te
             env.as_c_arg(),
             Some(input.to_term(env).as_c_arg()),
             &input,
-            safe,
+            codec_decode::Source::Api { safe },
         )
     };
     let (term, bytes) = decoded.ok_or(rustler::Error::BadArg)?;
@@ -81,7 +81,7 @@ fn codec_decode_dirty<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifRes
             env.as_c_arg(),
             Some(input.to_term(env).as_c_arg()),
             &input,
-            safe,
+            codec_decode::Source::Api { safe },
         )
     };
     let (term, bytes) = decoded.ok_or(rustler::Error::BadArg)?;
