@@ -372,7 +372,7 @@ impl Conn {
         let mut st = loop {
             let before: usize = batch.iter().map(OutFrame::remaining).sum();
             let (mut msgs, mut bytes) = (0u64, 0u64);
-            let result = write_once(sock, &mut batch, &mut msgs, &mut bytes);
+            let result = write_once(sock, &mut batch, libc::MSG_DONTWAIT, &mut msgs, &mut bytes);
             self.stats.sent_many(msgs, bytes);
             self.counters.add(msgs, bytes);
             let after: usize = batch.iter().map(OutFrame::remaining).sum();
@@ -796,24 +796,30 @@ pub fn handshake_io(e: HandshakeError) -> io::Error {
     }
 }
 
-/// One non-blocking `writev` of as much of `batch` as the iovec limit allows. Frames keep
-/// their progress; `msgs` and `bytes` count the frames it completed. `Ok` whether or not
-/// everything fit (the caller looks at what remains); `WouldBlock` if nothing did.
+/// One `writev` (non-blocking with `MSG_DONTWAIT` in `flags`) of as much of `batch` as the
+/// iovec limit allows, skipping finished frames. Frames keep their progress; `msgs` and
+/// `bytes` count the frames it completed. `Ok` whether or not everything fit (the caller
+/// looks at what remains); `WouldBlock` if nothing did.
 fn write_once(
     sock: &Socket,
     batch: &mut [OutFrame],
+    flags: libc::c_int,
     msgs: &mut u64,
     bytes: &mut u64,
 ) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(4);
-    for f in batch.iter() {
+    let first = batch
+        .iter()
+        .position(|f| f.remaining() > 0)
+        .unwrap_or(batch.len());
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(8);
+    for f in &batch[first..] {
         f.slices(&mut slices, MAX_IOVECS);
         if slices.len() >= MAX_IOVECS {
             break;
         }
     }
     let n = loop {
-        match sock.send_vectored_with_flags(&slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+        match sock.send_vectored_with_flags(&slices, flags | libc::MSG_NOSIGNAL) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             other => break other?,
@@ -821,7 +827,7 @@ fn write_once(
     };
     drop(slices);
     let mut left = n;
-    for f in batch.iter_mut() {
+    for f in &mut batch[first..] {
         if left == 0 {
             break;
         }
@@ -856,31 +862,8 @@ fn write_frames(
     msgs: &mut u64,
     bytes: &mut u64,
 ) -> io::Result<()> {
-    let mut first = 0;
-    while first < batch.len() {
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(64);
-        for f in &batch[first..] {
-            f.slices(&mut slices, MAX_IOVECS);
-            if slices.len() >= MAX_IOVECS {
-                break;
-            }
-        }
-        let n = match sock.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        drop(slices);
-        let mut left = n;
-        while left > 0 && first < batch.len() {
-            left = batch[first].advance(left);
-            if batch[first].remaining() == 0 {
-                *msgs += 1;
-                *bytes += batch[first].len() as u64;
-                first += 1;
-            }
-        }
+    while batch.last().is_some_and(|f| f.remaining() > 0) {
+        write_once(sock, batch, 0, msgs, bytes)?;
     }
     Ok(())
 }
