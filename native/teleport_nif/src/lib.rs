@@ -30,27 +30,54 @@ pub(crate) fn consume(env: Env, units: usize) {
     }
 }
 
-/// Encodes a term to an iolist, or answers `dirty` when the term is too big for a normal
-/// scheduler.
-#[rustler::nif]
-fn codec_encode<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
-    match unsafe { codec_encode::encode(env.as_c_arg(), term.as_c_arg(), Some(NORMAL_BUDGET)) } {
-        Ok(out) => {
-            consume(env, out.work);
-            to_iolist(env, out)
+/// What a NIF on a normal scheduler answers for work done within a budget: the result, its
+/// work charged to the caller, or `dirty` when the work outgrew the budget (the Erlang
+/// wrapper then calls the `_dirty` variant).
+pub(crate) fn normal_answer<'a, T: Encoder>(
+    env: Env<'a>,
+    done: Result<(T, usize), OverBudget>,
+) -> Term<'a> {
+    match done {
+        Ok((result, work)) => {
+            consume(env, work);
+            result.encode(env)
         }
         Err(OverBudget) => atoms::dirty().encode(env),
     }
 }
 
+/// What a `_dirty` NIF answers for work done without a budget: `{Result, Reductions}`, for
+/// the Erlang wrapper to charge with `erlang:bump_reductions/1`.
+pub(crate) fn dirty_answer<'a, T: Encoder>(
+    env: Env<'a>,
+    done: Result<(T, usize), OverBudget>,
+) -> Term<'a> {
+    let Ok((result, work)) = done else {
+        unreachable!("an unlimited budget never runs out")
+    };
+    (result, work / UNITS_PER_REDUCTION).encode(env)
+}
+
+/// An encoding as the iolist the NIF returns, and the work it took.
+fn iolist_and_work<'a>(env: Env<'a>, out: codec_encode::Encoded) -> (Term<'a>, usize) {
+    let work = out.work;
+    (to_iolist(env, out), work)
+}
+
+/// Encodes a term to an iolist, or answers `dirty` when the term is too big for a normal
+/// scheduler.
+#[rustler::nif]
+fn codec_encode<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
+    let done =
+        unsafe { codec_encode::encode(env.as_c_arg(), term.as_c_arg(), Some(NORMAL_BUDGET)) };
+    normal_answer(env, done.map(|out| iolist_and_work(env, out)))
+}
+
 /// Encodes a term of any size to `{IoList, Reductions}` on a dirty CPU scheduler.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn codec_encode_dirty<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
-    let Ok(out) = (unsafe { codec_encode::encode(env.as_c_arg(), term.as_c_arg(), None) }) else {
-        unreachable!("an unlimited budget never runs out")
-    };
-    let reductions = out.work / UNITS_PER_REDUCTION;
-    (to_iolist(env, out), reductions).encode(env)
+    let done = unsafe { codec_encode::encode(env.as_c_arg(), term.as_c_arg(), None) };
+    dirty_answer(env, done.map(|out| iolist_and_work(env, out)))
 }
 
 /// Decodes a binary holding an encoded term; `dirty` when it is too big for a normal

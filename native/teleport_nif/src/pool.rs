@@ -213,13 +213,8 @@ fn pool_send<'a>(
     key: Term<'a>,
     msg: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    match unsafe { send(env, &pool, dest, key, msg, Some(NORMAL_BUDGET))? } {
-        Ok((result, work)) => {
-            crate::consume(env, work);
-            Ok(result.encode(env))
-        }
-        Err(OverBudget) => Ok(atoms::dirty().encode(env)),
-    }
+    let done = unsafe { send(env, &pool, dest, key, msg, Some(NORMAL_BUDGET))? };
+    Ok(crate::normal_answer(env, done))
 }
 
 /// [`pool_send`] on a dirty CPU scheduler: `{Result, Reductions}`.
@@ -231,10 +226,8 @@ fn pool_send_dirty<'a>(
     key: Term<'a>,
     msg: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    let Ok((result, work)) = (unsafe { send(env, &pool, dest, key, msg, None)? }) else {
-        unreachable!("an unlimited budget never runs out")
-    };
-    Ok((result, work / crate::codec_encode::UNITS_PER_REDUCTION).encode(env))
+    let done = unsafe { send(env, &pool, dest, key, msg, None)? };
+    Ok(crate::dirty_answer(env, done))
 }
 
 /// Encodes the frame and hands it to the connection of this (sender, destination) pair.
@@ -320,13 +313,8 @@ fn pool_send_many<'a>(
     name: Term<'a>,
     msg: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    match unsafe { send_many(env, &pools, name, msg, Some(NORMAL_BUDGET))? } {
-        Ok((results, work)) => {
-            crate::consume(env, work);
-            Ok(results.encode(env))
-        }
-        Err(OverBudget) => Ok(atoms::dirty().encode(env)),
-    }
+    let done = unsafe { send_many(env, &pools, name, msg, Some(NORMAL_BUDGET))? };
+    Ok(crate::normal_answer(env, done))
 }
 
 /// [`pool_send_many`] on a dirty CPU scheduler: `{Results, Reductions}`.
@@ -337,10 +325,8 @@ fn pool_send_many_dirty<'a>(
     name: Term<'a>,
     msg: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    let Ok((results, work)) = (unsafe { send_many(env, &pools, name, msg, None)? }) else {
-        unreachable!("an unlimited budget never runs out")
-    };
-    Ok((results, work / crate::codec_encode::UNITS_PER_REDUCTION).encode(env))
+    let done = unsafe { send_many(env, &pools, name, msg, None)? };
+    Ok(crate::dirty_answer(env, done))
 }
 
 unsafe fn send_many(
