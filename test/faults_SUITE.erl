@@ -56,10 +56,10 @@ end_per_suite(Config) ->
     ok.
 
 init_per_group(small_queue, Config) ->
-    start_runner_teleport([{max_queue_bytes, ?MB}]),
+    teleport_test_util:restart_teleport([{max_queue_bytes, ?MB}]),
     Config;
 init_per_group(_, Config) ->
-    start_runner_teleport([]),
+    teleport_test_util:restart_teleport([]),
     Config.
 
 end_per_group(_, _Config) ->
@@ -75,9 +75,6 @@ end_per_testcase(_, _Config) ->
     true = ets:delete_all_objects(?PEERS),
     flush(),
     ok.
-
-start_runner_teleport(Env) ->
-    teleport_test_util:restart_teleport(Env).
 
 %%--------------------------------------------------------------------------------------------
 %% 1. receiver_killed_mid_stream

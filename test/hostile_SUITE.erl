@@ -67,7 +67,7 @@ init_per_group(Group, Config) ->
               small_frames -> [{handshake_timeout, ?HANDSHAKE_MS}, {max_frame_bytes, ?MB}];
               _ -> [{handshake_timeout, ?HANDSHAKE_MS}]
           end,
-    start_runner_teleport(Env),
+    teleport_test_util:restart_teleport(Env),
     P = start_peer(peer:random_name(hostile_p)),
     %% P finds the runner's listener (which lets P in), and the runner finds P's.
     {PP, PNode, _} = P,
@@ -95,9 +95,6 @@ end_per_testcase(_Case, Config) ->
     catch unregister(hostile_sink),
     flush(),
     ok.
-
-start_runner_teleport(Env) ->
-    teleport_test_util:restart_teleport(Env).
 
 start_peer(Name) ->
     Opts = #{setup => [{?MODULE, start_echo, [hostile_echo]}],

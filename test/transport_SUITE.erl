@@ -50,13 +50,13 @@ end_per_suite(Config) ->
     ok.
 
 init_per_group(small_queue, Config) ->
-    start_runner_teleport([{max_queue_bytes, ?MB}]),
+    teleport_test_util:restart_teleport([{max_queue_bytes, ?MB}]),
     Config;
 init_per_group(short_handshake, Config) ->
-    start_runner_teleport([{handshake_timeout, 1000}]),
+    teleport_test_util:restart_teleport([{handshake_timeout, 1000}]),
     Config;
 init_per_group(_, Config) ->
-    start_runner_teleport([]),
+    teleport_test_util:restart_teleport([]),
     Config.
 
 end_per_group(_, _Config) ->
@@ -69,9 +69,6 @@ init_per_testcase(_, Config) ->
 end_per_testcase(_, _Config) ->
     stop_all_peers(),
     ok.
-
-start_runner_teleport(Env) ->
-    teleport_test_util:restart_teleport(Env).
 
 %%--------------------------------------------------------------------------------------------
 %% 1. delivery
