@@ -369,21 +369,19 @@ impl Conn {
         // The sender's own frame is not counted in `queued`; frames taken from the queue are.
         let mut uncounted = batch[0].remaining();
         let mut rounds = 0;
-        let mut st = loop {
-            let before: usize = batch.iter().map(OutFrame::remaining).sum();
+        let (mut st, failed) = loop {
             let (mut msgs, mut bytes) = (0u64, 0u64);
             let result = write_once(sock, &mut batch, libc::MSG_DONTWAIT, &mut msgs, &mut bytes);
             self.stats.sent_many(msgs, bytes);
             self.counters.add(msgs, bytes);
-            let after: usize = batch.iter().map(OutFrame::remaining).sum();
-            let written = before - after;
+            let written = *result.as_ref().unwrap_or(&0);
             let counted = written.saturating_sub(uncounted);
             uncounted -= written - counted;
             batch.retain(|f| f.remaining() > 0);
             let mut st = self.state.lock();
             self.uncount(&mut st, counted);
             match result {
-                Ok(()) if batch.is_empty() => {
+                Ok(_) if batch.is_empty() => {
                     rounds += 1;
                     let same_sock = st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock));
                     if rounds > COMBINE_ROUNDS
@@ -392,35 +390,29 @@ impl Conn {
                         || !same_sock
                         || st.status == Status::Closed
                     {
-                        break st;
+                        break (st, None);
                     }
                     batch.extend(st.queue.drain(..));
                 }
                 // The socket is full: the writer thread goes on from where this stopped.
-                Ok(()) => break st,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break st,
-                Err(e) => {
-                    self.lost_socket(&mut st, &e);
-                    // A frame cut in the middle is lost; the untouched ones go out again
-                    // first on the next connection.
-                    if batch.first().is_some_and(OutFrame::started) {
-                        let cut = batch.remove(0);
-                        let counted_part = cut.remaining().saturating_sub(uncounted);
-                        uncounted -= cut.remaining() - counted_part;
-                        self.uncount(&mut st, counted_part);
-                        self.stats.dropped.fetch_add(1, Relaxed);
-                    }
-                    break st;
-                }
+                Ok(_) => break (st, None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break (st, None),
+                Err(e) => break (st, Some(e)),
             }
         };
-        // What is left goes back to the front, in order: the queue only holds newer frames.
+        // What is left goes back to the front, in order (the queue only holds newer frames),
+        // counted in `queued` like any queued frame.
         if uncounted > 0 {
             st.queued += uncounted;
             self.stats.queued_bytes.fetch_add(uncounted as u64, Relaxed);
         }
         for f in batch.drain(..).rev() {
             st.queue.push_front(f);
+        }
+        if let Some(e) = failed {
+            // Drops the frame cut in the middle, if any; the untouched ones go out again
+            // first on the next connection.
+            self.lost_socket(&mut st, &e);
         }
         st.spare = batch;
         st.direct_busy = false;
@@ -522,16 +514,17 @@ impl Conn {
                 "connection_lost"
             );
             st.last_error = Some(format!("connection to {addr} lost: {err}"));
-            // A frame begun on the lost socket cannot be finished on the next one (its rest
-            // would open that connection with garbage): it is lost, and counted.
-            if st.queue.front().is_some_and(OutFrame::started) {
-                if let Some(cut) = st.queue.pop_front() {
-                    self.uncount(st, cut.remaining());
-                    self.stats.dropped.fetch_add(1, Relaxed);
-                }
-            }
         } else {
             st.last_error = Some(err.to_string());
+        }
+        // A frame begun on the lost socket cannot be finished on the next one (its rest would
+        // open that connection with garbage): it is lost, and counted. Whoever was writing
+        // puts its unwritten frames back at the front before calling this.
+        if st.queue.front().is_some_and(OutFrame::started) {
+            if let Some(cut) = st.queue.pop_front() {
+                self.uncount(st, cut.remaining());
+                self.stats.dropped.fetch_add(1, Relaxed);
+            }
         }
         if st.status != Status::Closed {
             st.status = Status::Down;
@@ -690,26 +683,18 @@ impl Conn {
             let mut st = self.state.lock();
             st.writer_busy = false;
             st.last_write = Instant::now();
+            // What was not written goes back to the front (still counted in `queued`).
             let mut requeued = 0;
-            if let Err(e) = result {
-                self.lost_socket(&mut st, &e);
-                // A frame cut in the middle is lost; the untouched ones go out again first
-                // on the next connection.
-                let mut unsent = batch.drain(..).filter(|f| f.remaining() > 0).peekable();
-                if unsent.peek().is_some_and(OutFrame::started) {
-                    unsent.next();
-                    self.stats.dropped.fetch_add(1, Relaxed);
-                }
-                let unsent: Vec<OutFrame> = unsent.collect();
-                for f in unsent.into_iter().rev() {
-                    requeued += f.remaining();
-                    st.queue.push_front(f);
-                }
+            for f in batch.drain(..).rev().filter(|f| f.remaining() > 0) {
+                requeued += f.remaining();
+                st.queue.push_front(f);
             }
-            let freed = taken - requeued;
-            st.queued -= freed;
-            self.stats.queued_bytes.fetch_sub(freed as u64, Relaxed);
-            batch.clear();
+            self.uncount(&mut st, taken - requeued);
+            if let Err(e) = result {
+                // Drops the frame cut in the middle, if any; the untouched ones go out again
+                // first on the next connection.
+                self.lost_socket(&mut st, &e);
+            }
         }
     }
 
@@ -798,15 +783,15 @@ pub fn handshake_io(e: HandshakeError) -> io::Error {
 
 /// One `writev` (non-blocking with `MSG_DONTWAIT` in `flags`) of as much of `batch` as the
 /// iovec limit allows, skipping finished frames. Frames keep their progress; `msgs` and
-/// `bytes` count the frames it completed. `Ok` whether or not everything fit (the caller
-/// looks at what remains); `WouldBlock` if nothing did.
+/// `bytes` count the frames it completed. Returns the bytes written, whether or not
+/// everything fit (the caller looks at what remains); `WouldBlock` if nothing did.
 fn write_once(
     sock: &Socket,
     batch: &mut [OutFrame],
     flags: libc::c_int,
     msgs: &mut u64,
     bytes: &mut u64,
-) -> io::Result<()> {
+) -> io::Result<usize> {
     let first = batch
         .iter()
         .position(|f| f.remaining() > 0)
@@ -837,7 +822,7 @@ fn write_once(
             *bytes += f.len() as u64;
         }
     }
-    Ok(())
+    Ok(n)
 }
 
 /// Writes every frame of `batch`, coalescing them into as few `writev` calls as the iovec
