@@ -7,9 +7,9 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO := cargo
 MANIFEST := --manifest-path native/Cargo.toml
 DEBS := erlang-nox erlang-dev rebar3 erlang-common-test erlang-dialyzer erlang-eunit \
-        erlang-tools elixir erlang-proper erlang-edoc erlang-xmerl
+        erlang-tools elixir erlang-proper erlang-edoc erlang-xmerl iproute2
 
-.PHONY: all setup nif test test-rust test-erlang test-mix lint bench bench-codec fuzz fuzz-smoke clean
+.PHONY: all setup nif test test-rust test-erlang test-mix lint bench bench-net bench-codec fuzz fuzz-smoke clean
 
 all: nif
 
@@ -59,6 +59,17 @@ bench: nif
 	erl -noshell -connect_all false -pa _build/bench/lib/teleport/ebin \
 	    -pa _build/bench/lib/teleport/bench \
 	    -eval 'try ring_bench:main() of ok -> halt(0) catch C:E:S -> io:format("~nfailed: ~p:~p~n~p~n", [C, E, S]), halt(1) end.'
+	@echo "==> these are nodes of one machine over loopback; between hosts over a shaped link: sudo make bench-net"
+
+## bench-net: the link benchmark, as root: hosts in network namespaces (own loopback and epmd
+## each), every host's egress shaped by tc tbf to LINK_RATE (default 1gbit; no delay
+## emulation), disterl vs teleport: bulk with a disterl ping beside it, bulk + small
+## messages, a 10 s link cut, the bulk at LINK_RATE_2 (default 10gbit), the ring over
+## NET_HOSTS (default 6) hosts on a bridge. About 5 minutes; removes everything it made on
+## every exit. Prints a table and writes bench/results/net.json and net.svg.
+bench-net: nif
+	rebar3 as bench compile
+	bench/net.sh
 
 ## bench-codec: encode/decode throughput against term_to_iovec/1 and binary_to_term/1.
 bench-codec: nif

@@ -8,6 +8,8 @@
 -export([start_ring_worker/2, ring_name/1, start_ping_server/0, start_echo/2,
          start_pinger/2, pinger_active/2, pinger_samples/1, stop/1]).
 -export([small_receiver/0, small_run/4, call_run/4, stream_receiver/2, stream_run/4]).
+-export([bulk_run/4, flood_start/3, flood_stop/1, timed_receiver/0, timed_samples/1,
+         seq_receiver/0, seq_report/1, seq_start/4, seq_stop/1, watch_nodes/0, node_events/1]).
 -export([gc_all/0, node_info/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
@@ -268,6 +270,193 @@ stream_run(T, Receiver, Count, Bytes) ->
     after 120000 ->
             error(stream_timeout)
     end.
+
+%%% ----------------------------------------------------------------------------------------
+%%% The link benchmark (net_bench): bulk from several senders, small messages flooding
+%%% beside it, sequenced streams across a link cut, node events
+
+%% @doc One sender per receiver (each made by stream_receiver/2 for `Count'), all released
+%% at once; each sends `Count' messages of `Bytes' random bytes, then waits for its
+%% receiver to have them all. Returns `{ElapsedUs, BytesReceived}': from the release to
+%% the last ack.
+bulk_run(T, Receivers, Count, Bytes) ->
+    Self = self(),
+    Senders = [spawn_link(fun() ->
+                                  Payload = rand_bytes(Bytes),
+                                  Self ! {ready, self()},
+                                  receive go -> ok end,
+                                  Ref = make_ref(),
+                                  ok = send_n(T, R, {stream, Payload}, Count),
+                                  send(T, R, {stream_fin, self(), Ref}),
+                                  receive
+                                      {stream_ack, Ref, Got} -> Self ! {bulk_done, self(), Got}
+                                  after 600000 -> exit(bulk_timeout)
+                                  end
+                          end) || R <- Receivers],
+    [receive {ready, S} -> ok end || S <- Senders],
+    T0 = mono_us(),
+    [S ! go || S <- Senders],
+    Got = [receive {bulk_done, S, G} -> G end || S <- Senders],
+    {mono_us() - T0, lists:sum(Got)}.
+
+%% @doc Starts one sender per receiver (made by timed_receiver/0) that sends `{ts, SentUs,
+%% Pad}' of `Bytes' bytes (external format) as fast as it can until flood_stop/1.
+%% `SentUs' is os:system_time(microsecond): the nodes share this machine's clock.
+flood_start(T, Receivers, Bytes) ->
+    Pad = crypto:strong_rand_bytes(max(0, Bytes - byte_size(term_to_binary(
+                                                             {ts, 1 bsl 50, <<>>})))),
+    Self = self(),
+    Senders = [spawn(fun() -> flood(T, R, Pad, 0) end) || R <- Receivers],
+    {Self, Senders, mono_us()}.
+
+flood(T, R, Pad, N) ->
+    %% A look at the mailbox every 64 messages.
+    Stop = case N band 63 of
+               0 -> receive {flood_stop, F, R0} -> {F, R0} after 0 -> false end;
+               _ -> false
+           end,
+    case Stop of
+        false ->
+            send(T, R, {ts, os:system_time(microsecond), Pad}),
+            flood(T, R, Pad, N + 1);
+        {StopFrom, StopRef} ->
+            Fin = make_ref(),
+            send(T, R, {fin, T, self(), Fin}),
+            Acked = receive {ack, Fin, A} -> A after 120000 -> lost_fin end,
+            StopFrom ! {StopRef, self(), N, Acked}
+    end.
+
+%% @doc Stops the senders of flood_start/3; once each receiver has acked its last message,
+%% returns `{ElapsedUs, [{Sent, Acked}]}' (elapsed from the start to the stop).
+flood_stop({_Owner, Senders, T0}) ->
+    Ref = make_ref(),
+    [S ! {flood_stop, self(), Ref} || S <- Senders],
+    Us = mono_us() - T0,
+    {Us, [receive {Ref, S, Sent, Acked} -> {Sent, Acked} after 180000 -> {lost, lost} end
+          || S <- Senders]}.
+
+%% @doc A receiver of `{ts, SentUs, _}' messages: counts them and keeps one latency in 8
+%% (receive time minus `SentUs'); answers `{fin, ...}' as small_receiver/0 does.
+timed_receiver() ->
+    spawn(fun() -> timed_receive(0, []) end).
+
+timed_receive(N, Lats) ->
+    receive
+        {ts, Sent, _} when N band 7 =:= 0 ->
+            timed_receive(N + 1, [os:system_time(microsecond) - Sent | Lats]);
+        {ts, _, _} ->
+            timed_receive(N + 1, Lats);
+        {fin, T, From, Ref} ->
+            send(T, From, {ack, Ref, N}),
+            timed_receive(0, Lats);
+        {samples, From, Ref} ->
+            From ! {Ref, Lats},
+            timed_receive(N, []);
+        stop ->
+            ok
+    end.
+
+%% @doc The latencies (us) a timed_receiver/0 kept since the last call.
+timed_samples(Pid) ->
+    Ref = make_ref(),
+    Pid ! {samples, self(), Ref},
+    receive {Ref, Lats} -> Lats after 30000 -> error(timed_receiver_timeout) end.
+
+%% @doc A receiver of `{seq, Sender, N}' messages that keeps every sequence number per
+%% sender, for seq_report/1.
+seq_receiver() ->
+    spawn(fun() -> seq_receive(#{}) end).
+
+seq_receive(Got) ->
+    receive
+        {seq, S, N} ->
+            seq_receive(maps:update_with(S, fun(L) -> [N | L] end, [N], Got));
+        {report, From, Ref} ->
+            From ! {Ref, maps:map(fun(_, L) -> lists:reverse(L) end, Got)},
+            seq_receive(Got);
+        reset ->
+            seq_receive(#{});
+        stop ->
+            ok
+    end.
+
+%% @doc Per sender, what seq_receiver/0 got: `#{Sender => #{received, unique, duplicated,
+%% reordered, last, gaps}}'; reordered counts arrivals below the highest number seen before.
+seq_report(Pid) ->
+    Ref = make_ref(),
+    Pid ! {report, self(), Ref},
+    Got = receive {Ref, G} -> G after 30000 -> error(seq_receiver_timeout) end,
+    maps:map(fun(_, L) ->
+                     Sorted = lists:usort(L),
+                     Unique = length(Sorted),
+                     {Reordered, Max} = lists:foldl(fun(N, {R, M}) when N < M -> {R + 1, M};
+                                                       (N, {R, _}) -> {R, N}
+                                                    end, {0, -1}, L),
+                     #{received => length(L), unique => Unique,
+                       duplicated => length(L) - Unique, reordered => Reordered, last => Max,
+                       gaps => gaps(Sorted, 1, [])}
+             end, Got).
+
+%% The missing ranges `{From, To}' below the highest number received (at most 20).
+gaps(_, _, Acc) when length(Acc) >= 20 -> lists:reverse(Acc);
+gaps([], _, Acc) -> lists:reverse(Acc);
+gaps([N | Rest], N, Acc) -> gaps(Rest, N + 1, Acc);
+gaps([N | Rest], Next, Acc) -> gaps(Rest, N + 1, [{Next, N - 1} | Acc]).
+
+%% @doc `Senders' processes, each sending `{seq, I, N}' (N = 1, 2, ...) to `Receiver'
+%% every `IntervalMs' until seq_stop/1.
+seq_start(T, Receiver, Senders, IntervalMs) ->
+    Pids = [spawn(fun() -> seq_send(T, Receiver, I, IntervalMs, 1, 0) end)
+            || I <- lists:seq(1, Senders)],
+    {seq, Pids}.
+
+seq_send(T, R, I, IntervalMs, N, Errors) ->
+    receive
+        {seq_stop, From, Ref} -> From ! {Ref, self(), #{sent => N - 1, send_errors => Errors}}
+    after IntervalMs ->
+            case T of
+                disterl -> R ! {seq, I, N}, seq_send(T, R, I, IntervalMs, N + 1, Errors);
+                teleport ->
+                    case teleport:send(R, {seq, I, N}) of
+                        ok -> seq_send(T, R, I, IntervalMs, N + 1, Errors);
+                        %% Refused (the sender is told): not sent, the number is kept.
+                        {error, _} -> seq_send(T, R, I, IntervalMs, N, Errors + 1)
+                    end
+            end
+    end.
+
+%% @doc Stops the senders of seq_start/4: `[#{sent, send_errors}]', in sender order.
+seq_stop({seq, Pids}) ->
+    Ref = make_ref(),
+    [P ! {seq_stop, self(), Ref} || P <- Pids],
+    [receive {Ref, P, R} -> R after 30000 -> #{sent => lost, send_errors => lost} end
+     || P <- Pids].
+
+%% @doc A process recording this node's nodeup/nodedown events (with the reason) as
+%% `{OsTimeUs, Event, Node, Reason}', for node_events/1.
+watch_nodes() ->
+    Self = self(),
+    Pid = spawn(fun() ->
+                        ok = net_kernel:monitor_nodes(true, [nodedown_reason]),
+                        Self ! {watching, self()},
+                        watch([])
+                end),
+    receive {watching, Pid} -> Pid after 10000 -> error(watch_nodes_timeout) end.
+
+watch(Acc) ->
+    receive
+        {nodeup, N, _} -> watch([{os:system_time(microsecond), nodeup, N, none} | Acc]);
+        {nodedown, N, Info} ->
+            watch([{os:system_time(microsecond), nodedown, N,
+                    proplists:get_value(nodedown_reason, Info)} | Acc]);
+        {events, From, Ref} -> From ! {Ref, lists:reverse(Acc)}, watch(Acc)
+    end.
+
+%% @doc The events watch_nodes/0 recorded so far.
+node_events(Pid) ->
+    Ref = make_ref(),
+    Pid ! {events, self(), Ref},
+    receive {Ref, Events} -> Events after 10000 -> error(watch_nodes_timeout) end.
 
 %%% ----------------------------------------------------------------------------------------
 %%% Helpers

@@ -4,7 +4,7 @@
 
 -export([stats/1, pct/2, median/1]).
 -export([fmt_s/1, fmt_us/1, fmt_rate/1, fmt_float/2, fmt_mb/1, fmt_ratio/1]).
--export([json/1, svg/3, cpu_model/0]).
+-export([json/1, svg/3, svg/4, cpu_model/0]).
 
 %%% ----------------------------------------------------------------------------------------
 %%% Statistics (nearest rank, as codec_bench)
@@ -114,6 +114,13 @@ esc(C) -> unicode:characters_to_binary([C]).
 -define(TOP, 70).
 
 svg(Title, Subtitle, Panels) ->
+    svg(Title, Subtitle, Panels,
+        #{legend => [{disterl, "disterl (!)"}, {teleport, "teleport"}, {raw, "raw loopback TCP"}],
+          footer => "bars: median over measured rounds (warm-up excluded); whiskers: see each "
+                    "panel's caption; teleport in blue, disterl in orange, raw TCP in grey"}).
+
+%% @doc svg/3 with its own `legend' (`[{Series, Label}]') and `footer' line.
+svg(Title, Subtitle, Panels, #{legend := Legend, footer := Footer}) ->
     Rows = (length(Panels) + ?COLS - 1) div ?COLS,
     W = ?COLS * ?PW + 20,
     H = ?TOP + Rows * ?PH + 40,
@@ -123,19 +130,15 @@ svg(Title, Subtitle, Panels) ->
      "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
      text(10, 24, 16, "start", "bold", Title),
      text(10, 44, 11, "start", "normal", Subtitle),
-     legend(10, 58),
+     legend(10, 58, Legend),
      [panel(10 + (I rem ?COLS) * ?PW, ?TOP + (I div ?COLS) * ?PH, P) || {I, P} <- Indexed],
-     text(10, H - 12, 10, "start", "normal",
-          "bars: median over measured rounds (warm-up excluded); whiskers: see each panel's "
-          "caption; teleport in blue, disterl in orange, raw TCP in grey"),
+     text(10, H - 12, 10, "start", "normal", Footer),
      "</svg>\n"].
 
-legend(X, Y) ->
+legend(X, Y, Legend) ->
     [[rect(X + I * 110, Y - 9, 10, 10, colour(S)),
       text(X + I * 110 + 14, Y, 11, "start", "normal", Label)]
-     || {I, {S, Label}} <- lists:zip([0, 1, 2], [{disterl, "disterl (!)"},
-                                                 {teleport, "teleport"},
-                                                 {raw, "raw loopback TCP"}])].
+     || {I, {S, Label}} <- lists:zip(lists:seq(0, length(Legend) - 1), Legend)].
 
 panel(X0, Y0, #{title := Title, unit := Unit, bars := Bars} = P) ->
     Better = case maps:get(better, P, higher) of

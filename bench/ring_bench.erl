@@ -40,6 +40,8 @@
 -module(ring_bench).
 
 -export([main/0, main/1]).
+%% Shared with net_bench (the same benchmark over hosts in network namespaces).
+-export([run_ring/4, check_ring/3, cpu_ticks/1, machine_info/0, loadavg/0, results_dir/0]).
 
 -define(MB, 1000000).
 -define(MiB, 1048576).
