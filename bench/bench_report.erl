@@ -104,7 +104,7 @@ esc(C) -> unicode:characters_to_binary([C]).
 %%% ----------------------------------------------------------------------------------------
 %%% SVG: a grid of panels, each a few bars with whiskers on its own scale.
 %%%
-%%% Panel: #{title, unit, better => lower | higher, caption,
+%%% Panel: #{title, unit, better => lower | higher, caption, top (optional: a fixed axis top),
 %%%          bars => [#{label, series => disterl | teleport | raw | other,
 %%%                     value, lo, hi}]}
 
@@ -152,7 +152,10 @@ panel(X0, Y0, #{title := Title, unit := Unit, bars := Bars} = P) ->
     Values = [V || #{value := V} <- Bars],
     His = [maps:get(hi, B, V) || #{value := V} = B <- Bars],
     Top0 = max(lists:max(Values) * 1.25, min(lists:max(His) * 1.05, lists:max(Values) * 3)),
-    {Top, NTicks} = nice(case Top0 > 0 of true -> Top0; false -> 1.0 end),
+    {Top, NTicks} = case P of
+                        #{top := Fixed} -> {Fixed, 5};
+                        _ -> nice(case Top0 > 0 of true -> Top0; false -> 1.0 end)
+                    end,
     Ticks = [Top * I / NTicks || I <- lists:seq(0, NTicks)],
     Y = fun(V) -> PlotY + PlotH - PlotH * min(V, Top) / Top end,
     N = length(Bars),

@@ -607,7 +607,7 @@ chart(Machine, Cfg, Results) ->
     Rate = maps:get(rate, Cfg),
     Panels =
         [#{title => "Bulk 4 x 10 MB A->B: share of " ++ Rate, unit => "% of the link rate",
-           caption => Caption, bars => Two(BR, share, 100)},
+           caption => Caption, top => 100, bars => Two(BR, share, 100)},
          #{title => "Disterl ping p99 during the bulk", unit => "ms", better => lower,
            caption => "bar: p99; whisker: p50 to max",
            bars => [LatBar("idle", other, PingUs(maps:get(pings, Idle))),
@@ -632,7 +632,8 @@ chart(Machine, Cfg, Results) ->
                none -> [];
                #{rate := R2, rounds := R2R} ->
                    [#{title => "Bulk at " ++ R2 ++ ": share of the link",
-                      unit => "% of the link rate", caption => Caption ++ " (CPU-bound if < 90%)",
+                      unit => "% of the link rate", top => 100,
+                      caption => Caption ++ "; below 90%: CPU-bound",
                       bars => Two(R2R, share, 100)}]
            end,
     Title = "teleport vs distributed Erlang over a shaped link (" ++ Rate ++ ")",
