@@ -8,7 +8,7 @@
 -export([start_ring_worker/2, ring_name/1, start_ping_server/0, start_echo/2,
          start_pinger/2, pinger_active/2, pinger_samples/1, stop/1]).
 -export([small_receiver/0, small_run/4, call_run/4, stream_receiver/2, stream_run/4]).
--export([bulk_run/4, flood_start/3, flood_stop/1, timed_receiver/0, timed_samples/1,
+-export([bulk_run/4, flood_start/3, flood_start/4, flood_stop/1, timed_receiver/0, timed_samples/1,
          seq_receiver/0, seq_report/1, seq_start/4, seq_stop/1, watch_nodes/0, node_events/1]).
 -export([gc_all/0, node_info/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
@@ -303,22 +303,29 @@ bulk_run(T, Receivers, Count, Bytes) ->
 %% Pad}' of `Bytes' bytes (external format) as fast as it can until flood_stop/1.
 %% `SentUs' is os:system_time(microsecond): the nodes share this machine's clock.
 flood_start(T, Receivers, Bytes) ->
+    flood_start(T, Receivers, Bytes, 0).
+
+%% @doc flood_start/3, but with `IntervalMs' > 0 each sender sends one message every
+%% `IntervalMs' instead of as fast as it can (paced: the latency of a small message behind
+%% the bulk, without a backlog of its own).
+flood_start(T, Receivers, Bytes, IntervalMs) ->
     Pad = crypto:strong_rand_bytes(max(0, Bytes - byte_size(term_to_binary(
                                                              {ts, 1 bsl 50, <<>>})))),
     Self = self(),
-    Senders = [spawn(fun() -> flood(T, R, Pad, 0) end) || R <- Receivers],
+    Senders = [spawn(fun() -> flood(T, R, Pad, IntervalMs, 0) end) || R <- Receivers],
     {Self, Senders, mono_us()}.
 
-flood(T, R, Pad, N) ->
-    %% A look at the mailbox every 64 messages.
-    Stop = case N band 63 of
-               0 -> receive {flood_stop, F, R0} -> {F, R0} after 0 -> false end;
-               _ -> false
+flood(T, R, Pad, Ival, N) ->
+    %% A look at the mailbox every 64 messages (flooding) or before each (paced).
+    Stop = case {Ival, N band 63} of
+               {0, 0} -> receive {flood_stop, F, R0} -> {F, R0} after 0 -> false end;
+               {0, _} -> false;
+               _ -> receive {flood_stop, F, R0} -> {F, R0} after Ival -> false end
            end,
     case Stop of
         false ->
             send(T, R, {ts, os:system_time(microsecond), Pad}),
-            flood(T, R, Pad, N + 1);
+            flood(T, R, Pad, Ival, N + 1);
         {StopFrom, StopRef} ->
             Fin = make_ref(),
             send(T, R, {fin, T, self(), Fin}),

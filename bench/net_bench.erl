@@ -13,6 +13,8 @@
 %%   small   the same bulk, plus 8 pairs A -> B flooding 100-byte messages over the same
 %%           transport while it runs: small msgs/s and their latency (send to receive, one
 %%           in 8 sampled), the bulk's share of the link, the ping.
+%%   paced   the same, but each pair sends one small message per millisecond: the latency
+%%           of a small message behind the bulk without a backlog of its own.
 %%   cut     CUT_SENDERS (4) senders A -> B, each a sequenced message every millisecond;
 %%           3 s in, host A's link goes down for CUT_S (10) seconds (less than net_ticktime,
 %%           so disterl stays up), then up; 5 s later the senders stop, and B's counts are
@@ -105,6 +107,7 @@ config() ->
       ping_interval_ms => 10,
       small_pairs => 8,
       small_msg_bytes => 100,
+      paced_interval_ms => 1,
       cut_s => range("CUT_S", env_int("CUT_S", 10), 1, 50),
       cut_senders => range("CUT_SENDERS", env_int("CUT_SENDERS", 4), 1, 64),
       cut_interval_ms => 1,
@@ -155,8 +158,10 @@ pair_phase(Cfg, Net) ->
                             || P <- [PA, PB]]},
         step("nodes up: ~s, ~s; qdisc: ~s", [A, B, hd(teleport_netns:qdisc(Net))]),
         Idle = idle_phase(Cfg, Ctx),
-        Bulk = bulk_phase(Cfg, Ctx, bulk, false, maps:get(bulk_rounds, Cfg)),
-        Small = bulk_phase(Cfg, Ctx, small, true, maps:get(small_rounds, Cfg)),
+        Bulk = bulk_phase(Cfg, Ctx, bulk, none, maps:get(bulk_rounds, Cfg)),
+        Small = bulk_phase(Cfg, Ctx, small, 0, maps:get(small_rounds, Cfg)),
+        Paced = bulk_phase(Cfg, Ctx, paced, maps:get(paced_interval_ms, Cfg),
+                           maps:get(small_rounds, Cfg)),
         Cut = cut_phase(Cfg, Ctx),
         Rate2 = case maps:get(rate2, Cfg) of
                     none -> none;
@@ -169,14 +174,14 @@ pair_phase(Cfg, Net) ->
                         Scale = max(1, min(10, Bits2 div maps:get(rate_bits, Cfg))),
                         Res = bulk_phase(Cfg#{rate => R2, rate_bits => Bits2,
                                               bulk_msgs => Scale * maps:get(bulk_msgs, Cfg)},
-                                         Ctx, rate2, false, maps:get(rate2_rounds, Cfg)),
+                                         Ctx, rate2, none, maps:get(rate2_rounds, Cfg)),
                         _ = teleport_netns:set_rate(Net, maps:get(rate, Cfg)),
                         Res#{rate => R2, messages_per_sender => Scale * maps:get(bulk_msgs, Cfg)}
                 end,
         Events = maps:from_list([{K, peer:call(P, bench_agent, node_events, [W])}
                                  || {K, P, W} <- [{a, PA, maps:get(a, Watch)},
                                                   {b, PB, maps:get(b, Watch)}]]),
-        #{idle => Idle, bulk => Bulk, small => Small, cut => Cut, rate2 => Rate2,
+        #{idle => Idle, bulk => Bulk, small => Small, paced => Paced, cut => Cut, rate2 => Rate2,
           node_events => Events, qdisc => teleport_netns:qdisc(Net),
           teleport_stats => #{a => peer:call(PA, teleport, stats, []),
                               b => peer:call(PB, teleport, stats, [])}}
@@ -196,23 +201,26 @@ idle_phase(#{idle_ms := IdleMs}, #{pa := PA, pinger := Pinger}) ->
 pinger_samples(PA, Pinger) ->
     peer:call(PA, bench_agent, pinger_samples, [Pinger], 60000).
 
-%% Rounds of bulk (with the small-message flood beside it when `Small'), ABBA.
+%% Rounds of bulk, ABBA; with small messages beside it unless `Small' is `none': flooding
+%% (0) or one every `Small' ms per pair.
 bulk_phase(Cfg, Ctx, Id, Small, Rounds) ->
     #{warmup_rounds := Warmup, senders := N, bulk_msgs := Count, bulk_bytes := Bytes,
       rate := Rate} = Cfg,
     step("~s: ~b senders x ~b x ~s A -> B~s, link ~s", [Id, N, Count, bench_report:fmt_mb(Bytes),
                                                         case Small of
-                                                            true -> " + 8 pairs of 100 B messages";
-                                                            false -> ""
+                                                            none -> "";
+                                                            0 -> " + 8 pairs flooding 100 B messages";
+                                                            _ -> io_lib:format(" + 8 pairs, a 100 B message "
+                                                                               "every ~b ms each", [Small])
                                                         end, Rate]),
     #{pb := PB} = Ctx,
     SmallRcvs = case Small of
-                    true -> [peer:call(PB, bench_agent, timed_receiver, [])
-                             || _ <- lists:seq(1, maps:get(small_pairs, Cfg))];
-                    false -> []
+                    none -> [];
+                    _ -> [peer:call(PB, bench_agent, timed_receiver, [])
+                          || _ <- lists:seq(1, maps:get(small_pairs, Cfg))]
                 end,
     Events0 = events_count(Ctx),
-    Run = fun(T, Label) -> bulk_round(Cfg, Ctx, T, SmallRcvs, Id, Label) end,
+    Run = fun(T, Label) -> bulk_round(Cfg, Ctx, T, {SmallRcvs, Small}, Id, Label) end,
     _ = [Run(T, io_lib:format("warm-up ~b/~b", [R, Warmup]))
          || R <- lists:seq(1, Warmup), T <- [disterl, teleport]],
     Measured = lists:append([[maps:put(round, R, Run(T, io_lib:format("round ~b/~b", [R, Rounds])))
@@ -221,7 +229,7 @@ bulk_phase(Cfg, Ctx, Id, Small, Rounds) ->
     [R ! stop || R <- SmallRcvs],
     #{rounds => Measured, nodedowns => events_count(Ctx) - Events0}.
 
-bulk_round(Cfg, Ctx, T, SmallRcvs, Id, Label) ->
+bulk_round(Cfg, Ctx, T, {SmallRcvs, SmallIval}, Id, Label) ->
     #{senders := N, bulk_msgs := Count, bulk_bytes := Bytes, rate_bits := RateBits,
       small_msg_bytes := SmallBytes} = Cfg,
     #{pa := PA, pb := PB, pinger := Pinger, os_pids := OsPids} = Ctx,
@@ -234,7 +242,7 @@ bulk_round(Cfg, Ctx, T, SmallRcvs, Id, Label) ->
     ok = peer:call(PA, bench_agent, pinger_active, [Pinger, true]),
     Flood = case SmallRcvs of
                 [] -> none;
-                _ -> peer:call(PA, bench_agent, flood_start, [T, SmallRcvs, SmallBytes])
+                _ -> peer:call(PA, bench_agent, flood_start, [T, SmallRcvs, SmallBytes, SmallIval])
             end,
     Timeout = 120000 + (N * Count * Bytes * 8 div RateBits) * 3000,
     Cpu0 = ring_bench:cpu_ticks(OsPids),
@@ -451,8 +459,9 @@ print_summary(Cfg, Results) ->
      end || #{transport := T, per_sender := PS} <- Cut],
     ok.
 
-rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, cut := Cut, rate2 := Rate2,
-            ring := Ring}) ->
+rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := Cut,
+            rate2 := Rate2, ring := Ring}) ->
+    PR = maps:get(rounds, Paced),
     Rate = maps:get(rate, Cfg),
     BR = maps:get(rounds, Bulk),
     SR = maps:get(rounds, Small),
@@ -472,11 +481,11 @@ rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, cut := Cut, rate2 := Rat
     Share = fun(Rounds) -> fun(T) -> pct(med(Rounds, share, T)) ++ " (" ++
                                          bench_report:fmt_float(med(Rounds, mb_per_s, T), 0) ++
                                          " MB/s)" end end,
-    SmallLat = fun(T) ->
-                       S = bench_report:stats(lists:append(over(SR, small_latency_us, T))),
+    SmallLat = fun(Rs) -> fun(T) ->
+                       S = bench_report:stats(lists:append(over(Rs, small_latency_us, T))),
                        string:join([bench_report:fmt_us(maps:get(K, S, 0)) || K <- [p50, p99, max]],
                                    " / ")
-               end,
+               end end,
     CutOf = fun(T) -> hd([C || #{transport := T1} = C <- Cut, T1 =:= T]) end,
     RR = maps:get(rounds, Ring),
     [Row(io_lib:format("bulk: ~b senders x 10 MB A -> B, share of ~s", [N, Rate]), Share(BR)),
@@ -486,9 +495,12 @@ rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, cut := Cut, rate2 := Rat
          fun(_) -> integer_to_list(maps:get(nodedowns, Bulk)) ++ " (both transports)" end),
      Row("bulk + small: 100 B msgs/s (8 pairs) while the link is full",
          fun(T) -> bench_report:fmt_rate(med(SR, small_msgs_per_s, T)) end),
-     Row("bulk + small: small msg latency p50 / p99 / max", SmallLat),
+     Row("bulk + small: small msg latency p50 / p99 / max", SmallLat(SR)),
      Row("bulk + small: bulk's share of the link", Share(SR)),
-     Row("bulk + small: disterl ping p50 / p90 / p99 / max", Ping(SR))]
+     Row("bulk + small: disterl ping p50 / p90 / p99 / max", Ping(SR)),
+     Row(io_lib:format("bulk + paced small (8 pairs, 1 per ~b ms each): latency p50 / p99 / max",
+                       [maps:get(paced_interval_ms, Cfg)]), SmallLat(PR)),
+     Row("bulk + paced small: bulk's share of the link", Share(PR))]
     ++ case Rate2 of
            none -> [];
            #{rate := R2, rounds := R2R} ->
@@ -520,8 +532,8 @@ rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, cut := Cut, rate2 := Rat
 %%% JSON and SVG
 
 to_json(Machine, Cfg, Results, Elapsed) ->
-    #{idle := Idle, bulk := Bulk, small := Small, cut := Cut, rate2 := Rate2, ring := Ring,
-      qdisc := Qdisc, node_events := Events} = Results,
+    #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := Cut, rate2 := Rate2,
+      ring := Ring, qdisc := Qdisc, node_events := Events} = Results,
     Ts = [disterl, teleport],
     Dist = fun bench_report:stats/1,
     Rounds = fun(Rs, Keys) -> [maps:with([round, transport | Keys], R) || R <- Rs] end,
@@ -538,16 +550,20 @@ to_json(Machine, Cfg, Results, Elapsed) ->
                       rounds => Rounds(Rs, [share, mb_per_s, elapsed_us, bytes, cpu_s, cpu_cores,
                                             small_msgs_per_s, small_sent, small_acked])}
             end,
-    SmallJ = maps:merge(BulkJ(bulk_plus_small, Small, maps:get(rate, Cfg)),
+    SmallJ = fun(Id, Sm) -> maps:merge(BulkJ(Id, Sm, maps:get(rate, Cfg)),
                         #{pairs => maps:get(small_pairs, Cfg),
                           small_message_bytes => maps:get(small_msg_bytes, Cfg),
-                          small_msgs_per_s => maps:from_list([{T, Dist(over(maps:get(rounds, Small),
+                          small_msgs_per_s => maps:from_list([{T, Dist(over(maps:get(rounds, Sm),
                                                                small_msgs_per_s, T))} || T <- Ts]),
-                          small_latency_us => maps:from_list([{T, Dist(lists:append(over(maps:get(rounds, Small),
+                          small_latency_us => maps:from_list([{T, Dist(lists:append(over(maps:get(rounds, Sm),
                                                                             small_latency_us, T)))
                                                } || T <- Ts]),
+                          small_interval_ms => case Id of
+                                                   bulk_plus_paced_small -> maps:get(paced_interval_ms, Cfg);
+                                                   _ -> flood
+                                               end,
                           small_latency => "send (os:system_time) to receive, one message in 8; "
-                                           "the senders flood, so it includes their own queue"}),
+                                           "flooding senders' latency includes their own queue"}) end,
     CutJ = #{id => link_cut, cut_s => maps:get(cut_s, Cfg), senders => maps:get(cut_senders, Cfg),
              interval_ms => maps:get(cut_interval_ms, Cfg),
              description => "sequenced messages A -> B; host A's eth0 down for cut_s seconds "
@@ -576,7 +592,9 @@ to_json(Machine, Cfg, Results, Elapsed) ->
            {warmup, "warmup_rounds per transport per scenario before the measured rounds, excluded"},
            {scenarios, [#{id => idle_ping, interval_ms => maps:get(ping_interval_ms, Cfg),
                           disterl_ping => maps:get(ping, Idle)},
-                        BulkJ(bulk, Bulk, maps:get(rate, Cfg)), SmallJ, CutJ, RingJ]
+                        BulkJ(bulk, Bulk, maps:get(rate, Cfg)),
+                        SmallJ(bulk_plus_small, Small), SmallJ(bulk_plus_paced_small, Paced),
+                        CutJ, RingJ]
             ++ case Rate2 of
                    none -> [];
                    #{rate := R2} -> [BulkJ(bulk_second_rate, Rate2, R2)]
@@ -586,7 +604,8 @@ to_json(Machine, Cfg, Results, Elapsed) ->
            {total_run_time_s, Elapsed}]}.
 
 chart(Machine, Cfg, Results) ->
-    #{idle := Idle, bulk := Bulk, small := Small, cut := Cut, rate2 := Rate2, ring := Ring} = Results,
+    #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := Cut, rate2 := Rate2,
+      ring := Ring} = Results,
     Ts = [disterl, teleport],
     Bar = fun(Label, Series, Vs) ->
                   #{label => Label, series => Series, value => bench_report:median(Vs),
@@ -615,9 +634,14 @@ chart(Machine, Cfg, Results) ->
                     LatBar("bulk: teleport", teleport, PingUs(pings_of(BR, teleport)))]},
          #{title => "100 B msgs/s while the link is full", unit => "msgs/s",
            caption => Caption, bars => Two(SR, small_msgs_per_s, 1)},
-         #{title => "100 B message latency p99, link full", unit => "ms", better => lower,
+         #{title => "100 B latency p99, link full, flooding", unit => "ms", better => lower,
            caption => "bar: p99; whisker: p50 to max",
            bars => [LatBar(atom_to_list(T), T, lists:append(over(SR, small_latency_us, T)))
+                    || T <- Ts]},
+         #{title => "100 B latency p99, link full, paced", unit => "ms", better => lower,
+           caption => "8 pairs, one message per ms each; bar: p99; whisker: p50 to max",
+           bars => [LatBar(atom_to_list(T), T,
+                           lists:append(over(maps:get(rounds, Paced), small_latency_us, T)))
                     || T <- Ts]},
          #{title => io_lib:format("Ring over ~b hosts: s per round", [maps:get(hosts, Ring)]),
            unit => "seconds", better => lower, caption => Caption,
