@@ -9,7 +9,7 @@
          start_pinger/2, pinger_active/2, pinger_samples/1, stop/1]).
 -export([small_receiver/0, small_run/4, call_run/4, stream_receiver/2, stream_run/4]).
 -export([bulk_run/4, flood_start/3, flood_start/4, flood_stop/1, timed_receiver/0, timed_samples/1,
-         seq_receiver/0, seq_report/1, seq_start/4, seq_stop/1, watch_nodes/0, node_events/1]).
+         seq_receiver/0, seq_report/1, seq_start/4, seq_start/5, seq_stop/1, watch_nodes/0, node_events/1]).
 -export([gc_all/0, node_info/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
@@ -378,6 +378,8 @@ seq_receive(Got) ->
     receive
         {seq, S, N} ->
             seq_receive(maps:update_with(S, fun(L) -> [N | L] end, [N], Got));
+        {seq, S, N, _Pad} ->
+            seq_receive(maps:update_with(S, fun(L) -> [N | L] end, [N], Got));
         {report, From, Ref} ->
             From ! {Ref, maps:map(fun(_, L) -> lists:reverse(L) end, Got)},
             seq_receive(Got);
@@ -417,17 +419,32 @@ seq_start(T, Receiver, Senders, IntervalMs) ->
             || I <- lists:seq(1, Senders)],
     {seq, Pids}.
 
+%% @doc seq_start/4 with `{seq, I, N, Pad}' messages, `Pad' `PadBytes' random bytes (the
+%% same binary in every message).
+seq_start(T, Receiver, Senders, IntervalMs, PadBytes) ->
+    Pad = crypto:strong_rand_bytes(PadBytes),
+    Pids = [spawn(fun() -> seq_send(T, Receiver, I, IntervalMs, 1, 0, Pad) end)
+            || I <- lists:seq(1, Senders)],
+    {seq, Pids}.
+
 seq_send(T, R, I, IntervalMs, N, Errors) ->
+    seq_send(T, R, I, IntervalMs, N, Errors, none).
+
+seq_send(T, R, I, IntervalMs, N, Errors, Pad) ->
     receive
         {seq_stop, From, Ref} -> From ! {Ref, self(), #{sent => N - 1, send_errors => Errors}}
     after IntervalMs ->
+            Msg = case Pad of
+                      none -> {seq, I, N};
+                      _ -> {seq, I, N, Pad}
+                  end,
             case T of
-                disterl -> R ! {seq, I, N}, seq_send(T, R, I, IntervalMs, N + 1, Errors);
+                disterl -> R ! Msg, seq_send(T, R, I, IntervalMs, N + 1, Errors, Pad);
                 teleport ->
-                    case teleport:send(R, {seq, I, N}) of
-                        ok -> seq_send(T, R, I, IntervalMs, N + 1, Errors);
+                    case teleport:send(R, Msg) of
+                        ok -> seq_send(T, R, I, IntervalMs, N + 1, Errors, Pad);
                         %% Refused (the sender is told): not sent, the number is kept.
-                        {error, _} -> seq_send(T, R, I, IntervalMs, N, Errors + 1)
+                        {error, _} -> seq_send(T, R, I, IntervalMs, N, Errors + 1, Pad)
                     end
             end
     end.

@@ -15,10 +15,14 @@
 %%           in 8 sampled), the bulk's share of the link, the ping.
 %%   paced   the same, but each pair sends one small message per millisecond: the latency
 %%           of a small message behind the bulk without a backlog of its own.
-%%   cut     CUT_SENDERS (4) senders A -> B, each a sequenced message every millisecond;
+%%   cut     CUT_SENDERS (4) senders A -> B, each a sequenced message (CUT_MSG_BYTES, 256 KB:
+%%           together more than the link carries, so data is always in flight and queued)
+%%           every millisecond (as often as the timer allows);
 %%           3 s in, host A's link goes down for CUT_S (10) seconds (less than net_ticktime,
 %%           so disterl stays up), then up; 5 s later the senders stop, and B's counts are
 %%           read once they stop changing: per sender lost, duplicated, reordered.
+%%   reset   the same stream, but 3 s in host A's connections of the transport to B are
+%%           reset (ss -K), the link staying up: what a connection loss costs.
 %%   rate2   the bulk again with the link at LINK_RATE_2 (default 10gbit; empty to skip):
 %%           does the CPU or the link limit it?
 %%   ring    the 2015 ring over NET_HOSTS (6) hosts on a bridge, one node per host:
@@ -111,6 +115,7 @@ config() ->
       cut_s => range("CUT_S", env_int("CUT_S", 10), 1, 50),
       cut_senders => range("CUT_SENDERS", env_int("CUT_SENDERS", 4), 1, 64),
       cut_interval_ms => 1,
+      cut_msg_bytes => range("CUT_MSG_BYTES", env_int("CUT_MSG_BYTES", 262144), 0, 1048576),
       ring_workers => range("RING_WORKERS", env_int("RING_WORKERS", Q(8, 2)), 1, 64),
       ring_bytes => range("RING_BYTES", env_int("RING_BYTES", Q(10 * ?MiB, ?MiB)), 1, 256 * ?MiB),
       ring_rounds => range("RING_ROUNDS", env_int("RING_ROUNDS", Q(5, 1)), 1, 100)}.
@@ -163,6 +168,7 @@ pair_phase(Cfg, Net) ->
         Paced = bulk_phase(Cfg, Ctx, paced, maps:get(paced_interval_ms, Cfg),
                            maps:get(small_rounds, Cfg)),
         Cut = cut_phase(Cfg, Ctx),
+        Reset = reset_phase(Cfg, Ctx),
         Rate2 = case maps:get(rate2, Cfg) of
                     none -> none;
                     R2 ->
@@ -181,7 +187,8 @@ pair_phase(Cfg, Net) ->
         Events = maps:from_list([{K, peer:call(P, bench_agent, node_events, [W])}
                                  || {K, P, W} <- [{a, PA, maps:get(a, Watch)},
                                                   {b, PB, maps:get(b, Watch)}]]),
-        #{idle => Idle, bulk => Bulk, small => Small, paced => Paced, cut => Cut, rate2 => Rate2,
+        #{idle => Idle, bulk => Bulk, small => Small, paced => Paced, cut => Cut,
+          reset => Reset, rate2 => Rate2,
           node_events => Events, qdisc => teleport_netns:qdisc(Net),
           teleport_stats => #{a => peer:call(PA, teleport, stats, []),
                               b => peer:call(PB, teleport, stats, [])}}
@@ -284,25 +291,41 @@ bulk_round(Cfg, Ctx, T, {SmallRcvs, SmallIval}, Id, Label) ->
 
 %% The link cut, once per transport (disterl first).
 cut_phase(Cfg, Ctx) ->
-    #{cut_s := CutS, cut_senders := N, cut_interval_ms := Ival} = Cfg,
-    step("cut: ~b senders A -> B, a sequenced message each every ~b ms; host A's link down "
-         "for ~b s after 3 s", [N, Ival, CutS]),
-    [cut_round(Cfg, Ctx, T) || T <- [disterl, teleport]].
+    #{cut_s := CutS, cut_senders := N, cut_interval_ms := Ival, cut_msg_bytes := B} = Cfg,
+    step("cut: ~b senders A -> B, a sequenced message of ~b bytes each every ~b ms; host A's "
+         "link down for ~b s after 3 s", [N, B, Ival, CutS]),
+    [cut_round(Cfg, Ctx, T, cut) || T <- [disterl, teleport]].
 
-cut_round(#{cut_s := CutS, cut_senders := N, cut_interval_ms := Ival}, Ctx, T) ->
+%% The same stream, but 3 s in host A's connections of the transport to B are reset (as a
+%% middlebox or a peer's kernel would), the link staying up.
+reset_phase(Cfg, Ctx) ->
+    step("reset: the same stream; 3 s in, A's connections of the transport to B are reset "
+         "(ss -K), the link stays up", []),
+    [cut_round(Cfg, Ctx, T, reset) || T <- [disterl, teleport]].
+
+cut_round(#{cut_s := CutS, cut_senders := N, cut_interval_ms := Ival,
+            cut_msg_bytes := PadBytes}, Ctx, T, Kind) ->
     #{net := Net, pa := PA, pb := PB, pinger := Pinger} = Ctx,
     Events0 = events_count(Ctx),
     Rcv = peer:call(PB, bench_agent, seq_receiver, []),
     _ = pinger_samples(PA, Pinger),
     ok = peer:call(PA, bench_agent, pinger_active, [Pinger, true]),
     Stats0 = peer:call(PA, teleport, stats, []),
-    Handle = peer:call(PA, bench_agent, seq_start, [T, Rcv, N, Ival]),
+    Handle = peer:call(PA, bench_agent, seq_start, [T, Rcv, N, Ival, PadBytes]),
     timer:sleep(3000),
-    ok = teleport_netns:link_down(Net, 1),
-    step("cut ~-8s link down", [T]),
-    timer:sleep(CutS * 1000),
-    ok = teleport_netns:link_up(Net, 1),
-    step("cut ~-8s link up", [T]),
+    Resets = case Kind of
+                 cut ->
+                     ok = teleport_netns:link_down(Net, 1),
+                     step("cut ~-8s link down", [T]),
+                     timer:sleep(CutS * 1000),
+                     ok = teleport_netns:link_up(Net, 1),
+                     step("cut ~-8s link up", [T]),
+                     0;
+                 reset ->
+                     K = teleport_netns:reset_connections(Net, 1, listener(Ctx, T)),
+                     step("reset ~-8s ~b connections reset", [T, K]),
+                     K
+             end,
     timer:sleep(5000),
     Sent = peer:call(PA, bench_agent, seq_stop, [Handle], 60000),
     Total = lists:sum([S || #{sent := S} <- Sent, is_integer(S)]),
@@ -320,17 +343,28 @@ cut_round(#{cut_s := CutS, cut_senders := N, cut_interval_ms := Ival}, Ctx, T) -
                         lost => S - maps:get(unique, R)}
                  end || I <- lists:seq(1, N)],
     Sum = fun(K) -> lists:sum([maps:get(K, P) || P <- PerSender]) end,
-    Res = #{transport => T, cut_s => CutS, per_sender => PerSender,
+    Res = #{transport => T, kind => Kind, connections_reset => Resets,
+            cut_s => case Kind of cut -> CutS; reset -> 0 end, per_sender => PerSender,
             sent => Sum(sent), lost => Sum(lost), duplicated => Sum(duplicated),
             reordered => Sum(reordered), send_errors => Sum(send_errors),
             nodedowns => events_count(Ctx) - Events0, pings => Pings,
             teleport_stats_before => Stats0, teleport_stats_after => Stats1},
-    step("cut ~-8s sent ~b, lost ~b, duplicated ~b, reordered ~b, refused ~b; "
+    step("~s ~-8s sent ~b, lost ~b, duplicated ~b, reordered ~b, refused ~b; "
          "per sender lost ~w; nodedowns ~b; ping max ~s",
-         [T, Sum(sent), Sum(lost), Sum(duplicated), Sum(reordered), Sum(send_errors),
+         [Kind, T, Sum(sent), Sum(lost), Sum(duplicated), Sum(reordered), Sum(send_errors),
           [maps:get(lost, P) || P <- PerSender], maps:get(nodedowns, Res),
           bench_report:fmt_us(maps:get(max, maps:get(latency_us, ping_stats(Pings)), 0))]),
     Res.
+
+%% Where A's connections of transport T to B go: B's distribution port (from B's epmd) or
+%% B's teleport listener.
+listener(#{pb := PB, b := B, net := Net}, disterl) ->
+    [Name, _] = string:split(atom_to_list(B), "@"),
+    {ok, Names} = peer:call(PB, erl_epmd, names, []),
+    {teleport_netns:host_ip(Net, 2), proplists:get_value(Name, Names)};
+listener(#{pb := PB, net := Net}, teleport) ->
+    {ok, Port} = peer:call(PB, teleport_server, listen_port, []),
+    {teleport_netns:host_ip(Net, 2), Port}.
 
 %% B's report once everything sent has arrived, or once nothing new came for 15 s (what
 %% is missing then is lost), at most until `Deadline'.
@@ -446,21 +480,21 @@ print_summary(Cfg, Results) ->
     io:format("medians over the measured rounds (warm-up excluded), latencies over every sample~n~n"),
     io:format("| scenario | disterl | teleport |~n|---|---|---|~n"),
     [io:format("| ~ts | ~ts | ~ts |~n", [Name, D, T]) || {Name, D, T} <- rows(Cfg, Results)],
-    #{cut := Cut} = Results,
-    io:format("~nlink cut, per sender (sent / lost / duplicated / reordered / refused):~n"),
+    #{cut := Cut, reset := Reset} = Results,
+    io:format("~nlink cut and reset, per sender (sent / lost / duplicated / reordered / refused):~n"),
     [begin
-         io:format("  ~-8s", [T]),
+         io:format("  ~-5s ~-8s", [K, T]),
          [io:format("  #~b: ~b/~b/~b/~b/~b", [I, S, L, D, R, E])
           || #{sender := I, sent := S, lost := L, duplicated := D, reordered := R,
                send_errors := E} <- PS],
          io:format("~n"),
          [io:format("           sender ~b missing ~w~n", [I, G])
           || #{sender := I, gaps := G} <- PS, G =/= []]
-     end || #{transport := T, per_sender := PS} <- Cut],
+     end || #{transport := T, kind := K, per_sender := PS} <- Cut ++ Reset],
     ok.
 
 rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := Cut,
-            rate2 := Rate2, ring := Ring}) ->
+            reset := Reset, rate2 := Rate2, ring := Ring}) ->
     PR = maps:get(rounds, Paced),
     Rate = maps:get(rate, Cfg),
     BR = maps:get(rounds, Bulk),
@@ -487,6 +521,7 @@ rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := C
                                    " / ")
                end end,
     CutOf = fun(T) -> hd([C || #{transport := T1} = C <- Cut, T1 =:= T]) end,
+    ResetOf = fun(T) -> hd([C || #{transport := T1} = C <- Reset, T1 =:= T]) end,
     RR = maps:get(rounds, Ring),
     [Row(io_lib:format("bulk: ~b senders x 10 MB A -> B, share of ~s", [N, Rate]), Share(BR)),
      Row("disterl ping during bulk, p50 / p90 / p99 / max", Ping(BR)),
@@ -526,14 +561,20 @@ rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := C
                     C = CutOf(T),
                     L = maps:get(latency_us, ping_stats(maps:get(pings, C))),
                     io_lib:format("~b; ~s", [maps:get(nodedowns, C), bench_report:fmt_us(maps:get(max, L, 0))])
+            end),
+        Row("connections reset (ss -K), link up: lost / duplicated / reordered of sent; nodedowns",
+            fun(T) ->
+                    #{lost := L, duplicated := D, reordered := R, sent := S, nodedowns := ND,
+                      connections_reset := K} = ResetOf(T),
+                    io_lib:format("~b / ~b / ~b of ~b; ~b (~b reset)", [L, D, R, S, ND, K])
             end)].
 
 %%% ----------------------------------------------------------------------------------------
 %%% JSON and SVG
 
 to_json(Machine, Cfg, Results, Elapsed) ->
-    #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := Cut, rate2 := Rate2,
-      ring := Ring, qdisc := Qdisc, node_events := Events} = Results,
+    #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := Cut, reset := Reset,
+      rate2 := Rate2, ring := Ring, qdisc := Qdisc, node_events := Events} = Results,
     Ts = [disterl, teleport],
     Dist = fun bench_report:stats/1,
     Rounds = fun(Rs, Keys) -> [maps:with([round, transport | Keys], R) || R <- Rs] end,
@@ -566,12 +607,19 @@ to_json(Machine, Cfg, Results, Elapsed) ->
                                            "flooding senders' latency includes their own queue"}) end,
     CutJ = #{id => link_cut, cut_s => maps:get(cut_s, Cfg), senders => maps:get(cut_senders, Cfg),
              interval_ms => maps:get(cut_interval_ms, Cfg),
+             message_pad_bytes => maps:get(cut_msg_bytes, Cfg),
              description => "sequenced messages A -> B; host A's eth0 down for cut_s seconds "
                             "3 s in, up again, senders stopped 5 s later; counts read once "
                             "nothing more arrives (15 s) or all arrived. lost = sent - unique "
                             "received; refused = teleport:send returned an error (not sent)",
              transports => [maps:without([pings], C#{disterl_ping => ping_stats(maps:get(pings, C))})
                             || C <- Cut]},
+    ResetJ = #{id => connections_reset, senders => maps:get(cut_senders, Cfg),
+               description => "the link_cut stream; 3 s in, host A's TCP connections of the "
+                              "transport to B (B's dist port or teleport listener) are reset "
+                              "with ss -K, the link staying up",
+               transports => [maps:without([pings], C#{disterl_ping => ping_stats(maps:get(pings, C))})
+                              || C <- Reset]},
     RR = maps:get(rounds, Ring),
     RingJ = #{id => ring, hosts => maps:get(hosts, Ring), workers_per_node => maps:get(workers, Ring),
               payload_bytes => maps:get(payload_bytes, Ring),
@@ -594,7 +642,7 @@ to_json(Machine, Cfg, Results, Elapsed) ->
                           disterl_ping => maps:get(ping, Idle)},
                         BulkJ(bulk, Bulk, maps:get(rate, Cfg)),
                         SmallJ(bulk_plus_small, Small), SmallJ(bulk_plus_paced_small, Paced),
-                        CutJ, RingJ]
+                        CutJ, ResetJ, RingJ]
             ++ case Rate2 of
                    none -> [];
                    #{rate := R2} -> [BulkJ(bulk_second_rate, Rate2, R2)]
@@ -604,8 +652,8 @@ to_json(Machine, Cfg, Results, Elapsed) ->
            {total_run_time_s, Elapsed}]}.
 
 chart(Machine, Cfg, Results) ->
-    #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := Cut, rate2 := Rate2,
-      ring := Ring} = Results,
+    #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := Cut, reset := Reset,
+      rate2 := Rate2, ring := Ring} = Results,
     Ts = [disterl, teleport],
     Bar = fun(Label, Series, Vs) ->
                   #{label => Label, series => Series, value => bench_report:median(Vs),
@@ -646,12 +694,12 @@ chart(Machine, Cfg, Results) ->
          #{title => io_lib:format("Ring over ~b hosts: s per round", [maps:get(hosts, Ring)]),
            unit => "seconds", better => lower, caption => Caption,
            bars => Two(maps:get(rounds, Ring), wall_s, 1)},
-         #{title => io_lib:format("Link cut ~b s: messages lost", [maps:get(cut_s, Cfg)]),
+         #{title => io_lib:format("Link cut ~b s, reset: messages lost", [maps:get(cut_s, Cfg)]),
            unit => "messages (of about " ++
                integer_to_list(lists:max([S || #{sent := S} <- Cut])) ++ " sent)",
-           better => lower, caption => "one cut per transport; lost = sent - received",
-           bars => [#{label => atom_to_list(T), series => T, value => L}
-                    || #{transport := T, lost := L} <- Cut]}]
+           better => lower, caption => "one cut, one reset per transport; lost = sent - received",
+           bars => [#{label => atom_to_list(K), series => T, value => L}
+                    || #{transport := T, kind := K, lost := L} <- Cut ++ Reset]}]
         ++ case Rate2 of
                none -> [];
                #{rate := R2, rounds := R2R} ->

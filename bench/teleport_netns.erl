@@ -31,7 +31,7 @@
 -export([available/0, run_id/0, check_rate/1, check_hosts/1, rate_bits/1]).
 -export([pair/1, star/2, stop/1, cleanup_run/1, leftovers/1, namespaces/1]).
 -export([hosts/1, host_ip/2, start_node/3, stop_node/1, link_down/2, link_up/2,
-         set_rate/2, qdisc/1]).
+         reset_connections/3, set_rate/2, qdisc/1]).
 -export([cleanup_main/0]).
 
 -export_type([net/0]).
@@ -366,6 +366,20 @@ link_down(Net, I) ->
 -spec link_up(net(), pos_integer()) -> ok.
 link_up(Net, I) ->
     ip(["-n", ns(lists:nth(I, hosts(Net))), "link", "set", "eth0", "up"]).
+
+%% @doc Resets (`ss -K', as a middlebox's RST would) every TCP connection of host I to
+%% `{Ip, Port}'; the link stays up. Returns how many were reset.
+-spec reset_connections(net(), pos_integer(), {string(), inet:port_number()}) -> non_neg_integer().
+reset_connections(Net, I, {Ip, Port}) ->
+    Ns = ns(lists:nth(I, hosts(Net))),
+    case run(["ip", "netns", "exec", Ns, "ss", "-K", "-t", "-n", "dst", Ip, "dport", "=",
+              ":" ++ integer_to_list(Port)]) of
+        {0, Out} ->
+            %% A header line, then one line per socket reset.
+            length([L || L <- tl(string:split(Out, "\n", all)), string:trim(L) =/= ""]);
+        {_, Out} ->
+            erlang:error({netns_command_failed, "ss -K in " ++ Ns, Out})
+    end.
 
 %%% ----------------------------------------------------------------------------------------
 %%% Commands
