@@ -279,6 +279,8 @@ stream_run(T, Receiver, Count, Bytes) ->
 %% at once; each sends `Count' messages of `Bytes' random bytes, then waits for its
 %% receiver to have them all. Returns `{ElapsedUs, BytesReceived}': from the release to
 %% the last ack.
+-spec bulk_run(disterl | teleport, [pid()], pos_integer(), pos_integer()) ->
+          {non_neg_integer(), non_neg_integer()}.
 bulk_run(T, Receivers, Count, Bytes) ->
     Self = self(),
     Senders = [spawn_link(fun() ->
@@ -302,12 +304,15 @@ bulk_run(T, Receivers, Count, Bytes) ->
 %% @doc Starts one sender per receiver (made by timed_receiver/0) that sends `{ts, SentUs,
 %% Pad}' of `Bytes' bytes (external format) as fast as it can until flood_stop/1.
 %% `SentUs' is os:system_time(microsecond): the nodes share this machine's clock.
+-spec flood_start(disterl | teleport, [pid()], pos_integer()) -> {pid(), [pid()], integer()}.
 flood_start(T, Receivers, Bytes) ->
     flood_start(T, Receivers, Bytes, 0).
 
 %% @doc flood_start/3, but with `IntervalMs' > 0 each sender sends one message every
 %% `IntervalMs' instead of as fast as it can (paced: the latency of a small message behind
 %% the bulk, without a backlog of its own).
+-spec flood_start(disterl | teleport, [pid()], pos_integer(), non_neg_integer()) ->
+          {pid(), [pid()], integer()}.
 flood_start(T, Receivers, Bytes, IntervalMs) ->
     Pad = crypto:strong_rand_bytes(max(0, Bytes - byte_size(term_to_binary(
                                                              {ts, 1 bsl 50, <<>>})))),
@@ -334,16 +339,19 @@ flood(T, R, Pad, Ival, N) ->
     end.
 
 %% @doc Stops the senders of flood_start/3; once each receiver has acked its last message,
-%% returns `{ElapsedUs, [{Sent, Acked}]}' (elapsed from the start to the stop).
+%% returns `{ElapsedUs, [{Sent, Acked}]}' (elapsed from the start to the last ack).
+-spec flood_stop({pid(), [pid()], integer()}) ->
+          {integer(), [{non_neg_integer() | lost, non_neg_integer() | lost | lost_fin}]}.
 flood_stop({_Owner, Senders, T0}) ->
     Ref = make_ref(),
-    [S ! {flood_stop, self(), Ref} || S <- Senders],
-    Us = mono_us() - T0,
-    {Us, [receive {Ref, S, Sent, Acked} -> {Sent, Acked} after 180000 -> {lost, lost} end
-          || S <- Senders]}.
+    _ = [S ! {flood_stop, self(), Ref} || S <- Senders],
+    Acks = [receive {Ref, S, Sent, Acked} -> {Sent, Acked} after 180000 -> {lost, lost} end
+            || S <- Senders],
+    {mono_us() - T0, Acks}.
 
 %% @doc A receiver of `{ts, SentUs, _}' messages: counts them and keeps one latency in 8
 %% (receive time minus `SentUs'); answers `{fin, ...}' as small_receiver/0 does.
+-spec timed_receiver() -> pid().
 timed_receiver() ->
     spawn(fun() -> timed_receive(0, []) end).
 
@@ -364,6 +372,7 @@ timed_receive(N, Lats) ->
     end.
 
 %% @doc The latencies (us) a timed_receiver/0 kept since the last call.
+-spec timed_samples(pid()) -> [integer()].
 timed_samples(Pid) ->
     Ref = make_ref(),
     Pid ! {samples, self(), Ref},
@@ -371,6 +380,7 @@ timed_samples(Pid) ->
 
 %% @doc A receiver of `{seq, Sender, N}' messages that keeps every sequence number per
 %% sender, for seq_report/1.
+-spec seq_receiver() -> pid().
 seq_receiver() ->
     spawn(fun() -> seq_receive(#{}) end).
 
@@ -391,6 +401,7 @@ seq_receive(Got) ->
 
 %% @doc Per sender, what seq_receiver/0 got: `#{Sender => #{received, unique, duplicated,
 %% reordered, last, gaps}}'; reordered counts arrivals below the highest number seen before.
+-spec seq_report(pid()) -> #{pos_integer() => map()}.
 seq_report(Pid) ->
     Ref = make_ref(),
     Pid ! {report, self(), Ref},
@@ -414,6 +425,7 @@ gaps([N | Rest], Next, Acc) -> gaps(Rest, N + 1, [{Next, N - 1} | Acc]).
 
 %% @doc `Senders' processes, each sending `{seq, I, N}' (N = 1, 2, ...) to `Receiver'
 %% every `IntervalMs' until seq_stop/1.
+-spec seq_start(disterl | teleport, pid(), pos_integer(), pos_integer()) -> {seq, [pid()]}.
 seq_start(T, Receiver, Senders, IntervalMs) ->
     Pids = [spawn(fun() -> seq_send(T, Receiver, I, IntervalMs, 1, 0) end)
             || I <- lists:seq(1, Senders)],
@@ -421,6 +433,8 @@ seq_start(T, Receiver, Senders, IntervalMs) ->
 
 %% @doc seq_start/4 with `{seq, I, N, Pad}' messages, `Pad' `PadBytes' random bytes (the
 %% same binary in every message).
+-spec seq_start(disterl | teleport, pid(), pos_integer(), pos_integer(), non_neg_integer()) ->
+          {seq, [pid()]}.
 seq_start(T, Receiver, Senders, IntervalMs, PadBytes) ->
     Pad = crypto:strong_rand_bytes(PadBytes),
     Pids = [spawn(fun() -> seq_send(T, Receiver, I, IntervalMs, 1, 0, Pad) end)
@@ -450,14 +464,16 @@ seq_send(T, R, I, IntervalMs, N, Errors, Pad) ->
     end.
 
 %% @doc Stops the senders of seq_start/4: `[#{sent, send_errors}]', in sender order.
+-spec seq_stop({seq, [pid()]}) -> [map()].
 seq_stop({seq, Pids}) ->
     Ref = make_ref(),
-    [P ! {seq_stop, self(), Ref} || P <- Pids],
+    _ = [P ! {seq_stop, self(), Ref} || P <- Pids],
     [receive {Ref, P, R} -> R after 30000 -> #{sent => lost, send_errors => lost} end
      || P <- Pids].
 
 %% @doc A process recording this node's nodeup/nodedown events (with the reason) as
 %% `{OsTimeUs, Event, Node, Reason}', for node_events/1.
+-spec watch_nodes() -> pid().
 watch_nodes() ->
     Self = self(),
     Pid = spawn(fun() ->
@@ -477,6 +493,7 @@ watch(Acc) ->
     end.
 
 %% @doc The events watch_nodes/0 recorded so far.
+-spec node_events(pid()) -> [{integer(), nodeup | nodedown, node(), term()}].
 node_events(Pid) ->
     Ref = make_ref(),
     Pid ! {events, self(), Ref},

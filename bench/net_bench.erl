@@ -137,7 +137,10 @@ env_int(Name, Default) ->
         "" -> Default;
         S ->
             try list_to_integer(S)
-            catch error:badarg -> range(Name, S, 0, 0)
+            catch error:badarg ->
+                    erlang:error({bad_parameter, Name,
+                                  lists:flatten(io_lib:format("bad parameter ~s=~ts: expected an "
+                                                              "integer", [Name, S]))})
             end
     end.
 
@@ -482,7 +485,7 @@ print_summary(Cfg, Results) ->
     [io:format("| ~ts | ~ts | ~ts |~n", [Name, D, T]) || {Name, D, T} <- rows(Cfg, Results)],
     #{cut := Cut, reset := Reset} = Results,
     io:format("~nlink cut and reset, per sender (sent / lost / duplicated / reordered / refused):~n"),
-    [begin
+    _ = [begin
          io:format("  ~-5s ~-8s", [K, T]),
          [io:format("  #~b: ~b/~b/~b/~b/~b", [I, S, L, D, R, E])
           || #{sender := I, sent := S, lost := L, duplicated := D, reordered := R,

@@ -136,6 +136,7 @@ rate_bits(Rate) ->
 check_hosts(N) when is_integer(N), N >= ?MIN_HOSTS, N =< ?MAX_HOSTS -> N;
 check_hosts(N) -> bad_param("NET_HOSTS", N, "an integer from 2 to 8").
 
+-spec bad_param(string(), term(), string()) -> no_return().
 bad_param(Name, Value, Accepts) ->
     Msg = lists:flatten(io_lib:format("bad parameter ~s=~tp: expected ~ts", [Name, Value, Accepts])),
     erlang:error({bad_parameter, Name, Msg}).
@@ -272,7 +273,7 @@ cleanup_ns(_Ns, 0) ->
     ok;
 cleanup_ns(Ns, Tries) ->
     Pids = string:lexemes(cmd(["ip", "netns", "pids", Ns]), "\n "),
-    [_ = run(["kill", "-9", P]) || P <- Pids],
+    _ = [run(["kill", "-9", P]) || P <- Pids],
     case run(["ip", "netns", "del", Ns]) of
         {0, _} -> ok;
         _ -> timer:sleep(200), cleanup_ns(Ns, Tries - 1)
