@@ -538,6 +538,7 @@ rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := C
      Row("bulk + small: disterl ping p50 / p90 / p99 / max", Ping(SR)),
      Row(io_lib:format("bulk + paced small (8 pairs, 1 per ~b ms each): latency p50 / p99 / max",
                        [maps:get(paced_interval_ms, Cfg)]), SmallLat(PR)),
+     Row("bulk + paced small: delivered msgs/s", fun(T) -> bench_report:fmt_rate(med(PR, small_msgs_per_s, T)) end),
      Row("bulk + paced small: bulk's share of the link", Share(PR))]
     ++ case Rate2 of
            none -> [];
