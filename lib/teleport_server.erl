@@ -429,9 +429,12 @@ host_ip(Node) ->
 start_pool(Node, Found, State) ->
     case {ets:lookup(?TABLE, Node), Found} of
         {[{_, Pool}], {ok, Ip, Port, MaxFrame}} ->
+            %% The cookie is read again for every repair, on both sides (allow/2 here, and
+            %% the peer's listen_info): an operator who fixes a wrong cookie at runtime
+            %% (erlang:set_cookie/2) heals the pool at its next refused handshake.
             allow(maps:get(runtime, State), Node),
             limit_frames(Pool, MaxFrame),
-            ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port),
+            ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port, cookie(Node)),
             {ok, Pool};
         {[{_, Pool}], {error, nodedown}} ->
             %% The peer's teleport is gone while its node may still be up: what waited for
@@ -449,10 +452,9 @@ new_pool(Node, {ok, Ip, Port, MaxFrame}, #{runtime := Rt, config := Config}) ->
     set_name(Rt),
     #{pool_size := Size, max_queue_bytes := MaxQueue, connect_timeout := ConnectTimeout,
       handshake_timeout := HandshakeTimeout} = Config,
-    Cookie = atom_to_binary(erlang:get_cookie(Node), utf8),
     %% The peer may connect back to us too: let it, with the same cookie.
     allow(Rt, Node),
-    case teleport_nif:pool_start(Rt, atom_to_binary(Node, utf8), ip_text(Ip), Port, Cookie,
+    case teleport_nif:pool_start(Rt, atom_to_binary(Node, utf8), ip_text(Ip), Port, cookie(Node),
                                  Size, MaxQueue, {ConnectTimeout, HandshakeTimeout}) of
         {ok, Pool} ->
             limit_frames(Pool, MaxFrame),
@@ -480,8 +482,12 @@ set_name(Rt) ->
 
 -spec allow(teleport_nif:runtime(), node()) -> ok.
 allow(Rt, Node) ->
-    Cookie = atom_to_binary(erlang:get_cookie(Node), utf8),
-    teleport_nif:runtime_allow(Rt, atom_to_binary(Node, utf8), Cookie).
+    teleport_nif:runtime_allow(Rt, atom_to_binary(Node, utf8), cookie(Node)).
+
+%% The cookie shared with `Node' now.
+-spec cookie(node()) -> binary().
+cookie(Node) ->
+    atom_to_binary(erlang:get_cookie(Node), utf8).
 
 -spec ip_text(inet:ip_address()) -> binary().
 ip_text(Ip) ->
