@@ -4,7 +4,7 @@
 %% Pools are created here and only here, one at a time per node, so 200 processes sending
 %% their first message to a fresh node at the same instant get the same pool: the first
 %% `connect/1' starts finding the peer's listener and the others wait for its result. The
-%% table is read directly by senders; only this process writes it.
+%% table (`teleport_pools') is read directly by senders; only this process writes it.
 %%
 %% Peers find each other over distributed Erlang: `connect/1' asks the peer's
 %% `teleport_server' for its listener, and that request is what allows the asking node to
@@ -19,8 +19,6 @@
 -export([start_link/0, connect/1, reconnect/2, runtime/0, pool_info/0, listen_port/0,
          listener_info/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
-
--define(TABLE, teleport_pools).
 
 -type state() :: #{runtime := teleport_nif:runtime(),
                    config := teleport_config:config(),
@@ -68,11 +66,7 @@ runtime() ->
 %% empty when teleport is not running.
 -spec pool_info() -> #{node() => [map()]}.
 pool_info() ->
-    try ets:tab2list(?TABLE) of
-        Pools -> maps:from_list([{Node, teleport_nif:pool_info(Pool)} || {Node, Pool} <- Pools])
-    catch
-        error:badarg -> #{}
-    end.
+    maps:from_list([{Node, teleport_nif:pool_info(Pool)} || {Node, Pool} <- teleport_pools:all()]).
 
 %% @doc The listener and its incoming connections (see `teleport:info/0'), with the socket
 %% options in force.
@@ -176,7 +170,7 @@ start_runtime(Config) ->
     case teleport_nif:runtime_start(Me, ip_text(Ip), Port, MaxFrame, HandshakeTimeout,
                                     nif_socket_opts(SockOpts)) of
         {ok, Rt} ->
-            _ = ets:new(?TABLE, [named_table, protected, set, {read_concurrency, true}]),
+            ok = teleport_pools:new(),
             persistent_term:put({?MODULE, runtime}, Rt),
             persistent_term:put({?MODULE, socket_opts}, SockOpts),
             ok = net_kernel:monitor_nodes(true),
@@ -201,13 +195,13 @@ nif_socket_opts(Opts) -> Opts.
 -spec handle_call(term(), gen_server:from(), state()) ->
           {reply, term(), state()} | {noreply, state()}.
 handle_call({connect, Node}, From, State) ->
-    case ets:lookup(?TABLE, Node) of
-        [{_, Pool}] -> {reply, {ok, Pool}, State};
-        [] -> {noreply, discover(Node, From, State)}
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} -> {reply, {ok, Pool}, State};
+        _ -> {noreply, discover(Node, From, State)}
     end;
 handle_call({reconnect, Node, Old}, From, State) ->
-    case ets:lookup(?TABLE, Node) of
-        [{_, Newer}] when Newer =/= Old ->
+    case teleport_pools:lookup(Node) of
+        {ok, Newer} when Newer =/= Old ->
             {reply, {ok, Newer}, State};
         _ ->
             %% Find the listener again; the pool in the table, if any, is re-pointed.
@@ -247,7 +241,7 @@ handle_info({discovered, Node, Result}, State = #{pending := Pending}) ->
     {noreply, State1#{pending := Pending1}};
 handle_info({nodeup, Node}, State = #{config := #{eager_connect := true}}) ->
     State1 = forget_unreachable(Node, State),
-    case ets:member(?TABLE, Node) of
+    case teleport_pools:member(Node) of
         true -> {noreply, State1};
         false -> {noreply, discover(Node, none, State1)}
     end;
@@ -256,12 +250,12 @@ handle_info({nodeup, Node}, State) ->
 handle_info({nodedown, Node}, State0 = #{runtime := Rt}) ->
     State = forget_unreachable(Node, State0),
     teleport_nif:runtime_forbid(Rt, atom_to_binary(Node, utf8)),
-    case ets:take(?TABLE, Node) of
-        [{_, Pool}] ->
+    case teleport_pools:take(Node) of
+        {ok, Pool} ->
             logger:info("teleport: ~ts is down, its pool is closed", [Node],
                         #{domain => [teleport], peer => Node}),
             teleport_nif:pool_close(Pool);
-        [] ->
+        none ->
             ok
     end,
     {noreply, State};
@@ -271,7 +265,7 @@ handle_info({teleport_pool_stale, PeerBin}, State) ->
     %% goes out (or, if the peer's teleport is gone, is dropped and counted) even if nobody
     %% sends any more. The name is one of our pools' peers, so its atom exists.
     Node = binary_to_existing_atom(PeerBin, utf8),
-    case ets:member(?TABLE, Node) of
+    case teleport_pools:member(Node) of
         true -> {noreply, discover(Node, none, State)};
         false -> {noreply, State}
     end;
@@ -281,7 +275,7 @@ handle_info(_Info, State) ->
 %% @private
 -spec terminate(term(), state()) -> ok.
 terminate(_Reason, #{runtime := Rt}) ->
-    [teleport_nif:pool_close(Pool) || {_, Pool} <- ets:tab2list(?TABLE)],
+    [teleport_nif:pool_close(Pool) || {_, Pool} <- teleport_pools:all()],
     teleport_nif:runtime_stop(Rt),
     _ = persistent_term:erase({?MODULE, runtime}),
     _ = persistent_term:erase({?MODULE, socket_opts}),
@@ -427,19 +421,20 @@ host_ip(Node) ->
 -spec start_pool(node(), found() | {error, nodedown}, state()) ->
           {ok, teleport_nif:pool()} | {error, nodedown}.
 start_pool(Node, Found, State) ->
-    case {ets:lookup(?TABLE, Node), Found} of
-        {[{_, Pool}], {ok, Ip, Port, MaxFrame}} ->
+    case {teleport_pools:lookup(Node), Found} of
+        {{ok, Pool}, {ok, Ip, Port, MaxFrame}} ->
             allow(maps:get(runtime, State), Node),
             limit_frames(Pool, MaxFrame),
             ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port),
+            ok = teleport_pools:retarget(Node, {Ip, Port}),
             {ok, Pool};
-        {[{_, Pool}], {error, nodedown}} ->
+        {{ok, Pool}, {error, nodedown}} ->
             %% The peer's teleport is gone while its node may still be up: what waited for
             %% it is dropped and counted.
-            true = ets:delete(?TABLE, Node),
+            {ok, Pool} = teleport_pools:take(Node),
             teleport_nif:pool_close(Pool),
             {error, nodedown};
-        {[], _} ->
+        {_, _} ->
             new_pool(Node, Found, State)
     end.
 
@@ -456,7 +451,7 @@ new_pool(Node, {ok, Ip, Port, MaxFrame}, #{runtime := Rt, config := Config}) ->
                                  Size, MaxQueue, {ConnectTimeout, HandshakeTimeout}) of
         {ok, Pool} ->
             limit_frames(Pool, MaxFrame),
-            true = ets:insert(?TABLE, {Node, Pool}),
+            ok = teleport_pools:insert(Node, Pool, {Ip, Port}),
             {ok, Pool};
         {error, Reason} ->
             logger:warning("teleport: cannot start a pool to ~ts at ~ts:~b: ~tp; sends to it "
