@@ -6,13 +6,15 @@
 %% `connect/1' starts finding the peer's listener and the others wait for its result. The
 %% table (`teleport_pools') is read directly by senders; only this process writes it.
 %%
-%% Peers find each other over distributed Erlang: `connect/1' asks the peer's
-%% `teleport_server' for its listener, and that request is what allows the asking node to
-%% connect in (with the cookie `erlang:get_cookie(Node)' gives for it).
+%% Peers find each other over distributed Erlang (`teleport_discovery', in a monitored
+%% worker): `connect/1' asks the peer's `teleport_server' for its listener, and that request
+%% is what allows the asking node to connect in (with the cookie `erlang:get_cookie(Node)'
+%% gives for it).
 %%
 %% When a peer cannot be found, callers get `{error, nodedown}' and the reason is logged
 %% once (until it changes, or the node goes up or down): not reachable over distributed
-%% Erlang, no teleport running there, no answer in time, or no address to reach it at.
+%% Erlang, no teleport running there, no answer in time, no address to reach it at, or the
+%% worker asking died.
 -module(teleport_server).
 -behaviour(gen_server).
 
@@ -22,18 +24,10 @@
 
 -type state() :: #{runtime := teleport_nif:runtime(),
                    config := teleport_config:config(),
-                   pending := #{node() => [gen_server:from()]},
+                   %% The nodes whose listener is being looked for, and who waits.
+                   discovery := teleport_discovery:pending(),
                    %% Why each node could not be found, as last logged.
-                   unreachable := #{node() => unreachable()}}.
-
-%% Why a peer's listener could not be found.
--type unreachable() :: this_node | not_distributed | {no_dist_connection, node()}
-                     | {no_teleport, node()} | {no_answer, node(), timeout()}
-                     | {call_failed, node(), term()} | {no_address, node(), string()}.
-
-%% Where a peer's listener is, and the largest frame it reads (`undefined' if it did not
-%% say; every handshake says it again).
--type found() :: {ok, inet:ip_address(), inet:port_number(), pos_integer() | undefined}.
+                   unreachable := #{node() => teleport_discovery:unreachable()}}.
 
 %% @doc Starts the server (from `teleport_sup').
 -spec start_link() -> {ok, pid()} | {error, term()}.
@@ -178,7 +172,8 @@ start_runtime(Config) ->
             logger:info("teleport listening on ~ts:~b",
                         [inet:ntoa(Ip), teleport_nif:runtime_port(Rt)],
                         #{domain => [teleport]}),
-            {ok, #{runtime => Rt, config => Config, pending => #{}, unreachable => #{}}};
+            {ok, #{runtime => Rt, config => Config, discovery => teleport_discovery:new(),
+                   unreachable => #{}}};
         {error, {socket_opt, Option, Reason}} ->
             {stop, {socket_opt_refused, Option, maps:get(Option, SockOpts, undefined), Reason}};
         {error, Reason} ->
@@ -226,19 +221,22 @@ handle_cast(_Msg, State) ->
 
 %% @private
 -spec handle_info(term(), state()) -> {noreply, state()}.
-handle_info({discovered, Node, Result}, State = #{pending := Pending}) ->
-    {Waiters, Pending1} = case maps:take(Node, Pending) of
-                              error -> {[], Pending};
-                              Found -> Found
-                          end,
-    State1 = note_unreachable(Node, Result, State),
-    Found1 = case Result of
-                 {ok, _, _, _} -> Result;
-                 {error, _} -> {error, nodedown}
-             end,
-    Reply = start_pool(Node, Found1, State1),
-    _ = [gen_server:reply(W, Reply) || W <- Waiters],
-    {noreply, State1#{pending := Pending1}};
+handle_info({'DOWN', Ref, process, _, Reason}, State = #{discovery := Discovery}) ->
+    %% A discovery worker is done (answered, crashed or killed): everyone waiting for that
+    %% node is answered now, a crash included ({error, nodedown}, the reason logged).
+    case teleport_discovery:done(Ref, Reason, Discovery) of
+        {Node, Outcome, Waiters, Discovery1} ->
+            State1 = note_unreachable(Node, Outcome, State#{discovery := Discovery1}),
+            Found = case Outcome of
+                        {ok, _, _, _} -> Outcome;
+                        {error, _} -> {error, nodedown}
+                    end,
+            Reply = start_pool(Node, Found, State1),
+            _ = [gen_server:reply(W, Reply) || W <- Waiters],
+            {noreply, State1};
+        unknown ->
+            {noreply, State}
+    end;
 handle_info({nodeup, Node}, State = #{config := #{eager_connect := true}}) ->
     State1 = forget_unreachable(Node, State),
     case teleport_pools:member(Node) of
@@ -294,20 +292,13 @@ log_to_default_handler(true) ->
 
 %% Starts finding `Node''s listener unless that is under way; `From' waits for the pool.
 -spec discover(node(), gen_server:from() | none, state()) -> state().
-discover(Node, From, State = #{pending := Pending, config := Config}) ->
-    Waiters = [From || From =/= none],
-    case Pending of
-        #{Node := Others} ->
-            State#{pending := Pending#{Node := Waiters ++ Others}};
-        #{} ->
-            Self = self(),
-            Timeout = maps:get(discovery_timeout, Config),
-            _ = spawn(fun() -> Self ! {discovered, Node, ask_listener(Node, Timeout)} end),
-            State#{pending := Pending#{Node => Waiters}}
-    end.
+discover(Node, From, State = #{discovery := Discovery, config := Config}) ->
+    Timeout = maps:get(discovery_timeout, Config),
+    Ask = fun() -> teleport_discovery:ask(Node, Timeout) end,
+    State#{discovery := teleport_discovery:find(Node, From, Ask, Discovery)}.
 
 %% Logs why `Node' cannot be reached, once per reason; a found node is forgotten.
--spec note_unreachable(node(), found() | {error, unreachable()}, state()) -> state().
+-spec note_unreachable(node(), teleport_discovery:outcome(), state()) -> state().
 note_unreachable(Node, {ok, _, _, _}, State) ->
     forget_unreachable(Node, State);
 note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
@@ -316,7 +307,7 @@ note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
             State;
         #{} ->
             logger:warning("teleport: cannot reach ~ts: ~ts; sends to it return "
-                           "{error, nodedown}", [Node, explain(Why)],
+                           "{error, nodedown}", [Node, teleport_discovery:explain(Why)],
                            #{domain => [teleport], peer => Node, reason => Why}),
             State#{unreachable := Seen#{Node => Why}}
     end.
@@ -325,100 +316,7 @@ note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
 forget_unreachable(Node, State = #{unreachable := Seen}) ->
     State#{unreachable := maps:remove(Node, Seen)}.
 
-%% A reason in words.
--spec explain(unreachable()) -> string().
-explain(this_node) ->
-    "it is this node (local destinations need no teleport)";
-explain(not_distributed) ->
-    "this node is not distributed (start it with -sname or -name, or net_kernel:start/1)";
-explain({no_dist_connection, Node}) ->
-    lists:flatten(io_lib:format("no distributed Erlang connection to ~ts (net_kernel:connect_node/1"
-                                " failed: is it up, and does it have the same cookie?)", [Node]));
-explain({no_teleport, Node}) ->
-    lists:flatten(io_lib:format("teleport is not running on ~ts (no teleport_server there)",
-                                [Node]));
-explain({no_answer, Node, Timeout}) ->
-    lists:flatten(io_lib:format("teleport_server on ~ts did not answer within ~p ms "
-                                "(discovery_timeout)", [Node, Timeout]));
-explain({call_failed, Node, Reason}) ->
-    lists:flatten(io_lib:format("asking teleport_server on ~ts where it listens failed: ~0tp",
-                                [Node, Reason]));
-explain({no_address, Node, Host}) ->
-    lists:flatten(io_lib:format("~ts listens on every interface, and neither its distributed "
-                                "Erlang connection nor its host name ~ts gives an address "
-                                "to reach it at", [Node, Host])).
-
-%% Runs in its own process: asks `Node''s teleport_server where it listens.
--spec ask_listener(node(), timeout()) -> found() | {error, unreachable()}.
-ask_listener(Node, _Timeout) when Node =:= node() ->
-    {error, this_node};
-ask_listener(Node, Timeout) ->
-    case net_kernel:connect_node(Node) of
-        true ->
-            try gen_server:call({?MODULE, Node}, listen_info, Timeout) of
-                {ok, #{port := Port, ip := Ip} = Info} ->
-                    MaxFrame = maps:get(max_frame_bytes, Info, undefined),
-                    case peer_address(Node, Ip) of
-                        {ok, PeerIp} -> {ok, PeerIp, Port, MaxFrame};
-                        Error -> Error
-                    end;
-                Other -> {error, {call_failed, Node, {unexpected_reply, Other}}}
-            catch
-                exit:{noproc, _} -> {error, {no_teleport, Node}};
-                exit:{timeout, _} -> {error, {no_answer, Node, Timeout}};
-                exit:{{nodedown, _}, _} -> {error, {no_dist_connection, Node}};
-                exit:Reason -> {error, {call_failed, Node, Reason}}
-            end;
-        ignored ->
-            {error, not_distributed};
-        false ->
-            {error, {no_dist_connection, Node}}
-    end.
-
-%% A peer listening on every interface is reached at the address its disterl connection
-%% comes from, else at its host name's address.
--spec peer_address(node(), inet:ip_address()) -> {ok, inet:ip_address()} | {error, unreachable()}.
-peer_address(Node, Ip) when Ip =:= {0, 0, 0, 0}; Ip =:= {0, 0, 0, 0, 0, 0, 0, 0} ->
-    case dist_peer_ip(Node) of
-        {ok, PeerIp} -> {ok, PeerIp};
-        error -> {error, {no_address, Node, host_part(Node)}}
-    end;
-peer_address(_Node, Ip) ->
-    {ok, Ip}.
-
--spec dist_peer_ip(node()) -> {ok, inet:ip_address()} | error.
-dist_peer_ip(Node) ->
-    Via = [Ctrl || {N, Ctrl} <- erlang:system_info(dist_ctrl), N =:= Node],
-    case Via of
-        [Port] when is_port(Port) ->
-            case inet:peername(Port) of
-                {ok, {Ip, _}} -> {ok, Ip};
-                _ -> host_ip(Node)
-            end;
-        _ ->
-            host_ip(Node)
-    end.
-
--spec host_part(node()) -> string().
-host_part(Node) ->
-    case string:split(atom_to_list(Node), "@") of
-        [_, Host] -> Host;
-        _ -> ""
-    end.
-
--spec host_ip(node()) -> {ok, inet:ip_address()} | error.
-host_ip(Node) ->
-    case string:split(atom_to_list(Node), "@") of
-        [_, Host] ->
-            case inet:getaddr(Host, inet) of
-                {ok, Ip} -> {ok, Ip};
-                {error, _} -> error
-            end;
-        _ ->
-            error
-    end.
-
--spec start_pool(node(), found() | {error, nodedown}, state()) ->
+-spec start_pool(node(), teleport_discovery:found() | {error, nodedown}, state()) ->
           {ok, teleport_nif:pool()} | {error, nodedown}.
 start_pool(Node, Found, State) ->
     case {teleport_pools:lookup(Node), Found} of
@@ -438,7 +336,7 @@ start_pool(Node, Found, State) ->
             new_pool(Node, Found, State)
     end.
 
--spec new_pool(node(), found() | {error, nodedown}, state()) ->
+-spec new_pool(node(), teleport_discovery:found() | {error, nodedown}, state()) ->
           {ok, teleport_nif:pool()} | {error, nodedown}.
 new_pool(Node, {ok, Ip, Port, MaxFrame}, #{runtime := Rt, config := Config}) ->
     set_name(Rt),
