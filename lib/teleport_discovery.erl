@@ -19,7 +19,7 @@
 %% whatever happens to it: no answer and `DOWN' to pair up, no answer after a `DOWN'.
 -module(teleport_discovery).
 
--export([ask/2, peer_address/2, host_part/1, explain/1, retry_delay/1]).
+-export([ask/2, peer_address/2, host_part/1, explain/1, retry_delay/1, retry_waits/0]).
 -export([new/0, find/4, asking/2, done/3, worker/1]).
 
 -export_type([found/0, unreachable/0, outcome/0, asker/0, pending/0]).
@@ -47,11 +47,12 @@
 -define(ANSWER(Outcome), {?MODULE, answer, Outcome}).
 
 %% How long to wait before looking again for a stale pool's peer after each failed
-%% attempt: the first attempt is made at once, then 5 more over about 3 s (100 ms doubling,
-%% the last wait 1.6 s), long enough for an application restart (`application:stop/1' then
-%% `start/1' takes tens of milliseconds) or a release handler's restart of teleport, short
-%% enough that messages to a teleport gone for good are not held (and counted as queued)
-%% for long. The pool keeps its queue meanwhile.
+%% attempt: the first attempt is made at once, then 5 more over 3.1 s (100 ms doubling, the
+%% last wait 1.6 s). Long enough for the peer's teleport application to be stopped and
+%% started again (a restart by hand or by a release upgrade), short enough that messages
+%% to a teleport gone for good are not held for long before they are dropped and counted.
+%% The pool keeps its queue meanwhile, and senders keep queuing (within max_queue_bytes).
+%% Not configurable: no one has needed another schedule yet.
 -define(RETRY_WAITS, [100, 200, 400, 800, 1600]).
 
 %%--------------------------------------------------------------------------------------------
@@ -113,6 +114,11 @@ retry_delay(Failures) when Failures =< length(?RETRY_WAITS) ->
     {retry, lists:nth(Failures, ?RETRY_WAITS)};
 retry_delay(_Failures) ->
     give_up.
+
+%% @doc Every wait of {@link retry_delay/1}, in order (for the log).
+-spec retry_waits() -> [pos_integer()].
+retry_waits() ->
+    ?RETRY_WAITS.
 
 %%--------------------------------------------------------------------------------------------
 %% Asking the peer

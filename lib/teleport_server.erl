@@ -15,6 +15,12 @@
 %% once (until it changes, or the node goes up or down): not reachable over distributed
 %% Erlang, no teleport running there, no answer in time, no address to reach it at, or the
 %% worker asking died.
+%%
+%% A pool whose peer refuses it (stale: the peer's teleport restarted, maybe on another
+%% port) is pointed at where the peer listens now. While the peer's teleport is away and
+%% its node up, the pool keeps its queue, sends to it keep queuing, and the listener is
+%% looked for again a few times with backoff (`teleport_discovery:retry_delay/1'); only
+%% then is the pool closed, its queue dropped and counted.
 -module(teleport_server).
 -behaviour(gen_server).
 
@@ -27,7 +33,10 @@
                    %% The nodes whose listener is being looked for, and who waits.
                    discovery := teleport_discovery:pending(),
                    %% Why each node could not be found, as last logged.
-                   unreachable := #{node() => teleport_discovery:unreachable()}}.
+                   unreachable := #{node() => teleport_discovery:unreachable()},
+                   %% Stale pools whose peer was not found again yet: failed attempts in a
+                   %% row, and the timer of the next one.
+                   retrying := #{node() => {pos_integer(), reference()}}}.
 
 %% @doc Starts the server (from `teleport_sup').
 -spec start_link() -> {ok, pid()} | {error, term()}.
@@ -173,7 +182,7 @@ start_runtime(Config) ->
                         [inet:ntoa(Ip), teleport_nif:runtime_port(Rt)],
                         #{domain => [teleport]}),
             {ok, #{runtime => Rt, config => Config, discovery => teleport_discovery:new(),
-                   unreachable => #{}}};
+                   unreachable => #{}, retrying => #{}}};
         {error, {socket_opt, Option, Reason}} ->
             {stop, {socket_opt_refused, Option, maps:get(Option, SockOpts, undefined), Reason}};
         {error, Reason} ->
@@ -194,10 +203,15 @@ handle_call({connect, Node}, From, State) ->
         {ok, Pool} -> {reply, {ok, Pool}, State};
         _ -> {noreply, discover(Node, From, State)}
     end;
-handle_call({reconnect, Node, Old}, From, State) ->
+handle_call({reconnect, Node, Old}, From, State = #{retrying := Retrying}) ->
     case teleport_pools:lookup(Node) of
         {ok, Newer} when Newer =/= Old ->
             {reply, {ok, Newer}, State};
+        {ok, Pool} when is_map_key(Node, Retrying) ->
+            %% The peer's teleport is away and will be looked for again shortly: the send
+            %% that got `closed' queues behind the others instead of waiting for that.
+            keep_queuing(Node, Pool),
+            {reply, {ok, Pool}, State};
         _ ->
             %% Find the listener again; the pool in the table, if any, is re-pointed.
             {noreply, discover(Node, From, State)}
@@ -226,16 +240,16 @@ handle_info({'DOWN', Ref, process, _, Reason}, State = #{discovery := Discovery}
     %% node is answered now, a crash included ({error, nodedown}, the reason logged).
     case teleport_discovery:done(Ref, Reason, Discovery) of
         {Node, Outcome, Waiters, Discovery1} ->
-            State1 = note_unreachable(Node, Outcome, State#{discovery := Discovery1}),
-            Found = case Outcome of
-                        {ok, _, _, _} -> Outcome;
-                        {error, _} -> {error, nodedown}
-                    end,
-            Reply = start_pool(Node, Found, State1),
-            _ = [gen_server:reply(W, Reply) || W <- Waiters],
-            {noreply, State1};
+            {noreply, discovered(Node, Outcome, Waiters, State#{discovery := Discovery1})};
         unknown ->
             {noreply, State}
+    end;
+handle_info({timeout, Timer, {rediscover, Node}}, State = #{retrying := Retrying}) ->
+    %% Time to look again for a stale pool's peer (a timer of a spell that ended since,
+    %% found or given up, is ignored).
+    case Retrying of
+        #{Node := {_, Timer}} -> {noreply, discover(Node, none, State)};
+        #{} -> {noreply, State}
     end;
 handle_info({nodeup, Node}, State = #{config := #{eager_connect := true}}) ->
     State1 = forget_unreachable(Node, State),
@@ -246,7 +260,7 @@ handle_info({nodeup, Node}, State = #{config := #{eager_connect := true}}) ->
 handle_info({nodeup, Node}, State) ->
     {noreply, forget_unreachable(Node, State)};
 handle_info({nodedown, Node}, State0 = #{runtime := Rt}) ->
-    State = forget_unreachable(Node, State0),
+    State = stop_retrying(Node, forget_unreachable(Node, State0)),
     teleport_nif:runtime_forbid(Rt, atom_to_binary(Node, utf8)),
     case teleport_pools:take(Node) of
         {ok, Pool} ->
@@ -257,15 +271,21 @@ handle_info({nodedown, Node}, State0 = #{runtime := Rt}) ->
             ok
     end,
     {noreply, State};
-handle_info({teleport_pool_stale, PeerBin}, State) ->
+handle_info({teleport_pool_stale, PeerBin}, State = #{retrying := Retrying}) ->
     %% A pool's writer was refused where the peer's listener was (its teleport restarted on
     %% another port, or it no longer lets us in): find it again now, so that what is queued
-    %% goes out (or, if the peer's teleport is gone, is dropped and counted) even if nobody
-    %% sends any more. The name is one of our pools' peers, so its atom exists.
+    %% goes out even if nobody sends any more. Refused again while the peer is being looked
+    %% for again: the pool keeps queuing. The name is one of our pools' peers, so its atom
+    %% exists.
     Node = binary_to_existing_atom(PeerBin, utf8),
-    case teleport_pools:member(Node) of
-        true -> {noreply, discover(Node, none, State)};
-        false -> {noreply, State}
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} when is_map_key(Node, Retrying) ->
+            keep_queuing(Node, Pool),
+            {noreply, State};
+        {ok, _} ->
+            {noreply, discover(Node, none, State)};
+        _ ->
+            {noreply, State}
     end;
 handle_info(_Info, State) ->
     {noreply, State}.
@@ -297,11 +317,102 @@ discover(Node, From, State = #{discovery := Discovery, config := Config}) ->
     Ask = fun() -> teleport_discovery:ask(Node, Timeout) end,
     State#{discovery := teleport_discovery:find(Node, From, Ask, Discovery)}.
 
-%% Logs why `Node' cannot be reached, once per reason; a found node is forgotten.
--spec note_unreachable(node(), teleport_discovery:outcome(), state()) -> state().
-note_unreachable(Node, {ok, _, _, _}, State) ->
-    forget_unreachable(Node, State);
-note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
+%% Answers everyone who waited for `Node''s listener, and sees to its pool: a found
+%% listener gets a pool, or has the pool pointed at it. A stale pool whose peer is not
+%% found is looked for again a few times, its queue kept, before it is given up.
+-spec discovered(node(), teleport_discovery:outcome(), [gen_server:from()], state()) ->
+          state().
+discovered(Node, {ok, Ip, Port, _} = Found, Waiters, State0 = #{retrying := Retrying}) ->
+    case Retrying of
+        #{Node := {Failures, _}} ->
+            logger:notice("teleport: found ~ts's listener again at ~ts:~b after ~b failed "
+                          "attempts; what its pool queued goes out there",
+                          [Node, inet:ntoa(Ip), Port, Failures],
+                          #{domain => [teleport], peer => Node});
+        #{} ->
+            ok
+    end,
+    State = stop_retrying(Node, forget_unreachable(Node, State0)),
+    reply_all(Waiters, start_pool(Node, Found, State)),
+    State;
+discovered(Node, {error, Why}, Waiters, State) ->
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} ->
+            retry_or_give_up(Node, Pool, Why, Waiters, State);
+        _ ->
+            reply_all(Waiters, {error, nodedown}),
+            note_unreachable(Node, Why, State)
+    end.
+
+%% A stale pool's peer was not found (its teleport may be restarting, or gone while the
+%% node stays up): look again after a wait, the pool queuing meanwhile (callers get it
+%% back, and their sends queue), or, once the attempts are spent (see
+%% teleport_discovery:retry_delay/1), close the pool: what it queued is dropped and
+%% counted, and sends get {error, nodedown}.
+-spec retry_or_give_up(node(), teleport_nif:pool(), teleport_discovery:unreachable(),
+                       [gen_server:from()], state()) -> state().
+retry_or_give_up(Node, Pool, Why, Waiters, State = #{retrying := Retrying}) ->
+    Failures = case Retrying of
+                   #{Node := {F, _}} -> F + 1;
+                   #{} -> 1
+               end,
+    case teleport_discovery:retry_delay(Failures) of
+        {retry, Wait} ->
+            case Failures of
+                1 ->
+                    Waits = teleport_discovery:retry_waits(),
+                    logger:notice("teleport: cannot find ~ts's listener again: ~ts; its pool "
+                                  "keeps its queue while it is looked for again (~b times "
+                                  "over ~b ms)",
+                                  [Node, teleport_discovery:explain(Why), length(Waits),
+                                   lists:sum(Waits)],
+                                  #{domain => [teleport], peer => Node, reason => Why});
+                _ ->
+                    ok
+            end,
+            keep_queuing(Node, Pool),
+            Timer = erlang:start_timer(Wait, self(), {rediscover, Node}),
+            reply_all(Waiters, {ok, Pool}),
+            State#{retrying := Retrying#{Node => {Failures, Timer}}};
+        give_up ->
+            {ok, Pool} = teleport_pools:take(Node),
+            teleport_nif:pool_close(Pool),
+            logger:warning("teleport: gave up finding ~ts's listener after ~b attempts: ~ts; "
+                           "its pool is closed, what it queued is dropped (counted in "
+                           "stats/0 as dropped), and sends to it return {error, nodedown}",
+                           [Node, Failures, teleport_discovery:explain(Why)],
+                           #{domain => [teleport], peer => Node, reason => Why}),
+            reply_all(Waiters, {error, nodedown}),
+            #{unreachable := Seen} = State,
+            State#{retrying := maps:remove(Node, Retrying), unreachable := Seen#{Node => Why}}
+    end.
+
+%% Clears a stale pool's mark without moving it: pointed again where it already points, its
+%% connections keep waiting out their backoff (no busy loop against a peer that is away),
+%% and sends to it queue again instead of answering `closed'.
+-spec keep_queuing(node(), teleport_nif:pool()) -> ok.
+keep_queuing(Node, Pool) ->
+    {ok, {Ip, Port}} = teleport_pools:target(Node),
+    ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port).
+
+%% Ends `Node''s retry spell, if any.
+-spec stop_retrying(node(), state()) -> state().
+stop_retrying(Node, State = #{retrying := Retrying}) ->
+    case maps:take(Node, Retrying) of
+        {{_, Timer}, Retrying1} ->
+            _ = erlang:cancel_timer(Timer),
+            State#{retrying := Retrying1};
+        error ->
+            State
+    end.
+
+-spec reply_all([gen_server:from()], term()) -> ok.
+reply_all(Waiters, Reply) ->
+    lists:foreach(fun(W) -> gen_server:reply(W, Reply) end, Waiters).
+
+%% Logs why `Node' cannot be reached, once per reason.
+-spec note_unreachable(node(), teleport_discovery:unreachable(), state()) -> state().
+note_unreachable(Node, Why, State = #{unreachable := Seen}) ->
     case Seen of
         #{Node := Why} ->
             State;
@@ -316,27 +427,22 @@ note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
 forget_unreachable(Node, State = #{unreachable := Seen}) ->
     State#{unreachable := maps:remove(Node, Seen)}.
 
--spec start_pool(node(), teleport_discovery:found() | {error, nodedown}, state()) ->
+%% Points the pool to `Node' at its listener, or starts one.
+-spec start_pool(node(), teleport_discovery:found(), state()) ->
           {ok, teleport_nif:pool()} | {error, nodedown}.
-start_pool(Node, Found, State) ->
-    case {teleport_pools:lookup(Node), Found} of
-        {{ok, Pool}, {ok, Ip, Port, MaxFrame}} ->
+start_pool(Node, {ok, Ip, Port, MaxFrame} = Found, State) ->
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} ->
             allow(maps:get(runtime, State), Node),
             limit_frames(Pool, MaxFrame),
             ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port),
             ok = teleport_pools:retarget(Node, {Ip, Port}),
             {ok, Pool};
-        {{ok, Pool}, {error, nodedown}} ->
-            %% The peer's teleport is gone while its node may still be up: what waited for
-            %% it is dropped and counted.
-            {ok, Pool} = teleport_pools:take(Node),
-            teleport_nif:pool_close(Pool),
-            {error, nodedown};
-        {_, _} ->
+        _ ->
             new_pool(Node, Found, State)
     end.
 
--spec new_pool(node(), teleport_discovery:found() | {error, nodedown}, state()) ->
+-spec new_pool(node(), teleport_discovery:found(), state()) ->
           {ok, teleport_nif:pool()} | {error, nodedown}.
 new_pool(Node, {ok, Ip, Port, MaxFrame}, #{runtime := Rt, config := Config}) ->
     set_name(Rt),
@@ -357,9 +463,7 @@ new_pool(Node, {ok, Ip, Port, MaxFrame}, #{runtime := Rt, config := Config}) ->
                            [Node, inet:ntoa(Ip), Port, Reason],
                            #{domain => [teleport], peer => Node}),
             {error, nodedown}
-    end;
-new_pool(_Node, {error, nodedown}, _State) ->
-    {error, nodedown}.
+    end.
 
 %% Tells the pool the largest frame its peer reads, when the peer said.
 -spec limit_frames(teleport_nif:pool(), pos_integer() | undefined) -> ok.

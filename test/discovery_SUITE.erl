@@ -1,5 +1,7 @@
 %% Finding a peer's listener, between real nodes started with OTP's `peer' on this machine:
-%% a discovery worker that dies still has its callers answered.
+%% a discovery worker that dies still has its callers answered; a pool whose peer's teleport
+%% is briefly away keeps its queue while it is looked for again, and is closed (its queue
+%% dropped and counted) only when it stays away past the retries.
 %%
 %% The runner starts distribution if needed; every case starts fresh peers, and
 %% end_per_testcase stops them, even after a failure.
@@ -16,7 +18,9 @@ suite() ->
     [{timetrap, {seconds, 60}}].
 
 all() ->
-    [a_discovery_worker_that_dies_still_answers_every_caller].
+    [a_discovery_worker_that_dies_still_answers_every_caller,
+     a_teleport_restart_within_the_retries_delivers_everything_queued_in_order,
+     a_teleport_gone_past_the_retries_closes_the_pool_and_counts_what_it_dropped].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("discovery_ct_"),
@@ -85,7 +89,106 @@ silent_loop(Runner) ->
     end.
 
 %%--------------------------------------------------------------------------------------------
+%% A peer's teleport briefly away
+
+%% The peer's teleport application stops (its listener closes, and so do the runner's
+%% connections to it). Once none of the runner's connections is up, 200 messages are sent:
+%% every send returns ok (the pool keeps queuing while the peer is looked for again), and
+%% nothing is written into a socket the peer closed. The peer's teleport starts again, on
+%% another port, within the retries: every message arrives, in order, none dropped, and
+%% the log says the queue was kept and where the listener was found again.
+%%
+%% Fixed bug: the first stale notice re-discovered at once, found no teleport there, and
+%% closed the pool: what was queued was dropped, and sends meanwhile got {error, nodedown}.
+a_teleport_restart_within_the_retries_delivers_everything_queued_in_order(_Config) ->
+    teleport_test_util:restart_teleport([]),
+    {P, Node, Port0} = start_warm_peer(),
+    S0 = node_stats(Node),
+    capture_logs(),
+    ok = peer:call(P, application, stop, [teleport]),
+    ok = wait_until(fun() -> no_connection_up(Node) end, 10000),
+    N = 200,
+    Results = [teleport:send({coll, Node}, {seq, I}) || I <- lists:seq(1, N)],
+    ok = peer:call(P, teleport, start, []),
+    {ok, Port1} = peer:call(P, teleport_server, listen_port, []),
+    ct:pal("peer's teleport back on port ~b (was ~b); pool_info ~p",
+           [Port1, Port0, maps:get(Node, teleport_server:pool_info(), none)]),
+    ?assertEqual(lists:duplicate(N, ok), Results),
+    ?assertNotEqual(Port0, Port1),
+    Got = collected(P, N + 1, 20000),
+    ?assertEqual([warm_up | [{seq, I} || I <- lists:seq(1, N)]], Got),
+    Delta = delta(node_stats(Node), S0),
+    ct:pal("stats delta ~p", [Delta]),
+    ?assertEqual(0, maps:get(dropped, Delta)),
+    ?assertEqual(N, maps:get(msgs_out, Delta)),
+    %% The log says the queue was kept, then where the listener was found again.
+    Kept = wait_log(fun(T) -> string:find(T, "keeps its queue") =/= nomatch end),
+    Found = wait_log(fun(T) -> string:find(T, "listener again at") =/= nomatch end),
+    ct:pal("logged:~n~ts~n~ts", [Kept, Found]),
+    ?assertNotEqual(nomatch, string:find(Found, integer_to_list(Port1))),
+    ok.
+
+%% The same, but the peer's teleport stays away: the sends are accepted and queued while
+%% the pool is looked for again, then the pool is closed, what it queued is counted as
+%% dropped, the log says so, and sends get {error, nodedown}. Once the peer's teleport is
+%% back, a new pool delivers again.
+a_teleport_gone_past_the_retries_closes_the_pool_and_counts_what_it_dropped(_Config) ->
+    teleport_test_util:restart_teleport([]),
+    {P, Node, _Port0} = start_warm_peer(),
+    S0 = node_stats(Node),
+    {ok, Pool} = teleport_pools:lookup(Node),
+    ok = peer:call(P, application, stop, [teleport]),
+    ok = wait_until(fun() -> no_connection_up(Node) end, 10000),
+    capture_logs(),
+    N = 50,
+    Results = [teleport:send({coll, Node}, {seq, I}) || I <- lists:seq(1, N)],
+    ?assertEqual(lists:duplicate(N, ok), Results),
+    ok = wait_until(fun() -> teleport_pools:lookup(Node) =/= {ok, Pool} end, 30000),
+    Line = wait_log(fun(T) -> string:find(T, "gave up") =/= nomatch end),
+    ct:pal("logged: ~ts", [Line]),
+    ?assertNotEqual(nomatch, string:find(Line, atom_to_list(Node))),
+    ?assertNotEqual(nomatch, string:find(Line, "teleport is not running on")),
+    ?assertEqual(none, teleport_pools:lookup(Node)),
+    ok = wait_until(fun() -> maps:get(queued_bytes, node_stats(Node)) =:= 0 end, 5000),
+    Delta = delta(node_stats(Node), S0),
+    ct:pal("stats delta ~p", [Delta]),
+    ?assertEqual(N, maps:get(dropped, Delta)),
+    ?assertEqual(0, maps:get(msgs_out, Delta)),
+    ?assertEqual({error, nodedown}, teleport:send({coll, Node}, while_away)),
+    ok = peer:call(P, teleport, start, []),
+    ok = teleport:send({coll, Node}, back),
+    ?assertEqual([warm_up, back], collected(P, 2, 20000)),
+    ok.
+
+%%--------------------------------------------------------------------------------------------
 %% Helpers
+
+%% A peer with a collector registered as `coll', and the runner's pool to it up (one
+%% message delivered). Returns the peer, its node and its teleport's port.
+start_warm_peer() ->
+    {P, Node} = start_peer(#{setup => [{teleport_test_util, start_collector, [coll]}]}),
+    {ok, Port} = peer:call(P, teleport_server, listen_port, []),
+    ok = teleport:send({coll, Node}, warm_up),
+    [warm_up] = collected(P, 1, 10000),
+    {P, Node, Port}.
+
+%% What the collector on P got, once it has N messages (or after Timeout ms).
+collected(P, N, Timeout) ->
+    Got = fun() -> peer:call(P, teleport_test_util, ask, [coll]) end,
+    _ = wait_until(fun() -> length(Got()) >= N end, Timeout),
+    Got().
+
+no_connection_up(Node) ->
+    [C || C = #{state := up} <- maps:get(Node, teleport_server:pool_info(), [])] =:= [].
+
+node_stats(Node) ->
+    maps:get(Node, teleport:stats(), #{msgs_out => 0, dropped => 0, queued_bytes => 0}).
+
+delta(After, Before) ->
+    maps:map(fun(K, V) -> V - maps:get(K, Before, 0) end, After).
+
+wait_until(Fun, Timeout) ->
+    teleport_soak:wait_until(Fun, Timeout).
 
 start_peer(Opts) ->
     Name = peer:random_name(discovery),
