@@ -102,7 +102,7 @@ done(Ref, Reason, P = #{nodes := Nodes, refs := Refs}) ->
     end.
 
 %% @doc The worker's body (from {@link find/4}): exits with the answer of `Ask'. Exported
-%% for `spawn_monitor/3' and tests only.
+%% for `spawn_monitor/3' only.
 -spec worker(asker()) -> no_return().
 worker(Ask) ->
     exit(?ANSWER(Ask())).

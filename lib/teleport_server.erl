@@ -69,7 +69,8 @@ runtime() ->
 %% empty when teleport is not running.
 -spec pool_info() -> #{node() => [map()]}.
 pool_info() ->
-    maps:from_list([{Node, teleport_nif:pool_info(Pool)} || {Node, Pool} <- teleport_pools:all()]).
+    maps:from_list([{Node, teleport_nif:pool_info(Pool)}
+                    || {Node, Pool} <- teleport_pools:all()]).
 
 %% @doc The listener and its incoming connections (see `teleport:info/0'), with the socket
 %% options in force.

@@ -92,11 +92,12 @@ silent_loop(Runner) ->
 %% A peer's teleport briefly away
 
 %% The peer's teleport application stops (its listener closes, and so do the runner's
-%% connections to it). Once none of the runner's connections is up, 200 messages are sent:
-%% every send returns ok (the pool keeps queuing while the peer is looked for again), and
-%% nothing is written into a socket the peer closed. The peer's teleport starts again, on
-%% another port, within the retries: every message arrives, in order, none dropped, and
-%% the log says the queue was kept and where the listener was found again.
+%% connections to it). Once none of the runner's connections is up, 100 messages are sent
+%% (nothing is written into a socket the peer closed); once the log says the pool was
+%% refused, found no teleport behind it and keeps its queue, 100 more. Every send returns
+%% ok. The peer's teleport starts again, on another port, within the retries: every
+%% message arrives, in order, none dropped, and the log says where the listener was found
+%% again.
 %%
 %% Fixed bug: the first stale notice re-discovered at once, found no teleport there, and
 %% closed the pool: what was queued was dropped, and sends meanwhile got {error, nodedown}.
@@ -108,7 +109,12 @@ a_teleport_restart_within_the_retries_delivers_everything_queued_in_order(_Confi
     ok = peer:call(P, application, stop, [teleport]),
     ok = wait_until(fun() -> no_connection_up(Node) end, 10000),
     N = 200,
-    Results = [teleport:send({coll, Node}, {seq, I}) || I <- lists:seq(1, N)],
+    %% Half before the pool is refused and found to have no teleport behind it, half after
+    %% (while it is looked for again).
+    Before = [teleport:send({coll, Node}, {seq, I}) || I <- lists:seq(1, N div 2)],
+    Kept = wait_log(fun(T) -> string:find(T, "keeps its queue") =/= nomatch end),
+    After = [teleport:send({coll, Node}, {seq, I}) || I <- lists:seq(N div 2 + 1, N)],
+    Results = Before ++ After,
     ok = peer:call(P, teleport, start, []),
     {ok, Port1} = peer:call(P, teleport_server, listen_port, []),
     ct:pal("peer's teleport back on port ~b (was ~b); pool_info ~p",
@@ -121,17 +127,16 @@ a_teleport_restart_within_the_retries_delivers_everything_queued_in_order(_Confi
     ct:pal("stats delta ~p", [Delta]),
     ?assertEqual(0, maps:get(dropped, Delta)),
     ?assertEqual(N, maps:get(msgs_out, Delta)),
-    %% The log says the queue was kept, then where the listener was found again.
-    Kept = wait_log(fun(T) -> string:find(T, "keeps its queue") =/= nomatch end),
+    %% The log says where the listener was found again.
     Found = wait_log(fun(T) -> string:find(T, "listener again at") =/= nomatch end),
     ct:pal("logged:~n~ts~n~ts", [Kept, Found]),
     ?assertNotEqual(nomatch, string:find(Found, integer_to_list(Port1))),
     ok.
 
-%% The same, but the peer's teleport stays away: the sends are accepted and queued while
-%% the pool is looked for again, then the pool is closed, what it queued is counted as
-%% dropped, the log says so, and sends get {error, nodedown}. Once the peer's teleport is
-%% back, a new pool delivers again.
+%% The same, but the peer's teleport stays away: reconnect/2 and connect/1 get the same
+%% pool back, the sends are accepted and queued while the pool is looked for again, then
+%% the pool is closed, what it queued is counted as dropped, the log says so, and sends get
+%% {error, nodedown}. Once the peer's teleport is back, a new pool delivers again.
 a_teleport_gone_past_the_retries_closes_the_pool_and_counts_what_it_dropped(_Config) ->
     teleport_test_util:restart_teleport([]),
     {P, Node, _Port0} = start_warm_peer(),
@@ -140,6 +145,10 @@ a_teleport_gone_past_the_retries_closes_the_pool_and_counts_what_it_dropped(_Con
     ok = peer:call(P, application, stop, [teleport]),
     ok = wait_until(fun() -> no_connection_up(Node) end, 10000),
     capture_logs(),
+    %% Meanwhile a repair (what a send that got `closed' asks for) and a connect get the
+    %% same pool back, at once.
+    ?assertEqual({ok, Pool}, teleport_server:reconnect(Node, Pool)),
+    ?assertEqual({ok, Pool}, teleport_server:connect(Node)),
     N = 50,
     Results = [teleport:send({coll, Node}, {seq, I}) || I <- lists:seq(1, N)],
     ?assertEqual(lists:duplicate(N, ok), Results),

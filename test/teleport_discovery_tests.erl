@@ -60,7 +60,8 @@ every_reason_is_a_sentence_naming_the_node_test() ->
                                          "5000 ms")),
     ?assertNotEqual(nomatch, string:find(teleport_discovery:explain({crashed, N, boom}),
                                          "boom")),
-    [?assert(io_lib:char_list(teleport_discovery:explain(R))) || R <- [this_node, not_distributed]].
+    [?assert(io_lib:char_list(teleport_discovery:explain(R)))
+     || R <- [this_node, not_distributed]].
 
 %%--------------------------------------------------------------------------------------------
 %% Retry schedule
@@ -86,7 +87,10 @@ an_answer_goes_to_the_caller_that_waited_test() ->
 callers_for_a_node_share_one_worker_test() ->
     Self = self(),
     [F1, F2, F3] = [from() || _ <- [1, 2, 3]],
-    Blocked = fun() -> Self ! {asking, self()}, receive go -> {error, {no_teleport, 'n@h'}} end end,
+    Blocked = fun() ->
+                      Self ! {asking, self()},
+                      receive go -> {error, {no_teleport, 'n@h'}} end
+              end,
     Never = fun() -> error(a_second_worker_ran) end,
     P0 = teleport_discovery:find('n@h', F1, Blocked, teleport_discovery:new()),
     P1 = teleport_discovery:find('n@h', F2, Never, P0),
@@ -103,18 +107,20 @@ callers_for_a_node_share_one_worker_test() ->
 a_worker_that_exits_hands_back_its_callers_with_the_reason_test() ->
     [F1, F2] = [from(), from()],
     Exits = fun() -> exit(lost_the_plot) end,
-    P = teleport_discovery:find('n@h', F2, Exits,
-                                teleport_discovery:find('n@h', F1, Exits, teleport_discovery:new())),
+    P0 = teleport_discovery:find('n@h', F1, Exits, teleport_discovery:new()),
+    P = teleport_discovery:find('n@h', F2, Exits, P0),
     {'n@h', Outcome, Waiters, P1} = await_done(P),
     ?assertEqual({error, {crashed, 'n@h', lost_the_plot}}, Outcome),
     ?assertEqual(lists:sort([F1, F2]), lists:sort(Waiters)),
     ?assertNot(teleport_discovery:asking('n@h', P1)).
 
+%% (The VM prints its own error report for the uncaught error: that is expected.)
 a_worker_that_raises_hands_back_its_callers_with_the_error_test() ->
     From = from(),
-    P = teleport_discovery:find('n@h', From, fun() -> {ok, _} = file:read_file("/nonexistent/teleport") end,
-                                teleport_discovery:new()),
-    ?assertMatch({'n@h', {error, {crashed, 'n@h', {{badmatch, {error, enoent}}, [_ | _]}}}, [From], _},
+    Raises = fun() -> {ok, _} = file:read_file("/nonexistent/teleport") end,
+    P = teleport_discovery:find('n@h', From, Raises, teleport_discovery:new()),
+    ?assertMatch({'n@h', {error, {crashed, 'n@h', {{badmatch, {error, enoent}}, [_ | _]}}},
+                  [From], _},
                  await_done(P)).
 
 a_worker_killed_from_outside_hands_back_its_callers_test() ->
