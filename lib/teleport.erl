@@ -83,8 +83,6 @@
 -export_type([dest/0, send_option/0, reason/0, server_ref/0, info/0, conn_info/0,
               incoming_info/0, listener_info/0]).
 
-
--define(TABLE, teleport_pools).
 %% A blocked sender retries after 1, 2, 4, 8 ms, then every 8 ms.
 -define(MAX_BACKOFF, 8).
 
@@ -416,15 +414,16 @@ remote(Node, Dest, Key, Msg, Opts) ->
 -spec pool(node(), [send_option()]) ->
           {ok, teleport_nif:pool()} | noconnect | {error, nodedown | not_started}.
 pool(Node, Opts) ->
-    try ets:lookup(?TABLE, Node) of
-        [{_, Pool}] -> {ok, Pool};
-        [] ->
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} ->
+            {ok, Pool};
+        none ->
             case lists:member(noconnect, Opts) of
                 true -> noconnect;
                 false -> teleport_server:connect(Node)
-            end
-    catch
-        error:badarg -> {error, not_started}
+            end;
+        {error, not_started} = Error ->
+            Error
     end.
 
 -spec push(node(), teleport_nif:pool(), pid() | atom(), term(), term(), [send_option()],

@@ -415,7 +415,7 @@ disterl_disconnect(Buffers) ->
     %% With full buffers, three disconnects (each a race between R's old and new connections).
     Cycles = case Buffers of full_buffers -> 3; flowing -> 1 end,
     Timings = [begin
-                   [{R, OldPool}] = ets:lookup(teleport_pools, R),
+                   {ok, OldPool} = teleport_pools:lookup(R),
                    true = monitor_node(R, true),
                    Buffers =:= full_buffers andalso teleport_soak:stop_os_process(OsR),
                    Buffers =:= full_buffers andalso timer:sleep(300),
@@ -425,9 +425,9 @@ disterl_disconnect(Buffers) ->
                    T1 = wall_ms(),
                    teleport_soak:continue_os_process(OsR),
                    ok = wait_until(fun() ->
-                                           case ets:lookup(teleport_pools, R) of
-                                               [{R, P}] -> P =/= OldPool;
-                                               [] -> false
+                                           case teleport_pools:lookup(R) of
+                                               {ok, P} -> P =/= OldPool;
+                                               none -> false
                                            end
                                    end, 10000),
                    T2 = wall_ms(),
