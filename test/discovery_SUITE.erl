@@ -20,7 +20,8 @@ suite() ->
 all() ->
     [a_discovery_worker_that_dies_still_answers_every_caller,
      a_teleport_restart_within_the_retries_delivers_everything_queued_in_order,
-     a_teleport_gone_past_the_retries_closes_the_pool_and_counts_what_it_dropped].
+     a_teleport_gone_past_the_retries_closes_the_pool_and_counts_what_it_dropped,
+     a_cookie_fixed_at_runtime_heals_the_pool].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("discovery_ct_"),
@@ -168,6 +169,43 @@ a_teleport_gone_past_the_retries_closes_the_pool_and_counts_what_it_dropped(_Con
     ok = teleport:send({coll, Node}, back),
     ?assertEqual([warm_up, back], collected(P, 2, 20000)),
     ok.
+
+%%--------------------------------------------------------------------------------------------
+%% A cookie fixed at runtime
+
+%% An operator gives the runner a wrong cookie for P (erlang:set_cookie/2; disterl, already
+%% connected, keeps its connection): the runner's pool to P fails its handshakes, and what is
+%% sent meanwhile waits in the pool. The operator puts the right cookie back: the pool heals
+%% by itself, without a restart of anything, and every message sent arrives, in order.
+%%
+%% Fixed bug: the pool took the cookie once, when it was made, and kept proving that one;
+%% a wrong cookie fixed at runtime was never picked up, and the pool never healed. Now the
+%% cookie is read again at every repair of a refused pool (pool_retarget/4).
+a_cookie_fixed_at_runtime_heals_the_pool(_Config) ->
+    teleport_test_util:restart_teleport([]),
+    {P, Node} = start_peer(#{setup => [{teleport_test_util, start_collector, [coll]}]}),
+    Right = erlang:get_cookie(Node),
+    %% Disterl connects first, with the right cookie, and stays connected.
+    pong = net_adm:ping(Node),
+    true = erlang:set_cookie(Node, teleport_wrong_cookie),
+    try
+        [ok = teleport:send({coll, Node}, I) || I <- lists:seq(1, 50)],
+        ok = wait_until(fun() ->
+                                [C || C = #{last_error := E} <- pool(Node), is_binary(E)] =/= []
+                        end, 10000),
+        Errors = [E || #{last_error := E} <- pool(Node), is_binary(E)],
+        ct:pal("with the wrong cookie: ~p", [Errors]),
+        ?assertEqual([], collected(P, 1, 1000)),
+        true = erlang:set_cookie(Node, Right),
+        [ok = teleport:send({coll, Node}, I) || I <- lists:seq(51, 60)],
+        ?assertEqual(lists:seq(1, 60), collected(P, 60, 15000))
+    after
+        erlang:set_cookie(Node, Right)
+    end,
+    ok.
+
+pool(Node) ->
+    maps:get(Node, teleport_server:pool_info(), []).
 
 %%--------------------------------------------------------------------------------------------
 %% Helpers

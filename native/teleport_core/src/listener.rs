@@ -914,4 +914,41 @@ mod tests {
         // It counts as delivered: sent again, it would only fail again.
         assert_eq!(progress.delivered(), 1);
     }
+
+    #[test]
+    fn a_lanes_new_connection_is_answered_once_the_old_reader_is_done() {
+        use crate::handshake::dial;
+        use crate::testing::listener;
+        use std::io::Write;
+        use std::net::TcpStream;
+        let (l, acceptor, rx) = listener(crate::sockopts::SocketOpts::default());
+        let addr = l.local_addr();
+        let connect = move |session| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let welcome = dial(&mut s, b"a@h", b"b@h", b"c", 0, session).map(|w| w.delivered);
+            (s, welcome)
+        };
+        // The first connection of lane 0 delivers frame 1, and its reader is stuck there.
+        let (mut first, welcome) = connect(7);
+        assert_eq!(welcome.unwrap(), 0);
+        acceptor.gate.shut();
+        first.write_all(&stream_of(&[1], &[3])).unwrap();
+        // The lane's next connection shakes hands meanwhile: it gets no OK while a reader of
+        // the lane is still delivering (what the lane delivered is not known yet).
+        let (tx, answered) = std::sync::mpsc::channel();
+        let second = std::thread::spawn(move || {
+            let (s, welcome) = connect(7);
+            tx.send(welcome.unwrap()).unwrap();
+            s
+        });
+        assert!(answered.recv_timeout(Duration::from_millis(300)).is_err());
+        // The old reader delivers, its connection ends: the new one is told frame 1 arrived.
+        acceptor.gate.open();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().1.len(), 3);
+        drop(first);
+        assert_eq!(answered.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        drop(second.join().unwrap());
+        l.close();
+    }
 }

@@ -512,7 +512,8 @@ mod tests {
         let acceptor = Arc::new(TestAcceptor {
             me: b"b@h".to_vec(),
             peers: Peers::default(),
-            tx: Mutex::new(tx),
+            tx: parking_lot::Mutex::new(tx),
+            gate: Arc::default(),
         });
         let cfg = ListenConfig {
             max_frame_bytes: 1 << 20,

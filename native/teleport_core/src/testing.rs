@@ -10,7 +10,7 @@ use crate::peers::Peers;
 use crate::pool::Pool;
 use crate::sockopts::SocketOpts;
 use crate::stats::PeerStats;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -38,8 +38,35 @@ pub fn payload(body: &[u8]) -> Result<(u64, Vec<u8>), String> {
     Ok((f.seq, f.term[1..].to_vec()))
 }
 
+/// Holds deliveries back while shut: a reader stuck delivering.
+#[derive(Default)]
+pub struct Gate {
+    shut: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    /// From now on, deliveries wait.
+    pub fn shut(&self) {
+        *self.shut.lock() = true;
+    }
+
+    /// Lets them go.
+    pub fn open(&self) {
+        *self.shut.lock() = false;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut shut = self.shut.lock();
+        while *shut {
+            self.opened.wait(&mut shut);
+        }
+    }
+}
+
 /// Frames arrive here, as (peer, payload); a payload `poison` is refused.
-pub struct ToChannel(Vec<u8>, Sender<(Vec<u8>, Vec<u8>)>);
+pub struct ToChannel(Vec<u8>, Sender<(Vec<u8>, Vec<u8>)>, Arc<Gate>);
 
 impl Sink for ToChannel {
     type Buf = Vec<u8>;
@@ -47,6 +74,7 @@ impl Sink for ToChannel {
         Some(vec![0; len])
     }
     fn frame(&mut self, body: &[u8]) -> Result<(), String> {
+        self.2.pass();
         let (_, body) = payload(body)?;
         if body == b"poison" {
             return Err("poisoned".into());
@@ -67,6 +95,8 @@ pub struct TestAcceptor {
     pub peers: Peers,
     /// Where its sinks send.
     pub tx: Mutex<Sender<(Vec<u8>, Vec<u8>)>>,
+    /// What its sinks pass before delivering.
+    pub gate: Arc<Gate>,
 }
 
 impl Acceptor for TestAcceptor {
@@ -81,7 +111,7 @@ impl Acceptor for TestAcceptor {
         self.peers.stats(peer)
     }
     fn sink(&self, peer: &[u8]) -> ToChannel {
-        ToChannel(peer.to_vec(), self.tx.lock().clone())
+        ToChannel(peer.to_vec(), self.tx.lock().clone(), self.gate.clone())
     }
 }
 
@@ -95,6 +125,7 @@ pub fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals
         me: b"b@h".to_vec(),
         peers: Peers::default(),
         tx: Mutex::new(tx),
+        gate: Arc::default(),
     });
     acceptor.peers.allow(b"a@h", b"c");
     let cfg = ListenConfig {
