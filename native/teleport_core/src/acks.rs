@@ -80,9 +80,10 @@ impl Acker {
         self.owed_since.get_or_insert(now);
     }
 
-    /// Whether some delivered frame is not acknowledged yet.
+    /// Whether some delivered frame is not acknowledged yet, or an ACK is only partly out:
+    /// either way the reader must come back to it, even if no other frame arrives.
     pub fn owed(&self) -> bool {
-        self.owed_since.is_some()
+        self.owed_since.is_some() || self.tail.is_some()
     }
 
     /// Whether an ack should go out now.
@@ -103,11 +104,15 @@ impl Acker {
         self.frames = 0;
         self.bytes = 0;
         if let Some((rest, at)) = self.tail.take() {
+            // Kept until it is out whole, through errors too: anything written after a cut
+            // ACK would be read as its rest.
+            self.tail = Some((rest, at));
             let n = out.try_write(&rest[at..])?;
             if at + n < ACK_LEN {
                 self.tail = Some((rest, at + n));
                 return Ok(());
             }
+            self.tail = None;
         }
         let ack = encode(upto);
         let n = out.try_write(&ack)?;
@@ -212,10 +217,11 @@ mod tests {
         let mut a = Acker::new();
         a.delivered(1, Instant::now());
         a.flush(&mut out, 5).unwrap();
-        assert!(!a.owed());
-        // Nothing fits: the tail waits, and no new ack starts in the middle of it.
-        a.delivered(1, Instant::now());
-        a.flush(&mut out, 6).unwrap();
+        // Nothing fits: the tail waits, and no new ack starts in the middle of it. Something
+        // is still owed, so the reader comes back to it even if no frame arrives.
+        assert!(a.owed());
+        a.flush(&mut out, 5).unwrap();
+        assert!(a.owed());
         assert_eq!(out.got.len(), 4);
         out.room = 100;
         a.delivered(1, Instant::now());

@@ -105,6 +105,9 @@ pub enum SendError {
     /// The frame is larger than the peer reads (its `max_frame_bytes`): it would only close
     /// the connection.
     TooLarge(OutFrame),
+    /// The pool is stale: the peer refused it where it thought the peer listens. Its owner
+    /// must find the listener again (see [`crate::pool::Pool::send`]).
+    Stale(OutFrame),
 }
 
 /// What the connection is doing, for `teleport:info/0` and logs.
@@ -488,6 +491,12 @@ impl Conn {
                     ))
                 }
                 Ok(n) => match st.acks.feed(&buf[..n]) {
+                    Ok(Some(seq)) if seq >= st.next_seq => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("the peer acknowledged frame {seq}, never sent"),
+                        ))
+                    }
                     Ok(Some(seq)) => self.on_ack(st, seq),
                     Ok(None) => {}
                     Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),

@@ -2,7 +2,8 @@
 //! by hashing its (sender, destination) pair, so one pair always uses one connection (order
 //! kept) while different pairs spread over the pool.
 
-use crate::conn::{Conn, ConnInfo, PeerConfig};
+use crate::conn::{Conn, ConnInfo, PeerConfig, SendError};
+use crate::out_frame::OutFrame;
 use crate::stats::PeerStats;
 use parking_lot::Mutex;
 use std::io;
@@ -168,6 +169,16 @@ impl Pool {
         }
     }
 
+    /// Hands `frame` to the connection of a (sender, destination) hash. A stale pool (its
+    /// peer refused us where we thought it listens) takes nothing: [`SendError::Stale`],
+    /// so that the caller has the owner find the listener again first.
+    pub fn send(&self, pair_hash: u64, frame: OutFrame) -> Result<(), SendError> {
+        if self.is_stale() {
+            return Err(SendError::Stale(frame));
+        }
+        self.conn(pair_hash).send(frame)
+    }
+
     /// The connection for a (sender, destination) hash.
     #[inline]
     pub fn conn(&self, pair_hash: u64) -> &Conn {
@@ -212,7 +223,7 @@ impl Drop for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::{SendError, Status};
+    use crate::conn::Status;
     use crate::listener::{ListenConfig, Listener};
     use crate::peers::Peers;
     use crate::sockopts::{Keepalive, SocketOpts};

@@ -1,7 +1,7 @@
 //! Helpers shared by the core's tests: a listener that collects what arrives, pools and
 //! connections to it, frames to send, and a patient wait.
 
-use crate::conn::{PeerConfig, SendError};
+use crate::conn::PeerConfig;
 use crate::etf;
 use crate::frame::{self, Draft, Kind};
 use crate::listener::{Acceptor, ListenConfig, Listener, Sink};
@@ -175,12 +175,9 @@ pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Sends a frame of `payload` on the pool's connection for `hash`; it must be taken.
+/// Sends a frame of `payload` through the pool, for `hash`; it must be taken.
 pub fn send(pool: &Pool, hash: u64, payload: &[u8]) {
-    match pool.conn(hash).send(frame(payload)) {
-        Ok(()) => {}
-        Err(SendError::Busy(_)) => panic!("busy"),
-        Err(SendError::Closed(_)) => panic!("closed"),
-        Err(SendError::TooLarge(_)) => panic!("too large"),
+    if let Err(e) = pool.send(hash, frame(payload)) {
+        panic!("not taken: {e:?}")
     }
 }

@@ -247,9 +247,6 @@ unsafe fn send(
     msg: Term,
     budget: Option<usize>,
 ) -> NifResult<Result<(Atom, usize), OverBudget>> {
-    if pool.pool.is_stale() {
-        return Ok(Ok((atoms::closed(), 0)));
-    }
     let (frame, work) = match encode_frame(env, dest, msg, budget)? {
         Ok(Some(done)) => done,
         Ok(None) => return Ok(Ok((atoms::too_large(), 0))),
@@ -259,12 +256,13 @@ unsafe fn send(
     Ok(Ok((enqueue(pool, hash, frame), work)))
 }
 
-/// Hands a frame to one connection of the pool.
+/// Hands a frame to the pool, as `ok | busy | closed | too_large` (a stale pool is `closed`
+/// to the caller, which has teleport_server repair it).
 fn enqueue(pool: &PoolRes, hash: u64, frame: OutFrame) -> Atom {
-    match pool.pool.conn(hash).send(frame) {
+    match pool.pool.send(hash, frame) {
         Ok(()) => atoms::ok(),
         Err(SendError::Busy(_)) => atoms::busy(),
-        Err(SendError::Closed(_)) => atoms::closed(),
+        Err(SendError::Closed(_) | SendError::Stale(_)) => atoms::closed(),
         Err(SendError::TooLarge(_)) => atoms::too_large(),
     }
 }
@@ -350,13 +348,7 @@ unsafe fn send_many(
     let hash = pair_hash(env.as_c_arg(), name.as_c_arg());
     let results = pools
         .iter()
-        .map(|pool| {
-            if pool.pool.is_stale() {
-                atoms::closed()
-            } else {
-                enqueue(pool, hash, frame.duplicate())
-            }
-        })
+        .map(|pool| enqueue(pool, hash, frame.duplicate()))
         .collect();
     Ok(Ok((results, work)))
 }
