@@ -1121,6 +1121,43 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_small_senders_share_writes_and_keep_their_order() {
+        // Eight threads on one lane: whoever finds it idle writes, and takes what the others
+        // queued meanwhile (combining); partial writes go on in the writer thread.
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let (pool, stats) = one_slot(config(b"c", SocketOpts::default()), l.local_addr());
+        let pool = Arc::new(pool);
+        let (threads, each) = (8u32, 2_000u32);
+        let senders: Vec<_> = (0..threads)
+            .map(|t| {
+                let pool = pool.clone();
+                thread::spawn(move || {
+                    for i in 0..each {
+                        send_waiting(pool.conn(0), frame(&numbered(t << 16 | i, 50)));
+                    }
+                })
+            })
+            .collect();
+        let got = collect(&rx, (threads * each) as usize, || {
+            format!("{:?}", pool.info())
+        });
+        senders.into_iter().for_each(|s| s.join().unwrap());
+        let mut next = vec![0u32; threads as usize];
+        for p in &got {
+            let id = id_of(p);
+            let (t, i) = ((id >> 16) as usize, id & 0xFFFF);
+            assert_eq!(i, next[t], "thread {t} out of order");
+            next[t] += 1;
+        }
+        wait_for("every ack", || {
+            stats.snapshot().acked == (threads * each) as u64
+        });
+        assert_eq!(stats.snapshot().queued_bytes, 0);
+        pool.close();
+        l.close();
+    }
+
+    #[test]
     fn a_peer_that_stops_acknowledging_makes_the_lane_busy() {
         // A peer that shakes hands, then reads everything and acknowledges nothing.
         let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
