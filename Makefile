@@ -108,6 +108,8 @@ clean:
 ## x SOAK_MSGS (default 200000) messages of 100 B..1 MB, mostly small, spread over 4 receivers
 ## on a third node, full rounds repeated until SOAK_MINUTES (default 2) have passed; every
 ## node's VmRSS sampled every SOAK_SAMPLE_MS (default 3000) and checked flat after warm-up.
+## SOAK_KILL_EVERY_S (default 0: never; needs root) destroys the receiver's teleport sockets
+## with `ss -K' that often, alternately from either end: still no loss, no duplicate.
 ## Prints each round, the totals and the RSS samples; fails on any loss or growth.
 .PHONY: soak
 soak: nif

@@ -11,10 +11,14 @@
 %% pair always uses the same connection); casts and calls from one process to one server
 %% stay in order too. A message to `{Name, Node}' and one to the pid registered as `Name'
 %% are two destinations and may overtake each other.</li>
-%% <li>Delivery: while both nodes stay up and connected, nothing is lost. When a connection
-%% fails, the frame it was writing is lost; frames still queued go out on the next
-%% connection. When the node goes down, what was queued for it is dropped and counted in
-%% `stats/0' (`dropped').</li>
+%% <li>Delivery: while both nodes and their teleport applications stay up, nothing is lost,
+%% duplicated or reordered, even when connections die: the receiver acknowledges what it
+%% delivered, the sender keeps every message until then and, on the next connection, sends
+%% again from the first one the receiver did not deliver (which it drops if it had it
+%% after all). Messages are lost only when the node goes down (what the pool held is
+%% dropped and counted in `stats/0', `dropped', and `nodedown' tells), or when the
+%% receiving node's teleport restarts: the messages written to its old incarnation and not
+%% acknowledged are dropped and counted (`dropped'), never delivered twice.</li>
 %% <li>Destinations that do not exist drop the message silently, as with `!'.</li>
 %% <li>Peers prove they hold the same cookie as for distributed Erlang before anything they
 %% send is decoded.</li>
@@ -44,6 +48,9 @@
           local_addr := address() | undefined,
           queued_bytes := non_neg_integer(),
           frames_in_queue := non_neg_integer(),
+          unacked_frames := non_neg_integer(),
+          unacked_bytes := non_neg_integer(),
+          last_acked := non_neg_integer(),
           msgs_out := non_neg_integer(),
           bytes_out := non_neg_integer(),
           last_error := binary() | undefined,
@@ -76,8 +83,6 @@
 -export_type([dest/0, send_option/0, reason/0, server_ref/0, info/0, conn_info/0,
               incoming_info/0, listener_info/0]).
 
-
--define(TABLE, teleport_pools).
 %% A blocked sender retries after 1, 2, 4, 8 ms, then every 8 ms.
 -define(MAX_BACKOFF, 8).
 
@@ -312,8 +317,9 @@ send_many(Pools, Name, Msg) ->
             Results
     end.
 
-%% @doc Counters per peer node: messages and bytes each way, bytes queued, messages
-%% dropped, reconnections and connections up.
+%% @doc Counters per peer node: messages and bytes each way, bytes held (`queued_bytes':
+%% queued, or written and not yet acknowledged), messages dropped, messages resent after a
+%% connection died (`resent'), reconnections and connections up.
 -spec stats() -> #{node() => #{atom() => non_neg_integer()}}.
 stats() ->
     case teleport_server:runtime() of
@@ -339,6 +345,7 @@ stats() ->
 %%   'b@host' => [#{index => 0, state => up,
 %%                  peer_addr => {{127,0,0,1}, 38511}, local_addr => {{127,0,0,1}, 52816},
 %%                  queued_bytes => 0, frames_in_queue => 0,
+%%                  unacked_frames => 0, unacked_bytes => 0, last_acked => 7,
 %%                  msgs_out => 7, bytes_out => 1840, last_error => undefined,
 %%                  connected_since => 1767225600120, reconnects => 0,
 %%                  sndbuf => 2626560, recbuf => 131072},
@@ -351,8 +358,12 @@ stats() ->
 %% (TCP connect and handshake), `up', or `closed' (the pool was torn down); `peer_addr' the
 %% peer's address (its listener's when not up); `local_addr' this end, `undefined' when not
 %% up; `queued_bytes' and `frames_in_queue' what waits to be written (frames the writer is
-%% writing count in the bytes only); `msgs_out' and `bytes_out' what this slot wrote over
-%% all its connections, frame headers included; `last_error' what went wrong last, as text
+%% writing count in the bytes only); `unacked_frames' and `unacked_bytes' what was written
+%% and waits for the peer's acknowledgement (kept to be sent again if the connection dies;
+%% it counts against `max_queue_bytes' with the queue), `last_acked' the sequence number of
+%% the last message the peer acknowledged on this slot; `msgs_out' and `bytes_out' what
+%% this slot wrote over all its connections, frame headers included (a resent message
+%% once); `last_error' what went wrong last, as text
 %% (connecting, the handshake, or a write), else `undefined'; `connected_since' when the
 %% current connection came up, in `erlang:system_time(millisecond)' units
 %% (`calendar:system_time_to_rfc3339(T, [{unit, millisecond}])' prints it), `undefined'
@@ -403,15 +414,16 @@ remote(Node, Dest, Key, Msg, Opts) ->
 -spec pool(node(), [send_option()]) ->
           {ok, teleport_nif:pool()} | noconnect | {error, nodedown | not_started}.
 pool(Node, Opts) ->
-    try ets:lookup(?TABLE, Node) of
-        [{_, Pool}] -> {ok, Pool};
-        [] ->
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} ->
+            {ok, Pool};
+        none ->
             case lists:member(noconnect, Opts) of
                 true -> noconnect;
                 false -> teleport_server:connect(Node)
-            end
-    catch
-        error:badarg -> {error, not_started}
+            end;
+        {error, not_started} = Error ->
+            Error
     end.
 
 -spec push(node(), teleport_nif:pool(), pid() | atom(), term(), term(), [send_option()],

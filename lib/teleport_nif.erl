@@ -8,7 +8,7 @@
 -export([runtime_start/6, runtime_set_name/2, runtime_stop/1, runtime_port/1, runtime_allow/3,
          runtime_forbid/2, runtime_stats/1, runtime_info/1]).
 -export([pool_start/8, pool_send/4, pool_send_dirty/4, pool_send_many/3, pool_send_many_dirty/3,
-         pool_retarget/3, pool_limit_frames/2, pool_close/1, pool_info/1]).
+         pool_retarget/4, pool_limit_frames/2, pool_close/1, pool_info/1]).
 -export([diag_panic/0]).
 
 -export_type([runtime/0, pool/0]).
@@ -133,9 +133,11 @@ pool_send_many(_Pools, _Name, _Msg) -> ?NOT_LOADED.
           {[ok | busy | closed | too_large], non_neg_integer()}.
 pool_send_many_dirty(_Pools, _Name, _Msg) -> ?NOT_LOADED.
 
-%% @doc Points the pool at `Ip:Port', where its peer listens now; queued messages go there.
--spec pool_retarget(pool(), binary(), inet:port_number()) -> ok | {error, {bad_ip, binary()}}.
-pool_retarget(_Pool, _Ip, _Port) -> ?NOT_LOADED.
+%% @doc Points the pool at `Ip:Port', where its peer listens now, proving `Cookie' (the one
+%% shared with the peer now); what the pool holds goes there.
+-spec pool_retarget(pool(), binary(), inet:port_number(), binary()) ->
+          ok | {error, {bad_ip, binary()}}.
+pool_retarget(_Pool, _Ip, _Port, _Cookie) -> ?NOT_LOADED.
 
 %% @doc Tells the pool the largest frame body its peer reads (its `max_frame_bytes'), so
 %% that larger messages are refused with `too_large' before a handshake says it again.

@@ -4,15 +4,23 @@
 %% Pools are created here and only here, one at a time per node, so 200 processes sending
 %% their first message to a fresh node at the same instant get the same pool: the first
 %% `connect/1' starts finding the peer's listener and the others wait for its result. The
-%% table is read directly by senders; only this process writes it.
+%% table (`teleport_pools') is read directly by senders; only this process writes it.
 %%
-%% Peers find each other over distributed Erlang: `connect/1' asks the peer's
-%% `teleport_server' for its listener, and that request is what allows the asking node to
-%% connect in (with the cookie `erlang:get_cookie(Node)' gives for it).
+%% Peers find each other over distributed Erlang (`teleport_discovery', in a monitored
+%% worker): `connect/1' asks the peer's `teleport_server' for its listener, and that request
+%% is what allows the asking node to connect in (with the cookie `erlang:get_cookie(Node)'
+%% gives for it).
 %%
 %% When a peer cannot be found, callers get `{error, nodedown}' and the reason is logged
 %% once (until it changes, or the node goes up or down): not reachable over distributed
-%% Erlang, no teleport running there, no answer in time, or no address to reach it at.
+%% Erlang, no teleport running there, no answer in time, no address to reach it at, or the
+%% worker asking died.
+%%
+%% A pool whose peer refuses it (stale: the peer's teleport restarted, maybe on another
+%% port) is pointed at where the peer listens now. While the peer's teleport is away and
+%% its node up, the pool keeps its queue, sends to it keep queuing, and the listener is
+%% looked for again a few times with backoff (`teleport_discovery:retry_delay/1'); only
+%% then is the pool closed, its queue dropped and counted.
 -module(teleport_server).
 -behaviour(gen_server).
 
@@ -20,22 +28,15 @@
          listener_info/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
--define(TABLE, teleport_pools).
-
 -type state() :: #{runtime := teleport_nif:runtime(),
                    config := teleport_config:config(),
-                   pending := #{node() => [gen_server:from()]},
+                   %% The nodes whose listener is being looked for, and who waits.
+                   discovery := teleport_discovery:pending(),
                    %% Why each node could not be found, as last logged.
-                   unreachable := #{node() => unreachable()}}.
-
-%% Why a peer's listener could not be found.
--type unreachable() :: this_node | not_distributed | {no_dist_connection, node()}
-                     | {no_teleport, node()} | {no_answer, node(), timeout()}
-                     | {call_failed, node(), term()} | {no_address, node(), string()}.
-
-%% Where a peer's listener is, and the largest frame it reads (`undefined' if it did not
-%% say; every handshake says it again).
--type found() :: {ok, inet:ip_address(), inet:port_number(), pos_integer() | undefined}.
+                   unreachable := #{node() => teleport_discovery:unreachable()},
+                   %% Stale pools whose peer was not found again yet: failed attempts in a
+                   %% row, and the timer of the next one.
+                   retrying := #{node() => {pos_integer(), reference()}}}.
 
 %% @doc Starts the server (from `teleport_sup').
 -spec start_link() -> {ok, pid()} | {error, term()}.
@@ -68,11 +69,8 @@ runtime() ->
 %% empty when teleport is not running.
 -spec pool_info() -> #{node() => [map()]}.
 pool_info() ->
-    try ets:tab2list(?TABLE) of
-        Pools -> maps:from_list([{Node, teleport_nif:pool_info(Pool)} || {Node, Pool} <- Pools])
-    catch
-        error:badarg -> #{}
-    end.
+    maps:from_list([{Node, teleport_nif:pool_info(Pool)}
+                    || {Node, Pool} <- teleport_pools:all()]).
 
 %% @doc The listener and its incoming connections (see `teleport:info/0'), with the socket
 %% options in force.
@@ -176,7 +174,7 @@ start_runtime(Config) ->
     case teleport_nif:runtime_start(Me, ip_text(Ip), Port, MaxFrame, HandshakeTimeout,
                                     nif_socket_opts(SockOpts)) of
         {ok, Rt} ->
-            _ = ets:new(?TABLE, [named_table, protected, set, {read_concurrency, true}]),
+            ok = teleport_pools:new(),
             persistent_term:put({?MODULE, runtime}, Rt),
             persistent_term:put({?MODULE, socket_opts}, SockOpts),
             ok = net_kernel:monitor_nodes(true),
@@ -184,7 +182,8 @@ start_runtime(Config) ->
             logger:info("teleport listening on ~ts:~b",
                         [inet:ntoa(Ip), teleport_nif:runtime_port(Rt)],
                         #{domain => [teleport]}),
-            {ok, #{runtime => Rt, config => Config, pending => #{}, unreachable => #{}}};
+            {ok, #{runtime => Rt, config => Config, discovery => teleport_discovery:new(),
+                   unreachable => #{}, retrying => #{}}};
         {error, {socket_opt, Option, Reason}} ->
             {stop, {socket_opt_refused, Option, maps:get(Option, SockOpts, undefined), Reason}};
         {error, Reason} ->
@@ -201,14 +200,19 @@ nif_socket_opts(Opts) -> Opts.
 -spec handle_call(term(), gen_server:from(), state()) ->
           {reply, term(), state()} | {noreply, state()}.
 handle_call({connect, Node}, From, State) ->
-    case ets:lookup(?TABLE, Node) of
-        [{_, Pool}] -> {reply, {ok, Pool}, State};
-        [] -> {noreply, discover(Node, From, State)}
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} -> {reply, {ok, Pool}, State};
+        _ -> {noreply, discover(Node, From, State)}
     end;
-handle_call({reconnect, Node, Old}, From, State) ->
-    case ets:lookup(?TABLE, Node) of
-        [{_, Newer}] when Newer =/= Old ->
+handle_call({reconnect, Node, Old}, From, State = #{retrying := Retrying}) ->
+    case teleport_pools:lookup(Node) of
+        {ok, Newer} when Newer =/= Old ->
             {reply, {ok, Newer}, State};
+        {ok, Pool} when is_map_key(Node, Retrying) ->
+            %% The peer's teleport is away and will be looked for again shortly: the send
+            %% that got `closed' queues behind the others instead of waiting for that.
+            keep_queuing(Node, Pool),
+            {reply, {ok, Pool}, State};
         _ ->
             %% Find the listener again; the pool in the table, if any, is re-pointed.
             {noreply, discover(Node, From, State)}
@@ -232,48 +236,57 @@ handle_cast(_Msg, State) ->
 
 %% @private
 -spec handle_info(term(), state()) -> {noreply, state()}.
-handle_info({discovered, Node, Result}, State = #{pending := Pending}) ->
-    {Waiters, Pending1} = case maps:take(Node, Pending) of
-                              error -> {[], Pending};
-                              Found -> Found
-                          end,
-    State1 = note_unreachable(Node, Result, State),
-    Found1 = case Result of
-                 {ok, _, _, _} -> Result;
-                 {error, _} -> {error, nodedown}
-             end,
-    Reply = start_pool(Node, Found1, State1),
-    _ = [gen_server:reply(W, Reply) || W <- Waiters],
-    {noreply, State1#{pending := Pending1}};
+handle_info({'DOWN', Ref, process, _, Reason}, State = #{discovery := Discovery}) ->
+    %% A discovery worker is done (answered, crashed or killed): everyone waiting for that
+    %% node is answered now, a crash included ({error, nodedown}, the reason logged).
+    case teleport_discovery:done(Ref, Reason, Discovery) of
+        {Node, Outcome, Waiters, Discovery1} ->
+            {noreply, discovered(Node, Outcome, Waiters, State#{discovery := Discovery1})};
+        unknown ->
+            {noreply, State}
+    end;
+handle_info({timeout, Timer, {rediscover, Node}}, State = #{retrying := Retrying}) ->
+    %% Time to look again for a stale pool's peer (a timer of a spell that ended since,
+    %% found or given up, is ignored).
+    case Retrying of
+        #{Node := {_, Timer}} -> {noreply, discover(Node, none, State)};
+        #{} -> {noreply, State}
+    end;
 handle_info({nodeup, Node}, State = #{config := #{eager_connect := true}}) ->
     State1 = forget_unreachable(Node, State),
-    case ets:member(?TABLE, Node) of
+    case teleport_pools:member(Node) of
         true -> {noreply, State1};
         false -> {noreply, discover(Node, none, State1)}
     end;
 handle_info({nodeup, Node}, State) ->
     {noreply, forget_unreachable(Node, State)};
 handle_info({nodedown, Node}, State0 = #{runtime := Rt}) ->
-    State = forget_unreachable(Node, State0),
+    State = stop_retrying(Node, forget_unreachable(Node, State0)),
     teleport_nif:runtime_forbid(Rt, atom_to_binary(Node, utf8)),
-    case ets:take(?TABLE, Node) of
-        [{_, Pool}] ->
+    case teleport_pools:take(Node) of
+        {ok, Pool} ->
             logger:info("teleport: ~ts is down, its pool is closed", [Node],
                         #{domain => [teleport], peer => Node}),
             teleport_nif:pool_close(Pool);
-        [] ->
+        none ->
             ok
     end,
     {noreply, State};
-handle_info({teleport_pool_stale, PeerBin}, State) ->
+handle_info({teleport_pool_stale, PeerBin}, State = #{retrying := Retrying}) ->
     %% A pool's writer was refused where the peer's listener was (its teleport restarted on
     %% another port, or it no longer lets us in): find it again now, so that what is queued
-    %% goes out (or, if the peer's teleport is gone, is dropped and counted) even if nobody
-    %% sends any more. The name is one of our pools' peers, so its atom exists.
+    %% goes out even if nobody sends any more. Refused again while the peer is being looked
+    %% for again: the pool keeps queuing. The name is one of our pools' peers, so its atom
+    %% exists.
     Node = binary_to_existing_atom(PeerBin, utf8),
-    case ets:member(?TABLE, Node) of
-        true -> {noreply, discover(Node, none, State)};
-        false -> {noreply, State}
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} when is_map_key(Node, Retrying) ->
+            keep_queuing(Node, Pool),
+            {noreply, State};
+        {ok, _} ->
+            {noreply, discover(Node, none, State)};
+        _ ->
+            {noreply, State}
     end;
 handle_info(_Info, State) ->
     {noreply, State}.
@@ -281,7 +294,7 @@ handle_info(_Info, State) ->
 %% @private
 -spec terminate(term(), state()) -> ok.
 terminate(_Reason, #{runtime := Rt}) ->
-    [teleport_nif:pool_close(Pool) || {_, Pool} <- ets:tab2list(?TABLE)],
+    [teleport_nif:pool_close(Pool) || {_, Pool} <- teleport_pools:all()],
     teleport_nif:runtime_stop(Rt),
     _ = persistent_term:erase({?MODULE, runtime}),
     _ = persistent_term:erase({?MODULE, socket_opts}),
@@ -300,29 +313,113 @@ log_to_default_handler(true) ->
 
 %% Starts finding `Node''s listener unless that is under way; `From' waits for the pool.
 -spec discover(node(), gen_server:from() | none, state()) -> state().
-discover(Node, From, State = #{pending := Pending, config := Config}) ->
-    Waiters = [From || From =/= none],
-    case Pending of
-        #{Node := Others} ->
-            State#{pending := Pending#{Node := Waiters ++ Others}};
+discover(Node, From, State = #{discovery := Discovery, config := Config}) ->
+    Timeout = maps:get(discovery_timeout, Config),
+    Ask = fun() -> teleport_discovery:ask(Node, Timeout) end,
+    State#{discovery := teleport_discovery:find(Node, From, Ask, Discovery)}.
+
+%% Answers everyone who waited for `Node''s listener, and sees to its pool: a found
+%% listener gets a pool, or has the pool pointed at it. A stale pool whose peer is not
+%% found is looked for again a few times, its queue kept, before it is given up.
+-spec discovered(node(), teleport_discovery:outcome(), [gen_server:from()], state()) ->
+          state().
+discovered(Node, {ok, Ip, Port, _} = Found, Waiters, State0 = #{retrying := Retrying}) ->
+    case Retrying of
+        #{Node := {Failures, _}} ->
+            logger:notice("teleport: found ~ts's listener again at ~ts:~b after ~b failed "
+                          "attempts; what its pool queued goes out there",
+                          [Node, inet:ntoa(Ip), Port, Failures],
+                          #{domain => [teleport], peer => Node});
         #{} ->
-            Self = self(),
-            Timeout = maps:get(discovery_timeout, Config),
-            _ = spawn(fun() -> Self ! {discovered, Node, ask_listener(Node, Timeout)} end),
-            State#{pending := Pending#{Node => Waiters}}
+            ok
+    end,
+    State = stop_retrying(Node, forget_unreachable(Node, State0)),
+    reply_all(Waiters, start_pool(Node, Found, State)),
+    State;
+discovered(Node, {error, Why}, Waiters, State) ->
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} ->
+            retry_or_give_up(Node, Pool, Why, Waiters, State);
+        _ ->
+            reply_all(Waiters, {error, nodedown}),
+            note_unreachable(Node, Why, State)
     end.
 
-%% Logs why `Node' cannot be reached, once per reason; a found node is forgotten.
--spec note_unreachable(node(), found() | {error, unreachable()}, state()) -> state().
-note_unreachable(Node, {ok, _, _, _}, State) ->
-    forget_unreachable(Node, State);
-note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
+%% A stale pool's peer was not found (its teleport may be restarting, or gone while the
+%% node stays up): look again after a wait, the pool queuing meanwhile (callers get it
+%% back, and their sends queue), or, once the attempts are spent (see
+%% teleport_discovery:retry_delay/1), close the pool: what it queued is dropped and
+%% counted, and sends get {error, nodedown}.
+-spec retry_or_give_up(node(), teleport_nif:pool(), teleport_discovery:unreachable(),
+                       [gen_server:from()], state()) -> state().
+retry_or_give_up(Node, Pool, Why, Waiters, State = #{retrying := Retrying}) ->
+    Failures = case Retrying of
+                   #{Node := {F, _}} -> F + 1;
+                   #{} -> 1
+               end,
+    case teleport_discovery:retry_delay(Failures) of
+        {retry, Wait} ->
+            case Failures of
+                1 ->
+                    Waits = teleport_discovery:retry_waits(),
+                    logger:notice("teleport: cannot find ~ts's listener again: ~ts; its pool "
+                                  "keeps its queue while it is looked for again (~b times "
+                                  "over ~b ms)",
+                                  [Node, teleport_discovery:explain(Why), length(Waits),
+                                   lists:sum(Waits)],
+                                  #{domain => [teleport], peer => Node, reason => Why});
+                _ ->
+                    ok
+            end,
+            keep_queuing(Node, Pool),
+            Timer = erlang:start_timer(Wait, self(), {rediscover, Node}),
+            reply_all(Waiters, {ok, Pool}),
+            State#{retrying := Retrying#{Node => {Failures, Timer}}};
+        give_up ->
+            {ok, Pool} = teleport_pools:take(Node),
+            teleport_nif:pool_close(Pool),
+            logger:warning("teleport: gave up finding ~ts's listener after ~b attempts: ~ts; "
+                           "its pool is closed, what it queued is dropped (counted in "
+                           "stats/0 as dropped), and sends to it return {error, nodedown}",
+                           [Node, Failures, teleport_discovery:explain(Why)],
+                           #{domain => [teleport], peer => Node, reason => Why}),
+            reply_all(Waiters, {error, nodedown}),
+            #{unreachable := Seen} = State,
+            State#{retrying := maps:remove(Node, Retrying), unreachable := Seen#{Node => Why}}
+    end.
+
+%% Clears a stale pool's mark without moving it: pointed again where it already points, its
+%% connections keep waiting out their backoff (no busy loop against a peer that is away),
+%% and sends to it queue again instead of answering `closed'.
+-spec keep_queuing(node(), teleport_nif:pool()) -> ok.
+keep_queuing(Node, Pool) ->
+    {ok, {Ip, Port}} = teleport_pools:target(Node),
+    ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port, cookie(Node)).
+
+%% Ends `Node''s retry spell, if any.
+-spec stop_retrying(node(), state()) -> state().
+stop_retrying(Node, State = #{retrying := Retrying}) ->
+    case maps:take(Node, Retrying) of
+        {{_, Timer}, Retrying1} ->
+            _ = erlang:cancel_timer(Timer),
+            State#{retrying := Retrying1};
+        error ->
+            State
+    end.
+
+-spec reply_all([gen_server:from()], term()) -> ok.
+reply_all(Waiters, Reply) ->
+    lists:foreach(fun(W) -> gen_server:reply(W, Reply) end, Waiters).
+
+%% Logs why `Node' cannot be reached, once per reason.
+-spec note_unreachable(node(), teleport_discovery:unreachable(), state()) -> state().
+note_unreachable(Node, Why, State = #{unreachable := Seen}) ->
     case Seen of
         #{Node := Why} ->
             State;
         #{} ->
             logger:warning("teleport: cannot reach ~ts: ~ts; sends to it return "
-                           "{error, nodedown}", [Node, explain(Why)],
+                           "{error, nodedown}", [Node, teleport_discovery:explain(Why)],
                            #{domain => [teleport], peer => Node, reason => Why}),
             State#{unreachable := Seen#{Node => Why}}
     end.
@@ -331,132 +428,37 @@ note_unreachable(Node, {error, Why}, State = #{unreachable := Seen}) ->
 forget_unreachable(Node, State = #{unreachable := Seen}) ->
     State#{unreachable := maps:remove(Node, Seen)}.
 
-%% A reason in words.
--spec explain(unreachable()) -> string().
-explain(this_node) ->
-    "it is this node (local destinations need no teleport)";
-explain(not_distributed) ->
-    "this node is not distributed (start it with -sname or -name, or net_kernel:start/1)";
-explain({no_dist_connection, Node}) ->
-    lists:flatten(io_lib:format("no distributed Erlang connection to ~ts (net_kernel:connect_node/1"
-                                " failed: is it up, and does it have the same cookie?)", [Node]));
-explain({no_teleport, Node}) ->
-    lists:flatten(io_lib:format("teleport is not running on ~ts (no teleport_server there)",
-                                [Node]));
-explain({no_answer, Node, Timeout}) ->
-    lists:flatten(io_lib:format("teleport_server on ~ts did not answer within ~p ms "
-                                "(discovery_timeout)", [Node, Timeout]));
-explain({call_failed, Node, Reason}) ->
-    lists:flatten(io_lib:format("asking teleport_server on ~ts where it listens failed: ~0tp",
-                                [Node, Reason]));
-explain({no_address, Node, Host}) ->
-    lists:flatten(io_lib:format("~ts listens on every interface, and neither its distributed "
-                                "Erlang connection nor its host name ~ts gives an address "
-                                "to reach it at", [Node, Host])).
-
-%% Runs in its own process: asks `Node''s teleport_server where it listens.
--spec ask_listener(node(), timeout()) -> found() | {error, unreachable()}.
-ask_listener(Node, _Timeout) when Node =:= node() ->
-    {error, this_node};
-ask_listener(Node, Timeout) ->
-    case net_kernel:connect_node(Node) of
-        true ->
-            try gen_server:call({?MODULE, Node}, listen_info, Timeout) of
-                {ok, #{port := Port, ip := Ip} = Info} ->
-                    MaxFrame = maps:get(max_frame_bytes, Info, undefined),
-                    case peer_address(Node, Ip) of
-                        {ok, PeerIp} -> {ok, PeerIp, Port, MaxFrame};
-                        Error -> Error
-                    end;
-                Other -> {error, {call_failed, Node, {unexpected_reply, Other}}}
-            catch
-                exit:{noproc, _} -> {error, {no_teleport, Node}};
-                exit:{timeout, _} -> {error, {no_answer, Node, Timeout}};
-                exit:{{nodedown, _}, _} -> {error, {no_dist_connection, Node}};
-                exit:Reason -> {error, {call_failed, Node, Reason}}
-            end;
-        ignored ->
-            {error, not_distributed};
-        false ->
-            {error, {no_dist_connection, Node}}
-    end.
-
-%% A peer listening on every interface is reached at the address its disterl connection
-%% comes from, else at its host name's address.
--spec peer_address(node(), inet:ip_address()) -> {ok, inet:ip_address()} | {error, unreachable()}.
-peer_address(Node, Ip) when Ip =:= {0, 0, 0, 0}; Ip =:= {0, 0, 0, 0, 0, 0, 0, 0} ->
-    case dist_peer_ip(Node) of
-        {ok, PeerIp} -> {ok, PeerIp};
-        error -> {error, {no_address, Node, host_part(Node)}}
-    end;
-peer_address(_Node, Ip) ->
-    {ok, Ip}.
-
--spec dist_peer_ip(node()) -> {ok, inet:ip_address()} | error.
-dist_peer_ip(Node) ->
-    Via = [Ctrl || {N, Ctrl} <- erlang:system_info(dist_ctrl), N =:= Node],
-    case Via of
-        [Port] when is_port(Port) ->
-            case inet:peername(Port) of
-                {ok, {Ip, _}} -> {ok, Ip};
-                _ -> host_ip(Node)
-            end;
-        _ ->
-            host_ip(Node)
-    end.
-
--spec host_part(node()) -> string().
-host_part(Node) ->
-    case string:split(atom_to_list(Node), "@") of
-        [_, Host] -> Host;
-        _ -> ""
-    end.
-
--spec host_ip(node()) -> {ok, inet:ip_address()} | error.
-host_ip(Node) ->
-    case string:split(atom_to_list(Node), "@") of
-        [_, Host] ->
-            case inet:getaddr(Host, inet) of
-                {ok, Ip} -> {ok, Ip};
-                {error, _} -> error
-            end;
-        _ ->
-            error
-    end.
-
--spec start_pool(node(), found() | {error, nodedown}, state()) ->
+%% Points the pool to `Node' at its listener, or starts one.
+-spec start_pool(node(), teleport_discovery:found(), state()) ->
           {ok, teleport_nif:pool()} | {error, nodedown}.
-start_pool(Node, Found, State) ->
-    case {ets:lookup(?TABLE, Node), Found} of
-        {[{_, Pool}], {ok, Ip, Port, MaxFrame}} ->
+start_pool(Node, {ok, Ip, Port, MaxFrame} = Found, State) ->
+    case teleport_pools:lookup(Node) of
+        {ok, Pool} ->
+            %% The cookie is read again for every repair, on both sides (allow/2 here, and
+            %% the peer's listen_info): an operator who fixes a wrong cookie at runtime
+            %% (erlang:set_cookie/2) heals the pool at its next refused handshake.
             allow(maps:get(runtime, State), Node),
             limit_frames(Pool, MaxFrame),
-            ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port),
+            ok = teleport_nif:pool_retarget(Pool, ip_text(Ip), Port, cookie(Node)),
+            ok = teleport_pools:retarget(Node, {Ip, Port}),
             {ok, Pool};
-        {[{_, Pool}], {error, nodedown}} ->
-            %% The peer's teleport is gone while its node may still be up: what waited for
-            %% it is dropped and counted.
-            true = ets:delete(?TABLE, Node),
-            teleport_nif:pool_close(Pool),
-            {error, nodedown};
-        {[], _} ->
+        _ ->
             new_pool(Node, Found, State)
     end.
 
--spec new_pool(node(), found() | {error, nodedown}, state()) ->
+-spec new_pool(node(), teleport_discovery:found(), state()) ->
           {ok, teleport_nif:pool()} | {error, nodedown}.
 new_pool(Node, {ok, Ip, Port, MaxFrame}, #{runtime := Rt, config := Config}) ->
     set_name(Rt),
     #{pool_size := Size, max_queue_bytes := MaxQueue, connect_timeout := ConnectTimeout,
       handshake_timeout := HandshakeTimeout} = Config,
-    Cookie = atom_to_binary(erlang:get_cookie(Node), utf8),
     %% The peer may connect back to us too: let it, with the same cookie.
     allow(Rt, Node),
-    case teleport_nif:pool_start(Rt, atom_to_binary(Node, utf8), ip_text(Ip), Port, Cookie,
+    case teleport_nif:pool_start(Rt, atom_to_binary(Node, utf8), ip_text(Ip), Port, cookie(Node),
                                  Size, MaxQueue, {ConnectTimeout, HandshakeTimeout}) of
         {ok, Pool} ->
             limit_frames(Pool, MaxFrame),
-            true = ets:insert(?TABLE, {Node, Pool}),
+            ok = teleport_pools:insert(Node, Pool, {Ip, Port}),
             {ok, Pool};
         {error, Reason} ->
             logger:warning("teleport: cannot start a pool to ~ts at ~ts:~b: ~tp; sends to it "
@@ -464,9 +466,7 @@ new_pool(Node, {ok, Ip, Port, MaxFrame}, #{runtime := Rt, config := Config}) ->
                            [Node, inet:ntoa(Ip), Port, Reason],
                            #{domain => [teleport], peer => Node}),
             {error, nodedown}
-    end;
-new_pool(_Node, {error, nodedown}, _State) ->
-    {error, nodedown}.
+    end.
 
 %% Tells the pool the largest frame its peer reads, when the peer said.
 -spec limit_frames(teleport_nif:pool(), pos_integer() | undefined) -> ok.
@@ -480,8 +480,12 @@ set_name(Rt) ->
 
 -spec allow(teleport_nif:runtime(), node()) -> ok.
 allow(Rt, Node) ->
-    Cookie = atom_to_binary(erlang:get_cookie(Node), utf8),
-    teleport_nif:runtime_allow(Rt, atom_to_binary(Node, utf8), Cookie).
+    teleport_nif:runtime_allow(Rt, atom_to_binary(Node, utf8), cookie(Node)).
+
+%% The cookie shared with `Node' now.
+-spec cookie(node()) -> binary().
+cookie(Node) ->
+    atom_to_binary(erlang:get_cookie(Node), utf8).
 
 -spec ip_text(inet:ip_address()) -> binary().
 ip_text(Ip) ->

@@ -132,13 +132,13 @@ receiver_killed_mid_stream(_Config) ->
            "callers' first exit (ms after kill): ~p~n"
            "long call started ~b ms before the kill ended after ~b ms: ~p~n"
            "runner stats delta for R: ~p~n"
-           "accepted by the old incarnation ~b = msgs_out ~b + dropped ~b ?",
+           "accepted by the old incarnation ~b = acked ~b + dropped ~b ?",
            [R, TKill, TKilled - TKill, DeliveredBefore, AcceptedAtKill,
             TNodedown - TKill, TPoolGone - TKill,
             [{Id, T - TKill, Seq, Why} || {Id, {T, Seq, Why}} <- maps:to_list(FirstErrors)],
             [{Id, T - TKill, Kind} || {Id, T, Kind} <- CallerExits],
             TKill - LongT0, LongMs, LongResult, Delta,
-            Accepted, maps:get(msgs_out, Delta), maps:get(dropped, Delta)]),
+            Accepted, maps:get(acked, Delta), maps:get(dropped, Delta)]),
     _ = Before,
     %% Detection bounded by disterl's (kill -9 closes the sockets: near instant here).
     ?assert(TNodedown - TKill < 10000),
@@ -149,8 +149,8 @@ receiver_killed_mid_stream(_Config) ->
     ?assertEqual({exit, nodedown}, LongResult),
     ?assert(LongT0 + LongMs - TKill < 10000),
     ?assertEqual(0, maps:get(connections, S1)),
-    %% Every accepted message was written out or counted as dropped.
-    ?assertEqual(Accepted, maps:get(msgs_out, Delta) + maps:get(dropped, Delta)),
+    %% Every accepted message was acknowledged by R or counted as dropped.
+    ?assertEqual(Accepted, maps:get(acked, Delta) + maps:get(dropped, Delta)),
 
     %% The same name again; nobody does anything but keep sending and calling.
     T2 = wall_ms(),
@@ -194,12 +194,18 @@ receiver_killed_mid_stream(_Config) ->
 
 %% A teleport connection's socket closed underneath, with `ss -K' (no test hook in the
 %% product): from the runner's end (its dialer sockets to R) or from R's end (R's accepted
-%% sockets), while six senders stream mixed sizes. The writers must reconnect by themselves,
-%% every message accepted after the kill must arrive, and nothing delivered may be out of
-%% order; what is lost is what was in flight, reported exactly (per sender, the lost ranges;
-%% in all, how many were counted as dropped and how many were written but never delivered).
-%% R is paused (SIGSTOP) for 300 ms before each kill so that the socket buffers are full.
-%% Three kills per case, 1 s apart (each is a race).
+%% sockets), while six senders stream mixed sizes. Both nodes stay up, so no message may be
+%% lost: the writers reconnect by themselves and send again what R did not acknowledge, R
+%% drops what it had delivered already, and every sender's sequence arrives whole, once and
+%% in order, nothing dropped. R is paused (SIGSTOP) for 300 ms before each kill so that the
+%% socket buffers are full. Three kills per case, 1 s apart (each is a race).
+%%
+%% Fixed bug (first found here): what the dead connection held (written into its socket,
+%% in the kernel's buffers at either end) was lost without a trace while later messages
+%% arrived: 5,043 of 255,020 accepted messages in one run, a gap without nodedown. Now every
+%% frame is numbered on its lane, kept until R acknowledges it, and sent again from the
+%% first one R did not deliver, which the next connection's handshake tells
+%% (native/teleport_core/src/acks.rs, conn.rs).
 %%
 %% Fixed bug (first found here): R's old reader thread still holds, in its socket's receive
 %% queue (readable before the reset's error) and in its own read buffer, frames the runner
@@ -262,13 +268,18 @@ socket_killed(Side, Buffers) ->
     timer:sleep(300),
     Reports = teleport_soak:stop_streamers(Streamers, 15000),
     Rx = wait_done(R, Reports, 10000),
-    S1 = node_stats(R),
-    check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtKill)),
+    S1 = settled_stats(R),
+    #{lost := Lost, dropped := Dropped, resent := Resent} =
+        check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtKill)),
+    ct:pal("~b messages sent again after the kills", [Resent]),
+    ?assertEqual(0, Lost),
+    ?assertEqual(0, Dropped),
     ok.
 
 %% Checks per sender: delivered in order, nothing duplicated, nothing lost that was
 %% accepted after the fault (AtFault: the sender's last accepted seq once the fault was
-%% done); reports what was lost and how the counters account for it. Returns the totals.
+%% done); and that every accepted message was acknowledged by R or counted as dropped.
+%% Reports what was lost; returns the totals for the caller's own assertions.
 check_after_fault(R, Ids, Reports, Rx, S0, S1, AtFault) ->
     Delta = delta(S1, S0),
     Analyses = [{Id, teleport_soak:analyze(maps:get(seq, maps:get(Id, Reports)),
@@ -277,13 +288,12 @@ check_after_fault(R, Ids, Reports, Rx, S0, S1, AtFault) ->
     Lost = lists:sum([maps:get(lost, A) || {_, A} <- Analyses]),
     Accepted = lists:sum([maps:get(accepted, A) || {_, A} <- Analyses]),
     Received = lists:sum([maps:get(received, A) || {_, A} <- Analyses]),
-    %% msgs_out counts the done markers too (one per sender).
-    WrittenNotDelivered = maps:get(msgs_out, Delta) - length(Ids) - Received,
     ct:pal("per sender (accepted before / after the fault, analysis):~n~p~n"
-           "accepted ~b, received ~b, lost ~b: dropped (counted) ~b, written but never "
-           "delivered (lost in socket buffers, not counted) ~b; stats delta ~p",
+           "accepted ~b, received ~b, lost ~b, dropped (counted) ~b, resent ~b; "
+           "stats delta ~p",
            [[{Id, Fault, A} || {{Id, A}, Fault} <- lists:zip(Analyses, AtFault)],
-            Accepted, Received, Lost, maps:get(dropped, Delta), WrittenNotDelivered, Delta]),
+            Accepted, Received, Lost, maps:get(dropped, Delta), maps:get(resent, Delta),
+            Delta]),
     lists:foreach(
       fun({{Id, A}, {_, Fault}}) ->
               ?assert(maps:get(in_order, A)),
@@ -295,11 +305,18 @@ check_after_fault(R, Ids, Reports, Rx, S0, S1, AtFault) ->
                            maps:get({node(), Id}, maps:get(done, Rx)))
       end, lists:zip(Analyses, AtFault)),
     ?assertEqual(0, maps:get(corrupt, Rx)),
-    %% Every accepted message was written out or counted as dropped.
-    ?assertEqual(Accepted + length(Ids), maps:get(msgs_out, Delta) + maps:get(dropped, Delta)),
-    ?assertEqual(Lost, maps:get(dropped, Delta) + WrittenNotDelivered),
+    %% Every accepted message (and each sender's done marker) was acknowledged by R or
+    %% counted as dropped; whatever was lost was counted (a dropped one may still have
+    %% arrived: one R delivered and never got to acknowledge before a pool closed).
+    ?assertEqual(Accepted + length(Ids), maps:get(acked, Delta) + maps:get(dropped, Delta)),
+    ?assert(Lost =< maps:get(dropped, Delta)),
     _ = R,
-    #{lost => Lost, dropped => maps:get(dropped, Delta), unaccounted => WrittenNotDelivered}.
+    #{lost => Lost, dropped => maps:get(dropped, Delta), resent => maps:get(resent, Delta)}.
+
+%% The runner's counters for R once its pool holds nothing (the last acks are in).
+settled_stats(R) ->
+    ok = wait_until(fun() -> maps:get(queued_bytes, node_stats(R)) =:= 0 end, 10000),
+    node_stats(R).
 
 %%--------------------------------------------------------------------------------------------
 %% 4. receiver_teleport_restarted
@@ -307,7 +324,10 @@ check_after_fault(R, Ids, Reports, Rx, S0, S1, AtFault) ->
 %% R's teleport application stops and starts again (every incoming connection is closed and
 %% the listener moves to another port) while six senders stream: they see {error, nodedown}
 %% while it is away (not accepted), then the pool finds the new port by itself and every
-%% message accepted once R's teleport is back arrives, in order.
+%% message accepted once R's teleport is back arrives, in order. The new incarnation cannot
+%% know what the old one delivered: what the old one did not acknowledge (it acknowledges
+%% what it delivered as it closes) is dropped, and the lost messages are exactly the counted
+%% ones.
 receiver_teleport_restarted(_Config) ->
     {PR, R, _} = start_peer(peer:random_name(fault_rx), rx_setup()),
     {ok, Port0} = peer:call(PR, teleport_server, listen_port, []),
@@ -327,11 +347,13 @@ receiver_teleport_restarted(_Config) ->
     Errors = [atomics:get(Ctr, ?ERR_OFFSET + Id) || Id <- Ids],
     Reports = teleport_soak:stop_streamers(Streamers, 15000),
     Rx = wait_done(R, Reports, 10000),
-    S1 = node_stats(R),
+    S1 = settled_stats(R),
     ct:pal("R's teleport restarted in ~b ms: port ~b -> ~b; sends not accepted meanwhile ~p; "
            "results ~p", [T1 - T0, Port0, Port1, Errors,
                           [{Id, maps:get(results, Rep)} || {Id, Rep} <- maps:to_list(Reports)]]),
-    check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtRestart)),
+    #{lost := Lost, dropped := Dropped} =
+        check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtRestart)),
+    ?assertEqual(Dropped, Lost),
     ok.
 
 %% R's teleport restarts (its listener moves to another port) while the runner's pool to R is
@@ -393,7 +415,7 @@ disterl_disconnect(Buffers) ->
     %% With full buffers, three disconnects (each a race between R's old and new connections).
     Cycles = case Buffers of full_buffers -> 3; flowing -> 1 end,
     Timings = [begin
-                   [{R, OldPool}] = ets:lookup(teleport_pools, R),
+                   {ok, OldPool} = teleport_pools:lookup(R),
                    true = monitor_node(R, true),
                    Buffers =:= full_buffers andalso teleport_soak:stop_os_process(OsR),
                    Buffers =:= full_buffers andalso timer:sleep(300),
@@ -403,9 +425,9 @@ disterl_disconnect(Buffers) ->
                    T1 = wall_ms(),
                    teleport_soak:continue_os_process(OsR),
                    ok = wait_until(fun() ->
-                                           case ets:lookup(teleport_pools, R) of
-                                               [{R, P}] -> P =/= OldPool;
-                                               [] -> false
+                                           case teleport_pools:lookup(R) of
+                                               {ok, P} -> P =/= OldPool;
+                                               none -> false
                                            end
                                    end, 10000),
                    T2 = wall_ms(),
@@ -417,17 +439,15 @@ disterl_disconnect(Buffers) ->
     timer:sleep(300),
     Reports = teleport_soak:stop_streamers(Streamers, 15000),
     Rx = wait_done(R, Reports, 10000),
-    S1 = node_stats(R),
+    S1 = settled_stats(R),
     ct:pal("disconnects (at, nodedown after ms, a new pool after ms, accepted then): ~p~n"
            "last one at ~b: nodedown after ~b ms, a new pool after ~b ms; disterl "
            "connected again: ~p; results ~p",
            [Timings, T0, NodedownMs, NewPoolMs, lists:member(R, nodes()),
             [{Id, maps:get(results, Rep)} || {Id, Rep} <- maps:to_list(Reports)]]),
-    #{lost := Lost, dropped := Dropped} =
-        check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtNewPool)),
-    %% The old pool's connections are shut down, not reset: what they had written still
-    %% arrives, so whatever was lost was counted as dropped.
-    ?assertEqual(Dropped, Lost),
+    %% nodedown is the one event that loses messages, and what is lost is counted (with,
+    %% possibly, some the old pool had written and R delivered without acknowledging).
+    _ = check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtNewPool)),
     ok.
 
 %%--------------------------------------------------------------------------------------------
@@ -608,10 +628,11 @@ rx_setup() ->
     #{setup => [{teleport_soak, start_seq_rx, [rx]}]}.
 
 %% Brings the pool to Node up (a message to its collector) and returns the stats after.
+%% One message, acknowledged: the counters that follow start from a lane at rest.
 warm_up(Node) ->
-    Before = maps:get(msgs_out, node_stats(Node), 0),
+    Before = maps:get(acked, node_stats(Node), 0),
     ok = teleport:send({rx, Node}, warm_up),
-    ok = wait_until(fun() -> maps:get(msgs_out, node_stats(Node), 0) > Before end, 5000),
+    ok = wait_until(fun() -> maps:get(acked, node_stats(Node), 0) > Before end, 5000),
     node_stats(Node).
 
 start_peer(Name, Opts) ->
@@ -652,7 +673,8 @@ delta(After, Before) ->
 
 node_stats(Node) ->
     maps:get(Node, teleport:stats(), #{msgs_out => 0, dropped => 0, reconnects => 0,
-                                       queued_bytes => 0, connections => 0}).
+                                       acked => 0, resent => 0, queued_bytes => 0,
+                                       connections => 0}).
 
 wait_until(Fun, Timeout) ->
     teleport_soak:wait_until(Fun, Timeout).

@@ -43,7 +43,8 @@ all() ->
 groups() ->
     [{hostile, [],
       [positive_control, random_bytes, bad_handshakes, huge_length_after_handshake,
-       malformed_frames_after_handshake, frame_for_dead_pid, frame_for_pid_of_another_node,
+       malformed_frames_after_handshake, a_frame_sent_again_is_delivered_once,
+       frame_for_dead_pid, frame_for_pid_of_another_node,
        half_open_connections, slow_loris, idle_connections_over_the_limit,
        garbage_connection_flood, announced_large_frame_then_stall]},
      {replay, [], [replayed_handshake]},
@@ -174,8 +175,8 @@ positive_control_round(PNode) ->
     Ref = erlang:unique_integer(),
     case teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()) of
         {ok, S} ->
-            ok = raw_send_frame(S, hostile_sink, {raw_frame, Ref, by_name}),
-            ok = raw_send_frame(S, self(), {raw_frame, Ref, by_pid}),
+            ok = raw_send_frame(S, 1, hostile_sink, {raw_frame, Ref, by_name}),
+            ok = raw_send_frame(S, 2, self(), {raw_frame, Ref, by_pid}),
             R = receive {raw_frame, Ref, by_name} ->
                         receive {raw_frame, Ref, by_pid} -> delivered
                         after 5000 -> {not_delivered, by_pid}
@@ -221,9 +222,11 @@ bad_handshakes(Config) ->
                           bad_version => raw_send_and_close(
                                            Port, handshake_frame(<<"HTLPT", 1, 3, "a@b", 0:256>>), 5000),
                           bad_magic => raw_send_and_close(
-                                         Port, handshake_frame(<<"HXXXX", 2, 3, "a@b", 0:256>>), 5000),
+                                         Port, handshake_frame(<<"HXXXX", 3, 3, "a@b", 0:256>>), 5000),
+                          old_version => raw_send_and_close(
+                                           Port, handshake_frame(<<"HTLPT", 2, 3, "a@b", 0:256>>), 5000),
                           truncated_hello => raw_send_and_close(
-                                               Port, handshake_frame(<<"HTLPT", 2, 200, "a@b">>), 5000),
+                                               Port, handshake_frame(<<"HTLPT", 3, 200, "a@b">>), 5000),
                           response_before_hello => raw_send_and_close(
                                                      Port, handshake_frame(<<"A", 0:256>>), 5000),
                           hello_too_long => raw_send_and_close(Port, <<1025:16, 0:8200>>, 5000),
@@ -235,6 +238,7 @@ bad_handshakes(Config) ->
               ?assertMatch({rejected, 2, closed}, maps:get(unknown_node, R)),
               ?assertMatch({rejected, 2, closed}, maps:get(empty_cookie_mac, R)),
               ?assertEqual({closed, <<0, 2, "R", 3>>}, maps:get(bad_version, R)),
+              ?assertEqual({closed, <<0, 2, "R", 3>>}, maps:get(old_version, R)),
               [?assertMatch({closed, _}, maps:get(K, R))
                || K <- [bad_magic, truncated_hello, response_before_hello, hello_too_long,
                         empty_message]]
@@ -264,8 +268,9 @@ huge_length_after_handshake(Config) ->
 %% delivered; the one just after is not (the connection is gone). That includes a
 %% destination that is not what the frame's kind says (a pid frame for an atom), such as a
 %% forged fun, which OTP 25's own decoder accepts and the VM crashes on. (A forged fun in the
-%% message itself is decoded as disterl would: the peer holds the cookie.) A term followed by
-%% trailing bytes is delivered, as binary_to_term/1 accepts it.
+%% message itself is decoded as disterl would: the peer holds the cookie.) So does a frame
+%% with a reserved flag set, and one whose sequence number skips some (frames were lost on
+%% the way). A term followed by trailing bytes is delivered, as binary_to_term/1 accepts it.
 malformed_frames_after_handshake(Config) ->
     {_, PNode, _} = ?config(p, Config),
     Sink = term_to_binary(hostile_sink),
@@ -273,7 +278,13 @@ malformed_frames_after_handshake(Config) ->
             no_version_byte => frame(2, Sink, <<97, 1>>),
             truncated_etf => frame(2, Sink, <<131, 104, 3, 97, 1>>),
             bad_kind => frame(9, Sink, term_to_binary(x)),
-            dest_past_end => <<12:32, 2, 0, 255, 255, 0:64>>,
+            dest_past_end => fun(Seq) -> <<20:32, 2, 0, 255, 255, Seq:64, 0:64>> end,
+            flags_set => fun(Seq) ->
+                                 <<L:32, K, 0, Rest/binary>> =
+                                     (frame(2, Sink, term_to_binary(x)))(Seq),
+                                 <<L:32, K, 1, Rest/binary>>
+                         end,
+            seq_gap => fun(Seq) -> (frame(2, Sink, term_to_binary(x)))(Seq + 5) end,
             no_term => frame(2, Sink, <<>>),
             dest_truncated_pid => frame(1, binary:part(term_to_binary(self()), 0, 10),
                                         term_to_binary(x)),
@@ -309,11 +320,11 @@ malformed_frame_round(PNode, Frame) ->
     {ok, Port} = teleport_server:listen_port(),
     Ref = erlang:unique_integer(),
     {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
-    ok = raw_send_frame(S, self(), {before, Ref}),
+    ok = raw_send_frame(S, 1, self(), {before, Ref}),
     Before = receive {before, Ref} -> before_delivered after 5000 -> before_lost end,
     ok = inet:setopts(S, [{packet, raw}]),
-    ok = gen_tcp:send(S, Frame),
-    ok = gen_tcp:send(S, raw_frame_bytes(self(), {'after', Ref})),
+    ok = gen_tcp:send(S, Frame(2)),
+    ok = gen_tcp:send(S, raw_frame_bytes(3, self(), {'after', Ref})),
     Closed = raw_wait_closed(S, 5000),
     After = receive {'after', Ref} -> delivered after 300 -> not_delivered end,
     {Before, After, Closed}.
@@ -338,6 +349,33 @@ frame_for_dead_pid(Config) ->
     [[?assertEqual({K, probe_delivered}, {K, V}) || {K, V} <- R] || R <- Results],
     ?assertError(badarg, list_to_existing_atom("hostile_zzzz")),
     ok.
+
+%% Frames sent again on the same lane (as a sender does after a reconnection, for those it
+%% does not know arrived) are dropped: 1, 2, 1, 2, 3 delivers 1, 2 and 3, once each, in
+%% order, and the connection stays up.
+a_frame_sent_again_is_delivered_once(Config) ->
+    {_, PNode, _} = ?config(p, Config),
+    {_, Results} =
+        hostile(Config, "frames sent again",
+                fun() ->
+                        {ok, Port} = teleport_server:listen_port(),
+                        Ref = erlang:unique_integer(),
+                        {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode),
+                                                              cookie()),
+                        ok = inet:setopts(S, [{packet, raw}]),
+                        [ok = gen_tcp:send(S, raw_frame_bytes(N, self(), {again, Ref, N}))
+                         || N <- [1, 2, 1, 2, 3]],
+                        Got = collect_again(Ref, []),
+                        gen_tcp:close(S),
+                        Got
+                end),
+    [?assertEqual([1, 2, 3], R) || R <- Results],
+    ok.
+
+collect_again(Ref, Acc) ->
+    receive {again, Ref, N} -> collect_again(Ref, [N | Acc])
+    after 500 -> lists:reverse(Acc)
+    end.
 
 %% A frame naming a process on another node: P's own pid (it is not forwarded to P), and a
 %% pid of a node that does not exist. Dropped; the connection stays up.
@@ -384,7 +422,7 @@ half_open_connections(Config) ->
                         Authed = spawn_timed(fun() ->
                                                      {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
                                                      ok = inet:setopts(S, [{packet, raw}]),
-                                                     F = raw_frame_bytes(hostile_sink, {half, x}),
+                                                     F = raw_frame_bytes(1, hostile_sink, {half, x}),
                                                      ok = gen_tcp:send(S, binary:part(F, 0, byte_size(F) div 2)),
                                                      R = raw_wait_closed(S, ?HANDSHAKE_MS + 1000),
                                                      gen_tcp:close(S),
@@ -735,7 +773,7 @@ connect(Port) ->
     gen_tcp:connect({127, 0, 0, 1}, Port, [binary, {active, false}, {nodelay, true}]).
 
 hello_bytes(Me) ->
-    handshake_frame(<<"HTLPT", 2, (byte_size(Me)):8, Me/binary, (crypto:strong_rand_bytes(32))/binary>>).
+    handshake_frame(<<"HTLPT", 3, (byte_size(Me)):8, Me/binary, (crypto:strong_rand_bytes(32))/binary>>).
 
 %% A valid handshake as P, then Bytes: {closed, WhatCameBack} | {still_open, _}.
 authenticated_then(PNode, Bytes) ->
@@ -752,25 +790,23 @@ frame_then_probe(PNode, Frame) ->
     {ok, S} = teleport_test_util:raw_dial(Port, atom_to_binary(PNode), cookie()),
     ok = inet:setopts(S, [{packet, raw}]),
     Ref = erlang:unique_integer(),
-    ok = gen_tcp:send(S, Frame),
-    ok = gen_tcp:send(S, raw_frame_bytes(self(), {probe, Ref})),
+    ok = gen_tcp:send(S, Frame(1)),
+    ok = gen_tcp:send(S, raw_frame_bytes(2, self(), {probe, Ref})),
     R = receive {probe, Ref} -> probe_delivered after 5000 -> probe_lost end,
     gen_tcp:close(S),
     R.
 
+%% A data frame still to be numbered: fun(Seq) -> bytes.
 frame(Kind, Dest, Term) ->
-    Body = <<Kind, 0, (byte_size(Dest)):16, Dest/binary, Term/binary>>,
-    <<(byte_size(Body)):32, Body/binary>>.
+    fun(Seq) -> teleport_test_util:raw_frame(Seq, Kind, Dest, Term) end.
 
-raw_frame_bytes(Dest, Msg) when is_atom(Dest) ->
-    frame(2, term_to_binary(Dest), term_to_binary(Msg));
-raw_frame_bytes(Dest, Msg) when is_pid(Dest) ->
-    frame(1, term_to_binary(Dest), term_to_binary(Msg)).
+raw_frame_bytes(Seq, Dest, Msg) ->
+    teleport_test_util:raw_frame(Seq, Dest, Msg).
 
-%% One data frame on a socket in {packet, 2} right after raw_dial.
-raw_send_frame(S, Dest, Msg) ->
+%% Data frame number `Seq' on a socket in {packet, 2} right after raw_dial.
+raw_send_frame(S, Seq, Dest, Msg) ->
     ok = inet:setopts(S, [{packet, raw}]),
-    gen_tcp:send(S, raw_frame_bytes(Dest, Msg)).
+    gen_tcp:send(S, raw_frame_bytes(Seq, Dest, Msg)).
 
 handshake_frame(Body) ->
     <<(byte_size(Body)):16, Body/binary>>.

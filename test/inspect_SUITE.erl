@@ -71,7 +71,8 @@ info_shape(_Config) ->
     ok = peer:call(P, ?MODULE, send_back, [{inspect_rx, node()}, 3]),
     [receive {back, I} -> ok after 5000 -> ct:fail({not_back, I}) end || I <- lists:seq(1, 3)],
     unregister(inspect_rx),
-    wait_until(fun() -> maps:get(msgs_out, maps:get(Node, teleport:stats())) =:= 10 end),
+    %% Written, and acknowledged by the peer.
+    wait_until(fun() -> maps:get(acked, maps:get(Node, teleport:stats())) =:= 10 end),
     %% The pool is there: asking for it again gives the same one.
     {ok, Pool} = teleport_server:connect(Node),
     ?assertEqual({ok, Pool}, teleport_server:connect(Node)),
@@ -88,8 +89,9 @@ info_shape(_Config) ->
     %% The pool: one slot was used (one sender, one destination), the other never connected.
     Conns = maps:get(Node, Info),
     ?assertEqual([0, 1], [I || #{index := I} <- Conns]),
-    ConnKeys = [bytes_out, connected_since, frames_in_queue, index, last_error, local_addr,
-                msgs_out, peer_addr, queued_bytes, reconnects, recbuf, sndbuf, state],
+    ConnKeys = [bytes_out, connected_since, frames_in_queue, index, last_acked, last_error,
+                local_addr, msgs_out, peer_addr, queued_bytes, reconnects, recbuf, sndbuf,
+                state, unacked_bytes, unacked_frames],
     [?assertEqual(lists:sort(ConnKeys), lists:sort(maps:keys(C))) || C <- Conns],
     [Up] = [C || C = #{state := up} <- Conns],
     [Down] = [C || C = #{state := down} <- Conns],
@@ -100,6 +102,7 @@ info_shape(_Config) ->
     ?assert(is_integer(LocalPort)),
     ?assert(Since >= T0 - 5000 andalso Since =< T1),
     ?assertMatch(#{msgs_out := 10, queued_bytes := 0, frames_in_queue := 0,
+                   unacked_frames := 0, unacked_bytes := 0, last_acked := 10,
                    reconnects := 0, last_error := undefined}, Up),
     ?assertEqual(maps:get(bytes_out, Stats), maps:get(bytes_out, Up)),
     %% The buffer asked for, doubled by Linux and capped by net.core.wmem_max.
@@ -107,7 +110,8 @@ info_shape(_Config) ->
     ?assertEqual(2 * min(256 * ?KB, sysctl("net/core/rmem_max")), maps:get(recbuf, Up)),
     ?assertMatch(#{peer_addr := {PeerIp, PeerPort}, local_addr := undefined,
                    connected_since := undefined, sndbuf := undefined, recbuf := undefined,
-                   msgs_out := 0, bytes_out := 0, last_error := undefined}, Down),
+                   msgs_out := 0, bytes_out := 0, last_error := undefined,
+                   unacked_frames := 0, last_acked := 0}, Down),
 
     %% The listener: the peer's connection, with what it read.
     #{listener := Listener} = Info,

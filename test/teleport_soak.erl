@@ -610,16 +610,22 @@ main() ->
     Minutes = env_int("SOAK_MINUTES", 2),
     N = env_int("SOAK_MSGS", 200000),
     SampleMs = env_int("SOAK_SAMPLE_MS", 3000),
+    KillEvery = env_int("SOAK_KILL_EVERY_S", 0),
     _ = teleport_test_util:start_distribution("soak_ctl_"),
     io:format("soak: 2 sender nodes x 8 senders x ~b messages per round (100 B..1 MB, mostly "
-              "small) to 4 receivers on a third node, for ~b min~n", [N, Minutes]),
+              "small) to 4 receivers on a third node, for ~b min~s~n",
+              [N, Minutes, case KillEvery of
+                               0 -> "";
+                               _ -> io_lib:format("; the receiver's teleport sockets killed "
+                                                  "(ss -K) every ~b s", [KillEvery])
+                           end]),
     Started = [begin
                    {ok, S} = start_peer(peer:random_name(Name),
                                         #{setup => setup_for(Name)}),
                    S
                end || Name <- [soak_s1, soak_s2, soak_rx]],
     try
-        soak(Started, Minutes, N, SampleMs)
+        soak(Started, Minutes, N, SampleMs, KillEvery)
     after
         [stop_peer(S) || S <- Started]
     end.
@@ -629,18 +635,23 @@ setup_for(_) -> [{?MODULE, blob, []}].
 
 rx_names() -> [soak_rx_1, soak_rx_2, soak_rx_3, soak_rx_4].
 
-soak([S1, S2, R], Minutes, N, SampleMs) ->
+soak([S1, S2, R], Minutes, N, SampleMs, KillEvery) ->
     Ctx = #{senders => [S1, S2], receiver => R, rx_names => rx_names(), per_node => 8},
     Labels = [{node_label(Node), OsPid} || {_, Node, OsPid} <- [S1, S2, R]],
     %% Warm-up round (small, not counted): pools up, code loaded, allocators primed.
     W = round(Ctx, 0, 2000),
     io:format("warm-up round: ~s~n", [round_line(W)]),
     Sampler = start_sampler(Labels, SampleMs),
+    {RP, _, _} = R,
+    {ok, RxPort} = peer:call(RP, teleport_server, listen_port, []),
+    Killer = start_killer(RxPort, KillEvery),
     T0 = now_ms(),
     Deadline = T0 + Minutes * 60000,
     Rounds = soak_rounds(Ctx, 1, N, Deadline, []),
     Elapsed = now_ms() - T0,
+    Kills = stop_killer(Killer),
     Samples = stop_sampler(Sampler),
+    io:format("~nsocket kills: ~p~n", [Kills]),
     Msgs = lists:sum([maps:get(received, R1) || R1 <- Rounds]),
     Bytes = lists:sum([maps:get(received_bytes, R1) || R1 <- Rounds]),
     AllOk = lists:all(fun(R1) -> maps:get(ok, R1) end, Rounds),
@@ -672,6 +683,37 @@ soak([S1, S2, R], Minutes, N, SampleMs) ->
         false -> io:format("~nsoak: FAILED (delivery ok: ~p, RSS flat: ~p)~n", [AllOk, RssOk]),
                  error(soak_failed)
     end.
+
+%% Every Seconds (0: never), destroys the teleport connections to the receiver's listener on
+%% Port with `ss -K' (needs root), alternately from the receiver's end and the senders'.
+%% Stop it with stop_killer/1, which returns [{SecondsIn, Side, SocketsDestroyed}].
+start_killer(_Port, 0) ->
+    none;
+start_killer(Port, Seconds) ->
+    T0 = now_ms(),
+    spawn_link(fun() -> killer_loop(Port, Seconds * 1000, T0, receiver, []) end).
+
+killer_loop(Port, Ms, T0, Side, Acc) ->
+    receive
+        {stop, From, Ref} -> From ! {Ref, lists:reverse(Acc)}
+    after Ms ->
+            Filter = case Side of
+                         receiver -> io_lib:format("sport = :~b", [Port]);
+                         sender -> io_lib:format("dport = :~b", [Port])
+                     end,
+            Out = os:cmd(lists:flatten(["ss -K -tn '", Filter, "' 2>&1"])),
+            Killed = length([L || L <- string:split(Out, "\n", all),
+                                  string:prefix(L, "ESTAB") =/= nomatch]),
+            Next = case Side of receiver -> sender; sender -> receiver end,
+            killer_loop(Port, Ms, T0, Next, [{(now_ms() - T0) div 1000, Side, Killed} | Acc])
+    end.
+
+stop_killer(none) ->
+    [];
+stop_killer(Pid) ->
+    Ref = make_ref(),
+    Pid ! {stop, self(), Ref},
+    receive {Ref, Kills} -> unlink(Pid), Kills after 10000 -> [] end.
 
 soak_rounds(Ctx, I, N, Deadline, Acc) ->
     case now_ms() >= Deadline andalso Acc =/= [] of

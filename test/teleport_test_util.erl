@@ -4,7 +4,8 @@
 
 -export([start_distribution/1, stop_distribution/1, start_tables/1, restart_teleport/1,
          reset_teleport/0, stop_peers/1]).
--export([raw_dial/3, start_collector/1, collected/3, ask/1, forged_fun/0]).
+-export([raw_dial/3, raw_frame/3, raw_frame/4, start_collector/1, collected/3, ask/1,
+         forged_fun/0]).
 
 %% Makes the test runner a distributed node named `Prefix' ++ its OS pid (unique, in case
 %% another run is going on), unless it already is one. Returns whether it started
@@ -65,28 +66,29 @@ restart_teleport(Env) ->
     {ok, Port} = teleport_server:listen_port(),
     ct:pal("~p: teleport on port ~b with env ~p", [node(), Port, Env]).
 
-%% The dialer's side of the handshake (native/teleport_core/src/handshake.rs), version 2, as
+%% The dialer's side of the handshake (native/teleport_core/src/handshake.rs), version 3, as
 %% node `Me' with cookie `Cookie', against the listener of this node on `Port'. It claims lane
 %% 65535, which no pool uses (they have at most 1024 slots): were it a lane of `Me''s real
-%% pool, the listener would take it for that slot's replacement connection (lanes.rs).
+%% pool, the listener would take it for that slot's replacement connection (lanes.rs); and a
+%% random session, so the lane starts at frame 1.
 %% {ok, Socket} (in {packet, 2}) | {rejected, Code, closed | Other} | {unexpected, Term}.
 raw_dial(Port, Me, Cookie) ->
     {ok, S} = gen_tcp:connect({127, 0, 0, 1}, Port,
                               [binary, {active, false}, {packet, 2}, {nodelay, true}]),
     NonceD = crypto:strong_rand_bytes(32),
-    ok = gen_tcp:send(S, <<"HTLPT", 2, (byte_size(Me)):8, Me/binary, NonceD/binary>>),
+    ok = gen_tcp:send(S, <<"HTLPT", 3, (byte_size(Me)):8, Me/binary, NonceD/binary>>),
     Acceptor = atom_to_binary(node(), utf8),
     case gen_tcp:recv(S, 0, 5000) of
         {ok, <<"C", L:8, Acceptor:L/binary, NonceA:32/binary>>} ->
             Names = <<(byte_size(Me)):8, Me/binary, (byte_size(Acceptor)):8, Acceptor/binary>>,
-            Lane = <<65535:16>>,
+            LaneSession = <<65535:16, (crypto:strong_rand_bytes(8))/binary>>,
             MacD = crypto:mac(hmac, sha256, Cookie,
-                              [<<"teleport-dial", 0, 0, 0>>, NonceA, NonceD, Names, Lane]),
-            ok = gen_tcp:send(S, <<"A", MacD/binary, Lane/binary>>),
+                              [<<"teleport-dial", 0, 0, 0>>, NonceA, NonceD, Names, LaneSession]),
+            ok = gen_tcp:send(S, <<"A", MacD/binary, LaneSession/binary>>),
             case gen_tcp:recv(S, 0, 5000) of
-                {ok, <<"K", MacA:32/binary, MaxFrame:32>>} ->
+                {ok, <<"K", MacA:32/binary, Told:20/binary>>} ->
                     MacA = crypto:mac(hmac, sha256, Cookie, [<<"teleport-accept", 0>>, NonceD,
-                                                             NonceA, Names, <<MaxFrame:32>>]),
+                                                             NonceA, Names, Told]),
                     {ok, S};
                 {ok, <<"R", Code>>} -> {rejected, Code, after_reject(S)};
                 Other -> gen_tcp:close(S), {unexpected, Other}
@@ -97,6 +99,20 @@ raw_dial(Port, Me, Cookie) ->
             gen_tcp:close(S),
             {unexpected, Other}
     end.
+
+%% Data frame number `Seq' (native/teleport_core/src/frame.rs; a connection's first is 1)
+%% that sends `Msg' to `Dest', a pid or a name registered on the acceptor, length prefix
+%% included.
+raw_frame(Seq, Dest, Msg) when is_pid(Dest) ->
+    raw_frame(Seq, 1, term_to_binary(Dest), term_to_binary(Msg));
+raw_frame(Seq, Dest, Msg) when is_atom(Dest) ->
+    raw_frame(Seq, 2, term_to_binary(Dest), term_to_binary(Msg)).
+
+%% The same from its parts as they go on the wire, which need not be valid: the kind
+%% (1: to a pid, 2: to a name), the encoded destination and the encoded message.
+raw_frame(Seq, Kind, Dest, Term) ->
+    Body = <<Kind, 0, (byte_size(Dest)):16, Seq:64, Dest/binary, Term/binary>>,
+    <<(byte_size(Body)):32, Body/binary>>.
 
 after_reject(S) ->
     R = case gen_tcp:recv(S, 0, 5000) of

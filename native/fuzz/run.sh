@@ -65,9 +65,17 @@ for t in $targets; do
   # The decoder targets share the real encodings of seeds/decode_etf/.
   seeds=$fuzz_dir/seeds/$t
   [ -d "$seeds" ] || seeds=$fuzz_dir/seeds/decode_etf
+  # Every input that once found a bug runs first, each time: regressions/TARGET-* (and the
+  # *.etf terms for the decoder targets), read from a directory of their own.
+  past=$target_dir/regressions/$t
+  rm -rf "$past" && mkdir -p "$past"
+  for f in "$fuzz_dir"/regressions/"$t"-*; do [ -f "$f" ] && cp "$f" "$past"/; done
+  case $t in
+    decode_*) for f in "$fuzz_dir"/regressions/*.etf; do [ -f "$f" ] && cp "$f" "$past"/; done ;;
+  esac
   rm -f "$log.rc"
   {
-    cargo fuzz run "$@" "$t" "$corpus" "$seeds" -- \
+    cargo fuzz run "$@" "$t" "$corpus" "$seeds" "$past" -- \
       -max_total_time="$seconds" -max_len="$max_len" -timeout="$timeout" \
       -rss_limit_mb=2048 -print_final_stats=1 2>&1
     echo $? >"$log.rc"

@@ -1,19 +1,28 @@
 //! `frame_stream`: arbitrary bytes as the TCP stream of an authenticated connection, through
 //! `teleport_core::listener::read_frames`, cut into reads at points the input chooses, with a
 //! sink that parses every frame with `frame::parse` and decodes its destination and its term
-//! with `value::decode_value`.
+//! with `value::decode_value`, on a lane whose `Progress` may have delivered some frames
+//! already, and with the acks the reader writes back parsed with `acks::AckReader`.
 //!
-//! The input is a 20-byte header, then the stream:
+//! The input is a 24-byte header, then the stream:
 //!
 //! ```text
 //! 0       mode: bits 0-2 how many read sizes follow (0: every read fills the buffer),
 //!         bit 3 the sink's `alloc` fails (NoMemory), bit 4 strict: a term that does not
-//!         decode closes the connection as in the NIF (otherwise the reader goes on)
-//! 1..15   7 read sizes, u16 big-endian, used in turn; 0 is an `Interrupted` error
+//!         decode closes the connection as in the NIF (otherwise the reader goes on),
+//!         bit 5 the listener closes (`stop` is set) once the socket gave STOP_AT bytes
+//! 1..15   7 read sizes, u16 big-endian, used in turn; 0 is an `Interrupted` error, 0xFFFF
+//!         a `WouldBlock` (a read timeout) if the reader set a timeout, else a plain read
 //! 15..17  pad_at: u16, where padding goes in the stream (clamped to its length)
 //! 17..19  pad_len: u16, padding length in units of 16 bytes (up to about 1 MB)
 //! 19      fill: the padding byte
-//! 20..    the stream
+//! 20      delivered: the lane delivered frames 1..=this before the connection (admitted
+//!         through `Progress::admit`, as an earlier connection of the lane would have)
+//! 21      acks: bits 0-3 the most bytes one `try_write` takes (0: no limit), bit 4 every
+//!         other `try_write` takes nothing (a full socket), bits 5-7 from this `try_write`
+//!         on (counted from 1; 0: never) every one fails (a broken connection)
+//! 22..24  STOP_AT: u16, in units of 16 bytes (bit 5 of the mode)
+//! 24..    the stream
 //! ```
 //!
 //! The padding lets a few kilobytes of input describe a frame of up to `MAX_FRAME` bytes, so the
@@ -21,22 +30,42 @@
 //! `BINARY_EXT` with a length of 100,000 followed by 100,000 bytes of padding.
 //!
 //! Checks, for every input:
-//! - no panic, no hang; the live heap grows by at most `MAX_FRAME` (the one large-frame buffer)
-//!   + 256 KiB (the reader's buffer) + 1 MiB + 512 bytes per stream byte (the decoded values);
+//! - no panic, no hang; the live heap grows by at most `MAX_FRAME` (the one large-frame
+//!   buffer), plus 256 KiB (the reader's buffer), plus 1 MiB and 512 bytes per stream byte
+//!   (the decoded values, the model's and the sink's records); the acks are parsed as they
+//!   are written, not kept;
 //! - `alloc` is asked only for `OWNED_FRAME_MIN..=MAX_FRAME` bytes, small frames arrive through
 //!   `frame` and large ones through `frame_owned`;
 //! - however the stream is cut, the frames that arrive and the way the reader stops are those
-//!   of a plain reading of the whole stream (a model): the same bodies, in order, then a clean
-//!   end, `UnexpectedEof`, `BadLength(n)`, `NoMemory(n)` or the sink's own error;
-//! - the peer's and the connection's counters say as many messages and bytes as arrived;
-//! - a parsed frame's destination and term are the body after its header, split where the
-//!   header says, and the term is not empty.
+//!   of a plain reading of the whole stream (a model; up to where the socket was when the
+//!   listener closed, if it did): every frame is read and counted; one whose sequence number
+//!   is at most the lane's `delivered` is dropped (delivered already), the next one arrives
+//!   (and is counted as delivered before the sink sees it), any other ends the reading with
+//!   `Gap { expected, got }`; the same bodies arrive, in order, then a clean end,
+//!   `UnexpectedEof`, `BadLength(n)`, `NoMemory(n)`, `Gap` or the sink's own error (which
+//!   `frame::parse`'s `BadFlags`, `BadKind`, `Truncated` are: the reader itself looks only at
+//!   the length and the sequence number);
+//! - the peer's and the connection's counters say as many messages and bytes as were read
+//!   (duplicates and the frame of a gap included), and the lane's `delivered()` moved by
+//!   exactly the frames that arrived;
+//! - the acks written are a stream of ACKs; each acknowledges something delivered on this
+//!   connection and nothing more than the lane delivered when it was written, and they never
+//!   go back; when every write goes through, the reader's read timeout is `ACK_DELAY` exactly
+//!   while something delivered is not acknowledged yet (`None` otherwise), and the last ack
+//!   is the lane's `delivered()` if anything arrived (no ack at all otherwise);
+//! - a parsed frame's kind and sequence number are its header bytes, its destination and term
+//!   are the body after its header, split where the header says, and the term is not empty.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use teleport_core::acks::{AckOut, AckReader, ACK_DELAY, ACK_LEN};
 use teleport_core::frame::{self, FrameError, FIXED_BYTES, LEN_BYTES};
-use teleport_core::listener::{read_frames, ReadError, Sink, OWNED_FRAME_MIN};
+use teleport_core::lanes::{Admit, Lanes, Progress};
+use teleport_core::listener::{read_frames, Counters, ReadError, Sink, Wire, OWNED_FRAME_MIN};
 use teleport_core::stats::{ConnStats, PeerStats};
 use teleport_core::value::decode_value;
 use teleport_fuzz::{dispose, run_check_with_budget, BUDGET_BASE, BUDGET_PER_INPUT_BYTE};
@@ -45,8 +74,10 @@ use teleport_fuzz::{dispose, run_check_with_budget, BUDGET_BASE, BUDGET_PER_INPU
 const MAX_FRAME: usize = 1 << 20;
 /// The reader's own buffer (`READ_BUF` in listener.rs).
 const READER_BUFFER: usize = 256 * 1024;
-const HEADER: usize = 20;
+const HEADER: usize = 24;
 const CUTS: usize = 7;
+/// The read size that stands for a read timeout.
+const WOULD_BLOCK: usize = 0xFFFF;
 
 fuzz_target!(|data: &[u8]| {
     let budget = Stream::parse(data).map_or(BUDGET_BASE, |(s, _)| {
@@ -82,11 +113,20 @@ impl<'a> Stream<'a> {
             pad_len: u16_at(17) * 16,
             fill: head[19],
         };
+        let acks = head[21];
         let script = Script {
             cuts,
             ncuts: usize::from(head[0] & 7),
             fail_alloc: head[0] & 8 != 0,
             strict: head[0] & 16 != 0,
+            stop_at: (head[0] & 32 != 0).then(|| u16_at(22) * 16),
+            start: u64::from(head[20]),
+            ack_room: match usize::from(acks & 15) {
+                0 => usize::MAX,
+                n => n,
+            },
+            ack_stalls: acks & 16 != 0,
+            ack_fails_from: usize::from(acks >> 5),
         };
         Some((stream, script))
     }
@@ -127,45 +167,161 @@ struct Script {
     ncuts: usize,
     fail_alloc: bool,
     strict: bool,
+    /// The listener closes once the socket gave this many bytes.
+    stop_at: Option<usize>,
+    /// What the lane delivered before this connection.
+    start: u64,
+    /// The most bytes one `try_write` takes.
+    ack_room: usize,
+    /// Every other `try_write` takes nothing.
+    ack_stalls: bool,
+    /// From this `try_write` on (counted from 1), every one fails; 0: never.
+    ack_fails_from: usize,
 }
 
-/// The stream as a socket: each read returns at most the next size of the script.
+impl Script {
+    /// Whether every ack write goes through whole.
+    fn acks_flow(&self) -> bool {
+        self.ack_room >= ACK_LEN && !self.ack_stalls && self.ack_fails_from == 0
+    }
+}
+
+/// The stream as a socket: each read returns at most the next size of the script; acks
+/// written to it are parsed and checked as they come.
 struct Socket<'a> {
     stream: Stream<'a>,
     pos: usize,
     script: Script,
     turn: usize,
-    interrupted: bool,
+    /// The last read failed (`Interrupted`, `WouldBlock`): the next one makes progress, so a
+    /// script of failures ends.
+    hiccup: bool,
+    /// The read timeout the reader set.
+    timeout: Option<Duration>,
+    stop: &'a AtomicBool,
+    progress: &'a Progress,
+    acks: AckReader,
+    /// `try_write` calls so far.
+    writes: usize,
+    /// Ack bytes taken.
+    written: usize,
+    /// The highest ack so far.
+    last_ack: Option<u64>,
+}
+
+impl Socket<'_> {
+    /// What the lane delivered and this connection acknowledged (or had delivered already).
+    fn acknowledged(&self) -> u64 {
+        self.last_ack.unwrap_or(self.script.start)
+    }
 }
 
 impl Read for Socket<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        assert!(
+            !self.stop.load(Ordering::Relaxed),
+            "the reader read on after the listener closed"
+        );
         let mut limit = usize::MAX;
         if self.script.ncuts > 0 {
             limit = self.script.cuts[self.turn % self.script.ncuts];
             self.turn += 1;
-            // An interruption is always followed by progress, so a script of zeros ends.
-            if limit == 0 && !self.interrupted && !out.is_empty() {
-                self.interrupted = true;
-                return Err(io::ErrorKind::Interrupted.into());
+            if !self.hiccup && !out.is_empty() {
+                if limit == 0 {
+                    self.hiccup = true;
+                    return Err(io::ErrorKind::Interrupted.into());
+                }
+                // Only a socket with a timeout times out; a blocking one would just wait.
+                if limit == WOULD_BLOCK && self.timeout.is_some() {
+                    self.hiccup = true;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
             }
         }
-        self.interrupted = false;
+        self.hiccup = false;
         let n = out
             .len()
             .min(limit.max(1))
             .min(self.stream.len() - self.pos);
         self.stream.copy(self.pos, &mut out[..n]);
         self.pos += n;
+        if self.script.stop_at.is_some_and(|at| self.pos >= at) {
+            self.stop.store(true, Ordering::Relaxed);
+        }
         Ok(n)
     }
 }
 
-/// What arrived at the sink: a frame's length, a hash of its body, whether it came owned.
-type Arrival = (usize, u64, bool);
+impl AckOut for Socket<'_> {
+    fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        assert!(
+            (1..=ACK_LEN).contains(&bytes.len()),
+            "an ack write of {} bytes",
+            bytes.len()
+        );
+        self.writes += 1;
+        let fails_from = self.script.ack_fails_from;
+        if fails_from != 0 && self.writes >= fails_from {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        if self.script.ack_stalls && self.writes.is_multiple_of(2) {
+            return Ok(0);
+        }
+        let n = bytes.len().min(self.script.ack_room);
+        // At most one ack ends in one write: an ack's tail, or an ack.
+        match self.acks.feed(&bytes[..n]) {
+            Err(e) => panic!("the reader wrote what is not an ack: {e}"),
+            Ok(None) => {}
+            Ok(Some(seq)) => {
+                let delivered = self.progress.delivered();
+                assert!(
+                    seq <= delivered,
+                    "an ack of {seq} when the lane delivered {delivered}"
+                );
+                assert!(
+                    seq > self.script.start,
+                    "an ack of {seq}, nothing delivered on this connection (it started at {})",
+                    self.script.start
+                );
+                if let Some(last) = self.last_ack {
+                    assert!(seq >= last, "the acks went back from {last} to {seq}");
+                }
+                self.last_ack = Some(seq);
+            }
+        }
+        self.written += n;
+        Ok(n)
+    }
+}
+
+impl Wire for Socket<'_> {
+    fn read_timeout(&mut self, after: Option<Duration>) -> io::Result<()> {
+        assert!(
+            after.is_none() || after == Some(ACK_DELAY),
+            "a read timeout of {after:?}"
+        );
+        if self.script.acks_flow() {
+            let owed = self.progress.delivered() > self.acknowledged();
+            assert_eq!(
+                after,
+                owed.then_some(ACK_DELAY),
+                "the read timeout, with {} delivered and {} acknowledged",
+                self.progress.delivered(),
+                self.acknowledged()
+            );
+        }
+        self.timeout = after;
+        Ok(())
+    }
+}
+
+/// What arrived at the sink: a frame's length, a hash of its body, whether it came owned, its
+/// sequence number.
+type Arrival = (usize, u64, bool, u64);
 
 struct Check {
     script: Script,
+    progress: Arc<Progress>,
     arrived: Vec<Arrival>,
     /// The index of the frame the sink refused, if it refused one.
     refused: Option<usize>,
@@ -174,7 +330,16 @@ struct Check {
 impl Check {
     fn deliver(&mut self, body: &[u8], owned: bool) -> Result<(), String> {
         assert!(self.refused.is_none(), "a frame after the sink refused one");
-        self.arrived.push((body.len(), hash(body), owned));
+        assert!(body.len() > FIXED_BYTES, "a frame of {} bytes", body.len());
+        let seq = frame::seq(body);
+        assert_eq!(seq, u64::from_be_bytes(body[4..12].try_into().unwrap()));
+        // Counted as delivered before it is given to the sink.
+        assert_eq!(
+            self.progress.delivered(),
+            seq,
+            "frame {seq} given to the sink before it was admitted"
+        );
+        self.arrived.push((body.len(), hash(body), owned, seq));
         let result = self.parse(body);
         if result.is_err() {
             self.refused = Some(self.arrived.len() - 1);
@@ -183,10 +348,25 @@ impl Check {
     }
 
     fn parse(&self, body: &[u8]) -> Result<(), String> {
-        let f = frame::parse(body).map_err(|e| e.to_string())?;
         let dest_len = usize::from(u16::from_be_bytes([body[2], body[3]]));
-        assert_eq!(f.flags, body[1]);
+        let f = match frame::parse(body) {
+            Ok(f) => f,
+            Err(e) => {
+                let expected = match body[0] {
+                    1 | 2 if body[1] != 0 => FrameError::BadFlags(body[1]),
+                    1 | 2 => FrameError::Truncated,
+                    k => FrameError::BadKind(k),
+                };
+                assert_eq!(e, expected, "frame::parse's error");
+                if e == FrameError::Truncated {
+                    assert!(dest_len >= body.len() - FIXED_BYTES);
+                }
+                return Err(e.to_string());
+            }
+        };
         assert_eq!(f.kind as u8, body[0]);
+        assert_eq!(body[1], 0, "a frame with flags parsed");
+        assert_eq!(f.seq, frame::seq(body));
         assert_eq!(f.dest, &body[FIXED_BYTES..FIXED_BYTES + dest_len]);
         assert_eq!(f.term, &body[FIXED_BYTES + dest_len..]);
         assert!(!f.term.is_empty(), "a frame without a term");
@@ -247,14 +427,21 @@ enum End {
     Eof,
     BadLength(usize),
     NoMemory(usize),
+    Gap { expected: u64, got: u64 },
     Sink,
 }
 
-/// The frames of the whole stream, read in one go, and how the reading ends (ignoring the
-/// sink's verdicts).
-fn model(stream: &Stream<'_>, script: &Script) -> (Vec<Arrival>, End) {
+/// A frame the model read: what would arrive of it, and whether it does.
+struct Read1 {
+    arrival: Arrival,
+    delivered: bool,
+}
+
+/// The frames of the first `total` bytes of the stream, read in one go, and how the reading
+/// ends (ignoring the sink's verdicts), for a lane that delivered `start` frames before.
+fn model(stream: &Stream<'_>, total: usize, script: &Script) -> (Vec<Read1>, End) {
     let mut frames = Vec::new();
-    let total = stream.len();
+    let mut delivered = script.start;
     let mut pos = 0;
     let mut prefix = [0u8; LEN_BYTES];
     loop {
@@ -271,6 +458,10 @@ fn model(stream: &Stream<'_>, script: &Script) -> (Vec<Arrival>, End) {
             Err(FrameError::BadLength(n)) => return (frames, End::BadLength(n)),
             Err(e) => panic!("check_len failed with {e:?}"),
         };
+        assert!(
+            len > FIXED_BYTES,
+            "check_len let a {len}-byte frame through"
+        );
         let owned = len >= OWNED_FRAME_MIN;
         if owned && script.fail_alloc {
             return (frames, End::NoMemory(len));
@@ -278,17 +469,41 @@ fn model(stream: &Stream<'_>, script: &Script) -> (Vec<Arrival>, End) {
         if left - LEN_BYTES < len {
             return (frames, End::Eof);
         }
+        let body_at = pos + LEN_BYTES;
+        let mut seq = [0u8; 8];
+        stream.copy(body_at + 4, &mut seq);
+        let seq = u64::from_be_bytes(seq);
         // Hashed piece by piece: the model allocates no frame buffer of its own.
         let (mut h, mut chunk) = (FNV_START, [0u8; 4096]);
-        let mut at = pos + LEN_BYTES;
-        while at < pos + LEN_BYTES + len {
-            let n = chunk.len().min(pos + LEN_BYTES + len - at);
+        let mut at = body_at;
+        while at < body_at + len {
+            let n = chunk.len().min(body_at + len - at);
             stream.copy(at, &mut chunk[..n]);
             h = fnv(h, &chunk[..n]);
             at += n;
         }
-        frames.push((len, h, owned));
-        pos += LEN_BYTES + len;
+        let arrival = (len, h, owned, seq);
+        // The frame is read (and counted) whatever its number says.
+        if seq <= delivered {
+            frames.push(Read1 {
+                arrival,
+                delivered: false,
+            });
+        } else if seq == delivered + 1 {
+            delivered = seq;
+            frames.push(Read1 {
+                arrival,
+                delivered: true,
+            });
+        } else {
+            frames.push(Read1 {
+                arrival,
+                delivered: false,
+            });
+            let expected = delivered + 1;
+            return (frames, End::Gap { expected, got: seq });
+        }
+        pos = body_at + len;
     }
 }
 
@@ -296,21 +511,43 @@ fn check(data: &[u8]) {
     let Some((stream, script)) = Stream::parse(data) else {
         return;
     };
+    // The lane, as an earlier connection left it: frames 1..=start delivered.
+    let lanes = Lanes::default();
+    let progress = lanes.progress(b"a@host", 0, 1);
+    for seq in 1..=script.start {
+        assert_eq!(progress.admit(seq), Ok(Admit::Next));
+    }
+    assert_eq!(progress.delivered(), script.start);
+
     let mut sink = Check {
         script,
+        progress: progress.clone(),
         arrived: Vec::new(),
         refused: None,
     };
     let stats = PeerStats::default();
-    let counters = ConnStats::default();
-    let socket = Socket {
+    let conn = ConnStats::default();
+    let stop = AtomicBool::new(script.stop_at == Some(0));
+    let mut socket = Socket {
         stream,
         pos: 0,
         script,
         turn: 0,
-        interrupted: false,
+        hiccup: false,
+        timeout: None,
+        stop: &stop,
+        progress: &progress,
+        acks: AckReader::default(),
+        writes: 0,
+        written: 0,
+        last_ack: None,
     };
-    let result = read_frames(socket, MAX_FRAME, &mut sink, &stats, &counters);
+    let counters = Counters {
+        peer: &stats,
+        conn: &conn,
+        stop: &stop,
+    };
+    let result = read_frames(&mut socket, MAX_FRAME, &mut sink, &progress, &counters);
     let end = match &result {
         Ok(()) => End::Clean,
         Err(ReadError::Io(e)) => {
@@ -318,6 +555,10 @@ fn check(data: &[u8]) {
             End::Eof
         }
         Err(ReadError::Frame(FrameError::BadLength(n))) => End::BadLength(*n),
+        Err(ReadError::Frame(FrameError::Gap { expected, got })) => End::Gap {
+            expected: *expected,
+            got: *got,
+        },
         Err(ReadError::Frame(e)) => panic!("the reader refused a frame itself: {e:?}"),
         Err(ReadError::NoMemory(n)) => End::NoMemory(*n),
         Err(ReadError::Sink(_)) => End::Sink,
@@ -328,10 +569,24 @@ fn check(data: &[u8]) {
         "the sink's refusal and the reader's end disagree: {end:?}"
     );
 
-    let (mut expected, expected_end) = model(&stream, &script);
+    // Once the listener closed, the reader read nothing more: the stream ended there.
+    let total = if stop.load(Ordering::Relaxed) {
+        socket.pos
+    } else {
+        stream.len()
+    };
+    let (mut expected, expected_end) = model(&stream, total, &script);
     let expected_end = match sink.refused {
         Some(i) => {
-            expected.truncate(i + 1);
+            // The frame refused is the i-th that arrived; nothing is read after it.
+            let at = expected
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.delivered)
+                .nth(i)
+                .map(|(at, _)| at)
+                .expect("the sink refused a frame that the model does not deliver");
+            expected.truncate(at + 1);
             End::Sink
         }
         None => expected_end,
@@ -340,16 +595,41 @@ fn check(data: &[u8]) {
         end, expected_end,
         "the reader ends otherwise than the model"
     );
+    let arrivals = expected.iter().filter(|f| f.delivered).map(|f| f.arrival);
     assert!(
-        sink.arrived == expected,
+        sink.arrived.iter().copied().eq(arrivals),
         "{} frames arrived, the model has {}",
         sink.arrived.len(),
-        expected.len()
+        expected.iter().filter(|f| f.delivered).count()
     );
 
+    // Every frame read is counted, delivered or not.
     let snap = stats.snapshot();
-    let bytes: usize = sink.arrived.iter().map(|(len, _, _)| len + LEN_BYTES).sum();
-    assert_eq!(snap.msgs_in, sink.arrived.len() as u64);
+    let bytes: usize = expected.iter().map(|f| f.arrival.0 + LEN_BYTES).sum();
+    assert_eq!(snap.msgs_in, expected.len() as u64);
     assert_eq!(snap.bytes_in, bytes as u64);
-    assert_eq!(counters.get(), (snap.msgs_in, snap.bytes_in));
+    assert_eq!(conn.get(), (snap.msgs_in, snap.bytes_in));
+
+    // The lane moved by what arrived.
+    let delivered = sink.arrived.last().map_or(script.start, |a| a.3);
+    assert_eq!(progress.delivered(), delivered);
+    assert_eq!(
+        delivered - script.start,
+        sink.arrived.len() as u64,
+        "the frames that arrived are not the lane's next ones"
+    );
+
+    // Acknowledged: the last ack is all that arrived, once the writes go through.
+    if script.acks_flow() {
+        assert_eq!(socket.written % ACK_LEN, 0, "an ack cut short");
+        if sink.arrived.is_empty() {
+            assert_eq!(socket.written, 0, "acks with nothing delivered");
+        } else {
+            assert_eq!(
+                socket.last_ack,
+                Some(delivered),
+                "the last ack is not what the lane delivered"
+            );
+        }
+    }
 }

@@ -2,6 +2,8 @@
 # Regenerates the seed corpus seeds/decode_etf/ from a local Erlang/OTP: real encodings of
 # assorted terms by term_to_binary/1,2, and a few hand-made ones for tags that current OTP no
 # longer writes (each checked with binary_to_term/1). Run from anywhere: sh native/fuzz/seeds/gen.sh
+# The frame_stream seeds (which wrap these in frames) and the handshake seeds are written by
+# `cargo run --manifest-path native/fuzz/Cargo.toml --example gen_seeds` instead.
 set -eu
 cd "$(dirname "$0")"
 mkdir -p decode_etf

@@ -1,28 +1,43 @@
-//! One outgoing connection of a pool: a bounded queue, a writer thread, and a fast path that
-//! writes straight from the sender's thread when the connection is idle.
+//! One outgoing connection of a pool (one *lane*): a bounded queue, a writer thread, a fast
+//! path that writes straight from the sender's thread when the connection is idle, and the
+//! frames written but not yet acknowledged, kept to be sent again if the connection dies.
 //!
-//! Order is kept because every frame of a connection is written by one party at a time, in
-//! queue order: the sender writes directly only while the queue is empty and nobody else is
-//! writing; otherwise the frame joins the queue behind the others. A sender writing directly
-//! also takes, for a few rounds, the small frames others queued meanwhile and writes them with
-//! one `writev` each round: concurrent small sends cost one syscall per batch, not per frame.
+//! A frame's life on its lane:
+//! 1. [`Conn::send`] accepts it: its bytes are *held* (counted against `max_queue_bytes`)
+//!    until the peer acknowledges it or it is dropped. Frames are only refused, never lost
+//!    here: `Busy` when the lane holds too much, `Closed` after nodedown.
+//! 2. It is written, in lane order, by one party at a time: the sender itself when the
+//!    connection is idle (queue empty, nobody writing), else the writer thread. A sender
+//!    writing directly also takes, for a few rounds, the small frames others queued
+//!    meanwhile and writes them with one `writev` each round: concurrent small sends cost one
+//!    syscall per batch, not per frame. When it first goes out on a connection it is
+//!    stamped with the lane's next sequence number (see [`crate::frame`]).
+//! 3. Written whole, it waits in `unacked` for the peer's cumulative ack (see
+//!    [`crate::acks`]), which its senders and the writer read without blocking.
+//! 4. If the connection dies first, every unacknowledged frame goes back to the front of the
+//!    queue, in order. The next connection's handshake says what the peer delivered: those
+//!    frames are released, the rest are written again (and the peer drops any it had
+//!    already). Only a new incarnation of the peer's teleport, which cannot know what the
+//!    old one delivered, makes the lane drop (and count) what it had written.
 //!
 //! Only the writer thread connects, so a pool is usable (frames queue) the moment it exists:
 //! nothing is lost while connections come up.
 
+use crate::acks::AckReader;
 use crate::deadline::Deadline;
 use crate::frame::LEN_BYTES;
-use crate::handshake::{self, HandshakeError};
+use crate::handshake::{self, HandshakeError, Welcome};
 use crate::out_frame::OutFrame;
+use crate::pool::Target;
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Frames up to this size may be written from the sender's thread (a normal scheduler):
@@ -43,9 +58,17 @@ const MAX_IOVECS: usize = 1024;
 /// How long an idle writer sleeps before checking that the peer did not hang up.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// A connection idle for this long is checked (one non-blocking peek) before a frame is
-/// written on it: a peer that closed it meanwhile (its teleport restarted) would otherwise
-/// take the frame into a socket it no longer reads, and it would be lost without a trace.
+/// How often an idle writer reads acks while frames wait for theirs (the peer acks a burst's
+/// tail after [`crate::acks::ACK_DELAY`]).
+const ACK_POLL: Duration = Duration::from_millis(10);
+
+/// A sender writing directly reads acks after this many frames written since they were last
+/// read: about one `recv` per ack the peer sends ([`crate::acks::ACK_FRAMES`]).
+const ACK_READ_EVERY: u32 = 32;
+
+/// A connection idle for this long is checked (one non-blocking read) before a frame is
+/// written on it: a peer that closed it meanwhile (its teleport restarted) is found out
+/// before the frame goes into a socket nobody reads.
 const PROBE_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// The first wait after a failed connection attempt; it doubles up to [`MAX_BACKOFF`].
@@ -53,88 +76,16 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest wait between connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Where a pool's connections go, shared by them: the peer's listener can move (its
-/// teleport application restarted on another port) while the node stays up, and then the
-/// pool is pointed at the new place with its queues intact.
-pub struct Target {
-    addr: Mutex<SocketAddr>,
-    stale: AtomicBool,
-    /// Called when the pool becomes stale, so that its owner finds the listener again even
-    /// if no one sends (the writers' queues would otherwise wait for ever).
-    on_stale: OnceLock<Box<dyn Fn() + Send + Sync>>,
-    /// The largest frame body the peer reads, as its last handshake said (`usize::MAX`
-    /// until one did).
-    max_frame: AtomicUsize,
-}
-
-impl Target {
-    /// A target at `addr`.
-    pub fn new(addr: SocketAddr) -> Target {
-        Target {
-            addr: Mutex::new(addr),
-            stale: AtomicBool::new(false),
-            on_stale: OnceLock::new(),
-            max_frame: AtomicUsize::new(usize::MAX),
-        }
-    }
-
-    /// The largest frame body the peer reads, once a handshake said; `usize::MAX` before.
-    pub fn max_frame(&self) -> usize {
-        self.max_frame.load(Relaxed)
-    }
-
-    /// The current address.
-    pub fn addr(&self) -> SocketAddr {
-        *self.addr.lock()
-    }
-
-    /// Whether the peer refused a connection: the owner should find its listener again.
-    pub fn is_stale(&self) -> bool {
-        self.stale.load(Relaxed)
-    }
-
-    /// Records the largest frame body the peer reads, as it told some other way than a
-    /// handshake (which says it again on every connection).
-    pub fn limit_frames(&self, max: usize) {
-        self.max_frame.store(max, Relaxed);
-    }
-
-    /// Sets what to call when the pool becomes stale; only the first call counts.
-    pub fn on_stale(&self, f: impl Fn() + Send + Sync + 'static) {
-        let _ = self.on_stale.set(Box::new(f));
-    }
-
-    /// Marks the target stale: the peer refused us where we thought it listens. The owner is
-    /// told once per stale spell (a retarget ends it), not on every refused attempt. Call it
-    /// with no lock held: the owner may retarget the pool from the callback.
-    fn mark_stale(&self) {
-        if !self.stale.swap(true, Relaxed) {
-            if let Some(f) = self.on_stale.get() {
-                f();
-            }
-        }
-    }
-
-    /// Points at `addr` and clears the stale mark.
-    ///
-    /// Returns whether the address changed.
-    pub fn set(&self, addr: SocketAddr) -> bool {
-        let changed = std::mem::replace(&mut *self.addr.lock(), addr) != addr;
-        self.stale.store(false, Relaxed);
-        changed
-    }
-}
-
-/// How to reach and authenticate with a peer, and the queue limit.
+/// How to reach and authenticate with a peer, and the queue limit. Where the peer listens,
+/// and the cookie, are the pool's [`Target`]: they can change while the pool lives.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
     /// This node's name.
     pub me: Vec<u8>,
     /// The peer's node name; the handshake checks the peer claims it.
     pub peer: Vec<u8>,
-    /// The shared secret (the Erlang cookie for the peer).
-    pub cookie: Vec<u8>,
-    /// Queued bytes above which senders are told the connection is busy.
+    /// Bytes held (queued or waiting for their ack) above which senders are told the
+    /// connection is busy.
     pub max_queue_bytes: usize,
     /// Bound on TCP connect.
     pub connect_timeout: Duration,
@@ -147,13 +98,16 @@ pub struct PeerConfig {
 /// Why a frame was not accepted; the frame is handed back.
 #[derive(Debug)]
 pub enum SendError {
-    /// The queue is over `max_queue_bytes`: retry later (or give up for `nosuspend`).
+    /// The lane holds more than `max_queue_bytes`: retry later (or give up for `nosuspend`).
     Busy(OutFrame),
     /// The pool was torn down.
     Closed(OutFrame),
     /// The frame is larger than the peer reads (its `max_frame_bytes`): it would only close
     /// the connection.
     TooLarge(OutFrame),
+    /// The pool is stale: the peer refused it where it thought the peer listens. Its owner
+    /// must find the listener again (see [`crate::pool::Pool::send`]).
+    Stale(OutFrame),
 }
 
 /// What the connection is doing, for `teleport:info/0` and logs.
@@ -170,9 +124,29 @@ pub enum Status {
 }
 
 struct State {
+    /// Accepted and not yet written whole on the current connection, in lane order. Those
+    /// at the front may have gone out on a lost connection: they go out again.
     queue: VecDeque<OutFrame>,
-    /// Bytes in `queue` plus bytes the writer took and has not finished writing.
-    queued: usize,
+    /// Written whole on the current connection, waiting for the peer's ack, in lane order.
+    unacked: VecDeque<OutFrame>,
+    /// Bytes of every frame the lane holds: queued, being written, or in `unacked`. Changed
+    /// only by [`Conn::hold`] and [`Conn::release`].
+    held: usize,
+    /// Bytes of the frames in `unacked`.
+    unacked_bytes: usize,
+    /// Frames the writer took from the queue and is writing (counted if it panics).
+    in_batch: usize,
+    /// The number the next frame to go out gets.
+    next_seq: u64,
+    /// The highest number the peer acknowledged on this lane (or said it delivered, at the
+    /// last handshake).
+    acked: u64,
+    /// The peer's listener, as the last handshake named it.
+    incarnation: Option<u64>,
+    /// The acks coming back on the current connection, as they are read.
+    acks: AckReader,
+    /// Frames written since acks were last read.
+    since_ack_read: u32,
     sock: Option<Arc<Socket>>,
     /// The writer holds frames taken from the queue, or is connecting.
     writer_busy: bool,
@@ -205,11 +179,17 @@ pub struct ConnInfo {
     pub peer_addr: SocketAddr,
     /// This end's address, when connected.
     pub local_addr: Option<SocketAddr>,
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written whole on the current connection.
     pub queued_bytes: usize,
     /// Frames waiting in the queue (not counting those the writer is writing).
     pub frames_in_queue: usize,
-    /// Messages written on this slot, over all its connections.
+    /// Frames written whole and not yet acknowledged.
+    pub unacked_frames: usize,
+    /// Their bytes.
+    pub unacked_bytes: usize,
+    /// The sequence number of the last frame the peer acknowledged (0: none yet).
+    pub last_acked: u64,
+    /// Messages written on this slot, over all its connections (a resent one once).
     pub msgs_out: u64,
     /// Bytes written on this slot, frame headers included.
     pub bytes_out: u64,
@@ -243,9 +223,11 @@ impl ConnectError {
 /// One outgoing connection.
 pub struct Conn {
     index: usize,
+    /// The pool's session: the peer numbers what each of the pool's lanes delivered in it.
+    session: u64,
     cfg: Arc<PeerConfig>,
     stats: Arc<PeerStats>,
-    /// Shared by the pool: where to connect.
+    /// Shared by the pool: where to connect, and with which cookie.
     target: Arc<Target>,
     state: Mutex<State>,
     wake: Condvar,
@@ -253,22 +235,42 @@ pub struct Conn {
     counters: ConnStats,
 }
 
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("index", &self.index)
+            .field("peer", &String::from_utf8_lossy(&self.cfg.peer))
+            .finish_non_exhaustive()
+    }
+}
+
 impl Conn {
-    /// A connection slot and its writer thread. Nothing connects until the first frame.
+    /// A connection slot of the pool's `session` and its writer thread. Nothing connects
+    /// until the first frame.
     pub fn start(
         index: usize,
+        session: u64,
         cfg: Arc<PeerConfig>,
         stats: Arc<PeerStats>,
         target: Arc<Target>,
     ) -> io::Result<Arc<Conn>> {
         let conn = Arc::new(Conn {
             index,
+            session,
             cfg,
             stats,
             target,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
-                queued: 0,
+                unacked: VecDeque::new(),
+                held: 0,
+                unacked_bytes: 0,
+                in_batch: 0,
+                next_seq: 1,
+                acked: 0,
+                incarnation: None,
+                acks: AckReader::default(),
+                since_ack_read: 0,
                 sock: None,
                 writer_busy: false,
                 direct_busy: false,
@@ -288,8 +290,8 @@ impl Conn {
         std::thread::Builder::new()
             .name(format!("teleport_writer_{index}"))
             .spawn(move || {
-                // A panic here must not unwind into nothing: log it and close the slot, dropping
-                // (and counting) what it had queued, as the writer would have.
+                // A panic here must not unwind into nothing: log it and close the slot,
+                // dropping (and counting) everything it held, the batch it was writing too.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run())).is_err() {
                     tracing::error!(
                         peer = %String::from_utf8_lossy(&c.cfg.peer),
@@ -301,18 +303,19 @@ impl Conn {
                     c.close();
                     let mut st = c.state.lock();
                     st.writer_busy = false;
-                    c.drop_queue(&mut st);
+                    c.drop_all(&mut st);
                 }
             })?;
         Ok(conn)
     }
 
-    /// Queues `frame`, or writes it at once if the connection is idle.
+    /// Takes `frame` for the lane: writes it at once if the connection is idle, else queues
+    /// it behind the others.
     ///
-    /// A frame is refused as [`SendError::Busy`] only when others are queued and it would
-    /// take the queue past `max_queue_bytes`, so a frame larger than the limit still goes
-    /// through on an empty queue.
-    pub fn send(&self, frame: OutFrame) -> Result<(), SendError> {
+    /// A frame is refused as [`SendError::Busy`] only when the lane already holds frames
+    /// (queued or unacknowledged) and this one would take it past `max_queue_bytes`, so a
+    /// frame larger than the limit still goes through on an empty lane.
+    pub fn send(&self, mut frame: OutFrame) -> Result<(), SendError> {
         let mut st = self.state.lock();
         if st.status == Status::Closed {
             return Err(SendError::Closed(frame));
@@ -320,7 +323,19 @@ impl Conn {
         if body_len(&frame) > self.target.max_frame() {
             return Err(SendError::TooLarge(frame));
         }
-        if st.queue.is_empty() && !st.writer_busy && !st.direct_busy && frame.len() <= DIRECT_MAX {
+        let len = frame.len();
+        if self.over_limit(&st, len) {
+            // Frames waiting for their ack hold the lane too, and the peer may have
+            // acknowledged some already: read its acks before saying busy.
+            if !st.writer_busy && !st.direct_busy {
+                self.read_acks(&mut st);
+            }
+            if self.over_limit(&st, len) {
+                return Err(SendError::Busy(frame));
+            }
+        }
+        self.hold(&mut st, len);
+        if st.queue.is_empty() && !st.writer_busy && !st.direct_busy && len <= DIRECT_MAX {
             // One clock read per send: the write takes microseconds, so `now` serves as its
             // time too.
             let now = Instant::now();
@@ -328,6 +343,8 @@ impl Conn {
             if let Some(sock) = st.sock.clone() {
                 st.direct_busy = true;
                 st.last_write = now;
+                frame.stamp(st.next_seq);
+                st.next_seq += 1;
                 let mut batch = std::mem::take(&mut st.spare);
                 drop(st);
                 batch.push(frame);
@@ -335,21 +352,6 @@ impl Conn {
                 return Ok(());
             }
         }
-        self.enqueue(st, frame)
-    }
-
-    /// Queues `frame` behind the others, unless that takes the queue over its limit.
-    fn enqueue(
-        &self,
-        mut st: parking_lot::MutexGuard<'_, State>,
-        frame: OutFrame,
-    ) -> Result<(), SendError> {
-        let len = frame.remaining();
-        if st.queued > 0 && st.queued + len > self.cfg.max_queue_bytes {
-            return Err(SendError::Busy(frame));
-        }
-        st.queued += len;
-        self.stats.queued_bytes.fetch_add(len as u64, Relaxed);
         st.queue.push_back(frame);
         // The writer sleeps with an empty queue only when idle; with frames queued it is
         // waiting out a reconnection backoff, which more frames should not cut short. A
@@ -360,39 +362,50 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes `batch` (one frame, the sender's own) from the sender's thread with
+    /// Whether taking `len` more bytes would put the lane over its limit.
+    fn over_limit(&self, st: &State, len: usize) -> bool {
+        st.held > 0 && st.held + len > self.cfg.max_queue_bytes
+    }
+
+    /// Counts `len` bytes the lane now holds.
+    fn hold(&self, st: &mut State, len: usize) {
+        st.held += len;
+        self.stats.queued_bytes.fetch_add(len as u64, Relaxed);
+    }
+
+    /// Counts `len` bytes the lane no longer holds (acknowledged or dropped).
+    fn release(&self, st: &mut State, len: usize) {
+        st.held -= len;
+        self.stats.queued_bytes.fetch_sub(len as u64, Relaxed);
+    }
+
+    /// Writes `batch` (one frame, the sender's own, stamped) from the sender's thread with
     /// non-blocking `writev`s, then, for a few rounds, whatever small frames other senders
     /// queued meanwhile. What cannot be written at once goes back to the front of the queue
     /// for the writer thread. Called with `direct_busy` set, which keeps everyone else from
     /// writing; clears it.
     fn write_direct(&self, sock: &Arc<Socket>, mut batch: Vec<OutFrame>) {
-        // The sender's own frame is not counted in `queued`; frames taken from the queue are.
-        let mut uncounted = batch[0].remaining();
         let mut rounds = 0;
         let (mut st, failed) = loop {
-            let (mut msgs, mut bytes) = (0u64, 0u64);
-            let result = write_once(sock, &mut batch, libc::MSG_DONTWAIT, &mut msgs, &mut bytes);
-            self.stats.sent_many(msgs, bytes);
-            self.counters.add(msgs, bytes);
-            let written = *result.as_ref().unwrap_or(&0);
-            let counted = written.saturating_sub(uncounted);
-            uncounted -= written - counted;
-            batch.retain(|f| f.remaining() > 0);
+            let result = self.write_counted(|msgs, bytes| {
+                write_once(sock, &mut batch, libc::MSG_DONTWAIT, msgs, bytes)
+            });
             let mut st = self.state.lock();
-            self.uncount(&mut st, counted);
+            let all_written = self.settle(&mut st, sock, &mut batch);
             match result {
-                Ok(_) if batch.is_empty() => {
+                Ok(_) if all_written => {
                     rounds += 1;
                     let same_sock = st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock));
                     if rounds > COMBINE_ROUNDS
                         || st.queue.is_empty()
-                        || st.queued > COMBINE_MAX
+                        || st.held - st.unacked_bytes > COMBINE_MAX
                         || !same_sock
                         || st.status == Status::Closed
                     {
                         break (st, None);
                     }
                     batch.extend(st.queue.drain(..));
+                    stamp(&mut st, &mut batch);
                 }
                 // The socket is full: the writer thread goes on from where this stopped.
                 Ok(_) => break (st, None),
@@ -400,36 +413,116 @@ impl Conn {
                 Err(e) => break (st, Some(e)),
             }
         };
-        // What is left goes back to the front, in order (the queue only holds newer frames),
-        // counted in `queued` like any queued frame.
-        if uncounted > 0 {
-            st.queued += uncounted;
-            self.stats.queued_bytes.fetch_add(uncounted as u64, Relaxed);
-        }
+        // What is left goes back to the front, in order (the queue only holds newer frames).
         for f in batch.drain(..).rev() {
             st.queue.push_front(f);
         }
-        if let Some(e) = failed {
-            // Drops the frame cut in the middle, if any; the untouched ones go out again
-            // first on the next connection.
-            self.lost_socket(&mut st, &e);
+        match failed {
+            Some(e) => self.lost_socket(&mut st, &e),
+            None if st.since_ack_read >= ACK_READ_EVERY => self.read_acks(&mut st),
+            None => {}
         }
         st.spare = batch;
         st.direct_busy = false;
         if st.status == Status::Closed {
             // The writer may be gone already: what is left is dropped here, and counted.
-            self.drop_queue(&mut st);
+            self.drop_all(&mut st);
         } else if !st.queue.is_empty() && st.writer_waiting {
             self.wake.notify_one();
         }
     }
 
-    /// Takes `bytes` written off the queued counts.
-    fn uncount(&self, st: &mut State, bytes: usize) {
-        if bytes > 0 {
-            st.queued -= bytes;
-            self.stats.queued_bytes.fetch_sub(bytes as u64, Relaxed);
+    /// Runs a write and counts the frames it completed for the first time, in the peer's and
+    /// the connection's counters (two atomic additions per write, not per frame).
+    fn write_counted<T>(&self, write: impl FnOnce(&mut u64, &mut u64) -> T) -> T {
+        let (mut msgs, mut bytes) = (0u64, 0u64);
+        let result = write(&mut msgs, &mut bytes);
+        self.stats.sent_many(msgs, bytes);
+        self.counters.add(msgs, bytes);
+        result
+    }
+
+    /// After a write of `batch` on `sock`: the frames written whole leave the batch and wait
+    /// for their ack; those not written whole stay in it, in order. Returns whether the batch
+    /// is now empty. Frames written on a socket that is no longer the connection's (it was
+    /// lost meanwhile) all stay, from their start: they go out again on the next one.
+    fn settle(&self, st: &mut State, sock: &Arc<Socket>, batch: &mut Vec<OutFrame>) -> bool {
+        if !st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock)) {
+            batch.iter_mut().for_each(OutFrame::rewind);
+            return batch.is_empty();
         }
+        let whole = batch.iter().take_while(|f| f.remaining() == 0).count();
+        st.since_ack_read += whole as u32;
+        for f in batch.drain(..whole) {
+            if f.seq() <= st.acked {
+                // Its ack came before it was even put here.
+                self.release(st, f.len());
+                self.stats.acked.fetch_add(1, Relaxed);
+            } else {
+                st.unacked_bytes += f.len();
+                st.unacked.push_back(f);
+            }
+        }
+        batch.is_empty()
+    }
+
+    /// Reads, without blocking, the acks the peer sent on the current connection, and
+    /// releases the frames they cover. A peer that closed the connection, or sends anything
+    /// but acks, loses it here.
+    fn read_acks(&self, st: &mut State) {
+        let Some(sock) = st.sock.clone() else { return };
+        st.since_ack_read = 0;
+        if let Err(e) = self.take_acks(st, &sock) {
+            self.lost_socket(st, &e);
+        }
+    }
+
+    /// Reads every ack `sock` holds now, without blocking. `Ok` once none is left; an error
+    /// when the peer closed the connection (after its last acks, which count), or sent
+    /// something else.
+    fn take_acks(&self, st: &mut State, sock: &Socket) -> io::Result<()> {
+        let mut buf = [0u8; 512];
+        loop {
+            match recv_dontwait(sock, &mut buf) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the peer closed the connection",
+                    ))
+                }
+                Ok(n) => match st.acks.feed(&buf[..n]) {
+                    Ok(Some(seq)) if seq >= st.next_seq => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("the peer acknowledged frame {seq}, never sent"),
+                        ))
+                    }
+                    Ok(Some(seq)) => self.on_ack(st, seq),
+                    Ok(None) => {}
+                    Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The peer acknowledged every frame of the lane up to `seq`: they need no keeping.
+    fn on_ack(&self, st: &mut State, seq: u64) {
+        if seq <= st.acked {
+            return;
+        }
+        st.acked = seq;
+        let mut n = 0;
+        while st.unacked.front().is_some_and(|f| f.seq() <= seq) {
+            if let Some(f) = st.unacked.pop_front() {
+                st.unacked_bytes -= f.len();
+                self.release(st, f.len());
+                n += 1;
+            }
+        }
+        self.stats.acked.fetch_add(n, Relaxed);
     }
 
     /// Wakes the writer to try connecting at once (the pool was pointed elsewhere).
@@ -438,7 +531,7 @@ impl Conn {
         self.wake.notify_one();
     }
 
-    /// Tears the connection down for good: queued frames are dropped and counted.
+    /// Tears the connection down for good: what the lane holds is dropped and counted.
     pub fn close(&self) {
         let mut st = self.state.lock();
         if st.status == Status::Closed {
@@ -456,26 +549,25 @@ impl Conn {
                 addr = %addr,
                 reason = "pool closed",
                 queued = st.queue.len(),
+                unacked = st.unacked.len(),
                 "connection_closed"
             );
         }
         self.wake.notify_one();
     }
 
+    /// Kills the current connection from this end, as a middlebox or `ss -K` would.
+    #[cfg(test)]
+    pub(crate) fn cut(&self) {
+        if let Some(sock) = self.state.lock().sock.as_ref() {
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// Everything `teleport:info/0` shows of this connection.
     pub fn info(&self) -> ConnInfo {
-        let (status, queued_bytes, frames_in_queue, last_error, since, reconnects, sock) = {
-            let st = self.state.lock();
-            (
-                st.status,
-                st.queued,
-                st.queue.len(),
-                st.last_error.clone(),
-                st.connected_since,
-                st.reconnects,
-                st.sock.clone(),
-            )
-        };
+        let st = self.state.lock();
+        let sock = st.sock.clone();
         let (msgs_out, bytes_out) = self.counters.get();
         let peer_addr = sock
             .as_deref()
@@ -487,22 +579,32 @@ impl Conn {
             .and_then(|a| a.as_socket());
         ConnInfo {
             index: self.index,
-            status,
+            status: st.status,
             peer_addr,
             local_addr,
-            queued_bytes,
-            frames_in_queue,
+            queued_bytes: st.held - st.unacked_bytes,
+            frames_in_queue: st.queue.len(),
+            unacked_frames: st.unacked.len(),
+            unacked_bytes: st.unacked_bytes,
+            last_acked: st.acked,
             msgs_out,
             bytes_out,
-            last_error,
-            connected_since: since.map(unix_millis),
-            reconnects,
+            last_error: st.last_error.clone(),
+            connected_since: st.connected_since.map(unix_millis),
+            reconnects: st.reconnects,
             buffers: sock.as_deref().map(sockopts::buffer_sizes),
         }
     }
 
+    /// The connection is gone: every frame it took and the peer did not acknowledge goes
+    /// back to the front of the queue, in order, from its start (the one cut mid-write too),
+    /// to go out again on the next connection. Whoever was writing puts its unwritten frames
+    /// back at the front before calling this.
     fn lost_socket(&self, st: &mut State, err: &io::Error) {
         if let Some(sock) = st.sock.take() {
+            // The peer's last acks may still be in the socket (a listener that closes
+            // acknowledges what it delivered first): they spare frames a resend, or a drop.
+            let _ = self.take_acks(st, &sock);
             self.stats.connections.fetch_sub(1, Relaxed);
             let addr = peer_addr(&sock).unwrap_or_else(|| self.target.addr());
             tracing::warn!(
@@ -511,25 +613,74 @@ impl Conn {
                 addr = %addr,
                 reason = %err,
                 queued = st.queue.len(),
+                unacked = st.unacked.len(),
                 "connection_lost"
             );
             st.last_error = Some(format!("connection to {addr} lost: {err}"));
         } else {
             st.last_error = Some(err.to_string());
         }
-        // A frame begun on the lost socket cannot be finished on the next one (its rest would
-        // open that connection with garbage): it is lost, and counted. Whoever was writing
-        // puts its unwritten frames back at the front before calling this.
-        if st.queue.front().is_some_and(OutFrame::started) {
-            if let Some(cut) = st.queue.pop_front() {
-                self.uncount(st, cut.remaining());
-                self.stats.dropped.fetch_add(1, Relaxed);
-            }
+        while let Some(f) = st.unacked.pop_back() {
+            st.queue.push_front(f);
         }
+        st.unacked_bytes = 0;
+        st.queue.iter_mut().for_each(OutFrame::rewind);
+        st.acks = AckReader::default();
         if st.status != Status::Closed {
             st.status = Status::Down;
         }
         st.connected_since = None;
+    }
+
+    /// A new connection is up and its handshake said what the peer delivered on this lane:
+    /// those frames are released and the others numbered on from there. From another
+    /// incarnation of the peer, which cannot know what the old one delivered, the frames
+    /// written before are dropped and counted instead: sending them again could deliver
+    /// them twice.
+    fn resume(&self, st: &mut State, welcome: &Welcome) {
+        let same_peer = st.incarnation.map_or(true, |i| i == welcome.incarnation);
+        let (mut released, mut dropped) = (0u64, 0u64);
+        while let Some(f) = st.queue.front() {
+            let delivered = same_peer && f.seq() != 0 && f.seq() <= welcome.delivered;
+            if !(delivered || (!same_peer && f.was_written())) {
+                break;
+            }
+            if let Some(f) = st.queue.pop_front() {
+                self.release(st, f.len());
+                if delivered {
+                    released += 1;
+                } else {
+                    dropped += 1;
+                }
+            }
+        }
+        self.stats.acked.fetch_add(released, Relaxed);
+        if dropped > 0 {
+            self.stats.dropped.fetch_add(dropped, Relaxed);
+            tracing::warn!(
+                peer = %String::from_utf8_lossy(&self.cfg.peer),
+                index = self.index,
+                dropped,
+                reason = "the peer's teleport restarted: what it delivered before is unknown",
+                "unacked_dropped"
+            );
+        }
+        // Numbered on from what the peer has: nothing is ever numbered twice or skipped.
+        st.queue.iter_mut().for_each(OutFrame::unstamp);
+        let resent = st.queue.iter().filter(|f| f.was_written()).count() as u64;
+        if resent > 0 {
+            self.stats.resent.fetch_add(resent, Relaxed);
+            tracing::info!(
+                peer = %String::from_utf8_lossy(&self.cfg.peer),
+                index = self.index,
+                resent,
+                delivered_before = released,
+                "frames_resent"
+            );
+        }
+        st.incarnation = Some(welcome.incarnation);
+        st.acked = welcome.delivered;
+        st.next_seq = welcome.delivered + 1;
     }
 
     /// Drops (and counts) the queued frames larger than the peer reads: they were queued
@@ -540,14 +691,13 @@ impl Conn {
         st.queue.retain(|f| {
             let keep = body_len(f) <= max;
             if !keep {
-                bytes += f.remaining();
+                bytes += f.len();
             }
             keep
         });
         let n = before - st.queue.len();
         if n > 0 {
-            st.queued -= bytes;
-            self.stats.queued_bytes.fetch_sub(bytes as u64, Relaxed);
+            self.release(st, bytes);
             self.stats.dropped.fetch_add(n as u64, Relaxed);
             tracing::warn!(
                 peer = %String::from_utf8_lossy(&self.cfg.peer),
@@ -560,174 +710,168 @@ impl Conn {
         }
     }
 
-    /// Drops every queued frame, counting them.
-    fn drop_queue(&self, st: &mut State) {
-        let n = st.queue.len() as u64;
-        let bytes: usize = st.queue.iter().map(OutFrame::remaining).sum();
+    /// Drops every frame the lane holds, counting them: the queued ones, those waiting for
+    /// their ack, and a batch a panicking writer took with it.
+    fn drop_all(&self, st: &mut State) {
+        let n = st.queue.len() + st.unacked.len() + std::mem::take(&mut st.in_batch);
         st.queue.clear();
-        st.queued -= bytes;
-        self.stats.queued_bytes.fetch_sub(bytes as u64, Relaxed);
-        self.stats.dropped.fetch_add(n, Relaxed);
+        st.unacked.clear();
+        st.unacked_bytes = 0;
+        let held = st.held;
+        self.release(st, held);
+        self.stats.dropped.fetch_add(n as u64, Relaxed);
     }
 
-    /// The writer thread.
+    /// The writer thread: waits for frames, connects when there is no connection, writes.
     fn run(&self) {
         let mut batch: Vec<OutFrame> = Vec::new();
         let mut backoff = FIRST_BACKOFF;
         loop {
             let mut st = self.state.lock();
-            // A sender writing directly owns the socket until it is done (it wakes us then).
-            while (st.queue.is_empty() || st.direct_busy) && st.status != Status::Closed {
-                st.writer_waiting = true;
-                let timed_out = self.wake.wait_for(&mut st, IDLE_CHECK).timed_out();
-                st.writer_waiting = false;
-                if timed_out && st.queue.is_empty() {
-                    self.check_alive(&mut st);
-                }
-            }
+            self.wait_for_frames(&mut st);
             if st.status == Status::Closed {
-                self.drop_queue(&mut st);
+                self.drop_all(&mut st);
                 return;
             }
             self.probe_if_idle(&mut st, Instant::now());
-            let sock = match st.sock.clone() {
-                Some(sock) => sock,
-                None => {
-                    st.writer_busy = true;
-                    st.status = Status::Connecting;
-                    drop(st);
-                    let result = self.connect();
-                    let mut st = self.state.lock();
-                    st.writer_busy = false;
-                    match result {
-                        Ok(sock) if st.status != Status::Closed => {
-                            backoff = FIRST_BACKOFF;
-                            self.stats.connections.fetch_add(1, Relaxed);
-                            if st.was_up {
-                                self.stats.reconnects.fetch_add(1, Relaxed);
-                                st.reconnects += 1;
-                            }
-                            st.was_up = true;
-                            st.status = Status::Up;
-                            st.connected_since = Some(SystemTime::now());
-                            st.last_write = Instant::now();
-                            st.sock = Some(Arc::new(sock));
-                            self.drop_too_large(&mut st);
-                        }
-                        Ok(_) => {}
-                        Err(err) => {
-                            let e = err.io();
-                            let refused = matches!(
-                                e.kind(),
-                                io::ErrorKind::ConnectionRefused | io::ErrorKind::PermissionDenied
-                            );
-                            let addr = self.target.addr();
-                            // Once per run of failures: the next attempts (with a growing
-                            // pause) are only in `teleport:info/0`'s last_error.
-                            if backoff == FIRST_BACKOFF {
-                                let peer = String::from_utf8_lossy(&self.cfg.peer);
-                                let queued = st.queue.len();
-                                match &err {
-                                    ConnectError::Socket(_) => tracing::warn!(
-                                        peer = %peer,
-                                        index = self.index,
-                                        addr = %addr,
-                                        reason = %e,
-                                        queued,
-                                        "connect_failed"
-                                    ),
-                                    ConnectError::Handshake(_) => tracing::warn!(
-                                        peer = %peer,
-                                        index = self.index,
-                                        addr = %addr,
-                                        reason = %e,
-                                        queued,
-                                        "handshake_failed"
-                                    ),
-                                }
-                            }
-                            if st.status != Status::Closed {
-                                st.status = Status::Down;
-                            }
-                            st.last_error = Some(match &err {
-                                ConnectError::Socket(e) => format!("connect to {addr}: {e}"),
-                                ConnectError::Handshake(e) => {
-                                    format!("handshake with {addr}: {e}")
-                                }
-                            });
-                            if refused {
-                                // The peer is there but not listening or not letting us in
-                                // where we thought: its listener must be found again.
-                                parking_lot::MutexGuard::unlocked(&mut st, || {
-                                    self.target.mark_stale()
-                                });
-                            }
-                            // Queued frames stay: they go out once a connection is up, or are
-                            // dropped (and counted) when the pool is closed at nodedown.
-                            st.writer_waiting = true;
-                            self.wake.wait_for(&mut st, backoff);
-                            st.writer_waiting = false;
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
-                        }
-                    }
-                    continue;
-                }
-            };
-            // Take what is queued; the frames' bytes stay counted in `queued` until written.
-            batch.extend(st.queue.drain(..));
-            let taken: usize = batch.iter().map(OutFrame::remaining).sum();
-            st.writer_busy = true;
-            drop(st);
+            match st.sock.clone() {
+                Some(sock) => self.drain(st, &sock, &mut batch),
+                None => self.connect_or_back_off(st, &mut backoff),
+            }
+        }
+    }
 
-            let result = write_all_blocking(&sock, &mut batch, &self.stats, &self.counters);
-            let mut st = self.state.lock();
-            st.writer_busy = false;
-            st.last_write = Instant::now();
-            // What was not written goes back to the front (still counted in `queued`).
-            let mut requeued = 0;
-            for f in batch.drain(..).rev().filter(|f| f.remaining() > 0) {
-                requeued += f.remaining();
-                st.queue.push_front(f);
+    /// Sleeps until the queue has frames nobody else is writing, or the slot closes. While
+    /// frames wait for their ack it wakes to read acks; when idle, now and then, to find
+    /// out whether the peer hung up.
+    fn wait_for_frames(&self, st: &mut MutexGuard<'_, State>) {
+        while (st.queue.is_empty() || st.direct_busy) && st.status != Status::Closed {
+            st.writer_waiting = true;
+            let pause = if st.unacked.is_empty() {
+                IDLE_CHECK
+            } else {
+                ACK_POLL
+            };
+            let timed_out = self.wake.wait_for(st, pause).timed_out();
+            st.writer_waiting = false;
+            if timed_out && st.queue.is_empty() && !st.direct_busy {
+                self.read_acks(st);
             }
-            self.uncount(&mut st, taken - requeued);
-            if let Err(e) = result {
-                // Drops the frame cut in the middle, if any; the untouched ones go out again
-                // first on the next connection.
-                self.lost_socket(&mut st, &e);
+        }
+    }
+
+    /// Connects and shakes hands (with the lock released); on success the lane resumes on
+    /// the new connection, on failure the writer waits out a growing backoff.
+    fn connect_or_back_off(&self, mut st: MutexGuard<'_, State>, backoff: &mut Duration) {
+        st.writer_busy = true;
+        st.status = Status::Connecting;
+        drop(st);
+        let result = self.connect();
+        let mut st = self.state.lock();
+        st.writer_busy = false;
+        match result {
+            Ok((sock, welcome)) if st.status != Status::Closed => {
+                *backoff = FIRST_BACKOFF;
+                self.stats.connections.fetch_add(1, Relaxed);
+                if st.was_up {
+                    self.stats.reconnects.fetch_add(1, Relaxed);
+                    st.reconnects += 1;
+                }
+                st.was_up = true;
+                st.status = Status::Up;
+                st.connected_since = Some(SystemTime::now());
+                st.last_write = Instant::now();
+                st.sock = Some(Arc::new(sock));
+                self.resume(&mut st, &welcome);
+                self.drop_too_large(&mut st);
             }
+            Ok(_) => {}
+            Err(err) => {
+                self.note_connect_failure(&mut st, &err, *backoff == FIRST_BACKOFF);
+                if matches!(
+                    err.io().kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::PermissionDenied
+                ) {
+                    // The peer is there but not listening or not letting us in where we
+                    // thought: its listener (and the cookie) must be found again.
+                    MutexGuard::unlocked(&mut st, || self.target.mark_stale());
+                }
+                // What the lane holds stays: it goes out once a connection is up, or is
+                // dropped (and counted) when the pool is closed at nodedown.
+                st.writer_waiting = true;
+                self.wake.wait_for(&mut st, *backoff);
+                st.writer_waiting = false;
+                *backoff = (*backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    /// Records why a connection attempt failed; logs it on the first of a run of failures
+    /// (the next attempts, with a growing pause, are only in `teleport:info/0`).
+    fn note_connect_failure(&self, st: &mut State, err: &ConnectError, first: bool) {
+        let (e, addr) = (err.io(), self.target.addr());
+        if first {
+            let peer = String::from_utf8_lossy(&self.cfg.peer);
+            let held = st.queue.len();
+            match err {
+                ConnectError::Socket(_) => tracing::warn!(
+                    peer = %peer, index = self.index, addr = %addr, reason = %e, queued = held,
+                    "connect_failed"
+                ),
+                ConnectError::Handshake(_) => tracing::warn!(
+                    peer = %peer, index = self.index, addr = %addr, reason = %e, queued = held,
+                    "handshake_failed"
+                ),
+            }
+        }
+        if st.status != Status::Closed {
+            st.status = Status::Down;
+        }
+        st.last_error = Some(match err {
+            ConnectError::Socket(e) => format!("connect to {addr}: {e}"),
+            ConnectError::Handshake(e) => format!("handshake with {addr}: {e}"),
+        });
+    }
+
+    /// Writes everything queued (the lock released, blocking), then settles what was
+    /// written and reads the acks that came meanwhile.
+    fn drain(&self, mut st: MutexGuard<'_, State>, sock: &Arc<Socket>, batch: &mut Vec<OutFrame>) {
+        batch.extend(st.queue.drain(..));
+        stamp(&mut st, batch);
+        st.in_batch = batch.len();
+        st.writer_busy = true;
+        drop(st);
+
+        let result = self.write_counted(|msgs, bytes| write_frames(sock, batch, msgs, bytes));
+        let mut st = self.state.lock();
+        st.writer_busy = false;
+        st.in_batch = 0;
+        st.last_write = Instant::now();
+        self.settle(&mut st, sock, batch);
+        // What was not written goes back to the front, in order.
+        for f in batch.drain(..).rev() {
+            st.queue.push_front(f);
+        }
+        match result {
+            Err(e) => self.lost_socket(&mut st, &e),
+            Ok(()) => self.read_acks(&mut st),
         }
     }
 
     /// Checks the connection before writing on it if it has been idle a while.
     fn probe_if_idle(&self, st: &mut State, now: Instant) {
         if st.sock.is_some() && now.saturating_duration_since(st.last_write) >= PROBE_AFTER_IDLE {
-            self.check_alive(st);
+            self.read_acks(st);
             // Probed: the next frames of a burst need not be.
             st.last_write = now;
         }
     }
 
-    /// An idle connection whose peer closed it is found out here, not by the next message.
-    fn check_alive(&self, st: &mut State) {
-        let Some(sock) = st.sock.clone() else { return };
-        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-        match sock.recv_with_flags(&mut probe, flags) {
-            Ok(0) => self.lost_socket(
-                st,
-                &io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "the peer closed the connection",
-                ),
-            ),
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.lost_socket(st, &e),
-            _ => {}
-        }
-    }
-
-    fn connect(&self) -> Result<Socket, ConnectError> {
+    /// Connects to where the pool's target points now, with the cookie it holds now (the
+    /// owner refreshes both when the peer refused us), and shakes hands.
+    fn connect(&self) -> Result<(Socket, Welcome), ConnectError> {
         let cfg = &self.cfg;
-        let addr = self.target.addr();
+        let (addr, cookie) = (self.target.addr(), self.target.cookie());
         let sock = (|| {
             let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             cfg.sock_opts.apply(&sock)?;
@@ -736,29 +880,40 @@ impl Conn {
             Ok::<_, io::Error>(sock)
         })()
         .map_err(ConnectError::Socket)?;
-        let max_frame = (|| {
+        let welcome = (|| {
             // One deadline for the whole handshake: a per-read timeout would let the peer
             // trickle.
             let mut stream = Deadline::after(&sock, cfg.handshake_timeout);
             // The slot index is the lane: a pool has at most `pool::MAX_SIZE` (< 2^16) slots.
             let lane = u16::try_from(self.index).unwrap_or(u16::MAX);
-            let max_frame = handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cfg.cookie, lane)
-                .map_err(handshake_io)?;
+            let welcome =
+                handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cookie, lane, self.session)
+                    .map_err(handshake_io)?;
             sock.set_read_timeout(None)?;
             sock.set_write_timeout(None)?;
-            Ok::<_, io::Error>(max_frame)
+            Ok::<_, io::Error>(welcome)
         })()
         .map_err(ConnectError::Handshake)?;
-        self.target.max_frame.store(max_frame as usize, Relaxed);
+        self.target.limit_frames(welcome.max_frame as usize);
         let local = sock.local_addr().ok().and_then(|a| a.as_socket());
         tracing::info!(
             peer = %String::from_utf8_lossy(&cfg.peer),
             index = self.index,
             addr = %addr,
             local = %local.map(|a| a.to_string()).unwrap_or_default(),
+            delivered = welcome.delivered,
             "connection_up"
         );
-        Ok(sock)
+        Ok((sock, welcome))
+    }
+}
+
+/// Stamps the frames of `batch` not stamped yet with the lane's next numbers, in order: a
+/// frame is numbered when it first goes out on a connection.
+fn stamp(st: &mut State, batch: &mut [OutFrame]) {
+    for f in batch.iter_mut().filter(|f| f.seq() == 0) {
+        f.stamp(st.next_seq);
+        st.next_seq += 1;
     }
 }
 
@@ -772,6 +927,15 @@ fn peer_addr(sock: &Socket) -> Option<SocketAddr> {
     sock.peer_addr().ok().and_then(|a| a.as_socket())
 }
 
+/// One non-blocking `recv` into `buf`.
+#[allow(unsafe_code)]
+fn recv_dontwait(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout, and `recv` only writes
+    // initialised bytes into the buffer (never uninitialised ones), so `buf` stays valid.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    sock.recv_with_flags(uninit, libc::MSG_DONTWAIT)
+}
+
 /// A handshake failure as an I/O error: socket errors keep their kind, refusals are
 /// `PermissionDenied`.
 pub fn handshake_io(e: HandshakeError) -> io::Error {
@@ -783,8 +947,9 @@ pub fn handshake_io(e: HandshakeError) -> io::Error {
 
 /// One `writev` (non-blocking with `MSG_DONTWAIT` in `flags`) of as much of `batch` as the
 /// iovec limit allows, skipping finished frames. Frames keep their progress; `msgs` and
-/// `bytes` count the frames it completed. Returns the bytes written, whether or not
-/// everything fit (the caller looks at what remains); `WouldBlock` if nothing did.
+/// `bytes` count the frames it completed for the first time. Returns the bytes written,
+/// whether or not everything fit (the caller looks at what remains); `WouldBlock` if
+/// nothing did.
 fn write_once(
     sock: &Socket,
     batch: &mut [OutFrame],
@@ -817,7 +982,7 @@ fn write_once(
             break;
         }
         left = f.advance(left);
-        if f.remaining() == 0 {
+        if f.first_completion() {
             *msgs += 1;
             *bytes += f.len() as u64;
         }
@@ -825,22 +990,9 @@ fn write_once(
     Ok(n)
 }
 
-/// Writes every frame of `batch`, coalescing them into as few `writev` calls as the iovec
-/// limit allows. On error, frames keep their progress so the caller can tell which are done.
-fn write_all_blocking(
-    sock: &Socket,
-    batch: &mut [OutFrame],
-    stats: &PeerStats,
-    conn: &ConnStats,
-) -> io::Result<()> {
-    // Counted once per batch: two atomic additions per batch rather than per frame.
-    let (mut msgs, mut bytes) = (0u64, 0u64);
-    let result = write_frames(sock, batch, &mut msgs, &mut bytes);
-    stats.sent_many(msgs, bytes);
-    conn.add(msgs, bytes);
-    result
-}
-
+/// Writes every frame of `batch` with blocking `writev`s, coalescing them into as few calls
+/// as the iovec limit allows. On error, frames keep their progress so the caller can tell
+/// which are done.
 fn write_frames(
     sock: &Socket,
     batch: &mut [OutFrame],
@@ -851,4 +1003,280 @@ fn write_frames(
         write_once(sock, batch, 0, msgs, bytes)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::out_frame::Shared;
+    use crate::testing::*;
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread;
+
+    /// A payload that names its number and has `pad` bytes more.
+    fn numbered(id: u32, pad: usize) -> Vec<u8> {
+        let mut p = id.to_be_bytes().to_vec();
+        p.resize(4 + pad, id as u8);
+        p
+    }
+
+    fn id_of(payload: &[u8]) -> u32 {
+        u32::from_be_bytes(payload[..4].try_into().unwrap())
+    }
+
+    /// Sends `frame`, waiting out `Busy` (as `teleport:send/2` does).
+    fn send_waiting(conn: &Conn, mut frame: OutFrame) {
+        loop {
+            match conn.send(frame) {
+                Ok(()) => return,
+                Err(SendError::Busy(f)) => {
+                    frame = f;
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+
+    /// Collects `n` payloads from `rx`, failing after 20 s.
+    fn collect(rx: &Arrivals, n: usize, what: impl Fn() -> String) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        for i in 0..n {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok((_, p)) => got.push(p),
+                Err(_) => {
+                    let ids: Vec<u32> = got.iter().map(|p| id_of(p)).collect();
+                    let gaps: Vec<(u32, u32)> = ids
+                        .windows(2)
+                        .filter(|w| w[1] != w[0] + 1)
+                        .map(|w| (w[0], w[1]))
+                        .collect();
+                    panic!("got {i} of {n}, jumps {gaps:?}: {}", what())
+                }
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn frames_a_dying_connection_took_are_sent_again_once_and_in_order() {
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let mut cfg = config(b"c", SocketOpts::default());
+        cfg.0.max_queue_bytes = 4 << 20;
+        let (pool, stats) = one_slot(cfg, l.local_addr());
+        let pool = Arc::new(pool);
+        let n = 20_000u32;
+        let done = Arc::new(AtomicBool::new(false));
+        // Mostly small frames (written from the sender's thread), some large (the writer's).
+        let sender = {
+            let (pool, done) = (pool.clone(), done.clone());
+            thread::spawn(move || {
+                for id in 0..n {
+                    let pad = if id % 97 == 0 {
+                        200_000
+                    } else {
+                        (id % 300) as usize
+                    };
+                    send_waiting(pool.conn(0), frame(&numbered(id, pad)));
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        // Connections die under it, from either end, while frames are in flight.
+        for k in 0..8 {
+            thread::sleep(Duration::from_millis(15));
+            if k % 2 == 0 {
+                l.cut();
+            } else {
+                pool.conn(0).cut();
+            }
+        }
+        let got = collect(&rx, n as usize, || {
+            let got: Vec<u32> = rx.try_iter().map(|(_, p)| id_of(&p)).collect();
+            format!("{:?} then {:?}", pool.info(), &got[..got.len().min(10)])
+        });
+        sender.join().unwrap();
+        assert!(done.load(Ordering::SeqCst));
+        let ids: Vec<u32> = got.iter().map(|p| id_of(p)).collect();
+        assert_eq!(ids, (0..n).collect::<Vec<_>>());
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a duplicate arrived"
+        );
+        let s = stats.snapshot();
+        assert_eq!(s.dropped, 0);
+        assert!(s.reconnects >= 1 && s.resent >= 1, "{s:?}");
+        assert_eq!(s.msgs_out, n as u64, "a resent frame is counted once");
+        wait_for("every ack", || stats.snapshot().acked == n as u64);
+        // Acknowledged in the end: the lane holds nothing.
+        wait_for("the last acks", || pool.info()[0].unacked_frames == 0);
+        let c = &pool.info()[0];
+        assert_eq!((c.queued_bytes, c.unacked_bytes), (0, 0));
+        // Every frame got one number in the end (the resent ones were numbered anew).
+        assert_eq!(c.last_acked, n as u64);
+        assert_eq!(stats.snapshot().queued_bytes, 0);
+        pool.close();
+        l.close();
+    }
+
+    #[test]
+    fn concurrent_small_senders_share_writes_and_keep_their_order() {
+        // Eight threads on one lane: whoever finds it idle writes, and takes what the others
+        // queued meanwhile (combining); partial writes go on in the writer thread.
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let (pool, stats) = one_slot(config(b"c", SocketOpts::default()), l.local_addr());
+        let pool = Arc::new(pool);
+        let (threads, each) = (8u32, 2_000u32);
+        let senders: Vec<_> = (0..threads)
+            .map(|t| {
+                let pool = pool.clone();
+                thread::spawn(move || {
+                    for i in 0..each {
+                        send_waiting(pool.conn(0), frame(&numbered(t << 16 | i, 50)));
+                    }
+                })
+            })
+            .collect();
+        let got = collect(&rx, (threads * each) as usize, || {
+            format!("{:?}", pool.info())
+        });
+        senders.into_iter().for_each(|s| s.join().unwrap());
+        let mut next = vec![0u32; threads as usize];
+        for p in &got {
+            let id = id_of(p);
+            let (t, i) = ((id >> 16) as usize, id & 0xFFFF);
+            assert_eq!(i, next[t], "thread {t} out of order");
+            next[t] += 1;
+        }
+        wait_for("every ack", || {
+            stats.snapshot().acked == (threads * each) as u64
+        });
+        assert_eq!(stats.snapshot().queued_bytes, 0);
+        pool.close();
+        l.close();
+    }
+
+    #[test]
+    fn a_peer_that_stops_acknowledging_makes_the_lane_busy() {
+        // A peer that shakes hands, then reads everything and acknowledges nothing.
+        let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = mute.local_addr().unwrap();
+        let reader = thread::spawn(move || {
+            let (mut s, _) = mute.accept().unwrap();
+            let proven = handshake::accept(&mut s, b"b@h", |_| Some(b"c".to_vec())).unwrap();
+            let welcome = Welcome {
+                max_frame: 1 << 20,
+                incarnation: 1,
+                delivered: 0,
+            };
+            proven.welcome(&mut s, &welcome).unwrap();
+            let mut sink = vec![0u8; 1 << 16];
+            while io::Read::read(&mut s, &mut sink).is_ok_and(|n| n > 0) {}
+        });
+        let mut cfg = config(b"c", SocketOpts::default());
+        cfg.0.max_queue_bytes = 64 * 1024;
+        let (pool, stats) = one_slot(cfg, addr);
+        let mut taken = 0;
+        let busy = loop {
+            match pool.conn(0).send(frame(&numbered(taken, 1000))) {
+                Ok(()) => taken += 1,
+                Err(SendError::Busy(_)) => break true,
+                Err(e) => panic!("{e:?}"),
+            }
+            if taken == 1000 {
+                break false;
+            }
+            if taken == 1 {
+                wait_for("the connection", || pool.info()[0].status == Status::Up);
+            }
+        };
+        // Every frame went out (the peer reads them all), yet the lane is full.
+        assert!(
+            busy,
+            "64 KB of unacknowledged frames must make the lane busy"
+        );
+        wait_for("the writes", || pool.info()[0].frames_in_queue == 0);
+        let c = &pool.info()[0];
+        assert_eq!(c.unacked_frames, taken as usize);
+        assert_eq!(c.queued_bytes, 0);
+        assert_eq!(c.unacked_bytes, taken as usize * (1004 + OVERHEAD));
+        assert_eq!(stats.snapshot().queued_bytes, c.unacked_bytes as u64);
+        // Closed (nodedown), the lane drops what the peer never acknowledged, and counts it.
+        pool.close();
+        wait_for("the drop", || stats.snapshot().dropped == taken as u64);
+        assert_eq!(stats.snapshot().queued_bytes, 0);
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_new_incarnation_of_the_peer_costs_exactly_the_frames_it_never_acknowledged() {
+        let (l1, _a1, rx1) = listener(SocketOpts::default());
+        let (pool, stats) = one_slot(config(b"c", SocketOpts::default()), l1.local_addr());
+        let pool = Arc::new(pool);
+        let n = 20_000u32;
+        let sender = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                for id in 0..n {
+                    send_waiting(pool.conn(0), frame(&numbered(id, (id % 200) as usize)));
+                    if id == n / 2 {
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+        };
+        // The peer's teleport restarts mid-stream: a new listener, elsewhere.
+        let first: Vec<u32> = (0..n / 4)
+            .map(|_| id_of(&rx1.recv_timeout(Duration::from_secs(10)).unwrap().1))
+            .collect();
+        l1.close();
+        let (l2, _a2, rx2) = listener(SocketOpts::default());
+        pool.retarget(l2.local_addr(), b"c");
+        sender.join().unwrap();
+        wait_for("the lane to settle", || {
+            let c = &pool.info()[0];
+            c.queued_bytes == 0 && c.unacked_frames == 0
+        });
+        let mut ids = first;
+        ids.extend(rx1.try_iter().map(|(_, p)| id_of(&p)));
+        ids.extend(rx2.try_iter().map(|(_, p)| id_of(&p)));
+        // In order, none twice, and what is missing is exactly what was counted.
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "reordered or duplicated"
+        );
+        let seen: HashSet<u32> = ids.iter().copied().collect();
+        let missing = (0..n).filter(|i| !seen.contains(i)).count() as u64;
+        assert_eq!(missing, stats.snapshot().dropped, "lost {missing}");
+        assert_eq!(stats.snapshot().acked + missing, n as u64);
+        pool.close();
+        l2.close();
+    }
+
+    /// Shared bytes that panic when the writer reads them.
+    struct Explodes;
+    impl Shared for Explodes {
+        fn bytes(&self, _: u32) -> &[u8] {
+            panic!("boom")
+        }
+    }
+
+    #[test]
+    fn a_writer_that_panics_releases_what_its_batch_held() {
+        let (l, _acceptor, _rx) = listener(SocketOpts::default());
+        let (pool, stats) = one_slot(config(b"c", SocketOpts::default()), l.local_addr());
+        // Large, so the writer thread (not this one) writes it.
+        let mut d = crate::frame::Draft::new(crate::frame::Kind::ToName, &[119, 1, b't']);
+        d.term().binary_ref(100_000);
+        let bomb = d.finish(Some(Arc::new(Explodes))).unwrap();
+        pool.conn(0).send(bomb).unwrap();
+        wait_for("the slot to close", || {
+            pool.info()[0].status == Status::Closed
+        });
+        wait_for("the counts", || stats.snapshot().dropped == 1);
+        assert_eq!(stats.snapshot().queued_bytes, 0);
+        assert_eq!(pool.info()[0].queued_bytes, 0);
+        l.close();
+    }
 }

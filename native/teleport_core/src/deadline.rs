@@ -194,9 +194,7 @@ mod tests {
         let (stop, peer) = trickle(dialer, framed, Duration::from_millis(50));
         let start = Instant::now();
         let mut stream = Deadline::after(&acceptor, Duration::from_millis(300));
-        let result = handshake::accept(&mut stream, b"b@host", 1 << 20, |_| {
-            Some(b"cookie".to_vec())
-        });
+        let result = handshake::accept(&mut stream, b"b@host", |_| Some(b"cookie".to_vec()));
         let took = start.elapsed();
         stop.store(true, Ordering::SeqCst);
         match result {
@@ -289,15 +287,22 @@ mod tests {
         let (dialer, acceptor) = pair();
         let acceptor = thread::spawn(move || {
             let mut stream = Deadline::after(&acceptor, Duration::from_secs(5));
-            handshake::accept(&mut stream, b"b@host", 1 << 20, |_| {
-                Some(b"cookie".to_vec())
-            })
+            let proven = handshake::accept(&mut stream, b"b@host", |_| Some(b"cookie".to_vec()))?;
+            let welcome = handshake::Welcome {
+                max_frame: 1 << 20,
+                incarnation: 1,
+                delivered: 0,
+            };
+            proven.welcome(&mut stream, &welcome)
         });
         let mut stream = Deadline::after(&dialer, Duration::from_secs(5));
-        let max_frame = handshake::dial(&mut stream, b"a@host", b"b@host", b"cookie", 3).unwrap();
-        assert_eq!(max_frame, 1 << 20);
+        let welcome = handshake::dial(&mut stream, b"a@host", b"b@host", b"cookie", 3, 9).unwrap();
+        assert_eq!(welcome.max_frame, 1 << 20);
         let dialer = acceptor.join().unwrap().unwrap();
-        assert_eq!((dialer.name.as_slice(), dialer.lane), (&b"a@host"[..], 3));
+        assert_eq!(
+            (dialer.name.as_slice(), dialer.lane, dialer.session),
+            (&b"a@host"[..], 3, 9)
+        );
     }
 
     #[test]

@@ -1,24 +1,33 @@
-//! Data frames: what travels on an authenticated teleport connection.
+//! Data frames: what travels on an authenticated teleport connection, and the one place that
+//! builds them ([`Draft`]).
 //!
 //! ```text
-//! Len:32 | Kind:8 | Flags:8 | DestLen:16 | Dest:DestLen | Term
+//! Len:32 | Kind:8 | Flags:8 | DestLen:16 | Seq:64 | Dest:DestLen | Term
 //! ```
-//! `Len` counts every byte after itself. `Dest` is the destination in the external term
-//! format, version byte first: a pid for [`Kind::ToPid`], the atom of a registered name for
-//! [`Kind::ToName`] (which the receiver decodes in safe mode: no atom is ever made for it). `Term` is the message in the external term format, version byte first.
-//! [`FLAG_SHARED`] tells the receiver that the term holds binaries worth decoding as
-//! sub-binaries of the frame, so the frame should be read into a buffer of its own.
+//! `Len` counts every byte after itself. `Flags` is reserved: no flag is defined, and a frame
+//! with any bit set is refused (so a future flag cannot be silently ignored by an older node).
+//! `Seq` numbers the frames of a lane (one pool slot and its successive connections) from 1
+//! in each session of that lane: the receiver delivers frame `n` only after frame `n - 1`,
+//! drops one it already delivered (a resend after a reconnection), and closes the connection
+//! on a gap. The sender writes it when the frame first goes out on a connection
+//! ([`OutFrame::stamp`]), not when it is built, so that frames dropped before being written
+//! leave no hole. `Dest` is the destination in the external term format, version byte
+//! first: a pid for [`Kind::ToPid`], the atom of a registered name for [`Kind::ToName`]
+//! (which the receiver decodes in safe mode: no atom is ever made for it). `Term` is the
+//! message in the external term format, version byte first.
 
 use crate::encode::Writer;
 use crate::etf;
+use crate::out_frame::{OutFrame, Shared};
 use std::fmt;
+use std::sync::Arc;
 
 /// Bytes of the length prefix.
 pub const LEN_BYTES: usize = 4;
-/// Bytes of the fixed part after the length: kind, flags, destination length.
-pub const FIXED_BYTES: usize = 4;
-/// The term holds large binaries: read the frame into its own buffer and decode zero-copy.
-pub const FLAG_SHARED: u8 = 1;
+/// Bytes of the fixed part after the length: kind, flags, destination length, sequence.
+pub const FIXED_BYTES: usize = 12;
+/// Where `Seq` is, counted from the first byte of the length prefix.
+pub const SEQ_AT: usize = LEN_BYTES + 4;
 
 /// What a frame's destination is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +45,19 @@ pub enum FrameError {
     BadLength(usize),
     /// The kind byte is unknown.
     BadKind(u8),
+    /// A reserved flag bit is set.
+    BadFlags(u8),
     /// The destination runs past the end of the frame, or the term is missing.
     Truncated,
     /// The destination is not a pid (for [`Kind::ToPid`]) or an atom (for [`Kind::ToName`]).
     BadDest,
+    /// The frame's sequence number skips some: frames of the lane were lost on the way.
+    Gap {
+        /// The sequence number the receiver expected.
+        expected: u64,
+        /// The one the frame carries.
+        got: u64,
+    },
 }
 
 impl fmt::Display for FrameError {
@@ -47,8 +65,12 @@ impl fmt::Display for FrameError {
         match self {
             FrameError::BadLength(n) => write!(f, "frame length {n} is out of bounds"),
             FrameError::BadKind(k) => write!(f, "unknown frame kind {k}"),
+            FrameError::BadFlags(b) => write!(f, "unknown frame flags {b:#04x}"),
             FrameError::Truncated => f.write_str("frame ends inside its header"),
             FrameError::BadDest => f.write_str("frame destination is not a pid or an atom"),
+            FrameError::Gap { expected, got } => {
+                write!(f, "frame {got} arrived where frame {expected} was due")
+            }
         }
     }
 }
@@ -60,8 +82,8 @@ impl std::error::Error for FrameError {}
 pub struct Frame<'a> {
     /// What `dest` is.
     pub kind: Kind,
-    /// `FLAG_*` bits.
-    pub flags: u8,
+    /// Its number on its lane.
+    pub seq: u64,
     /// The destination.
     pub dest: &'a [u8],
     /// The message, external term format, version byte first.
@@ -77,6 +99,14 @@ pub fn check_len(prefix: [u8; LEN_BYTES], max_frame_bytes: usize) -> Result<usiz
     Ok(len)
 }
 
+/// The sequence number of a frame body at least [`FIXED_BYTES`] long (as [`check_len`]
+/// guarantees), read before the rest is looked at.
+pub fn seq(body: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&body[SEQ_AT - LEN_BYTES..SEQ_AT - LEN_BYTES + 8]);
+    u64::from_be_bytes(b)
+}
+
 /// Parses a frame body.
 pub fn parse(body: &[u8]) -> Result<Frame<'_>, FrameError> {
     if body.len() < FIXED_BYTES {
@@ -87,6 +117,9 @@ pub fn parse(body: &[u8]) -> Result<Frame<'_>, FrameError> {
         2 => Kind::ToName,
         k => return Err(FrameError::BadKind(k)),
     };
+    if body[1] != 0 {
+        return Err(FrameError::BadFlags(body[1]));
+    }
     let dest_len = u16::from_be_bytes([body[2], body[3]]) as usize;
     let rest = &body[FIXED_BYTES..];
     if dest_len >= rest.len() {
@@ -95,7 +128,7 @@ pub fn parse(body: &[u8]) -> Result<Frame<'_>, FrameError> {
     let (dest, term) = rest.split_at(dest_len);
     Ok(Frame {
         kind,
-        flags: body[1],
+        seq: seq(body),
         dest,
         term,
     })
@@ -119,60 +152,76 @@ pub fn check_dest(kind: Kind, dest: &[u8]) -> Result<(), FrameError> {
     ok.then_some(()).ok_or(FrameError::BadDest)
 }
 
-/// The position of a frame being written, to be completed by [`finish`].
+/// A frame being built: its header and destination are written, and [`Draft::term`] takes
+/// the message. Every frame is built here, so that its layout is known in one place.
 #[derive(Debug)]
-#[must_use = "a started frame must be finished"]
-pub struct Started(usize);
+#[must_use = "a draft must be finished into a frame"]
+pub struct Draft(Writer);
 
-/// Writes a frame header for `dest` into `w`; the term follows (version byte first).
-/// `dest` must be at most 65535 bytes.
-pub fn start(w: &mut Writer, kind: Kind, dest: &[u8]) -> Started {
-    let at = w.buffered();
-    w.raw(&[0, 0, 0, 0, kind as u8, 0]);
-    w.raw(&(dest.len() as u16).to_be_bytes());
-    w.raw(dest);
-    Started(at)
-}
+impl Draft {
+    /// Starts a frame for `dest`, the destination's encoding without its version byte (a
+    /// pid, or an atom: see [`check_dest`]), at most 65534 bytes. The term's version byte is
+    /// written too: what [`Draft::term`] writes next is the term itself.
+    pub fn new(kind: Kind, dest: &[u8]) -> Draft {
+        let mut w = Writer::with_capacity(256);
+        // Length and sequence number are filled in later: by `finish` and `OutFrame::stamp`.
+        w.raw(&[0, 0, 0, 0, kind as u8, 0]);
+        w.raw(&((dest.len() + 1) as u16).to_be_bytes());
+        w.raw(&[0; 8]);
+        w.version();
+        w.raw(dest);
+        w.version();
+        Draft(w)
+    }
 
-/// Fills in the length and flags of a frame started at `started`, now that its term is
-/// written. Fails if the frame does not fit the 32-bit length.
-pub fn finish(w: &mut Writer, started: Started, flags: u8) -> Result<usize, FrameError> {
-    let len = w.total_len() - started.0 - LEN_BYTES;
-    let len32 = u32::try_from(len).map_err(|_| FrameError::BadLength(len))?;
-    w.overwrite(started.0, &len32.to_be_bytes());
-    w.overwrite(started.0 + LEN_BYTES + 1, &[flags]);
-    Ok(len + LEN_BYTES)
+    /// Where the message is written, after its version byte.
+    pub fn term(&mut self) -> &mut Writer {
+        &mut self.0
+    }
+
+    /// The finished frame, whose [`crate::encode::Chunk::Shared`] parts `shared` supplies.
+    /// Fails if the frame does not fit the 32-bit length.
+    pub fn finish(self, shared: Option<Arc<dyn Shared>>) -> Result<OutFrame, FrameError> {
+        let mut w = self.0;
+        let len = w.total_len() - LEN_BYTES;
+        let len32 = u32::try_from(len).map_err(|_| FrameError::BadLength(len))?;
+        w.overwrite(0, &len32.to_be_bytes());
+        let (buf, chunks) = w.finish();
+        Ok(OutFrame::new(buf, chunks, shared))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::Chunk;
+
+    /// The bytes of a finished frame, as they go on the wire.
+    fn wire(f: &OutFrame) -> Vec<u8> {
+        let mut v = Vec::new();
+        f.slices(&mut v, usize::MAX);
+        v.iter().flat_map(|s| s.iter().copied()).collect()
+    }
 
     #[test]
-    fn a_written_frame_parses_back() {
-        let mut w = Writer::default();
-        let s = start(&mut w, Kind::ToName, b"echo");
-        w.version();
-        w.atom_utf8(b"hi");
-        let total = finish(&mut w, s, 0).unwrap();
-        let (buf, chunks) = w.finish();
-        assert_eq!(
-            chunks,
-            vec![Chunk::Bytes {
-                start: 0,
-                end: total
-            }]
+    fn a_built_frame_parses_back_with_its_stamp() {
+        let mut d = Draft::new(
+            Kind::ToName,
+            &[etf::SMALL_ATOM_UTF8_EXT, 4, b'e', b'c', b'h', b'o'],
         );
+        d.term().atom_utf8(b"hi");
+        let mut f = d.finish(None).unwrap();
+        f.stamp(7);
+        let buf = wire(&f);
+        assert_eq!(f.len(), buf.len());
         let len = check_len(buf[..4].try_into().unwrap(), 1 << 20).unwrap();
         assert_eq!(len, buf.len() - 4);
-        let f = parse(&buf[4..]).unwrap();
+        assert_eq!(seq(&buf[4..]), 7);
         assert_eq!(
-            f,
+            parse(&buf[4..]).unwrap(),
             Frame {
                 kind: Kind::ToName,
-                flags: 0,
-                dest: b"echo",
+                seq: 7,
+                dest: &[131, etf::SMALL_ATOM_UTF8_EXT, 4, b'e', b'c', b'h', b'o'],
                 term: &[131, 119, 2, b'h', b'i'],
             }
         );
@@ -180,18 +229,16 @@ mod tests {
 
     #[test]
     fn shared_binaries_count_in_the_length() {
-        let mut w = Writer::default();
-        let s = start(&mut w, Kind::ToPid, &[1, 2, 3]);
-        w.version();
-        w.binary_ref(100_000);
-        let total = finish(&mut w, s, FLAG_SHARED).unwrap();
-        assert_eq!(total, 4 + 4 + 3 + 1 + 5 + 100_000);
-        let (buf, _) = w.finish();
+        let mut d = Draft::new(Kind::ToPid, &[etf::NEW_PID_EXT, 1, 2]);
+        d.term().binary_ref(100_000);
+        let f = d.finish(None).unwrap();
+        assert_eq!(f.len(), 4 + 12 + 4 + 1 + 5 + 100_000);
+        let mut v = Vec::new();
+        f.slices(&mut v, 1);
         assert_eq!(
-            u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize,
-            total - 4
+            u32::from_be_bytes(v[0][..4].try_into().unwrap()) as usize,
+            f.len() - 4
         );
-        assert_eq!(buf[5], FLAG_SHARED);
     }
 
     #[test]
@@ -200,17 +247,35 @@ mod tests {
             check_len(u32::MAX.to_be_bytes(), 1 << 30),
             Err(FrameError::BadLength(u32::MAX as usize))
         );
-        assert_eq!(check_len([0, 0, 0, 4], 100), Err(FrameError::BadLength(4)));
+        assert_eq!(
+            check_len([0, 0, 0, 12], 100),
+            Err(FrameError::BadLength(12))
+        );
         assert_eq!(check_len([0, 0, 0, 100], 100), Ok(100));
     }
 
     #[test]
     fn malformed_bodies_are_refused() {
+        let seq0 = [0u8; 8];
+        let body = |head: &[u8], rest: &[u8]| [head, &seq0, rest].concat();
         assert_eq!(parse(&[1, 0, 0]), Err(FrameError::Truncated));
-        assert_eq!(parse(&[9, 0, 0, 0, 131]), Err(FrameError::BadKind(9)));
+        assert_eq!(
+            parse(&body(&[9, 0, 0, 0], &[131])),
+            Err(FrameError::BadKind(9))
+        );
+        assert_eq!(
+            parse(&body(&[1, 1, 0, 0], &[131])),
+            Err(FrameError::BadFlags(1))
+        );
         // Destination as long as the rest: no term left.
-        assert_eq!(parse(&[2, 0, 0, 2, b'a', b'b']), Err(FrameError::Truncated));
-        assert_eq!(parse(&[2, 0, 255, 255, b'a']), Err(FrameError::Truncated));
+        assert_eq!(
+            parse(&body(&[2, 0, 0, 2], b"ab")),
+            Err(FrameError::Truncated)
+        );
+        assert_eq!(
+            parse(&body(&[2, 0, 255, 255], b"a")),
+            Err(FrameError::Truncated)
+        );
     }
 
     #[test]

@@ -18,23 +18,36 @@
 //! dialer -> acceptor  HELLO      'H', "TLPT", VERSION, NameLen:8, DialerName, NonceD:32
 //! acceptor -> dialer  CHALLENGE  'C', NameLen:8, AcceptorName, NonceA:32
 //!                     or REJECT  'R', Reason:8            (3: the HELLO was not understood)
-//! dialer -> acceptor  RESPONSE   'A', MacD:32, Lane:16
-//! acceptor -> dialer  OK         'K', MacA:32, MaxFrame:32
+//! dialer -> acceptor  RESPONSE   'A', MacD:32, Lane:16, Session:64
+//! acceptor -> dialer  OK         'K', MacA:32, MaxFrame:32, Incarnation:64, Delivered:64
 //!                     or REJECT  'R', Reason:8            (2: unknown node or wrong MacD,
 //!                                                          3: the RESPONSE was malformed)
 //!
-//! MacD = HMAC-SHA256(Cookie, "teleport-dial\0\0\0" ++ NonceA ++ NonceD ++ Names ++ Lane:16)
-//! MacA = HMAC-SHA256(Cookie, "teleport-accept\0"   ++ NonceD ++ NonceA ++ Names ++ MaxFrame:32)
+//! MacD = HMAC-SHA256(Cookie, "teleport-dial\0\0\0" ++ NonceA ++ NonceD ++ Names
+//!                            ++ Lane:16 ++ Session:64)
+//! MacA = HMAC-SHA256(Cookie, "teleport-accept\0"   ++ NonceD ++ NonceA ++ Names
+//!                            ++ MaxFrame:32 ++ Incarnation:64 ++ Delivered:64)
 //! Names = len(DialerName):8 ++ DialerName ++ len(AcceptorName):8 ++ AcceptorName
 //! ```
 //!
-//! Besides authenticating, the handshake settles two things, each covered by its sender's MAC:
-//! - `Lane`, which of the dialer's pool slots this connection serves. A sender that loses a
-//!   connection opens a new one for the same slot, and the acceptor lets the new one deliver
-//!   only once the old one's reader is done (see [`crate::lanes`]): that keeps a pair's
-//!   messages in order across reconnections.
+//! Besides authenticating, the handshake settles what delivery needs, each field covered by
+//! its sender's MAC:
+//! - `Lane`, which of the dialer's pool slots this connection serves, and `Session`, the
+//!   dialer's pool (a new pool numbers its frames from 1 again). A sender that loses a
+//!   connection opens a new one for the same slot, and the acceptor answers only once the
+//!   old one's reader is done (see [`crate::lanes`]), so that the new one's frames never
+//!   overtake the old one's.
+//! - `Delivered`, the number of the last frame of the lane the acceptor delivered in that
+//!   session: the dialer sends again, in order, every frame after it that it still holds
+//!   (a dead connection takes unread frames with it; see [`crate::acks`]).
+//! - `Incarnation`, the acceptor's listener (random at each start): when it changes, the
+//!   acceptor cannot know what its earlier incarnation delivered, and the dialer drops (and
+//!   counts) what it had written and not seen acknowledged, rather than deliver it twice.
 //! - `MaxFrame`, the largest frame body the acceptor reads (its `max_frame_bytes`): the dialer
 //!   refuses a larger message at once rather than sending what would close the connection.
+//!
+//! Version 3 (this one) added `Session`, `Incarnation` and `Delivered`; a node speaking
+//! another version is refused by the acceptor, whose log line names both versions.
 //!
 //! The acceptor looks the dialer's cookie up once, right after the HELLO. For a node it has no
 //! cookie for, it carries on exactly as for a known one, with a fresh nonce and a random
@@ -59,7 +72,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// The handshake version this node speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// The largest handshake message body, in bytes; longer length prefixes are refused unread.
 pub const MAX_MESSAGE: usize = 1024;
 /// The magic that follows the HELLO tag and identifies the protocol.
@@ -193,6 +206,19 @@ pub struct Response {
     pub mac: [u8; MAC_LEN],
     /// The dialer's pool slot this connection serves.
     pub lane: u16,
+    /// The dialer's pool.
+    pub session: u64,
+}
+
+/// What the acceptor's OK tells the dialer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcome {
+    /// The largest frame body the acceptor reads.
+    pub max_frame: u32,
+    /// The acceptor's listener, random at each start.
+    pub incarnation: u64,
+    /// The last frame of the lane delivered in the dialer's session (0: none).
+    pub delivered: u64,
 }
 
 /// The acceptor's OK, with its proof that it knows the cookie too.
@@ -200,8 +226,8 @@ pub struct Response {
 pub struct Accepted {
     /// The acceptor's proof, `MacA`.
     pub mac: [u8; MAC_LEN],
-    /// The largest frame body the acceptor reads.
-    pub max_frame: u32,
+    /// What it tells.
+    pub welcome: Welcome,
 }
 
 /// What the acceptor learns of an authenticated dialer.
@@ -211,6 +237,20 @@ pub struct Dialer {
     pub name: Vec<u8>,
     /// The pool slot the connection serves.
     pub lane: u16,
+    /// The dialer's pool.
+    pub session: u64,
+}
+
+/// A dialer that proved it knows the cookie, not yet answered: the acceptor finds out what
+/// the lane delivered, then [`Proven::welcome`]s it.
+#[derive(Debug)]
+pub struct Proven {
+    /// Who it is.
+    pub dialer: Dialer,
+    cookie: Vec<u8>,
+    nonce_d: [u8; NONCE_LEN],
+    nonce_a: [u8; NONCE_LEN],
+    me: Vec<u8>,
 }
 
 /// Reads one message and returns its body.
@@ -313,16 +353,18 @@ pub fn parse_response(body: &[u8]) -> Result<Response, HandshakeError> {
     }
     let mac = f.array("truncated MAC")?;
     let lane = u16::from_be_bytes(f.array("truncated lane")?);
+    let session = u64::from_be_bytes(f.array("truncated session")?);
     f.finish()?;
-    Ok(Response { mac, lane })
+    Ok(Response { mac, lane, session })
 }
 
 /// Serialises a RESPONSE body.
 pub fn encode_response(response: &Response) -> Vec<u8> {
-    let mut body = Vec::with_capacity(3 + MAC_LEN);
+    let mut body = Vec::with_capacity(11 + MAC_LEN);
     body.push(TAG_RESPONSE);
     body.extend_from_slice(&response.mac);
     body.extend_from_slice(&response.lane.to_be_bytes());
+    body.extend_from_slice(&response.session.to_be_bytes());
     body
 }
 
@@ -337,16 +379,28 @@ pub fn parse_verdict(body: &[u8]) -> Result<Accepted, HandshakeError> {
     }
     let mac = f.array("truncated MAC")?;
     let max_frame = u32::from_be_bytes(f.array("truncated max frame size")?);
+    let incarnation = u64::from_be_bytes(f.array("truncated incarnation")?);
+    let delivered = u64::from_be_bytes(f.array("truncated delivered")?);
     f.finish()?;
-    Ok(Accepted { mac, max_frame })
+    Ok(Accepted {
+        mac,
+        welcome: Welcome {
+            max_frame,
+            incarnation,
+            delivered,
+        },
+    })
 }
 
 /// Serialises an OK body.
 pub fn encode_ok(accepted: &Accepted) -> Vec<u8> {
-    let mut body = Vec::with_capacity(5 + MAC_LEN);
+    let w = &accepted.welcome;
+    let mut body = Vec::with_capacity(21 + MAC_LEN);
     body.push(TAG_OK);
     body.extend_from_slice(&accepted.mac);
-    body.extend_from_slice(&accepted.max_frame.to_be_bytes());
+    body.extend_from_slice(&w.max_frame.to_be_bytes());
+    body.extend_from_slice(&w.incarnation.to_be_bytes());
+    body.extend_from_slice(&w.delivered.to_be_bytes());
     body
 }
 
@@ -367,10 +421,11 @@ pub fn encode_reject(code: u8) -> Vec<u8> {
 
 /// Runs the dialer's side: proves to the node `peer` that this node `me` knows `cookie`, after
 /// checking that `peer` answers under that name, then checks that `peer` knows the cookie too.
-/// `lane` is the pool slot the connection is for.
+/// `lane` is the pool slot the connection is for, `session` the pool.
 ///
-/// On success it returns the largest frame body `peer` reads, and the stream is positioned
-/// right after the handshake, ready for data frames. On
+/// On success it returns what the acceptor told (its frame limit, its incarnation and what
+/// the lane delivered), and the stream is positioned right after the handshake, ready for
+/// data frames. On
 /// [`HandshakeError::WrongPeer`] nothing more than the HELLO has been sent; on
 /// [`HandshakeError::BadMac`] the acceptor said OK without knowing the cookie. Either way, and
 /// on every other error, the caller should close the connection. An empty cookie is refused
@@ -381,7 +436,8 @@ pub fn dial<S: Read + Write>(
     peer: &[u8],
     cookie: &[u8],
     lane: u16,
-) -> Result<u32, HandshakeError> {
+    session: u64,
+) -> Result<Welcome, HandshakeError> {
     name_len(me)?;
     name_len(peer)?;
     if cookie.is_empty() {
@@ -401,11 +457,11 @@ pub fn dial<S: Read + Write>(
         // something to test cookie guesses against: send nothing.
         return Err(HandshakeError::WrongPeer);
     }
-    let mac = dial_mac(cookie, &challenge.nonce, &nonce_d, me, peer, lane)?
+    let mac = dial_mac(cookie, &challenge.nonce, &nonce_d, me, peer, lane, session)?
         .finalize()
         .into_bytes()
         .into();
-    write_message(s, &encode_response(&Response { mac, lane }))?;
+    write_message(s, &encode_response(&Response { mac, lane, session }))?;
 
     let accepted = parse_verdict(&read_message(s)?)?;
     // `verify_slice` compares in constant time.
@@ -415,29 +471,27 @@ pub fn dial<S: Read + Write>(
         &challenge.nonce,
         me,
         peer,
-        accepted.max_frame,
+        &accepted.welcome,
     )?
     .verify_slice(&accepted.mac)
     .map_err(|_| HandshakeError::BadMac)?;
-    Ok(accepted.max_frame)
+    Ok(accepted.welcome)
 }
 
-/// Runs the acceptor's side as node `me`, which reads frame bodies of up to `max_frame` bytes,
-/// and returns the authenticated dialer's node name and lane.
+/// Runs the acceptor's side as node `me` up to the dialer's proof, and returns the proven
+/// dialer, still to be answered with [`Proven::welcome`] (which sends the OK).
 ///
 /// `cookie_for` is asked once, right after the HELLO, for the cookie shared with the dialer, by
 /// the name the dialer claims. `None` (or an empty cookie) refuses the dialer as
 /// [`HandshakeError::UnknownNode`], but only after its RESPONSE and with the REJECT(2) of a
 /// wrong MAC, so that a prober learns nothing about which names are known. Every refusal the
 /// protocol can tell the dialer about is answered with a REJECT before the error is returned;
-/// I/O failures are not. On success the OK has been sent and the stream is positioned right
-/// after the handshake.
+/// I/O failures are not.
 pub fn accept<S: Read + Write>(
     s: &mut S,
     me: &[u8],
-    max_frame: u32,
     cookie_for: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
-) -> Result<Dialer, HandshakeError> {
+) -> Result<Proven, HandshakeError> {
     name_len(me)?;
     let hello = read_message(s).and_then(|body| parse_hello(&body));
     let hello = rejecting(s, REJECT_PROTOCOL, hello)?;
@@ -466,6 +520,7 @@ pub fn accept<S: Read + Write>(
         &hello.name,
         me,
         response.lane,
+        response.session,
     )?
     .verify_slice(&response.mac)
     .is_ok();
@@ -475,16 +530,43 @@ pub fn accept<S: Read + Write>(
     if !mac_ok {
         return rejecting(s, REJECT_BAD_MAC, Err(HandshakeError::BadMac));
     }
+    Ok(Proven {
+        dialer: Dialer {
+            name: hello.name,
+            lane: response.lane,
+            session: response.session,
+        },
+        cookie,
+        nonce_d: hello.nonce,
+        nonce_a,
+        me: me.to_vec(),
+    })
+}
 
-    let mac = accept_mac(&cookie, &hello.nonce, &nonce_a, &hello.name, me, max_frame)?
+impl Proven {
+    /// Sends the OK with what `welcome` tells; the stream is then positioned right after the
+    /// handshake. Returns the dialer.
+    pub fn welcome<S: Write>(self, s: &mut S, welcome: &Welcome) -> Result<Dialer, HandshakeError> {
+        let mac = accept_mac(
+            &self.cookie,
+            &self.nonce_d,
+            &self.nonce_a,
+            &self.dialer.name,
+            &self.me,
+            welcome,
+        )?
         .finalize()
         .into_bytes()
         .into();
-    write_message(s, &encode_ok(&Accepted { mac, max_frame }))?;
-    Ok(Dialer {
-        name: hello.name,
-        lane: response.lane,
-    })
+        write_message(
+            s,
+            &encode_ok(&Accepted {
+                mac,
+                welcome: *welcome,
+            }),
+        )?;
+        Ok(self.dialer)
+    }
 }
 
 /// Passes `result` through, first telling the peer REJECT(`code`) if it is a protocol error.
@@ -510,10 +592,12 @@ fn accept_mac(
     nonce_a: &[u8; NONCE_LEN],
     dialer: &[u8],
     acceptor: &[u8],
-    max_frame: u32,
+    welcome: &Welcome,
 ) -> Result<HmacSha256, HandshakeError> {
     let mut mac = keyed_mac(cookie, ACCEPT_LABEL, nonce_d, nonce_a, dialer, acceptor)?;
-    mac.update(&max_frame.to_be_bytes());
+    mac.update(&welcome.max_frame.to_be_bytes());
+    mac.update(&welcome.incarnation.to_be_bytes());
+    mac.update(&welcome.delivered.to_be_bytes());
     Ok(mac)
 }
 
@@ -525,9 +609,11 @@ fn dial_mac(
     dialer: &[u8],
     acceptor: &[u8],
     lane: u16,
+    session: u64,
 ) -> Result<HmacSha256, HandshakeError> {
     let mut mac = keyed_mac(cookie, DIAL_LABEL, nonce_a, nonce_d, dialer, acceptor)?;
     mac.update(&lane.to_be_bytes());
+    mac.update(&session.to_be_bytes());
     Ok(mac)
 }
 
@@ -561,6 +647,13 @@ fn name_len(name: &[u8]) -> Result<u8, HandshakeError> {
             "node name must be 1..=255 bytes of UTF-8",
         )),
     }
+}
+
+/// A random 64-bit number from the OS: a pool's session or a listener's incarnation.
+pub fn random_id() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(u64::from_le_bytes(bytes))
 }
 
 /// Two fresh random 32-byte strings from the OS (a nonce and, for the acceptor, a stand-in
@@ -632,6 +725,23 @@ mod tests {
     const ACCEPTOR: &[u8] = b"b@host";
     const LANE: u16 = 5;
     const MAX_FRAME: u32 = 64 << 20;
+    const SESSION: u64 = 0x5e55_1011;
+    const WELCOME: Welcome = Welcome {
+        max_frame: MAX_FRAME,
+        incarnation: 0x1ca4_a7e0,
+        delivered: 41,
+    };
+
+    /// The acceptor's side as a listener runs it when the lane has nothing to wait for.
+    fn accept_now<S: Read + Write>(
+        s: &mut S,
+        me: &[u8],
+        max_frame: u32,
+        cookie_for: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    ) -> Result<Dialer, HandshakeError> {
+        assert_eq!(max_frame, MAX_FRAME);
+        accept(s, me, cookie_for)?.welcome(s, &WELCOME)
+    }
 
     /// A connected loopback pair, with timeouts so that a broken test fails instead of hanging.
     fn pair() -> (TcpStream, TcpStream) {
@@ -718,7 +828,7 @@ mod tests {
 
     /// Both sides' results of one session, then the bytes each side wrote (dialer, acceptor).
     type Session = (
-        Result<u32, HandshakeError>,
+        Result<Welcome, HandshakeError>,
         Result<Dialer, HandshakeError>,
         Vec<u8>,
         Vec<u8>,
@@ -737,7 +847,7 @@ mod tests {
                 inner: a,
                 written: Vec::new(),
             };
-            let result = accept(&mut a, ACCEPTOR, MAX_FRAME, |name| {
+            let result = accept_now(&mut a, ACCEPTOR, MAX_FRAME, |name| {
                 assert_eq!(name, DIALER);
                 acceptor_cookie
             });
@@ -747,7 +857,7 @@ mod tests {
             inner: d,
             written: Vec::new(),
         };
-        let dialed = dial(&mut d, DIALER, expected_peer, dialer_cookie, LANE);
+        let dialed = dial(&mut d, DIALER, expected_peer, dialer_cookie, LANE, SESSION);
         // Close before joining, as a real caller would on failure, so the acceptor sees EOF.
         drop(d.inner);
         let (accepted, acceptor_bytes) = acceptor.join().unwrap();
@@ -788,13 +898,18 @@ mod tests {
         encode_response(&Response {
             mac: [10; MAC_LEN],
             lane: 7,
+            session: 8,
         })
     }
 
     fn valid_ok() -> Vec<u8> {
         encode_ok(&Accepted {
             mac: [11; MAC_LEN],
-            max_frame: 1 << 20,
+            welcome: Welcome {
+                max_frame: 1 << 20,
+                incarnation: 12,
+                delivered: 13,
+            },
         })
     }
 
@@ -817,12 +932,13 @@ mod tests {
     fn handshake_succeeds_and_settles_name_lane_and_max_frame() {
         let (dialed, accepted, dialer_bytes, acceptor_bytes) =
             session(COOKIE, Some(COOKIE), ACCEPTOR);
-        assert_eq!(dialed.unwrap(), MAX_FRAME);
+        assert_eq!(dialed.unwrap(), WELCOME);
         assert_eq!(
             accepted.unwrap(),
             Dialer {
                 name: DIALER.to_vec(),
-                lane: LANE
+                lane: LANE,
+                session: SESSION,
             }
         );
         // HELLO, RESPONSE one way; CHALLENGE, OK the other.
@@ -843,6 +959,7 @@ mod tests {
             DIALER,
             ACCEPTOR,
             LANE,
+            SESSION,
         )
         .unwrap();
         assert_eq!(response.mac, mac_bytes(mac_d));
@@ -852,22 +969,23 @@ mod tests {
             &challenge.nonce,
             DIALER,
             ACCEPTOR,
-            MAX_FRAME,
+            &WELCOME,
         )
         .unwrap();
         assert_eq!(accepted.mac, mac_bytes(mac_a));
+        assert_eq!(accepted.welcome, WELCOME);
     }
 
     #[test]
     fn stream_is_left_right_after_the_handshake() {
         let (mut d, mut a) = pair();
         let acceptor = thread::spawn(move || {
-            let name = accept(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).unwrap();
+            let name = accept_now(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).unwrap();
             let mut frame = [0u8; 5];
             a.read_exact(&mut frame).unwrap();
             (name, frame)
         });
-        dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE).unwrap();
+        dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE, SESSION).unwrap();
         d.write_all(b"frame").unwrap();
         let (dialer, frame) = acceptor.join().unwrap();
         assert_eq!(dialer.name, DIALER);
@@ -943,7 +1061,7 @@ mod tests {
         ));
         assert!(matches!(accepted, Err(HandshakeError::UnknownNode)));
         let mut s = Scripted::new(b"");
-        let dialed = dial(&mut s, DIALER, ACCEPTOR, b"", LANE);
+        let dialed = dial(&mut s, DIALER, ACCEPTOR, b"", LANE, SESSION);
         assert!(matches!(dialed, Err(HandshakeError::Malformed(_))));
         assert!(s.output.is_empty());
     }
@@ -953,7 +1071,7 @@ mod tests {
         let (mut d, mut a) = pair();
         let acceptor = thread::spawn(move || {
             let mut calls = 0;
-            let result = accept(&mut a, ACCEPTOR, MAX_FRAME, |name| {
+            let result = accept_now(&mut a, ACCEPTOR, MAX_FRAME, |name| {
                 calls += 1;
                 assert_eq!(name, DIALER);
                 None
@@ -966,6 +1084,7 @@ mod tests {
             &encode_response(&Response {
                 mac: [0; MAC_LEN],
                 lane: 0,
+                session: 0,
             }),
         )
         .unwrap();
@@ -985,7 +1104,7 @@ mod tests {
     ) -> (Vec<u8>, Vec<u8>, HandshakeError) {
         let (mut d, mut a) = pair();
         let acceptor = thread::spawn(move || {
-            accept(&mut a, ACCEPTOR, MAX_FRAME, |_| cookie.map(<[u8]>::to_vec))
+            accept_now(&mut a, ACCEPTOR, MAX_FRAME, |_| cookie.map(<[u8]>::to_vec))
         });
         let challenge = hello_and_challenge(&mut d, [3; NONCE_LEN]);
         write_message(&mut d, &response).unwrap();
@@ -1009,6 +1128,7 @@ mod tests {
         let garbage = encode_response(&Response {
             mac: [0xAB; MAC_LEN],
             lane: 0,
+            session: 0,
         });
         let (known_challenge, known_verdict, known_err) = probe(Some(COOKIE), garbage.clone());
         let (unknown_challenge, unknown_verdict, unknown_err) = probe(None, garbage);
@@ -1063,7 +1183,7 @@ mod tests {
     /// (computed from the two nonces by `make_mac`).
     fn impostor(
         make_mac: impl FnOnce(&[u8; NONCE_LEN], &[u8; NONCE_LEN]) -> [u8; MAC_LEN] + Send + 'static,
-    ) -> Result<u32, HandshakeError> {
+    ) -> Result<Welcome, HandshakeError> {
         let (mut d, mut a) = pair();
         let fake = thread::spawn(move || {
             let hello = parse_hello(&read_message(&mut a).unwrap()).unwrap();
@@ -1075,10 +1195,16 @@ mod tests {
             write_message(&mut a, &encode_challenge(&challenge).unwrap()).unwrap();
             parse_response(&read_message(&mut a).unwrap()).unwrap();
             let mac = make_mac(&hello.nonce, &nonce_a);
-            let max_frame = MAX_FRAME;
-            write_message(&mut a, &encode_ok(&Accepted { mac, max_frame })).unwrap();
+            write_message(
+                &mut a,
+                &encode_ok(&Accepted {
+                    mac,
+                    welcome: WELCOME,
+                }),
+            )
+            .unwrap();
         });
-        let dialed = dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE);
+        let dialed = dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE, SESSION);
         fake.join().unwrap();
         dialed
     }
@@ -1088,12 +1214,12 @@ mod tests {
         let dialed = impostor(|_, _| [0; MAC_LEN]);
         assert!(matches!(dialed, Err(HandshakeError::BadMac)), "{dialed:?}");
         let dialed = impostor(|d, a| {
-            mac_bytes(accept_mac(b"WRONG", d, a, DIALER, ACCEPTOR, MAX_FRAME).unwrap())
+            mac_bytes(accept_mac(b"WRONG", d, a, DIALER, ACCEPTOR, &WELCOME).unwrap())
         });
         assert!(matches!(dialed, Err(HandshakeError::BadMac)), "{dialed:?}");
         // The acceptor's MAC under the right cookie is what makes it pass.
         let dialed = impostor(|d, a| {
-            mac_bytes(accept_mac(COOKIE, d, a, DIALER, ACCEPTOR, MAX_FRAME).unwrap())
+            mac_bytes(accept_mac(COOKIE, d, a, DIALER, ACCEPTOR, &WELCOME).unwrap())
         });
         dialed.unwrap();
     }
@@ -1105,7 +1231,7 @@ mod tests {
         dialed.unwrap();
         accepted.unwrap();
         let mut replay = Scripted::new(&dialer_bytes);
-        let result = accept(&mut replay, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec()));
+        let result = accept_now(&mut replay, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec()));
         assert!(matches!(result, Err(HandshakeError::BadMac)), "{result:?}");
         let sent = messages(&replay.output);
         assert_eq!(sent.len(), 2);
@@ -1114,8 +1240,9 @@ mod tests {
 
         // The same over TCP, against a live acceptor.
         let (mut d, mut a) = pair();
-        let acceptor =
-            thread::spawn(move || accept(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())));
+        let acceptor = thread::spawn(move || {
+            accept_now(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec()))
+        });
         let recorded = messages(&dialer_bytes);
         write_message(&mut d, &recorded[0]).unwrap();
         parse_challenge(&read_message(&mut d).unwrap()).unwrap();
@@ -1131,7 +1258,7 @@ mod tests {
         let (dialed, _, _, acceptor_bytes) = session(COOKIE, Some(COOKIE), ACCEPTOR);
         dialed.unwrap();
         let mut replay = Scripted::new(&acceptor_bytes);
-        let result = dial(&mut replay, DIALER, ACCEPTOR, COOKIE, LANE);
+        let result = dial(&mut replay, DIALER, ACCEPTOR, COOKIE, LANE, SESSION);
         assert!(matches!(result, Err(HandshakeError::BadMac)), "{result:?}");
         assert_eq!(messages(&replay.output).len(), 2, "HELLO and RESPONSE");
     }
@@ -1140,15 +1267,15 @@ mod tests {
     fn reflected_mac_fails() {
         // The acceptor's MacA sent back as the dialer's MacD must not verify, nor the reverse.
         let (d, a) = ([1; NONCE_LEN], [2; NONCE_LEN]);
-        let mac_a = mac_bytes(accept_mac(COOKIE, &d, &a, DIALER, ACCEPTOR, MAX_FRAME).unwrap());
-        let mac_d = mac_bytes(dial_mac(COOKIE, &a, &d, DIALER, ACCEPTOR, LANE).unwrap());
+        let mac_a = mac_bytes(accept_mac(COOKIE, &d, &a, DIALER, ACCEPTOR, &WELCOME).unwrap());
+        let mac_d = mac_bytes(dial_mac(COOKIE, &a, &d, DIALER, ACCEPTOR, LANE, SESSION).unwrap());
         assert_ne!(mac_a, mac_d);
         for (x, y) in [(&a, &d), (&d, &a)] {
-            assert!(dial_mac(COOKIE, x, y, DIALER, ACCEPTOR, LANE)
+            assert!(dial_mac(COOKIE, x, y, DIALER, ACCEPTOR, LANE, SESSION)
                 .unwrap()
                 .verify_slice(&mac_a)
                 .is_err());
-            assert!(accept_mac(COOKIE, x, y, DIALER, ACCEPTOR, MAX_FRAME)
+            assert!(accept_mac(COOKIE, x, y, DIALER, ACCEPTOR, &WELCOME)
                 .unwrap()
                 .verify_slice(&mac_d)
                 .is_err());
@@ -1172,7 +1299,7 @@ mod tests {
     #[test]
     fn reject_instead_of_challenge_is_reported() {
         let mut s = Scripted::new(&framed(&[encode_reject(REJECT_PROTOCOL)]));
-        let result = dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE);
+        let result = dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE, SESSION);
         assert!(
             matches!(result, Err(HandshakeError::Rejected(REJECT_PROTOCOL))),
             "{result:?}"
@@ -1185,7 +1312,7 @@ mod tests {
         let http = b"GET / HTTP/1.1\r\n\r\n";
         // As raw bytes the "GE" is read as a length of 18245 and refused unread.
         let mut s = Scripted::new(http);
-        let result = accept(&mut s, ACCEPTOR, MAX_FRAME, |_| {
+        let result = accept_now(&mut s, ACCEPTOR, MAX_FRAME, |_| {
             panic!("no cookie for garbage")
         });
         assert!(
@@ -1196,7 +1323,7 @@ mod tests {
         assert_eq!(messages(&s.output), vec![encode_reject(REJECT_PROTOCOL)]);
         // Framed, it is a body without the magic.
         let mut s = Scripted::new(&framed(&[http.to_vec()]));
-        let result = accept(&mut s, ACCEPTOR, MAX_FRAME, |_| {
+        let result = accept_now(&mut s, ACCEPTOR, MAX_FRAME, |_| {
             panic!("no cookie for garbage")
         });
         assert!(
@@ -1217,7 +1344,7 @@ mod tests {
             );
             // The dialer reads the same prefix as the acceptor's answer to its HELLO.
             let mut s = Scripted::new(&prefix);
-            let result = dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE);
+            let result = dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE, SESSION);
             assert!(
                 matches!(result, Err(HandshakeError::Malformed(_))),
                 "{result:?}"
@@ -1238,7 +1365,7 @@ mod tests {
             Err(HandshakeError::BadVersion(1))
         ));
         let mut s = Scripted::new(&framed(&[hello]));
-        let result = accept(&mut s, ACCEPTOR, MAX_FRAME, |_| {
+        let result = accept_now(&mut s, ACCEPTOR, MAX_FRAME, |_| {
             panic!("no cookie for bad version")
         });
         assert!(matches!(result, Err(HandshakeError::BadVersion(1))));
@@ -1257,9 +1384,9 @@ mod tests {
                 input[..2].copy_from_slice(&body.to_be_bytes());
             }
             let mut s = Scripted::new(&input);
-            assert!(accept(&mut s, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).is_err());
+            assert!(accept_now(&mut s, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).is_err());
             let mut s = Scripted::new(&input);
-            assert!(dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE).is_err());
+            assert!(dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE, SESSION).is_err());
             // Every parser sees the raw bytes too, and with each valid tag in front.
             for tag in [
                 None,
@@ -1286,11 +1413,11 @@ mod tests {
             let mut input = framed(&[valid_hello()]);
             input.extend(rng.bytes(len));
             let mut s = Scripted::new(&input);
-            assert!(accept(&mut s, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).is_err());
+            assert!(accept_now(&mut s, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec())).is_err());
             let mut input = framed(&[valid_challenge()]);
             input.extend(rng.bytes(len));
             let mut s = Scripted::new(&input);
-            assert!(dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE).is_err());
+            assert!(dial(&mut s, DIALER, ACCEPTOR, COOKIE, LANE, SESSION).is_err());
         }
     }
 
@@ -1350,6 +1477,7 @@ mod tests {
         let response = Response {
             mac: [5; MAC_LEN],
             lane: 0xBEEF,
+            session: 0x0123_4567_89AB_CDEF,
         };
         assert_eq!(
             parse_response(&encode_response(&response)).unwrap(),
@@ -1357,7 +1485,11 @@ mod tests {
         );
         let accepted = Accepted {
             mac: [6; MAC_LEN],
-            max_frame: 0xDEAD_BEEF,
+            welcome: Welcome {
+                max_frame: 0xDEAD_BEEF,
+                incarnation: u64::MAX,
+                delivered: 1 << 40,
+            },
         };
         assert_eq!(parse_verdict(&encode_ok(&accepted)).unwrap(), accepted);
         assert_eq!(parse_reject(&encode_reject(7)).unwrap(), 7);
@@ -1385,7 +1517,7 @@ mod tests {
             (DIALER, &b"\xff"[..]),
         ] {
             let mut s = Scripted::new(b"");
-            let result = dial(&mut s, me, peer, COOKIE, LANE);
+            let result = dial(&mut s, me, peer, COOKIE, LANE, SESSION);
             assert!(matches!(result, Err(HandshakeError::Malformed(_))));
             assert!(s.output.is_empty());
         }
@@ -1403,7 +1535,7 @@ mod tests {
         d.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let start = Instant::now();
-        let result = dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE);
+        let result = dial(&mut d, DIALER, ACCEPTOR, COOKIE, LANE, SESSION);
         assert!(matches!(result, Err(HandshakeError::Io(_))), "{result:?}");
         assert!(start.elapsed() < Duration::from_secs(2));
 
@@ -1411,7 +1543,7 @@ mod tests {
         a.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let start = Instant::now();
-        let result = accept(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec()));
+        let result = accept_now(&mut a, ACCEPTOR, MAX_FRAME, |_| Some(COOKIE.to_vec()));
         assert!(matches!(result, Err(HandshakeError::Io(_))), "{result:?}");
         assert!(start.elapsed() < Duration::from_secs(2));
     }

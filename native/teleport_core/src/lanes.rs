@@ -11,11 +11,15 @@
 //! From the sender's side the previous connection is dead (it only reconnects after losing
 //! it), so its reader normally ends within moments, at the end of what was in flight. A
 //! connection that went half-open (no FIN or RST ever arrives) would never end: after a
-//! bounded wait the new reader stops the old one, whose unread frames are then lost, as
-//! anything in flight on a dead connection can be.
+//! bounded wait the new reader stops the old one. Its unread frames are not lost: each lane
+//! also keeps its [`Progress`], the number of the last frame it delivered, which the new
+//! connection's handshake tells the sender once the old reader is done (the sender sends
+//! again from the next one), and which drops any frame delivered already.
 
+use crate::frame::FrameError;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +31,70 @@ type Key = (Vec<u8>, u16);
 pub struct Lanes {
     /// The newest connection of each lane with a reader still running (or waiting).
     newest: Mutex<HashMap<Key, Arc<Turn>>>,
+    /// What each lane delivered, in the sender's session it last heard from.
+    progress: Mutex<HashMap<Key, Arc<Progress>>>,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes")
+            .field("busy", &self.busy())
+            .field("known", &self.progress.lock().len())
+            .finish()
+    }
+}
+
+/// What one lane delivered in one session of its sender: frames are numbered from 1 in
+/// each session (a new pool on the sending node starts a new one).
+#[derive(Debug)]
+pub struct Progress {
+    session: u64,
+    delivered: AtomicU64,
+}
+
+/// What to do with a frame that arrived, by its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// The next one: deliver it.
+    Next,
+    /// Delivered already (sent again after a reconnection): drop it.
+    Again,
+}
+
+impl Progress {
+    /// The number of the last frame delivered.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Acquire)
+    }
+
+    /// Takes frame `seq` as delivered if it is the next one. It is counted before it is
+    /// delivered: a frame that then turns out undeliverable is dropped, not asked for again
+    /// (it would fail again). A gap means frames were lost: the connection must close.
+    pub fn admit(&self, seq: u64) -> Result<Admit, FrameError> {
+        let last = self.delivered();
+        if seq <= last {
+            return Ok(Admit::Again);
+        }
+        // Only the lane's current reader moves it (readers take turns); a reader left behind
+        // by `Waited::GaveUp` loses the race here and drops the frame as seen.
+        match self
+            .delivered
+            .compare_exchange(last, seq, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) if seq == last + 1 => Ok(Admit::Next),
+            Ok(_) => {
+                // Put it back: nothing past the gap counts as delivered.
+                let _ =
+                    self.delivered
+                        .compare_exchange(seq, last, Ordering::AcqRel, Ordering::Acquire);
+                Err(FrameError::Gap {
+                    expected: last + 1,
+                    got: seq,
+                })
+            }
+            Err(_) => Ok(Admit::Again),
+        }
+    }
 }
 
 /// One connection's turn on its lane.
@@ -101,6 +169,36 @@ impl Lanes {
     /// Lanes with a connection whose reader is running or waiting.
     pub fn busy(&self) -> usize {
         self.newest.lock().len()
+    }
+
+    /// The progress of `peer`'s lane `lane` in the sender's session `session`: what the lane
+    /// delivered if that session is the one it knows, else a fresh start (the sender's pool
+    /// is new). Call it once the connection's turn came, so that no earlier reader of the
+    /// lane still delivers.
+    pub fn progress(&self, peer: &[u8], lane: u16, session: u64) -> Arc<Progress> {
+        let mut all = self.progress.lock();
+        let p = all
+            .entry((peer.to_vec(), lane))
+            .or_insert_with(|| Arc::new(Progress::fresh(session)));
+        if p.session != session {
+            *p = Arc::new(Progress::fresh(session));
+        }
+        p.clone()
+    }
+
+    /// Forgets what `peer`'s lanes delivered: it went down, and a pool it makes later is a
+    /// new session anyway.
+    pub fn forget(&self, peer: &[u8]) {
+        self.progress.lock().retain(|(p, _), _| p != peer);
+    }
+}
+
+impl Progress {
+    fn fresh(session: u64) -> Progress {
+        Progress {
+            session,
+            delivered: AtomicU64::new(0),
+        }
     }
 }
 
@@ -245,6 +343,32 @@ mod tests {
         let mut new = lanes.join(b"a@h", 0, || {});
         assert_eq!(new.wait_turn(Duration::from_millis(50)), Waited::GaveUp);
         assert_eq!(stops.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_lane_delivers_each_frame_once_in_order_and_refuses_gaps() {
+        let lanes = Lanes::default();
+        let p = lanes.progress(b"a@h", 0, 77);
+        assert_eq!(p.admit(1), Ok(Admit::Next));
+        assert_eq!(p.admit(2), Ok(Admit::Next));
+        assert_eq!(p.admit(2), Ok(Admit::Again));
+        assert_eq!(p.admit(1), Ok(Admit::Again));
+        assert_eq!(
+            p.admit(4),
+            Err(FrameError::Gap {
+                expected: 3,
+                got: 4
+            })
+        );
+        assert_eq!(p.delivered(), 2);
+        // The same session on a later connection goes on where it was...
+        assert_eq!(lanes.progress(b"a@h", 0, 77).delivered(), 2);
+        // ...another lane or peer has its own count, and a new session starts again.
+        assert_eq!(lanes.progress(b"a@h", 1, 77).delivered(), 0);
+        assert_eq!(lanes.progress(b"b@h", 0, 77).delivered(), 0);
+        assert_eq!(lanes.progress(b"a@h", 0, 78).delivered(), 0);
+        lanes.forget(b"a@h");
+        assert_eq!(lanes.progress.lock().len(), 1);
     }
 
     #[test]

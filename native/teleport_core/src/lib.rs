@@ -21,6 +21,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acks;
 pub mod conn;
 pub mod deadline;
 pub mod decode;
@@ -35,4 +36,6 @@ pub mod peers;
 pub mod pool;
 pub mod sockopts;
 pub mod stats;
+#[cfg(test)]
+mod testing;
 pub mod value;

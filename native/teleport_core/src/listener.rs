@@ -1,15 +1,17 @@
 //! The receiving side: a listening socket, one thread that accepts, and one reader thread per
-//! incoming connection that authenticates the peer and then hands every frame to a [`Sink`].
+//! incoming connection that authenticates the peer and then hands every frame to a [`Sink`],
+//! once, in lane order, acknowledging them as it goes (see [`crate::acks`]).
 //!
 //! Nothing a peer sends before the handshake succeeds reaches the sink. Frame lengths are
 //! checked against `max_frame_bytes` before any buffer is allocated, and a malformed frame
 //! closes the connection it came on (logged once), nothing else.
 
+use crate::acks::{AckOut, Acker, ACK_DELAY};
 use crate::conn::handshake_io;
 use crate::deadline::Deadline;
 use crate::frame::{self, FrameError, LEN_BYTES};
-use crate::handshake;
-use crate::lanes::{Lanes, Waited};
+use crate::handshake::{self, Welcome};
+use crate::lanes::{Admit, Lanes, Progress, Waited};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
 use parking_lot::Mutex;
@@ -18,7 +20,7 @@ use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Size of a reader's buffer: small frames are parsed in place, many per `read`.
 const READ_BUF: usize = 256 * 1024;
@@ -118,8 +120,11 @@ pub struct Listener {
     /// Live incoming connections: their sockets are shut at close.
     conns: Mutex<Vec<Arc<Incoming>>>,
     next_id: std::sync::atomic::AtomicU64,
-    /// Successive connections of one peer's pool slot read in turn.
+    /// Successive connections of one peer's pool slot read in turn, and what each delivered.
     lanes: Lanes,
+    /// This listener, to dialers: random at each start, so that a dialer can tell a new
+    /// incarnation (which knows nothing of what an earlier one delivered).
+    incarnation: u64,
 }
 
 impl Listener {
@@ -151,6 +156,7 @@ impl Listener {
             conns: Mutex::new(Vec::new()),
             next_id: 0.into(),
             lanes: Lanes::default(),
+            incarnation: handshake::random_id()?,
         });
         let l = listener.clone();
         let cfg = Arc::new(cfg);
@@ -205,15 +211,33 @@ impl Listener {
             .collect()
     }
 
-    /// Stops accepting and closes every incoming connection; their threads then end.
+    /// Resets every incoming connection at once, as a middlebox or `ss -K` would.
+    #[cfg(test)]
+    pub(crate) fn cut(&self) {
+        for c in self.conns.lock().iter() {
+            let _ = c.sock.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Forgets what `peer`'s lanes delivered (it went down: a pool it makes later is a new
+    /// session anyway).
+    pub fn forget(&self, peer: &[u8]) {
+        self.lanes.forget(peer);
+    }
+
+    /// Stops accepting and closes every incoming connection; their threads then end. Each
+    /// reader stops at the end of the frame it is reading and acknowledges what it
+    /// delivered before it closes, so that its senders know exactly what did not arrive.
     pub fn close(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
         // Shutting a listening socket wakes a blocked accept() with an error on Linux.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        // Shutting the reading side wakes a blocked read (the reader sees `closed` then); the
+        // reader shuts the rest once it has sent its last ack.
         for c in self.conns.lock().drain(..) {
-            let _ = c.sock.shutdown(std::net::Shutdown::Both);
+            let _ = c.sock.shutdown(std::net::Shutdown::Read);
         }
     }
 
@@ -284,7 +308,8 @@ impl Listener {
         }
     }
 
-    /// One incoming connection: handshake, its turn on its lane, then frames until it closes.
+    /// One incoming connection: the dialer's proof, its turn on its lane, the OK telling it
+    /// what the lane delivered, then frames until it closes.
     fn serve<A: Acceptor>(&self, conn: &Arc<Incoming>, cfg: &ListenConfig, acceptor: &A) {
         let (sock, from, id) = (&conn.sock, conn.from.as_str(), conn.id);
         // What a peer may send is what the handshake announces (a 32-bit length at most).
@@ -294,34 +319,22 @@ impl Listener {
         let handshaking = OnDrop(|| {
             self.handshaking.fetch_sub(1, Ordering::SeqCst);
         });
-        let shaken = (|| {
-            // One deadline for the whole handshake: a per-read timeout would let the peer trickle.
-            let mut stream = Deadline::after(sock, cfg.handshake_timeout);
-            let me = acceptor.me();
-            let dialer = handshake::accept(&mut stream, &me, max_frame, |p| acceptor.cookie_for(p))
-                .map_err(handshake_io)?;
-            sock.set_read_timeout(None)?;
-            sock.set_write_timeout(None)?;
-            Ok::<_, io::Error>(dialer)
-        })();
-        drop(handshaking);
-        let (peer, lane) = match shaken {
-            Ok(dialer) => (dialer.name, dialer.lane),
+        // One deadline for the whole handshake, the wait for the lane included: a per-read
+        // timeout would let the peer trickle.
+        let mut stream = Deadline::after(sock, cfg.handshake_timeout);
+        let me = acceptor.me();
+        let proven = match handshake::accept(&mut stream, &me, |p| acceptor.cookie_for(p)) {
+            Ok(proven) => proven,
             Err(e) => {
-                tracing::warn!(addr = %from, id, reason = %e, "handshake_failed");
+                tracing::warn!(addr = %from, id, reason = %handshake_io(e), "handshake_failed");
                 return;
             }
         };
+        let (peer, lane) = (proven.dialer.name.clone(), proven.dialer.lane);
         let name = String::from_utf8_lossy(&peer).into_owned();
-        *conn.peer.lock() = Some(peer.clone());
-        let stats = acceptor.stats(&peer);
-        stats.connections_in.fetch_add(1, Ordering::Relaxed);
-        let connected = OnDrop(|| {
-            stats.connections_in.fetch_sub(1, Ordering::Relaxed);
-        });
-        tracing::info!(peer = %name, addr = %from, id, lane, "connection_accepted");
-        // A newer connection of the lane stops this one's reader, if it must, by shutting
-        // this socket.
+        // The lane is joined before the OK: the dialer learns what the lane delivered only
+        // once every earlier connection of the lane is done delivering, and a newer
+        // connection, whenever it comes, waits behind this one.
         let this = conn.clone();
         let mut place = self.lanes.join(&peer, lane, move || {
             let _ = this.sock.shutdown(std::net::Shutdown::Both);
@@ -341,8 +354,52 @@ impl Listener {
                 "lane_previous_stopped"
             );
         }
+        let progress = self.lanes.progress(&peer, lane, proven.dialer.session);
+        let welcome = Welcome {
+            max_frame,
+            incarnation: self.incarnation,
+            delivered: progress.delivered(),
+        };
+        let welcomed = proven.welcome(&mut stream, &welcome).map_err(handshake_io);
+        let ready = welcomed.and_then(|_| {
+            sock.set_read_timeout(None)?;
+            sock.set_write_timeout(None)
+        });
+        drop(handshaking);
+        if let Err(e) = ready {
+            tracing::warn!(peer = %name, addr = %from, id, reason = %e, "handshake_failed");
+            return;
+        }
+        *conn.peer.lock() = Some(peer.clone());
+        let stats = acceptor.stats(&peer);
+        stats.connections_in.fetch_add(1, Ordering::Relaxed);
+        let connected = OnDrop(|| {
+            stats.connections_in.fetch_sub(1, Ordering::Relaxed);
+        });
+        tracing::info!(
+            peer = %name,
+            addr = %from,
+            id,
+            lane,
+            delivered = welcome.delivered,
+            "connection_accepted"
+        );
         let mut sink = acceptor.sink(&peer);
-        let result = read_frames(sock, cfg.max_frame_bytes, &mut sink, &stats, &conn.counters);
+        let mut wire = SocketWire::new(sock);
+        let result = read_frames(
+            &mut wire,
+            cfg.max_frame_bytes,
+            &mut sink,
+            &progress,
+            &Counters {
+                peer: &stats,
+                conn: &conn.counters,
+                stop: &self.closed,
+            },
+        );
+        if self.closed.load(Ordering::SeqCst) {
+            linger(sock);
+        }
         drop(place);
         drop(connected);
         let (msgs, _) = conn.counters.get();
@@ -365,6 +422,29 @@ impl Listener {
             ),
         }
         let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// How long a closing listener's reader waits for its peer to see the end of the connection.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Ends a connection of a closing listener without a reset: says FIN (the last ack is out),
+/// then reads and discards what the peer still sends until it closes too, or [`LINGER`]
+/// passes. Closing with unread data would send an RST, and an RST can discard the last ack
+/// before the peer reads it; the frames thrown away here were never acknowledged, so the
+/// peer counts them as dropped.
+fn linger(sock: &Socket) {
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + LINGER;
+    let mut scratch = vec![0u8; 64 * 1024];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match (&*sock).read(&mut scratch) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -401,15 +481,105 @@ impl std::fmt::Display for ReadError {
     }
 }
 
-/// Reads frames from `src` until it ends cleanly (`Ok`) or fails, counting each in the
-/// peer's `stats` and the connection's `conn`.
-pub fn read_frames<R: Read, S: Sink>(
-    mut src: R,
+/// The connection a reader reads frames from and writes its acks to.
+pub trait Wire: Read + AckOut {
+    /// From now on a read with nothing to read for `after` fails with `WouldBlock` (or
+    /// `TimedOut`); `None`: it waits as long as it takes.
+    fn read_timeout(&mut self, after: Option<Duration>) -> io::Result<()>;
+}
+
+/// An accepted socket as a [`Wire`].
+#[derive(Debug)]
+pub struct SocketWire<'a> {
+    sock: &'a Socket,
+    timeout: Option<Duration>,
+}
+
+impl<'a> SocketWire<'a> {
+    /// `sock`, with no read timeout set.
+    pub fn new(sock: &'a Socket) -> Self {
+        SocketWire {
+            sock,
+            timeout: None,
+        }
+    }
+}
+
+impl Read for SocketWire<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.sock).read(buf)
+    }
+}
+
+impl AckOut for SocketWire<'_> {
+    fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        match self.sock.send_with_flags(bytes, flags) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(0)
+            }
+            other => other,
+        }
+    }
+}
+
+impl Wire for SocketWire<'_> {
+    fn read_timeout(&mut self, after: Option<Duration>) -> io::Result<()> {
+        if self.timeout != after {
+            self.sock.set_read_timeout(after)?;
+            self.timeout = after;
+        }
+        Ok(())
+    }
+}
+
+/// Where a reader counts what it reads, and what tells it to stop.
+#[derive(Debug)]
+pub struct Counters<'a> {
+    /// The peer's counters.
+    pub peer: &'a PeerStats,
+    /// The connection's.
+    pub conn: &'a ConnStats,
+    /// Set when the listener closes: the reader stops after the frame it is reading.
+    pub stop: &'a AtomicBool,
+}
+
+/// Reads frames from `wire` until it ends cleanly (`Ok`: the peer closed it, or `stop` was
+/// set) or fails, delivering each frame of the lane once and in order (`progress`),
+/// acknowledging them (a last time as it ends, if it can), and counting each.
+pub fn read_frames<W: Wire, S: Sink>(
+    wire: &mut W,
     max_frame_bytes: usize,
     sink: &mut S,
-    stats: &PeerStats,
-    conn: &ConnStats,
+    progress: &Progress,
+    counters: &Counters<'_>,
 ) -> Result<(), ReadError> {
+    let mut r = Reader {
+        wire,
+        progress,
+        acker: Acker::new(),
+        stop: counters.stop,
+    };
+    let result = read_all(&mut r, max_frame_bytes, sink, counters);
+    if r.acker.owed() {
+        // Best effort: the connection may be gone already.
+        r.ack();
+    }
+    result
+}
+
+fn read_all<W: Wire, S: Sink>(
+    r: &mut Reader<'_, W>,
+    max_frame_bytes: usize,
+    sink: &mut S,
+    counters: &Counters<'_>,
+) -> Result<(), ReadError> {
+    let (stats, conn) = (counters.peer, counters.conn);
     let mut buf = vec![0u8; READ_BUF];
     let (mut start, mut end) = (0usize, 0usize);
     loop {
@@ -423,11 +593,13 @@ pub fn read_frames<R: Read, S: Sink>(
                 let dst = owned.as_mut();
                 let have = (end - body_at).min(len);
                 dst[..have].copy_from_slice(&buf[body_at..body_at + have]);
-                read_exact(&mut src, &mut dst[have..])?;
+                r.read_exact(&mut dst[have..])?;
                 start = body_at + have;
                 stats.received(len + LEN_BYTES);
                 conn.add(1, (len + LEN_BYTES) as u64);
-                sink.frame_owned(owned).map_err(ReadError::Sink)?;
+                if r.admit(frame::seq(owned.as_mut()), len)? {
+                    sink.frame_owned(owned).map_err(ReadError::Sink)?;
+                }
                 continue;
             }
             if end - body_at < len {
@@ -435,8 +607,10 @@ pub fn read_frames<R: Read, S: Sink>(
             }
             stats.received(len + LEN_BYTES);
             conn.add(1, (len + LEN_BYTES) as u64);
-            sink.frame(&buf[body_at..body_at + len])
-                .map_err(ReadError::Sink)?;
+            let body = &buf[body_at..body_at + len];
+            if r.admit(frame::seq(body), len)? {
+                sink.frame(body).map_err(ReadError::Sink)?;
+            }
             start = body_at + len;
         }
         // Keep the partial frame at the front, then read more behind it.
@@ -448,29 +622,92 @@ pub fn read_frames<R: Read, S: Sink>(
             end -= start;
             start = 0;
         }
-        match src.read(&mut buf[end..]) {
-            Ok(0) if end == 0 => return Ok(()),
-            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => end += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadError::Io(e)),
+        match r.read(&mut buf[end..])? {
+            0 if end == 0 => return Ok(()),
+            0 => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            n => end += n,
         }
     }
 }
 
-fn read_exact<R: Read>(src: &mut R, dst: &mut [u8]) -> Result<(), ReadError> {
-    src.read_exact(dst).map_err(ReadError::Io)
+/// A reader's connection, its lane's progress and its ack policy.
+struct Reader<'a, W: Wire> {
+    wire: &'a mut W,
+    progress: &'a Progress,
+    acker: Acker,
+    stop: &'a AtomicBool,
+}
+
+impl<W: Wire> Reader<'_, W> {
+    /// Whether frame `seq` (of `len` bytes) is to be delivered: the lane's next one is; one
+    /// it delivered already is not; a gap closes the connection. Acks when one is due.
+    fn admit(&mut self, seq: u64, len: usize) -> Result<bool, ReadError> {
+        let next = self.progress.admit(seq).map_err(ReadError::Frame)? == Admit::Next;
+        if next {
+            let now = Instant::now();
+            self.acker.delivered(len, now);
+            if self.acker.due(now) {
+                self.ack();
+            }
+        }
+        Ok(next)
+    }
+
+    /// Acknowledges what the lane delivered. A socket that fails here fails the next read
+    /// too: the frame just admitted must still be delivered first, so the error waits.
+    fn ack(&mut self) {
+        let _ = self.acker.flush(self.wire, self.progress.delivered());
+    }
+
+    /// Reads what is there, waiting as long as it takes. While an ack is owed the wait is cut
+    /// at [`ACK_DELAY`] to send it; the first wait with nothing owed goes back to unbounded,
+    /// so an idle connection costs no wake-ups.
+    /// Once `stop` is set it reads nothing more (0, as at the end of the stream).
+    fn read(&mut self, dst: &mut [u8]) -> Result<usize, ReadError> {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(0);
+            }
+            let timer = self.acker.owed().then_some(ACK_DELAY);
+            self.wire.read_timeout(timer).map_err(ReadError::Io)?;
+            match self.wire.read(dst) {
+                Ok(n) => return Ok(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.acker.owed() {
+                        self.ack();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    fn read_exact(&mut self, mut dst: &mut [u8]) -> Result<(), ReadError> {
+        while !dst.is_empty() {
+            match self.read(dst)? {
+                0 => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+                n => dst = &mut dst[n..],
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::Writer;
-    use crate::frame::{Kind, FLAG_SHARED};
+    use crate::acks::{AckReader, ACK_FRAMES};
+    use crate::testing::{frame, payload};
 
     #[derive(Default)]
     struct Collect {
-        frames: Vec<(u8, Vec<u8>, Vec<u8>)>,
+        frames: Vec<(u64, Vec<u8>)>,
         owned: usize,
     }
 
@@ -480,9 +717,7 @@ mod tests {
             Some(vec![0; len])
         }
         fn frame(&mut self, body: &[u8]) -> Result<(), String> {
-            let f = frame::parse(body).map_err(|e| e.to_string())?;
-            self.frames
-                .push((f.flags, f.dest.to_vec(), f.term.to_vec()));
+            self.frames.push(payload(body)?);
             Ok(())
         }
         fn frame_owned(&mut self, body: Vec<u8>) -> Result<(), String> {
@@ -491,60 +726,159 @@ mod tests {
         }
     }
 
-    fn frame_bytes(dest: &[u8], payload_len: usize) -> Vec<u8> {
-        let mut w = Writer::default();
-        let s = frame::start(&mut w, Kind::ToName, dest);
-        w.version();
-        w.binary(&vec![7u8; payload_len]);
-        frame::finish(&mut w, s, if payload_len > 1000 { FLAG_SHARED } else { 0 }).unwrap();
-        w.finish().0
+    /// The wire bytes of frames numbered `seqs` with payloads of `sizes` bytes (`i`th byte
+    /// value `i`).
+    fn stream_of(seqs: &[u64], sizes: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, (&seq, &n)) in seqs.iter().zip(sizes).enumerate() {
+            let mut f = frame(&vec![i as u8; n]);
+            f.stamp(seq);
+            let mut v = Vec::new();
+            f.slices(&mut v, usize::MAX);
+            v.iter().for_each(|s| out.extend_from_slice(s));
+        }
+        out
     }
 
-    /// A reader that returns at most `step` bytes per call, to cut frames anywhere.
-    struct Trickle<'a>(&'a [u8], usize);
+    /// A connection that returns at most `step` bytes per read, to cut frames anywhere, and
+    /// collects the acks written to it.
+    struct Trickle<'a> {
+        input: &'a [u8],
+        step: usize,
+        acks: Vec<u8>,
+    }
+
+    impl<'a> Trickle<'a> {
+        fn new(input: &'a [u8], step: usize) -> Self {
+            Trickle {
+                input,
+                step,
+                acks: Vec::new(),
+            }
+        }
+
+        fn last_ack(&self) -> Option<u64> {
+            AckReader::default().feed(&self.acks).unwrap()
+        }
+    }
+
     impl Read for Trickle<'_> {
         fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-            let n = self.0.len().min(out.len()).min(self.1);
-            out[..n].copy_from_slice(&self.0[..n]);
-            self.0 = &self.0[n..];
+            let n = self.input.len().min(out.len()).min(self.step);
+            out[..n].copy_from_slice(&self.input[..n]);
+            self.input = &self.input[n..];
             Ok(n)
         }
     }
 
+    impl AckOut for Trickle<'_> {
+        fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.acks.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+    }
+
+    impl Wire for Trickle<'_> {
+        fn read_timeout(&mut self, _: Option<Duration>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn read_all(
+        wire: &mut Trickle<'_>,
+        sink: &mut Collect,
+        progress: &Progress,
+    ) -> Result<(), ReadError> {
+        let counters = Counters {
+            peer: &PeerStats::default(),
+            conn: &ConnStats::default(),
+            stop: &AtomicBool::new(false),
+        };
+        read_frames(wire, 1 << 20, sink, progress, &counters)
+    }
+
     #[test]
     fn frames_of_every_size_arrive_whole_however_the_stream_is_cut() {
-        let mut stream = Vec::new();
         let sizes = [0, 1, 100, 70_000, 5, 300_000, 3];
-        for (i, &n) in sizes.iter().enumerate() {
-            stream.extend(frame_bytes(format!("p{i}").as_bytes(), n));
-        }
+        let seqs: Vec<u64> = (1..=sizes.len() as u64).collect();
+        let stream = stream_of(&seqs, &sizes);
         for step in [1, 7, 4096, 1 << 20] {
             let mut sink = Collect::default();
             let stats = PeerStats::default();
             let conn = ConnStats::default();
-            read_frames(Trickle(&stream, step), 1 << 20, &mut sink, &stats, &conn).unwrap();
+            let lanes = Lanes::default();
+            let progress = lanes.progress(b"a@h", 0, 1);
+            let mut wire = Trickle::new(&stream, step);
+            let counters = Counters {
+                peer: &stats,
+                conn: &conn,
+                stop: &AtomicBool::new(false),
+            };
+            read_frames(&mut wire, 1 << 20, &mut sink, &progress, &counters).unwrap();
             assert_eq!(conn.get(), (sizes.len() as u64, stream.len() as u64));
             assert_eq!(sink.frames.len(), sizes.len(), "step {step}");
             assert_eq!(sink.owned, 2);
-            for (i, (_, dest, term)) in sink.frames.iter().enumerate() {
-                assert_eq!(dest, format!("p{i}").as_bytes());
-                assert_eq!(term.len(), 1 + 5 + sizes[i]);
+            for (i, (seq, body)) in sink.frames.iter().enumerate() {
+                assert_eq!((*seq, body.len()), (i as u64 + 1, sizes[i]));
+                assert!(body.iter().all(|&b| b == i as u8));
             }
             assert_eq!(stats.snapshot().msgs_in, sizes.len() as u64);
             assert_eq!(stats.snapshot().bytes_in, stream.len() as u64);
+            assert_eq!(progress.delivered(), sizes.len() as u64);
         }
+    }
+
+    #[test]
+    fn frames_are_acknowledged_every_so_many() {
+        let n = 3 * ACK_FRAMES as usize + 5;
+        let seqs: Vec<u64> = (1..=n as u64).collect();
+        let stream = stream_of(&seqs, &vec![10; n]);
+        let lanes = Lanes::default();
+        let progress = lanes.progress(b"a@h", 0, 1);
+        let mut wire = Trickle::new(&stream, 1 << 20);
+        read_all(&mut wire, &mut Collect::default(), &progress).unwrap();
+        // Three full rounds acknowledged as they came, the last five as the stream ended.
+        assert_eq!(wire.last_ack(), Some(n as u64));
+        assert_eq!(wire.acks.len(), 4 * crate::acks::ACK_LEN);
+        let first = AckReader::default().feed(&wire.acks[..crate::acks::ACK_LEN]);
+        assert_eq!(first, Ok(Some(ACK_FRAMES as u64)));
+    }
+
+    #[test]
+    fn a_frame_delivered_already_is_dropped_and_a_gap_closes_the_connection() {
+        let lanes = Lanes::default();
+        let progress = lanes.progress(b"a@h", 0, 1);
+        // 1, 2, then 1 and 2 again (a resend after a reconnection), then 3.
+        let stream = stream_of(&[1, 2, 1, 2, 3], &[1, 1, 1, 1, 1]);
+        let mut sink = Collect::default();
+        read_all(&mut Trickle::new(&stream, 5), &mut sink, &progress).unwrap();
+        let seqs: Vec<u64> = sink.frames.iter().map(|f| f.0).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        // 5 after 3: 4 went missing.
+        let stream = stream_of(&[5], &[1]);
+        let err = read_all(&mut Trickle::new(&stream, 100), &mut sink, &progress).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReadError::Frame(FrameError::Gap {
+                    expected: 4,
+                    got: 5
+                })
+            ),
+            "{err}"
+        );
+        assert_eq!(progress.delivered(), 3);
     }
 
     #[test]
     fn an_oversized_frame_is_refused_before_allocating() {
         let stream = [255u8, 255, 255, 255, 1, 2, 3];
         let mut sink = Collect::default();
-        let err = read_frames(
-            &stream[..],
-            1 << 20,
+        let lanes = Lanes::default();
+        let err = read_all(
+            &mut Trickle::new(&stream, 100),
             &mut sink,
-            &PeerStats::default(),
-            &ConnStats::default(),
+            &lanes.progress(b"a", 0, 1),
         )
         .unwrap_err();
         assert!(matches!(err, ReadError::Frame(FrameError::BadLength(_))));
@@ -553,30 +887,68 @@ mod tests {
 
     #[test]
     fn a_stream_cut_inside_a_frame_is_an_error() {
-        let stream = frame_bytes(b"x", 10);
-        let mut sink = Collect::default();
-        let err = read_frames(
-            &stream[..stream.len() - 1],
-            1 << 20,
-            &mut sink,
-            &PeerStats::default(),
-            &ConnStats::default(),
+        let stream = stream_of(&[1], &[10]);
+        let lanes = Lanes::default();
+        let cut = &stream[..stream.len() - 1];
+        let err = read_all(
+            &mut Trickle::new(cut, 100),
+            &mut Collect::default(),
+            &lanes.progress(b"a", 0, 1),
         );
         assert!(matches!(err, Err(ReadError::Io(_))));
     }
 
     #[test]
     fn a_malformed_body_stops_the_reader() {
-        let stream = [0u8, 0, 0, 5, 9, 0, 0, 0, 131];
-        let mut sink = Collect::default();
-        let err = read_frames(
-            &stream[..],
-            1 << 20,
-            &mut sink,
-            &PeerStats::default(),
-            &ConnStats::default(),
+        let mut stream = stream_of(&[1], &[1]);
+        stream[4] = 9; // the kind
+        let lanes = Lanes::default();
+        let progress = lanes.progress(b"a", 0, 1);
+        let err = read_all(
+            &mut Trickle::new(&stream, 100),
+            &mut Collect::default(),
+            &progress,
         )
         .unwrap_err();
         assert!(matches!(err, ReadError::Sink(_)));
+        // It counts as delivered: sent again, it would only fail again.
+        assert_eq!(progress.delivered(), 1);
+    }
+
+    #[test]
+    fn a_lanes_new_connection_is_answered_once_the_old_reader_is_done() {
+        use crate::handshake::dial;
+        use crate::testing::listener;
+        use std::io::Write;
+        use std::net::TcpStream;
+        let (l, acceptor, rx) = listener(crate::sockopts::SocketOpts::default());
+        let addr = l.local_addr();
+        let connect = move |session| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let welcome = dial(&mut s, b"a@h", b"b@h", b"c", 0, session).map(|w| w.delivered);
+            (s, welcome)
+        };
+        // The first connection of lane 0 delivers frame 1, and its reader is stuck there.
+        let (mut first, welcome) = connect(7);
+        assert_eq!(welcome.unwrap(), 0);
+        acceptor.gate.shut();
+        first.write_all(&stream_of(&[1], &[3])).unwrap();
+        // The lane's next connection shakes hands meanwhile: it gets no OK while a reader of
+        // the lane is still delivering (what the lane delivered is not known yet).
+        let (tx, answered) = std::sync::mpsc::channel();
+        let second = std::thread::spawn(move || {
+            let (s, welcome) = connect(7);
+            tx.send(welcome.unwrap()).unwrap();
+            s
+        });
+        assert!(answered.recv_timeout(Duration::from_millis(300)).is_err());
+        // The old reader delivers, its connection ends: the new one is told frame 1 arrived.
+        acceptor.gate.open();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().1.len(), 3);
+        drop(first);
+        assert_eq!(answered.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        drop(second.join().unwrap());
+        l.close();
     }
 }

@@ -1,7 +1,9 @@
 //! A frame on its way out: the writer's bytes plus the binaries it references, written from
-//! wherever the last partial write stopped.
+//! wherever the last partial write stopped, and kept (by reference, never copied) until the
+//! peer acknowledges it.
 
 use crate::encode::Chunk;
+use crate::frame::SEQ_AT;
 use std::io::IoSlice;
 use std::sync::Arc;
 
@@ -19,8 +21,14 @@ pub struct OutFrame {
     chunks: Vec<Chunk>,
     shared: Option<Arc<dyn Shared>>,
     len: usize,
-    /// Bytes already written.
+    /// Bytes already written on the current connection.
     done: usize,
+    /// Its number on its lane, once stamped (0 before).
+    seq: u64,
+    /// Some of it went out on some connection of the lane's session: the peer may have it.
+    written: bool,
+    /// It was written whole once (counted as sent then, and not again when resent).
+    counted: bool,
 }
 
 impl std::fmt::Debug for OutFrame {
@@ -28,12 +36,14 @@ impl std::fmt::Debug for OutFrame {
         f.debug_struct("OutFrame")
             .field("len", &self.len)
             .field("done", &self.done)
+            .field("seq", &self.seq)
             .finish()
     }
 }
 
 impl OutFrame {
-    /// A frame made of a writer's output; `shared` supplies the [`Chunk::Shared`] parts.
+    /// A frame made of a writer's output, which must start with a frame header (as
+    /// [`crate::frame::Draft`] makes it); `shared` supplies the [`Chunk::Shared`] parts.
     pub fn new(buf: Vec<u8>, chunks: Vec<Chunk>, shared: Option<Arc<dyn Shared>>) -> Self {
         let len = chunks
             .iter()
@@ -48,13 +58,10 @@ impl OutFrame {
             shared,
             len,
             done: 0,
+            seq: 0,
+            written: false,
+            counted: false,
         }
-    }
-
-    /// A frame of plain bytes.
-    pub fn from_bytes(buf: Vec<u8>) -> Self {
-        let end = buf.len();
-        OutFrame::new(buf, vec![Chunk::Bytes { start: 0, end }], None)
     }
 
     /// A copy not yet written, for another connection: the small bytes are copied, the
@@ -66,7 +73,42 @@ impl OutFrame {
             shared: self.shared.clone(),
             len: self.len,
             done: 0,
+            seq: 0,
+            written: false,
+            counted: false,
         }
+    }
+
+    /// Writes `seq`, its number on its lane, into the frame's header. Only a frame none of
+    /// whose bytes are on the current connection may be stamped (or stamped anew).
+    pub fn stamp(&mut self, seq: u64) {
+        debug_assert_eq!(self.done, 0, "a frame is stamped before it is written");
+        self.seq = seq;
+        self.buf[SEQ_AT..SEQ_AT + 8].copy_from_slice(&seq.to_be_bytes());
+    }
+
+    /// Its number on its lane; 0 if not stamped since it was queued or last [`Self::unstamp`]ed.
+    #[inline]
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Forgets the stamp: the frame gets the next number when it goes out again.
+    #[inline]
+    pub fn unstamp(&mut self) {
+        self.seq = 0;
+    }
+
+    /// Whether any byte of it went out on some connection (the peer may have had it).
+    #[inline]
+    pub fn was_written(&self) -> bool {
+        self.written
+    }
+
+    /// Starts the frame over, for a new connection: the old one may have cut it anywhere.
+    #[inline]
+    pub fn rewind(&mut self) {
+        self.done = 0;
     }
 
     /// Total size in bytes.
@@ -116,11 +158,20 @@ impl OutFrame {
         }
     }
 
+    /// Whether it is written whole for the first time: true once, when it first is.
+    #[inline]
+    pub fn first_completion(&mut self) -> bool {
+        let first = self.remaining() == 0 && !self.counted;
+        self.counted |= first;
+        first
+    }
+
     /// Records `n` more bytes written; returns how many of them went past this frame's end.
     #[inline]
     pub fn advance(&mut self, n: usize) -> usize {
         let here = n.min(self.remaining());
         self.done += here;
+        self.written |= here > 0;
         n - here
     }
 }

@@ -2,11 +2,103 @@
 //! by hashing its (sender, destination) pair, so one pair always uses one connection (order
 //! kept) while different pairs spread over the pool.
 
-use crate::conn::{Conn, ConnInfo, PeerConfig, Target};
+use crate::conn::{Conn, ConnInfo, PeerConfig, SendError};
+use crate::out_frame::OutFrame;
 use crate::stats::PeerStats;
+use parking_lot::Mutex;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+/// Where a pool's connections go and the cookie they prove, shared by them: the peer's
+/// listener can move (its teleport application restarted on another port) while the node
+/// stays up, and an operator can fix a wrong cookie at runtime (`erlang:set_cookie/2`);
+/// then the owner points the pool at the new place, with the cookie of the moment, and its
+/// queues intact.
+pub struct Target {
+    addr: Mutex<SocketAddr>,
+    cookie: Mutex<Vec<u8>>,
+    stale: AtomicBool,
+    /// Called when the pool becomes stale, so that its owner finds the listener again even
+    /// if no one sends (the writers' queues would otherwise wait for ever).
+    on_stale: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// The largest frame body the peer reads, as its last handshake said (`usize::MAX`
+    /// until one did).
+    max_frame: AtomicUsize,
+}
+
+impl Target {
+    /// A target at `addr`, to be proven with `cookie`.
+    pub fn new(addr: SocketAddr, cookie: Vec<u8>) -> Target {
+        Target {
+            addr: Mutex::new(addr),
+            cookie: Mutex::new(cookie),
+            stale: AtomicBool::new(false),
+            on_stale: OnceLock::new(),
+            max_frame: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// The largest frame body the peer reads, once a handshake said; `usize::MAX` before.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame.load(Relaxed)
+    }
+
+    /// The current address.
+    pub fn addr(&self) -> SocketAddr {
+        *self.addr.lock()
+    }
+
+    /// The cookie to prove now.
+    pub fn cookie(&self) -> Vec<u8> {
+        self.cookie.lock().clone()
+    }
+
+    /// Whether the peer refused a connection: the owner should find its listener again.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Relaxed)
+    }
+
+    /// Records the largest frame body the peer reads, as it told some other way than a
+    /// handshake (which says it again on every connection).
+    pub fn limit_frames(&self, max: usize) {
+        self.max_frame.store(max, Relaxed);
+    }
+
+    /// Sets what to call when the pool becomes stale; only the first call counts.
+    pub fn on_stale(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_stale.set(Box::new(f));
+    }
+
+    /// Marks the target stale: the peer refused us where we thought it listens. The owner is
+    /// told once per stale spell (a retarget ends it), not on every refused attempt. Call it
+    /// with no lock held: the owner may retarget the pool from the callback.
+    pub(crate) fn mark_stale(&self) {
+        if !self.stale.swap(true, Relaxed) {
+            if let Some(f) = self.on_stale.get() {
+                f();
+            }
+        }
+    }
+
+    /// Points at `addr` with `cookie` and clears the stale mark.
+    ///
+    /// Returns whether the address or the cookie changed.
+    pub fn set(&self, addr: SocketAddr, cookie: &[u8]) -> bool {
+        let moved = std::mem::replace(&mut *self.addr.lock(), addr) != addr;
+        let rekeyed = {
+            let mut c = self.cookie.lock();
+            let rekeyed = *c != cookie;
+            if rekeyed {
+                *c = cookie.to_vec();
+            }
+            rekeyed
+        };
+        self.stale.store(false, Relaxed);
+        moved || rekeyed
+    }
+}
 
 /// The outgoing connections to one peer.
 pub struct Pool {
@@ -20,18 +112,21 @@ pub struct Pool {
 pub const MAX_SIZE: usize = 1024;
 
 impl Pool {
-    /// Starts `size` connection slots (1 to [`MAX_SIZE`]) to the peer's listener at `addr`.
-    /// They connect on first use.
+    /// Starts `size` connection slots (1 to [`MAX_SIZE`]) to the peer's listener at `addr`,
+    /// proving `cookie`. They connect on first use. The pool is a new session for the peer:
+    /// its lanes number their frames from 1.
     pub fn start(
         cfg: PeerConfig,
         addr: SocketAddr,
+        cookie: &[u8],
         size: usize,
         stats: Arc<PeerStats>,
     ) -> io::Result<Pool> {
         let cfg = Arc::new(cfg);
-        let target = Arc::new(Target::new(addr));
+        let target = Arc::new(Target::new(addr, cookie.to_vec()));
+        let session = crate::handshake::random_id()?;
         let conns = (0..size.clamp(1, MAX_SIZE))
-            .map(|i| Conn::start(i, cfg.clone(), stats.clone(), target.clone()))
+            .map(|i| Conn::start(i, session, cfg.clone(), stats.clone(), target.clone()))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Pool {
             conns,
@@ -61,16 +156,27 @@ impl Pool {
         self.target.on_stale(f);
     }
 
-    /// Points every connection at `addr` (where the peer listens now) and has them try at
-    /// once; what they queued goes out there, in order.
+    /// Points every connection at `addr` (where the peer listens now), proving `cookie` (the
+    /// one shared with the peer now), and has them try at once; what they hold goes out
+    /// there, in order.
     ///
-    /// At the same address, the connections keep waiting out their backoff: the owner
-    /// re-discovers on every stale spell, and a peer that keeps refusing (another handshake
-    /// version, say) must not make that a busy loop.
-    pub fn retarget(&self, addr: SocketAddr) {
-        if self.target.set(addr) {
+    /// At the same address with the same cookie, the connections keep waiting out their
+    /// backoff: the owner re-discovers on every stale spell, and a peer that keeps refusing
+    /// (another handshake version, say) must not make that a busy loop.
+    pub fn retarget(&self, addr: SocketAddr, cookie: &[u8]) {
+        if self.target.set(addr, cookie) {
             self.conns.iter().for_each(|c| c.poke());
         }
+    }
+
+    /// Hands `frame` to the connection of a (sender, destination) hash. A stale pool (its
+    /// peer refused us where we thought it listens) takes nothing: [`SendError::Stale`],
+    /// so that the caller has the owner find the listener again first.
+    pub fn send(&self, pair_hash: u64, frame: OutFrame) -> Result<(), SendError> {
+        if self.is_stale() {
+            return Err(SendError::Stale(frame));
+        }
+        self.conn(pair_hash).send(frame)
     }
 
     /// The connection for a (sender, destination) hash.
@@ -117,123 +223,14 @@ impl Drop for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::{SendError, Status};
-    use crate::listener::{Acceptor, ListenConfig, Listener, Sink};
-    use crate::out_frame::OutFrame;
+    use crate::conn::Status;
+    use crate::listener::{ListenConfig, Listener};
     use crate::peers::Peers;
     use crate::sockopts::{Keepalive, SocketOpts};
+    use crate::testing::*;
     use std::net::{Ipv4Addr, TcpListener};
-    use std::sync::mpsc::{channel, Receiver, Sender};
-    use std::time::{Duration, Instant};
-
-    /// Frames arrive here, as (peer, body).
-    struct ToChannel(Vec<u8>, Sender<(Vec<u8>, Vec<u8>)>);
-
-    impl Sink for ToChannel {
-        type Buf = Vec<u8>;
-        fn alloc(&mut self, len: usize) -> Option<Vec<u8>> {
-            Some(vec![0; len])
-        }
-        fn frame(&mut self, body: &[u8]) -> Result<(), String> {
-            let body = &body[4..];
-            if body == b"poison" {
-                return Err("poisoned".into());
-            }
-            let _ = self.1.send((self.0.clone(), body.to_vec()));
-            Ok(())
-        }
-        fn frame_owned(&mut self, body: Vec<u8>) -> Result<(), String> {
-            self.frame(&body)
-        }
-    }
-
-    struct TestAcceptor {
-        me: Vec<u8>,
-        peers: Peers,
-        tx: Mutex<Sender<(Vec<u8>, Vec<u8>)>>,
-    }
-
-    impl Acceptor for TestAcceptor {
-        type Sink = ToChannel;
-        fn me(&self) -> Vec<u8> {
-            self.me.clone()
-        }
-        fn cookie_for(&self, peer: &[u8]) -> Option<Vec<u8>> {
-            self.peers.cookie_for(peer)
-        }
-        fn stats(&self, peer: &[u8]) -> Arc<PeerStats> {
-            self.peers.stats(peer)
-        }
-        fn sink(&self, peer: &[u8]) -> ToChannel {
-            ToChannel(peer.to_vec(), self.tx.lock().clone())
-        }
-    }
-
-    use parking_lot::Mutex;
-
-    /// Frames as they arrive: (peer, body).
-    type Arrivals = Receiver<(Vec<u8>, Vec<u8>)>;
-
-    /// A listener for node `b@h` that lets `a@h` in with cookie `c`.
-    fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals) {
-        let (tx, rx) = channel();
-        let acceptor = Arc::new(TestAcceptor {
-            me: b"b@h".to_vec(),
-            peers: Peers::default(),
-            tx: Mutex::new(tx),
-        });
-        acceptor.peers.allow(b"a@h", b"c");
-        let cfg = ListenConfig {
-            max_frame_bytes: 1 << 20,
-            handshake_timeout: Duration::from_secs(2),
-            sock_opts: opts,
-        };
-        let l = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor.clone()).unwrap();
-        (l, acceptor, rx)
-    }
-
-    fn config(cookie: &[u8], opts: SocketOpts) -> PeerConfig {
-        PeerConfig {
-            me: b"a@h".to_vec(),
-            peer: b"b@h".to_vec(),
-            cookie: cookie.to_vec(),
-            max_queue_bytes: 1 << 20,
-            connect_timeout: Duration::from_secs(2),
-            handshake_timeout: Duration::from_millis(500),
-            sock_opts: opts,
-        }
-    }
-
-    /// A frame whose body is 4 bytes of header (frames are longer than that) and `body`.
-    /// A pool of one connection slot, and its counters.
-    fn one_slot(cfg: PeerConfig, addr: SocketAddr) -> (Pool, Arc<PeerStats>) {
-        let stats = Arc::new(PeerStats::default());
-        (Pool::start(cfg, addr, 1, stats.clone()).unwrap(), stats)
-    }
-
-    fn frame(body: &[u8]) -> OutFrame {
-        let mut buf = (body.len() as u32 + 4).to_be_bytes().to_vec();
-        buf.extend_from_slice(b"HEAD");
-        buf.extend_from_slice(body);
-        OutFrame::from_bytes(buf)
-    }
-
-    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-        let until = Instant::now() + Duration::from_secs(10);
-        while !f() {
-            assert!(Instant::now() < until, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn send(pool: &Pool, hash: u64, body: &[u8]) {
-        match pool.conn(hash).send(frame(body)) {
-            Ok(()) => {}
-            Err(SendError::Busy(_)) => panic!("busy"),
-            Err(SendError::Closed(_)) => panic!("closed"),
-            Err(SendError::TooLarge(_)) => panic!("too large"),
-        }
-    }
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
 
     #[test]
     fn frames_go_through_and_every_counter_shows_them() {
@@ -248,7 +245,7 @@ mod tests {
         };
         let (l, acceptor, rx) = listener(opts.clone());
         let stats = Arc::new(PeerStats::default());
-        let pool = Pool::start(config(b"c", opts), l.local_addr(), 2, stats.clone()).unwrap();
+        let pool = start(config(b"c", opts), l.local_addr(), 2, stats.clone()).unwrap();
         assert_eq!(pool.addr(), l.local_addr());
         assert_eq!(pool.conns().len(), 2);
         assert!(Arc::ptr_eq(pool.stats(), &stats));
@@ -275,7 +272,7 @@ mod tests {
         assert_eq!(got[0], b"first");
         assert_eq!(got[1], big);
         assert_eq!(got[101], 99u32.to_be_bytes());
-        let bytes: u64 = got.iter().map(|b| b.len() as u64 + 8).sum();
+        let bytes: u64 = got.iter().map(|b| (b.len() + OVERHEAD) as u64).sum();
         wait_for("counters", || stats.snapshot().msgs_out == 102);
         assert_eq!(stats.snapshot().bytes_out, bytes);
         let info = pool.info();
@@ -358,7 +355,7 @@ mod tests {
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(5));
                 if let Some(p) = p.upgrade() {
-                    p.retarget(addr);
+                    p.retarget(addr, b"c");
                 }
             });
         });
@@ -395,7 +392,7 @@ mod tests {
         assert_eq!(pool.info()[0].peer_addr, nowhere);
         // The peer's listener is found elsewhere: what was queued goes there.
         let (l, _acceptor, rx) = listener(SocketOpts::default());
-        pool.retarget(l.local_addr());
+        pool.retarget(l.local_addr(), b"c");
         assert!(!pool.is_stale());
         let (_, body) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(body, b"queued while down");
@@ -406,7 +403,7 @@ mod tests {
             pool.info()[0].status != Status::Up
         });
         let (l2, _acceptor2, rx2) = listener(SocketOpts::default());
-        pool.retarget(l2.local_addr());
+        pool.retarget(l2.local_addr(), b"c");
         send(&pool, 0, b"after");
         let (_, body) = rx2.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(body, b"after");
@@ -421,7 +418,7 @@ mod tests {
         // The listener reads frames of up to 1 MiB, and its handshake says so.
         let (l, _acceptor, rx) = listener(SocketOpts::default());
         let mut cfg = config(b"c", SocketOpts::default());
-        cfg.max_queue_bytes = 8 << 20;
+        cfg.0.max_queue_bytes = 8 << 20;
         let (pool, stats) = one_slot(cfg, l.local_addr());
         let big = vec![1u8; 2 << 20];
         // Told by the owner (as discovery does), the limit holds before any handshake.
@@ -445,8 +442,8 @@ mod tests {
             pool.conn(0).send(frame(&big)),
             Err(SendError::TooLarge(_))
         ));
-        // The limit counts the whole body ("HEAD" here is part of it).
-        let fits = vec![2u8; (1 << 20) - 4];
+        // The limit counts the whole body (the header is part of it).
+        let fits = vec![2u8; (1 << 20) - (OVERHEAD - 4)];
         send(&pool, 0, &fits);
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().1, fits);
         assert_eq!(pool.info()[0].reconnects, 0);
@@ -468,7 +465,7 @@ mod tests {
         l.close();
         std::thread::sleep(Duration::from_millis(150));
         let (l2, _acceptor2, rx2) = listener(SocketOpts::default());
-        pool.retarget(l2.local_addr());
+        pool.retarget(l2.local_addr(), b"c");
         // Written into the closed socket, this frame would be lost without a trace.
         send(&pool, 0, b"second");
         let (_, body) = rx2.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -482,10 +479,10 @@ mod tests {
         // Accepts but never answers the handshake: frames queue meanwhile.
         let mute = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let mut cfg = config(b"c", SocketOpts::default());
-        cfg.max_queue_bytes = 1000;
-        cfg.handshake_timeout = Duration::from_secs(5);
+        cfg.0.max_queue_bytes = 1000;
+        cfg.0.handshake_timeout = Duration::from_secs(5);
         let stats = Arc::new(PeerStats::default());
-        let pool = Pool::start(cfg, mute.local_addr().unwrap(), 1, stats.clone()).unwrap();
+        let pool = start(cfg, mute.local_addr().unwrap(), 1, stats.clone()).unwrap();
         send(&pool, 0, &[1; 600]);
         wait_for("connecting", || pool.info()[0].status == Status::Connecting);
         // Over the limit with others queued: busy. On an empty queue a big frame goes in.
@@ -495,8 +492,8 @@ mod tests {
         ));
         send(&pool, 0, &[3; 10]);
         let c = &pool.info()[0];
-        assert_eq!((c.queued_bytes, c.frames_in_queue), (608 + 18, 2));
-        assert_eq!(stats.snapshot().queued_bytes, 626);
+        assert_eq!((c.queued_bytes, c.frames_in_queue), (610 + 2 * OVERHEAD, 2));
+        assert_eq!(stats.snapshot().queued_bytes, (610 + 2 * OVERHEAD) as u64);
         pool.close();
         wait_for("the queue to be dropped", || stats.snapshot().dropped == 2);
         assert_eq!(stats.snapshot().queued_bytes, 0);
@@ -526,7 +523,8 @@ mod tests {
         let acceptor = Arc::new(TestAcceptor {
             me: b"b@h".to_vec(),
             peers: Peers::default(),
-            tx: Mutex::new(tx),
+            tx: parking_lot::Mutex::new(tx),
+            gate: Arc::default(),
         });
         let cfg = ListenConfig {
             max_frame_bytes: 1 << 20,
@@ -553,7 +551,7 @@ mod tests {
             bind_ip: Some("127.0.0.3".parse().unwrap()),
             ..SocketOpts::default()
         };
-        let pool = Pool::start(config(b"c", opts), l.local_addr(), 1, Default::default()).unwrap();
+        let pool = start(config(b"c", opts), l.local_addr(), 1, Default::default()).unwrap();
         send(&pool, 0, b"hi");
         rx.recv_timeout(Duration::from_secs(10)).unwrap();
         let local = pool.info()[0].local_addr.unwrap();

@@ -16,10 +16,19 @@ pub struct PeerStats {
     pub msgs_in: AtomicU64,
     /// Bytes received from the peer, frame headers included.
     pub bytes_in: AtomicU64,
-    /// Bytes queued for the peer and not yet written.
+    /// Bytes the peer's lanes hold: queued, being written, or written and waiting for the
+    /// peer's acknowledgement.
     pub queued_bytes: AtomicU64,
-    /// Messages dropped: queued when their connection failed or the pool was torn down.
+    /// Messages accepted and then dropped: held when the pool was torn down, written to an
+    /// earlier incarnation of the peer's teleport and never acknowledged, or over the
+    /// peer's frame limit.
     pub dropped: AtomicU64,
+    /// Messages the peer acknowledged: delivered there (or dropped there as undeliverable,
+    /// as `!` drops a message to a dead process).
+    pub acked: AtomicU64,
+    /// Messages sent again on a new connection because the one that carried them died
+    /// before the peer acknowledged them.
+    pub resent: AtomicU64,
     /// Outgoing connections established after the first one of each pool slot.
     pub reconnects: AtomicU64,
     /// Outgoing connections up now.
@@ -43,6 +52,10 @@ pub struct Snapshot {
     pub queued_bytes: u64,
     /// See [`PeerStats::dropped`].
     pub dropped: u64,
+    /// See [`PeerStats::acked`].
+    pub acked: u64,
+    /// See [`PeerStats::resent`].
+    pub resent: u64,
     /// See [`PeerStats::reconnects`].
     pub reconnects: u64,
     /// See [`PeerStats::connections`].
@@ -61,6 +74,8 @@ impl PeerStats {
             bytes_in: self.bytes_in.load(Relaxed),
             queued_bytes: self.queued_bytes.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
+            acked: self.acked.load(Relaxed),
+            resent: self.resent.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             connections: self.connections.load(Relaxed),
             connections_in: self.connections_in.load(Relaxed),

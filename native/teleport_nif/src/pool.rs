@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use teleport_core::conn::{PeerConfig, SendError, Status};
 use teleport_core::encode::Writer;
-use teleport_core::frame::{self, Kind, FLAG_SHARED};
+use teleport_core::frame::{Draft, Kind};
 use teleport_core::out_frame::{OutFrame, Shared};
 use teleport_core::pool::Pool;
 
@@ -24,7 +24,8 @@ mod atoms {
         ok, error, busy, closed, dirty, too_large, bad_ip,
         index, state, queued_bytes, frames_in_queue, last_error, undefined,
         down, connecting, up, peer_addr, local_addr, msgs_out, bytes_out, connected_since,
-        reconnects, sndbuf, recbuf, teleport_pool_stale,
+        reconnects, sndbuf, recbuf, teleport_pool_stale, unacked_frames, unacked_bytes,
+        last_acked,
     }
 }
 
@@ -104,14 +105,14 @@ fn pool_start<'a>(
     let cfg = PeerConfig {
         me: rt.me.lock().clone(),
         peer: peer.as_slice().to_vec(),
-        cookie: cookie.as_slice().to_vec(),
         max_queue_bytes,
         connect_timeout: Duration::from_millis(timeouts_ms.0),
         handshake_timeout: Duration::from_millis(timeouts_ms.1),
         sock_opts: rt.sock_opts.clone(),
     };
     let stats = rt.peers.stats(peer.as_slice());
-    match Pool::start(cfg, SocketAddr::new(ip_addr, port), size, stats) {
+    let addr = SocketAddr::new(ip_addr, port);
+    match Pool::start(cfg, addr, cookie.as_slice(), size, stats) {
         Ok(pool) => {
             let (owner, name) = (env.pid(), peer.as_slice().to_vec());
             // Runs on a writer thread, never a scheduler: an OwnedEnv may send from there.
@@ -139,18 +140,21 @@ fn pool_limit_frames(pool: ResourceArc<PoolRes>, max_frame_bytes: u64) -> Atom {
     atoms::ok()
 }
 
-/// Points the pool at `Ip:Port`, where its peer listens now; queued messages go there.
+/// Points the pool at `Ip:Port`, where its peer listens now, proving `Cookie` (the one
+/// shared with the peer now); what the pool holds goes there.
 #[rustler::nif]
 fn pool_retarget<'a>(
     env: Env<'a>,
     pool: ResourceArc<PoolRes>,
     ip: String,
     port: u16,
+    cookie: Binary<'a>,
 ) -> NifResult<Term<'a>> {
     let Ok(ip_addr) = ip.parse::<IpAddr>() else {
         return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
     };
-    pool.pool.retarget(SocketAddr::new(ip_addr, port));
+    pool.pool
+        .retarget(SocketAddr::new(ip_addr, port), cookie.as_slice());
     Ok(atoms::ok().encode(env))
 }
 
@@ -162,7 +166,8 @@ fn pool_close(pool: ResourceArc<PoolRes>) -> Atom {
 }
 
 /// Per connection: `#{index, state, peer_addr, local_addr, queued_bytes, frames_in_queue,
-/// msgs_out, bytes_out, last_error, connected_since, reconnects, sndbuf, recbuf}`
+/// unacked_frames, unacked_bytes, last_acked, msgs_out, bytes_out, last_error,
+/// connected_since, reconnects, sndbuf, recbuf}`
 /// (`teleport:info/0` documents them).
 #[rustler::nif]
 fn pool_info<'a>(env: Env<'a>, pool: ResourceArc<PoolRes>) -> NifResult<Term<'a>> {
@@ -188,6 +193,9 @@ fn pool_info<'a>(env: Env<'a>, pool: ResourceArc<PoolRes>) -> NifResult<Term<'a>
             .map_put(atoms::local_addr(), maybe_addr(env, c.local_addr))?
             .map_put(atoms::queued_bytes(), c.queued_bytes)?
             .map_put(atoms::frames_in_queue(), c.frames_in_queue)?
+            .map_put(atoms::unacked_frames(), c.unacked_frames)?
+            .map_put(atoms::unacked_bytes(), c.unacked_bytes)?
+            .map_put(atoms::last_acked(), c.last_acked)?
             .map_put(atoms::msgs_out(), c.msgs_out)?
             .map_put(atoms::bytes_out(), c.bytes_out)?
             .map_put(atoms::last_error(), last_error)?
@@ -239,9 +247,6 @@ unsafe fn send(
     msg: Term,
     budget: Option<usize>,
 ) -> NifResult<Result<(Atom, usize), OverBudget>> {
-    if pool.pool.is_stale() {
-        return Ok(Ok((atoms::closed(), 0)));
-    }
     let (frame, work) = match encode_frame(env, dest, msg, budget)? {
         Ok(Some(done)) => done,
         Ok(None) => return Ok(Ok((atoms::too_large(), 0))),
@@ -251,12 +256,13 @@ unsafe fn send(
     Ok(Ok((enqueue(pool, hash, frame), work)))
 }
 
-/// Hands a frame to one connection of the pool.
+/// Hands a frame to the pool, as `ok | busy | closed | too_large` (a stale pool is `closed`
+/// to the caller, which has teleport_server repair it).
 fn enqueue(pool: &PoolRes, hash: u64, frame: OutFrame) -> Atom {
-    match pool.pool.conn(hash).send(frame) {
+    match pool.pool.send(hash, frame) {
         Ok(()) => atoms::ok(),
         Err(SendError::Busy(_)) => atoms::busy(),
-        Err(SendError::Closed(_)) => atoms::closed(),
+        Err(SendError::Closed(_) | SendError::Stale(_)) => atoms::closed(),
         Err(SendError::TooLarge(_)) => atoms::too_large(),
     }
 }
@@ -277,31 +283,26 @@ unsafe fn encode_frame(
         return Err(rustler::Error::BadArg);
     };
     let mut d = Writer::with_capacity(64);
-    d.version();
     match kind {
         Kind::ToPid => fallback(raw, dest.as_c_arg(), &mut d),
         Kind::ToName => write_atom(raw, dest.as_c_arg(), &mut d),
     }
     let (dest_bytes, _) = d.finish();
 
-    let mut w = Writer::with_capacity(256);
-    let started = frame::start(&mut w, kind, &dest_bytes);
-    w.version();
-    let (shared, work) = match write_term(raw, msg.as_c_arg(), &mut w, budget) {
+    let mut draft = Draft::new(kind, &dest_bytes);
+    let (shared, work) = match write_term(raw, msg.as_c_arg(), draft.term(), budget) {
         Ok(done) => done,
         Err(over) => return Ok(Err(over)),
     };
-    let flags = if shared.is_empty() { 0 } else { FLAG_SHARED };
-    if frame::finish(&mut w, started, flags).is_err() {
-        return Ok(Ok(None));
-    }
-    let (buf, chunks) = w.finish();
     let kept: Option<Arc<dyn Shared>> = if shared.is_empty() {
         None
     } else {
         Some(Arc::new(Kept::new(&shared)))
     };
-    Ok(Ok(Some((OutFrame::new(buf, chunks, kept), work))))
+    match draft.finish(kept) {
+        Ok(frame) => Ok(Ok(Some((frame, work)))),
+        Err(_) => Ok(Ok(None)),
+    }
 }
 
 /// Sends `Msg` to the process registered as `Name` on each pool's node, encoding it once:
@@ -347,13 +348,7 @@ unsafe fn send_many(
     let hash = pair_hash(env.as_c_arg(), name.as_c_arg());
     let results = pools
         .iter()
-        .map(|pool| {
-            if pool.pool.is_stale() {
-                atoms::closed()
-            } else {
-                enqueue(pool, hash, frame.duplicate())
-            }
-        })
+        .map(|pool| enqueue(pool, hash, frame.duplicate()))
         .collect();
     Ok(Ok((results, work)))
 }

@@ -245,6 +245,8 @@ fn runtime_allow(rt: ResourceArc<Runtime>, node: Binary, cookie: Binary) -> Atom
 #[rustler::nif]
 fn runtime_forbid(rt: ResourceArc<Runtime>, node: Binary) -> Atom {
     rt.peers.forbid(node.as_slice());
+    // It went down: a pool it makes later is a new session, and its lanes start afresh.
+    rt.listener.forget(node.as_slice());
     atoms::ok()
 }
 
@@ -254,13 +256,15 @@ fn runtime_stats<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'
     let mut out = Vec::new();
     for (node, stats) in rt.peers.all_stats() {
         let s = stats.snapshot();
-        let pairs: [(&str, u64); 9] = [
+        let pairs: [(&str, u64); 11] = [
             ("msgs_out", s.msgs_out),
             ("bytes_out", s.bytes_out),
             ("msgs_in", s.msgs_in),
             ("bytes_in", s.bytes_in),
             ("queued_bytes", s.queued_bytes),
             ("dropped", s.dropped),
+            ("acked", s.acked),
+            ("resent", s.resent),
             ("reconnects", s.reconnects),
             ("connections", s.connections),
             ("connections_in", s.connections_in),

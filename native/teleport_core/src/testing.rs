@@ -1,0 +1,183 @@
+//! Helpers shared by the core's tests: a listener that collects what arrives, pools and
+//! connections to it, frames to send, and a patient wait.
+
+use crate::conn::PeerConfig;
+use crate::etf;
+use crate::frame::{self, Draft, Kind};
+use crate::listener::{Acceptor, ListenConfig, Listener, Sink};
+use crate::out_frame::OutFrame;
+use crate::peers::Peers;
+use crate::pool::Pool;
+use crate::sockopts::SocketOpts;
+use crate::stats::PeerStats;
+use parking_lot::{Condvar, Mutex};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The destination of every test frame: the name `t`, as [`frame`] writes it.
+const DEST: [u8; 3] = [etf::SMALL_ATOM_UTF8_EXT, 1, b't'];
+
+/// The bytes a test frame has beyond its payload: the length prefix, the fixed header, the
+/// destination and the term's version byte.
+pub const OVERHEAD: usize = frame::LEN_BYTES + frame::FIXED_BYTES + 1 + DEST.len() + 1;
+
+/// A real frame to `t` whose term is the version byte followed by `payload` (not a valid
+/// term: the test sinks do not decode it).
+pub fn frame(payload: &[u8]) -> OutFrame {
+    let mut d = Draft::new(Kind::ToName, &DEST);
+    d.term().raw(payload);
+    d.finish(None).unwrap()
+}
+
+/// The payload of a frame body written by [`frame`], and its sequence number.
+pub fn payload(body: &[u8]) -> Result<(u64, Vec<u8>), String> {
+    let f = frame::parse(body).map_err(|e| e.to_string())?;
+    Ok((f.seq, f.term[1..].to_vec()))
+}
+
+/// Holds deliveries back while shut: a reader stuck delivering.
+#[derive(Default)]
+pub struct Gate {
+    shut: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    /// From now on, deliveries wait.
+    pub fn shut(&self) {
+        *self.shut.lock() = true;
+    }
+
+    /// Lets them go.
+    pub fn open(&self) {
+        *self.shut.lock() = false;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut shut = self.shut.lock();
+        while *shut {
+            self.opened.wait(&mut shut);
+        }
+    }
+}
+
+/// Frames arrive here, as (peer, payload); a payload `poison` is refused.
+pub struct ToChannel(Vec<u8>, Sender<(Vec<u8>, Vec<u8>)>, Arc<Gate>);
+
+impl Sink for ToChannel {
+    type Buf = Vec<u8>;
+    fn alloc(&mut self, len: usize) -> Option<Vec<u8>> {
+        Some(vec![0; len])
+    }
+    fn frame(&mut self, body: &[u8]) -> Result<(), String> {
+        self.2.pass();
+        let (_, body) = payload(body)?;
+        if body == b"poison" {
+            return Err("poisoned".into());
+        }
+        let _ = self.1.send((self.0.clone(), body));
+        Ok(())
+    }
+    fn frame_owned(&mut self, body: Vec<u8>) -> Result<(), String> {
+        self.frame(&body)
+    }
+}
+
+/// A listener's owner for node `b@h`.
+pub struct TestAcceptor {
+    /// Its node name.
+    pub me: Vec<u8>,
+    /// Who may connect in.
+    pub peers: Peers,
+    /// Where its sinks send.
+    pub tx: Mutex<Sender<(Vec<u8>, Vec<u8>)>>,
+    /// What its sinks pass before delivering.
+    pub gate: Arc<Gate>,
+}
+
+impl Acceptor for TestAcceptor {
+    type Sink = ToChannel;
+    fn me(&self) -> Vec<u8> {
+        self.me.clone()
+    }
+    fn cookie_for(&self, peer: &[u8]) -> Option<Vec<u8>> {
+        self.peers.cookie_for(peer)
+    }
+    fn stats(&self, peer: &[u8]) -> Arc<PeerStats> {
+        self.peers.stats(peer)
+    }
+    fn sink(&self, peer: &[u8]) -> ToChannel {
+        ToChannel(peer.to_vec(), self.tx.lock().clone(), self.gate.clone())
+    }
+}
+
+/// Frames as they arrive: (peer, payload).
+pub type Arrivals = Receiver<(Vec<u8>, Vec<u8>)>;
+
+/// A listener for node `b@h` that lets `a@h` in with cookie `c`.
+pub fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals) {
+    let (tx, rx) = channel();
+    let acceptor = Arc::new(TestAcceptor {
+        me: b"b@h".to_vec(),
+        peers: Peers::default(),
+        tx: Mutex::new(tx),
+        gate: Arc::default(),
+    });
+    acceptor.peers.allow(b"a@h", b"c");
+    let cfg = ListenConfig {
+        max_frame_bytes: 1 << 20,
+        handshake_timeout: Duration::from_secs(2),
+        sock_opts: opts,
+    };
+    let l = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor.clone()).unwrap();
+    (l, acceptor, rx)
+}
+
+/// How `a@h` reaches `b@h`, and the cookie it proves.
+pub fn config(cookie: &[u8], opts: SocketOpts) -> (PeerConfig, Vec<u8>) {
+    let cfg = PeerConfig {
+        me: b"a@h".to_vec(),
+        peer: b"b@h".to_vec(),
+        max_queue_bytes: 1 << 20,
+        connect_timeout: Duration::from_secs(2),
+        handshake_timeout: Duration::from_millis(500),
+        sock_opts: opts,
+    };
+    (cfg, cookie.to_vec())
+}
+
+/// A pool of `size` slots to `addr`.
+pub fn start(
+    (cfg, cookie): (PeerConfig, Vec<u8>),
+    addr: SocketAddr,
+    size: usize,
+    stats: Arc<PeerStats>,
+) -> io::Result<Pool> {
+    Pool::start(cfg, addr, &cookie, size, stats)
+}
+
+/// A pool of one connection slot, and its counters.
+pub fn one_slot(cfg: (PeerConfig, Vec<u8>), addr: SocketAddr) -> (Pool, Arc<PeerStats>) {
+    let stats = Arc::new(PeerStats::default());
+    (start(cfg, addr, 1, stats.clone()).unwrap(), stats)
+}
+
+/// Waits up to 10 s for `f` to hold.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends a frame of `payload` through the pool, for `hash`; it must be taken.
+pub fn send(pool: &Pool, hash: u64, payload: &[u8]) {
+    if let Err(e) = pool.send(hash, frame(payload)) {
+        panic!("not taken: {e:?}")
+    }
+}
