@@ -23,22 +23,21 @@ end_per_suite(Config) ->
     ok.
 
 init_per_testcase(_Case, Config) ->
-    {Peer, Node} = start_peer(),
-    [{peer, Peer}, {node, Node} | Config].
+    {Peer, Node, _} = Started = start_peer(),
+    [{started, Started}, {peer, Peer}, {node, Node} | Config].
 
 end_per_testcase(_Case, Config) ->
-    ok = teleport_cover:peer_stopping(?config(node, Config)),
-    catch peer:stop(?config(peer, Config)),
-    ok.
+    teleport_test_util:stop_peer(?config(started, Config)).
 
+%% A peer running teleport and the gen_server `srv' (started after teleport: nothing sends
+%% to it before the case does). Linked to the test case's process, so a case that crashes
+%% takes its peers with it. connect_all stays true, the default these peers always had.
 start_peer() ->
-    {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(calls),
-                                         args => ["-pa" | code:get_path()],
-                                         connection => standard_io}),
-    ok = teleport_cover:peer_started(Node),
-    ok = peer:call(Peer, teleport, start, []),
+    {ok, Started} = teleport_test_util:start_peer(
+                      #{prefix => calls, link => true, connect_all => true}),
+    {Peer, _, _} = Started,
     {ok, _} = peer:call(Peer, calls_test_server, start, [srv]),
-    {Peer, Node}.
+    Started.
 
 reply_value(Config) ->
     Node = ?config(node, Config),
@@ -155,8 +154,8 @@ casts_then_call_in_order(Config) ->
     ?assertEqual(lists:seq(1, 200), Out).
 
 abcast_with_a_bad_node(Config) ->
-    {Peer2, Node2} = start_peer(),
-    {Peer3, Node3} = start_peer(),
+    {_, Node2, _} = S2 = start_peer(),
+    {_, Node3, _} = S3 = start_peer(),
     try
         Nodes = [?config(node, Config), Node2, Node3],
         ?assertEqual(abcast, teleport:abcast(['bad@nohost' | Nodes], srv, {hello, 1})),
@@ -165,14 +164,13 @@ abcast_with_a_bad_node(Config) ->
         Stats = teleport:stats(),
         [?assertMatch(#{msgs_out := _}, maps:get(N, Stats)) || N <- Nodes]
     after
-        peer:stop(Peer2),
-        peer:stop(Peer3)
+        teleport_test_util:stop_peers([S2, S3])
     end.
 
 multi_call_with_a_node_down(Config) ->
     Node = ?config(node, Config),
-    {Peer2, Node2} = start_peer(),
-    peer:stop(Peer2),
+    {_, Node2, _} = S2 = start_peer(),
+    teleport_test_util:stop_peer(S2),
     {Replies, Bad} = teleport:multi_call([Node, Node2], srv, {echo, m}, 3000),
     ?assertEqual([{Node, m}], Replies),
     ?assertEqual([Node2], Bad),
@@ -181,9 +179,8 @@ multi_call_with_a_node_down(Config) ->
 
 node_killed_mid_call(Config) ->
     Node = ?config(node, Config),
-    Peer = ?config(peer, Config),
-    OsPid = peer:call(Peer, os, getpid, []),
-    _ = spawn(fun() -> timer:sleep(300), os:cmd("kill -9 " ++ OsPid) end),
+    {_, _, OsPid} = ?config(started, Config),
+    _ = spawn(fun() -> timer:sleep(300), teleport_test_util:kill_os_process(OsPid) end),
     T0 = erlang:monotonic_time(millisecond),
     ?assertExit({{nodedown, Node}, {teleport, gs_call, _}},
                 teleport:gs_call({srv, Node}, {sleep, 60000}, 60000)),

@@ -39,7 +39,7 @@ init_per_testcase(_, Config) ->
     Config.
 
 end_per_testcase(_, _Config) ->
-    [teleport_soak:stop_peer(S) || {_, S} <- ets:tab2list(?PEERS)],
+    [teleport_test_util:stop_peer(S) || {_, S} <- ets:tab2list(?PEERS)],
     true = ets:delete_all_objects(?PEERS),
     _ = logger:remove_handler(discovery_capture),
     teleport_test_util:reset_teleport(),
@@ -239,7 +239,7 @@ wait_until(Fun, Timeout) ->
 
 start_peer(Opts) ->
     Name = peer:random_name(discovery),
-    case teleport_soak:start_peer(Name, Opts#{on_start => fun record_peer/1}) of
+    case teleport_test_util:start_peer(Opts#{name => Name, on_start => fun record_peer/1}) of
         {ok, {P, Node, _}} -> {P, Node};
         {error, Reason} -> ct:fail({peer_start_failed, Name, Reason})
     end.

@@ -346,11 +346,12 @@ nif_not_loaded(Config) ->
     [{ok, _} = file:copy(F, filename:join(Ebin, filename:basename(F)))
      || F <- filelib:wildcard(filename:join(Src, "*.{beam,app}"))],
     Here = filename:dirname(code:which(?MODULE)),
-    Args = ["-setcookie", atom_to_list(erlang:get_cookie()), "-connect_all", "false",
-            "-pa", Ebin, "-pa", Here],
-    {ok, Peer, Node} = peer:start(#{name => peer:random_name(errors_nif), args => Args,
-                                    connection => standard_io}),
-    put(peers, [{Peer, Node}]),
+    %% Cover is registered by hand, after the check that teleport comes from the copy (cover
+    %% replaces the modules, and code:which/1 says cover_compiled then).
+    {ok, {Peer, Node, _}} =
+        teleport_test_util:start_peer(#{prefix => errors_nif, code_path => [Ebin, Here],
+                                        cover => false, teleport => false,
+                                        on_start => fun record_peer/1}),
     ?assertEqual(Ebin, filename:dirname(peer:call(Peer, code, which, [teleport]))),
     %% Under `make cover', teleport's modules there become the cover-compiled ones, all but
     %% teleport_nif, which stays the copy without its library.
@@ -384,26 +385,23 @@ config_error(Opts) ->
 is_sentence(Text) ->
     io_lib:printable_unicode_list(Text) andalso length(Text) > 5.
 
-%% The peers this test case started ({Peer, Node}): CT runs init_per_testcase, the case
-%% and end_per_testcase in one process.
+%% The peers this test case started (teleport_test_util:started()): CT runs
+%% init_per_testcase, the case and end_per_testcase in one process.
 peers() ->
     case get(peers) of
         undefined -> [];
         Ps -> Ps
     end.
 
+%% on_start of the peers: recorded for end_per_testcase as soon as they are up.
+record_peer(Started) ->
+    put(peers, [Started | peers()]).
+
 %% A peer node, with teleport started if StartTeleport.
 start_peer(_Config, StartTeleport) ->
-    Args = ["-setcookie", atom_to_list(erlang:get_cookie()), "-connect_all", "false",
-            "-pa" | code:get_path()],
-    {ok, Peer, Node} = peer:start(#{name => peer:random_name(errors), args => Args,
-                                    connection => standard_io}),
-    put(peers, [{Peer, Node} | peers()]),
-    ok = teleport_cover:peer_started(Node),
-    case StartTeleport of
-        true -> ok = peer:call(Peer, teleport, start, []);
-        false -> ok
-    end,
+    {ok, {Peer, Node, _}} =
+        teleport_test_util:start_peer(#{prefix => errors, teleport => StartTeleport,
+                                        on_start => fun record_peer/1}),
     {Peer, Node}.
 
 %% Logger events of this node go to the test process as {logged, Event}.

@@ -71,7 +71,7 @@ init_per_testcase(_, Config) ->
     Config.
 
 end_per_testcase(_, _Config) ->
-    [teleport_soak:stop_peer(S) || {_, S} <- ets:tab2list(?PEERS)],
+    [teleport_test_util:stop_peer(S) || {_, S} <- ets:tab2list(?PEERS)],
     true = ets:delete_all_objects(?PEERS),
     flush(),
     ok.
@@ -106,7 +106,7 @@ receiver_killed_mid_stream(_Config) ->
     DeliveredBefore = lists:sum([length(L) || L <- maps:values(maps:get(seqs, Rx0))]),
     AcceptedAtKill = [atomics:get(Ctr, Id) || Id <- Ids],
     TKill = wall_ms(),
-    teleport_soak:kill_os_process(OsR),
+    teleport_test_util:kill_os_process(OsR),
     TKilled = wall_ms(),
     receive {nodedown, R} -> ok after 15000 -> ct:fail(no_nodedown) end,
     TNodedown = wall_ms(),
@@ -248,12 +248,12 @@ socket_killed(Side, Buffers) ->
     AtKill = lists:last(
                [begin
                     Reconnects = maps:get(reconnects, node_stats(R)),
-                    Buffers =:= full_buffers andalso teleport_soak:stop_os_process(OsR),
+                    Buffers =:= full_buffers andalso teleport_test_util:stop_os_process(OsR),
                     Buffers =:= full_buffers andalso timer:sleep(300),
                     Queued = maps:get(queued_bytes, node_stats(R)),
                     Out = os:cmd(lists:flatten(["ss -K -tn '", Filter, "' 2>&1"])),
                     At = [atomics:get(Ctr, Id) || Id <- Ids],
-                    teleport_soak:continue_os_process(OsR),
+                    teleport_test_util:continue_os_process(OsR),
                     Killed = length([L || L <- string:split(Out, "\n", all),
                                           string:prefix(L, "ESTAB") =/= nomatch]),
                     ct:pal("kill ~b: ~b bytes queued on the runner for R; ss -K -tn '~s' (~s "
@@ -417,13 +417,13 @@ disterl_disconnect(Buffers) ->
     Timings = [begin
                    {ok, OldPool} = teleport_pools:lookup(R),
                    true = monitor_node(R, true),
-                   Buffers =:= full_buffers andalso teleport_soak:stop_os_process(OsR),
+                   Buffers =:= full_buffers andalso teleport_test_util:stop_os_process(OsR),
                    Buffers =:= full_buffers andalso timer:sleep(300),
                    T0 = wall_ms(),
                    true = erlang:disconnect_node(R),
                    receive {nodedown, R} -> ok after 5000 -> ct:fail(no_nodedown) end,
                    T1 = wall_ms(),
-                   teleport_soak:continue_os_process(OsR),
+                   teleport_test_util:continue_os_process(OsR),
                    ok = wait_until(fun() ->
                                            case teleport_pools:lookup(R) of
                                                {ok, P} -> P =/= OldPool;
@@ -512,7 +512,7 @@ receiver_stopped_others_flow(_Config) ->
     Errs = fun() -> [atomics:get(Ctr, ?ERR_OFFSET + Id) || Id <- Ids] end,
     P0 = Seq(),
     TStop = now_ms(),
-    teleport_soak:stop_os_process(OsA),
+    teleport_test_util:stop_os_process(OsA),
     timer:sleep(1500),
     %% By now A's socket buffers and its connections' 1 MB queues are full.
     P1 = Seq(),
@@ -523,7 +523,7 @@ receiver_stopped_others_flow(_Config) ->
     P2 = Seq(),
     E2 = Errs(),
     TCont = now_ms(),
-    teleport_soak:continue_os_process(OsA),
+    teleport_test_util:continue_os_process(OsA),
     Pings = stop_pinger(Pinger),
     ok = wait_until(fun() -> lists:nth(1, Seq()) > lists:nth(1, P2)
                                  andalso lists:nth(2, Seq()) > lists:nth(2, P2) end, 15000),
@@ -635,14 +635,17 @@ warm_up(Node) ->
     ok = wait_until(fun() -> maps:get(acked, node_stats(Node), 0) > Before end, 5000),
     node_stats(Node).
 
+%% Peers: recorded in ?PEERS for end_per_testcase (Name: a full name, to restart one under
+%% its old name with start_peer_retrying/3).
 start_peer(Name, Opts) ->
-    case teleport_soak:start_peer(Name, Opts#{on_start => fun record_peer/1}) of
+    case teleport_test_util:start_peer(Opts#{name => Name, on_start => fun record_peer/1}) of
         {ok, Started} -> Started;
         {error, Reason} -> ct:fail({peer_start_failed, Name, Reason})
     end.
 
 start_peer_retrying(Name, Opts, Timeout) ->
-    case teleport_soak:start_peer_retrying(Name, Opts#{on_start => fun record_peer/1}, Timeout) of
+    case teleport_test_util:start_peer_retrying(Opts#{name => Name, on_start => fun record_peer/1},
+                                                Timeout) of
         {ok, Started} -> Started;
         {error, Reason} -> ct:fail({peer_start_failed, Name, Reason})
     end.

@@ -78,7 +78,7 @@ init_per_group(Group, Config) ->
     [{p, P} | Config].
 
 end_per_group(_Group, _Config) ->
-    [teleport_soak:stop_peer(S) || {_, S} <- ets:tab2list(?PEERS)],
+    [teleport_test_util:stop_peer(S) || {_, S} <- ets:tab2list(?PEERS)],
     true = ets:delete_all_objects(?PEERS),
     teleport_test_util:reset_teleport().
 
@@ -100,7 +100,7 @@ end_per_testcase(_Case, Config) ->
 start_peer(Name) ->
     Opts = #{setup => [{?MODULE, start_echo, [hostile_echo]}],
              on_start => fun({Peer, _, _} = S) -> true = ets:insert(?PEERS, {Peer, S}) end},
-    case teleport_soak:start_peer(Name, Opts) of
+    case teleport_test_util:start_peer(Opts#{name => Name}) of
         {ok, Started} -> Started;
         {error, Reason} -> ct:fail({peer_start_failed, Name, Reason})
     end.

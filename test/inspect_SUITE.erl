@@ -251,6 +251,8 @@ all_nodes_forms_and_big_terms(_Config) ->
 %%--------------------------------------------------------------------------------------------
 %% Helpers
 
+%% The peers this test case started (teleport_test_util:started()), for end_per_testcase
+%% (CT runs init_per_testcase, the case and end_per_testcase in one process).
 peers() ->
     case get(peers) of
         undefined -> [];
@@ -261,18 +263,12 @@ peers() ->
 start_peer(Env) ->
     start_peer(Env, true).
 
+%% The same, registered with cover if Cover.
 start_peer(Env, Cover) ->
-    Args = ["-setcookie", atom_to_list(erlang:get_cookie()), "-connect_all", "false",
-            "-pa" | code:get_path()],
-    {ok, Peer, Node} = peer:start(#{name => peer:random_name(inspect), args => Args,
-                                    connection => standard_io}),
-    put(peers, [{Peer, Node} | peers()]),
-    ok = case Cover of
-             true -> teleport_cover:peer_started(Node);
-             false -> ok
-         end,
-    [ok = peer:call(Peer, application, set_env, [teleport, K, V]) || {K, V} <- maps:to_list(Env)],
-    ok = peer:call(Peer, teleport, start, []),
+    {ok, {Peer, Node, _}} =
+        teleport_test_util:start_peer(#{prefix => inspect, env => maps:to_list(Env),
+                                        cover => Cover,
+                                        on_start => fun(S) -> put(peers, [S | peers()]) end}),
     {Peer, Node}.
 
 sysctl(Name) ->

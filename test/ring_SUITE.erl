@@ -53,7 +53,7 @@ ring(_Config) ->
            [NNodes, NWorkers, Bytes, Rounds]),
     Peers = start_peers(NNodes),
     try
-        Nodes = [N || {_, N} <- Peers],
+        Nodes = [N || {_, N, _} <- Peers],
         Workers = start_workers(Peers, Nodes, NWorkers),
         %% Prime: a tiny message around the ring sets up disterl connections between the
         %% peers and teleport's pools, so the timed runs do not pay for them.
@@ -71,7 +71,7 @@ ring(_Config) ->
         ct:pal("teleport bytes out, all peers: ~b", [BytesOut]),
         ?assert(BytesOut >= Rounds * NNodes * NWorkers * (NNodes - 1) * Bytes)
     after
-        [begin ok = teleport_cover:peer_stopping(N), catch peer:stop(P) end || {P, N} <- Peers]
+        teleport_test_util:stop_peers(Peers)
     end.
 
 %% Every worker reported once, with the hash it sent.
@@ -108,31 +108,24 @@ env_int(Name, Default) ->
 %%--------------------------------------------------------------------------------------------
 %% Peers and workers
 
+%% N peers running teleport, started in parallel (each boot takes about a second), named
+%% ring<runner's OS pid>_<I> in ring order. Controlled over disterl rather than standard_io
+%% and with connect_all left true, as this suite's peers always were: nothing here stops
+%% or cuts a peer, and the disterl ring connects the peers to each other anyway.
 start_peers(N) ->
-    Cookie = atom_to_list(erlang:get_cookie()),
-    Args = ["-setcookie", Cookie, "-pa" | code:get_path()],
     Prefix = "ring" ++ os:getpid() ++ "_",
-    Parent = self(),
-    %% Start them in parallel: each boot takes about a second.
-    Pids = [spawn_link(fun() ->
-                               Name = list_to_atom(Prefix ++ integer_to_list(I)),
-                               {ok, P, Node} = peer:start(#{name => Name, args => Args}),
-                               Parent ! {peer, self(), I, P, Node}
-                       end) || I <- lists:seq(1, N)],
-    Peers = lists:sort([receive {peer, Pid, I, P, Node} -> {I, P, Node} after 60000 -> error(peer_boot_timeout) end
-                        || Pid <- Pids]),
-    [begin
-         ok = teleport_cover:peer_started(Node),
-         ok = erpc:call(Node, teleport, start, []),
-         {P, Node}
-     end || {_, P, Node} <- Peers].
+    {ok, Peers} = teleport_test_util:start_peers(
+                    [#{name => list_to_atom(Prefix ++ integer_to_list(I)),
+                       connection => distribution, connect_all => true}
+                     || I <- lists:seq(1, N)]),
+    Peers.
 
 %% Returns [{Node, Index}].
 start_workers(Peers, Nodes, NWorkers) ->
     [begin
          {ok, _} = erpc:call(Node, ?MODULE, start_worker, [I, Nodes]),
          {Node, I}
-     end || {_P, Node} <- Peers, I <- lists:seq(1, NWorkers)].
+     end || {_P, Node, _} <- Peers, I <- lists:seq(1, NWorkers)].
 
 prepare(Workers, Bytes) ->
     [ok = gen_server:call({name(I), N}, {prepare, Bytes}, 60000) || {N, I} <- Workers],

@@ -1,9 +1,8 @@
 %% Load and fault-test helpers shared by faults_SUITE, hostile_SUITE and `make soak'.
 %%
-%% - Peers: start_peer/2 starts a node with OTP's `peer' (controlled over standard_io, so a
-%%   peer that is SIGSTOPped or killed does not take the control channel with it), runs setup
-%%   calls on it *before* teleport starts (so a receiver is registered before any teleport
-%%   message can arrive), then starts teleport with the given application environment.
+%% - Peers are started and stopped with teleport_test_util:start_peer/1 and stop_peer/1, as
+%%   in every suite; the setup calls it runs before teleport starts are start_soak_rx/1,
+%%   start_seq_rx/1 and blob/0 of this module.
 %% - Sequenced traffic: every message is `{soak, Key, Seq, Off, Size, Payload}' where Payload
 %%   is `binary:part(blob(), Off, Size)' of a 2 MB blob that every node derives from the same
 %%   seed, so a receiver checks the content of every message, not just its number.
@@ -27,77 +26,6 @@
 
 %%============================================================================================
 %% Peers
-
-%% Opts: env => [{Key, Value}] (teleport's application environment), setup => [{M, F, A}]
-%% (run before teleport starts), teleport => boolean() (default true), args => [string()].
-%% {ok, {Peer, Node, OsPid}} | {error, Reason}.
-start_peer(Name, Opts) ->
-    Paths = [D || D <- code:get_path(), not lists:prefix(code:root_dir(), D)],
-    %% connect_all false: peers need no connections to each other.
-    Args = ["-pa" | Paths] ++ ["-setcookie", atom_to_list(erlang:get_cookie()),
-                               "-connect_all", "false"] ++ maps:get(args, Opts, []),
-    try peer:start(#{name => Name, args => Args, connection => standard_io,
-                     wait_boot => 30000}) of
-        {ok, Peer, Node} ->
-            ok = teleport_cover:peer_started(Node),
-            OsPid = peer:call(Peer, os, getpid, []),
-            Started = {Peer, Node, OsPid},
-            case maps:get(on_start, Opts, undefined) of
-                undefined -> ok;
-                Fun -> Fun(Started)
-            end,
-            [ok = peer:call(Peer, application, set_env, [teleport, K, V])
-             || {K, V} <- maps:get(env, Opts, [])],
-            [_ = peer:call(Peer, M, F, A, 15000) || {M, F, A} <- maps:get(setup, Opts, [])],
-            case maps:get(teleport, Opts, true) of
-                true -> ok = peer:call(Peer, teleport, start, [], 15000);
-                false -> ok
-            end,
-            {ok, Started};
-        Error ->
-            {error, Error}
-    catch
-        Class:Reason -> {error, {Class, Reason}}
-    end.
-
-%% Starts a peer under Name, retrying while the name is still taken (a killed node's name
-%% stays registered with epmd for a moment).
-start_peer_retrying(Name, Opts, Timeout) ->
-    Deadline = now_ms() + Timeout,
-    start_peer_retrying(Name, Opts, Deadline, undefined).
-
-start_peer_retrying(Name, Opts, Deadline, Last) ->
-    case now_ms() > Deadline of
-        true -> {error, Last};
-        false ->
-            case start_peer(Name, Opts) of
-                {ok, _} = Ok -> Ok;
-                {error, Reason} -> timer:sleep(100), start_peer_retrying(Name, Opts, Deadline, Reason)
-            end
-    end.
-
-%% Stops a peer whatever state it is in (stopped, killed, running).
-stop_peer({Peer, Node, OsPid}) ->
-    continue_os_process(OsPid),
-    ok = teleport_cover:peer_stopping(Node),
-    {Pid, MRef} = spawn_monitor(fun() -> catch peer:stop(Peer) end),
-    receive {'DOWN', MRef, process, Pid, _} -> ok
-    after 10000 -> exit(Pid, kill)
-    end,
-    _ = os:cmd("kill -9 " ++ OsPid ++ " 2>/dev/null"),
-    ok.
-
-stop_os_process(OsPid) ->
-    _ = os:cmd("kill -STOP " ++ OsPid),
-    ok.
-
-continue_os_process(OsPid) ->
-    _ = os:cmd("kill -CONT " ++ OsPid ++ " 2>/dev/null"),
-    ok.
-
-kill_os_process(OsPid) ->
-    _ = os:cmd("kill -9 " ++ OsPid),
-    ok.
 
 %% VmRSS of an OS process, in KB (0 if it is gone).
 rss_kb(OsPid) ->
@@ -620,14 +548,14 @@ main() ->
                                                   "(ss -K) every ~b s", [KillEvery])
                            end]),
     Started = [begin
-                   {ok, S} = start_peer(peer:random_name(Name),
-                                        #{setup => setup_for(Name)}),
+                   {ok, S} = teleport_test_util:start_peer(#{prefix => Name,
+                                                             setup => setup_for(Name)}),
                    S
                end || Name <- [soak_s1, soak_s2, soak_rx]],
     try
         soak(Started, Minutes, N, SampleMs, KillEvery)
     after
-        [stop_peer(S) || S <- Started]
+        teleport_test_util:stop_peers(Started)
     end.
 
 setup_for(soak_rx) -> [{?MODULE, start_soak_rx, [Name]} || Name <- rx_names()];

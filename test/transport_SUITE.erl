@@ -416,7 +416,7 @@ peer_restart(_Config) ->
     %% The peer stops reading, messages pile up (in socket buffers, then in the queue), and
     %% the peer dies: what was still queued is dropped, and counted.
     true = monitor_node(Node, true),
-    teleport_soak:stop_os_process(OsPid1),
+    teleport_test_util:stop_os_process(OsPid1),
     Bin = crypto:strong_rand_bytes(?MB),
     Sent = 40,
     [ok = teleport:send({coll, Node}, {queued, I, Bin}) || I <- lists:seq(1, Sent)],
@@ -487,7 +487,7 @@ nosuspend_when_peer_stops_reading(_Config) ->
                         end),
     receive warmed_up -> ok end,
     wait_until(fun() -> peer:call(PA, ?MODULE, count, [coll]) =:= 2 end, 5000),
-    teleport_soak:stop_os_process(OsPidA),
+    teleport_test_util:stop_os_process(OsPidA),
     Filler ! go,
     {Oks, Attempts, Transient} = receive {filled, R} -> R after 60000 -> ct:fail(fill_stuck) end,
     unlink(Filler),
@@ -517,7 +517,7 @@ nosuspend_when_peer_stops_reading(_Config) ->
     ct:pal("while A was stopped: ~b MB to B in ~.3f s, ping and rpc to B answered",
            [NB, (T1 - T0) / 1.0e6]),
     %% A reads again: everything that returned ok arrives, in order, and nothing else.
-    teleport_soak:continue_os_process(OsPidA),
+    teleport_test_util:continue_os_process(OsPidA),
     T2 = erlang:monotonic_time(microsecond),
     wait_until(fun() -> peer:call(PA, ?MODULE, count, [coll]) >= Oks + 2 end, 30000),
     T3 = erlang:monotonic_time(microsecond),
@@ -546,12 +546,12 @@ peer_paused_while_connecting(_Config) ->
     _ = peer:call(P, ?MODULE, start_collector, [coll]),
     %% The pool exists (the peer's listener is known); its connections come up on first use.
     {ok, _Pool} = teleport_server:connect(Node),
-    teleport_soak:stop_os_process(OsPid),
+    teleport_test_util:stop_os_process(OsPid),
     ok = teleport:send({coll, Node}, {msg, 1}),
     timer:sleep(2500),
     Paused = node_stats(Node),
     Info = teleport_server:pool_info(),
-    teleport_soak:continue_os_process(OsPid),
+    teleport_test_util:continue_os_process(OsPid),
     ok = teleport:send({coll, Node}, {msg, 2}),
     wait_until(fun() -> peer:call(P, ?MODULE, count, [coll]) >= 1 end, 5000),
     timer:sleep(500),
@@ -711,13 +711,14 @@ start_peers(Prefix, Count) ->
 
 %% The peers are recorded in ?PEERS as {Peer, Node, OsPid}, and teleport runs on them.
 start_peer(Name) ->
-    case teleport_soak:start_peer(Name, #{on_start => fun record_peer/1}) of
+    case teleport_test_util:start_peer(#{name => Name, on_start => fun record_peer/1}) of
         {ok, Started} -> Started;
         {error, Reason} -> ct:fail({peer_start_failed, Name, Reason})
     end.
 
 start_peer_retrying(Name, Timeout) ->
-    case teleport_soak:start_peer_retrying(Name, #{on_start => fun record_peer/1}, Timeout) of
+    case teleport_test_util:start_peer_retrying(#{name => Name, on_start => fun record_peer/1},
+                                                Timeout) of
         {ok, Started} -> Started;
         {error, Reason} -> ct:fail({peer_start_failed, Name, Reason})
     end.
@@ -726,7 +727,7 @@ record_peer(Started) ->
     true = ets:insert(?PEERS, Started).
 
 stop_all_peers() ->
-    [teleport_soak:stop_peer(S) || S <- ets:tab2list(?PEERS)],
+    [teleport_test_util:stop_peer(S) || S <- ets:tab2list(?PEERS)],
     true = ets:delete_all_objects(?PEERS),
     ok.
 
