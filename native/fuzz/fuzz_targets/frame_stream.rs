@@ -10,7 +10,8 @@
 //! 0       mode: bits 0-2 how many read sizes follow (0: every read fills the buffer),
 //!         bit 3 the sink's `alloc` fails (NoMemory), bit 4 strict: a term that does not
 //!         decode closes the connection as in the NIF (otherwise the reader goes on),
-//!         bit 5 the listener closes (`stop` is set) once the socket gave STOP_AT bytes
+//!         bit 5 the listener closes (`stop` is set) once the socket gave STOP_AT bytes (the
+//!         reader's next read finds it set)
 //! 1..15   7 read sizes, u16 big-endian, used in turn; 0 is an `Interrupted` error, 0xFFFF
 //!         a `WouldBlock` (a read timeout) if the reader set a timeout, else a plain read
 //! 15..17  pad_at: u16, where padding goes in the stream (clamped to its length)
@@ -48,11 +49,15 @@
 //! - the peer's and the connection's counters say as many messages and bytes as were read
 //!   (duplicates and the frame of a gap included), and the lane's `delivered()` moved by
 //!   exactly the frames that arrived;
-//! - the acks written are a stream of ACKs; each acknowledges something delivered on this
-//!   connection and nothing more than the lane delivered when it was written, and they never
+//! - the acks written are a stream of ACKs (and, once the listener closed, a LAST ending it);
+//!   each acknowledges something delivered on this connection (a LAST may say only what the
+//!   lane had) and nothing more than the lane delivered when it was written, and they never
 //!   go back; when every write goes through, the reader's read timeout is `ACK_DELAY` exactly
-//!   while something delivered is not acknowledged yet (`None` otherwise), and the last ack
-//!   is the lane's `delivered()` if anything arrived (no ack at all otherwise);
+//!   while something delivered is not acknowledged yet (`IDLE_WAKE` otherwise), and the last
+//!   ack is the lane's `delivered()` if anything arrived (no ack at all otherwise, but for
+//!   the LAST of a closing listener);
+//! - once the listener closed, the reader reads nothing more and delivers nothing more, and
+//!   ends cleanly: the frames that arrive are those wholly read before;
 //! - a parsed frame's kind and sequence number are its header bytes, its destination and term
 //!   are the body after its header, split where the header says, and the term is not empty.
 #![no_main]
@@ -65,7 +70,9 @@ use std::time::Duration;
 use teleport_core::acks::{AckOut, AckReader, ACK_DELAY, ACK_LEN};
 use teleport_core::frame::{self, FrameError, FIXED_BYTES, LEN_BYTES};
 use teleport_core::lanes::{Admit, Lanes, Progress};
-use teleport_core::listener::{read_frames, Counters, ReadError, Sink, Wire, OWNED_FRAME_MIN};
+use teleport_core::listener::{
+    read_frames, Counters, ReadError, Sink, Wire, IDLE_WAKE, OWNED_FRAME_MIN,
+};
 use teleport_core::stats::{ConnStats, PeerStats};
 use teleport_core::value::decode_value;
 use teleport_fuzz::{dispose, run_check_with_budget, BUDGET_BASE, BUDGET_PER_INPUT_BYTE};
@@ -222,6 +229,12 @@ impl Read for Socket<'_> {
             !self.stop.load(Ordering::Relaxed),
             "the reader read on after the listener closed"
         );
+        // The listener closes once the reader has had STOP_AT bytes: its next read finds the
+        // flag set (the reader looks at it whenever a read comes back empty-handed).
+        if self.script.stop_at.is_some_and(|at| self.pos >= at) {
+            self.stop.store(true, Ordering::Relaxed);
+            return Err(io::ErrorKind::Interrupted.into());
+        }
         let mut limit = usize::MAX;
         if self.script.ncuts > 0 {
             limit = self.script.cuts[self.turn % self.script.ncuts];
@@ -239,15 +252,13 @@ impl Read for Socket<'_> {
             }
         }
         self.hiccup = false;
-        let n = out
-            .len()
-            .min(limit.max(1))
-            .min(self.stream.len() - self.pos);
+        let end = self
+            .script
+            .stop_at
+            .map_or(self.stream.len(), |at| at.min(self.stream.len()));
+        let n = out.len().min(limit.max(1)).min(end - self.pos);
         self.stream.copy(self.pos, &mut out[..n]);
         self.pos += n;
-        if self.script.stop_at.is_some_and(|at| self.pos >= at) {
-            self.stop.store(true, Ordering::Relaxed);
-        }
         Ok(n)
     }
 }
@@ -278,8 +289,9 @@ impl AckOut for Socket<'_> {
                     seq <= delivered,
                     "an ack of {seq} when the lane delivered {delivered}"
                 );
+                // Only a LAST (a closing listener's) may say what the lane had already.
                 assert!(
-                    seq > self.script.start,
+                    seq > self.script.start || self.acks.is_last(),
                     "an ack of {seq}, nothing delivered on this connection (it started at {})",
                     self.script.start
                 );
@@ -297,14 +309,14 @@ impl AckOut for Socket<'_> {
 impl Wire for Socket<'_> {
     fn read_timeout(&mut self, after: Option<Duration>) -> io::Result<()> {
         assert!(
-            after.is_none() || after == Some(ACK_DELAY),
+            after == Some(IDLE_WAKE) || after == Some(ACK_DELAY),
             "a read timeout of {after:?}"
         );
         if self.script.acks_flow() {
             let owed = self.progress.delivered() > self.acknowledged();
             assert_eq!(
                 after,
-                owed.then_some(ACK_DELAY),
+                Some(if owed { ACK_DELAY } else { IDLE_WAKE }),
                 "the read timeout, with {} delivered and {} acknowledged",
                 self.progress.delivered(),
                 self.acknowledged()
@@ -569,13 +581,15 @@ fn check(data: &[u8]) {
         "the sink's refusal and the reader's end disagree: {end:?}"
     );
 
-    // Once the listener closed, the reader read nothing more: the stream ended there.
-    let total = if stop.load(Ordering::Relaxed) {
-        socket.pos
-    } else {
-        stream.len()
-    };
+    // Once the listener closed, the reader read nothing more: the stream ended there, and
+    // that is a clean end whatever frame it was in.
+    let stopped = stop.load(Ordering::Relaxed);
+    let total = if stopped { socket.pos } else { stream.len() };
     let (mut expected, expected_end) = model(&stream, total, &script);
+    let expected_end = match expected_end {
+        End::Eof if stopped => End::Clean,
+        other => other,
+    };
     let expected_end = match sink.refused {
         Some(i) => {
             // The frame refused is the i-th that arrived; nothing is read after it.
@@ -622,7 +636,11 @@ fn check(data: &[u8]) {
     // Acknowledged: the last ack is all that arrived, once the writes go through.
     if script.acks_flow() {
         assert_eq!(socket.written % ACK_LEN, 0, "an ack cut short");
-        if sink.arrived.is_empty() {
+        if stopped {
+            // A closing listener says LAST, with what the lane delivered, whatever it was.
+            assert!(socket.acks.is_last(), "no LAST from a closing listener");
+            assert_eq!(socket.last_ack.unwrap_or(script.start), delivered);
+        } else if sink.arrived.is_empty() {
             assert_eq!(socket.written, 0, "acks with nothing delivered");
         } else {
             assert_eq!(

@@ -5,8 +5,13 @@
 //! TCP connection, which carries nothing else after the handshake:
 //!
 //! ```text
-//! receiver -> sender  ACK  'a', Seq:64     every frame of the lane up to Seq is delivered
+//! receiver -> sender  ACK   'a', Seq:64    every frame of the lane up to Seq is delivered
+//!                     LAST  'z', Seq:64    the same, and this connection delivers no more
 //! ```
+//!
+//! A LAST is what a closing listener says (its teleport is stopping): the sender then knows
+//! that the frames after Seq were not delivered, and sends them to whatever listens next, a
+//! new incarnation included, instead of dropping them as unknown.
 //!
 //! An ack goes out after [`ACK_FRAMES`] frames or [`ACK_BYTES`] bytes delivered since the
 //! last one, or [`ACK_DELAY`] after the first frame it would cover, whichever comes first:
@@ -22,6 +27,8 @@ use std::time::{Duration, Instant};
 
 /// The tag of an ACK.
 pub const ACK_TAG: u8 = b'a';
+/// The tag of a LAST.
+pub const LAST_TAG: u8 = b'z';
 /// Bytes of one ACK on the wire.
 pub const ACK_LEN: usize = 9;
 
@@ -34,7 +41,16 @@ pub const ACK_DELAY: Duration = Duration::from_millis(5);
 
 /// The bytes of an ACK of every frame up to `seq`.
 pub fn encode(seq: u64) -> [u8; ACK_LEN] {
-    let mut a = [ACK_TAG; ACK_LEN];
+    tagged(ACK_TAG, seq)
+}
+
+/// The bytes of a LAST: every frame up to `seq`, and no more.
+pub fn encode_last(seq: u64) -> [u8; ACK_LEN] {
+    tagged(LAST_TAG, seq)
+}
+
+fn tagged(tag: u8, seq: u64) -> [u8; ACK_LEN] {
+    let mut a = [tag; ACK_LEN];
     a[1..].copy_from_slice(&seq.to_be_bytes());
     a
 }
@@ -114,7 +130,31 @@ impl Acker {
             }
             self.tail = None;
         }
-        let ack = encode(upto);
+        self.send(out, encode(upto))
+    }
+
+    /// Says LAST up to `upto` (after the rest of a cut ACK, if any): this connection
+    /// delivers no more. Returns whether all of it is out; if not, call it again.
+    pub fn finish(&mut self, out: &mut impl AckOut, upto: u64) -> io::Result<bool> {
+        if let Some((rest, at)) = self.tail {
+            if rest[0] == LAST_TAG {
+                // The LAST itself was cut: finish it.
+                let n = out.try_write(&rest[at..])?;
+                self.tail = (at + n < ACK_LEN).then_some((rest, at + n));
+                return Ok(self.tail.is_none());
+            }
+            let n = out.try_write(&rest[at..])?;
+            if at + n < ACK_LEN {
+                self.tail = Some((rest, at + n));
+                return Ok(false);
+            }
+            self.tail = None;
+        }
+        self.send(out, encode_last(upto))?;
+        Ok(self.tail.is_none())
+    }
+
+    fn send(&mut self, out: &mut impl AckOut, ack: [u8; ACK_LEN]) -> io::Result<()> {
         let n = out.try_write(&ack)?;
         if n < ACK_LEN {
             self.tail = Some((ack, n));
@@ -141,14 +181,17 @@ impl std::error::Error for NotAnAck {}
 pub struct AckReader {
     part: [u8; ACK_LEN],
     have: usize,
+    last: bool,
 }
 
 impl AckReader {
-    /// Reads the ACKs in `bytes`; the highest sequence number they acknowledge, if any.
+    /// Reads the ACKs in `bytes` (a LAST among them); the highest sequence number they
+    /// acknowledge, if any.
     pub fn feed(&mut self, mut bytes: &[u8]) -> Result<Option<u64>, NotAnAck> {
         let mut best = None;
         while !bytes.is_empty() {
-            if self.have == 0 && bytes[0] != ACK_TAG {
+            if self.have == 0 && ((bytes[0] != ACK_TAG && bytes[0] != LAST_TAG) || self.last) {
+                // Nothing may follow a LAST.
                 return Err(NotAnAck(bytes[0]));
             }
             let n = (ACK_LEN - self.have).min(bytes.len());
@@ -157,6 +200,7 @@ impl AckReader {
             bytes = &bytes[n..];
             if self.have == ACK_LEN {
                 self.have = 0;
+                self.last = self.part[0] == LAST_TAG;
                 let mut seq = [0u8; 8];
                 seq.copy_from_slice(&self.part[1..]);
                 let seq = u64::from_be_bytes(seq);
@@ -164,6 +208,11 @@ impl AckReader {
             }
         }
         Ok(best)
+    }
+
+    /// Whether a LAST came: the connection delivers nothing after what it acknowledged.
+    pub fn is_last(&self) -> bool {
+        self.last
     }
 }
 
@@ -244,6 +293,27 @@ mod tests {
             }
             assert_eq!(best, Some(9), "step {step}");
         }
+    }
+
+    #[test]
+    fn a_last_ack_says_so_and_nothing_may_follow_it() {
+        let mut out = Room {
+            room: 13,
+            got: Vec::new(),
+        };
+        let mut a = Acker::new();
+        a.delivered(1, Instant::now());
+        a.flush(&mut out, 4).unwrap();
+        // Room for 4 bytes of the LAST: it is finished on the next call.
+        assert!(!a.finish(&mut out, 6).unwrap());
+        out.room = 100;
+        assert!(a.finish(&mut out, 6).unwrap());
+        let mut r = AckReader::default();
+        assert_eq!(r.feed(&out.got[..ACK_LEN]), Ok(Some(4)));
+        assert!(!r.is_last());
+        assert_eq!(r.feed(&out.got[ACK_LEN..]), Ok(Some(6)));
+        assert!(r.is_last());
+        assert_eq!(r.feed(&encode(7)), Err(NotAnAck(ACK_TAG)));
     }
 
     #[test]

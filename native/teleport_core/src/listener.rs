@@ -32,6 +32,10 @@ pub const OWNED_FRAME_MIN: usize = 64 * 1024;
 /// once, so a flood of idle sockets cannot pin a thread each.
 const MAX_HANDSHAKES: usize = 64;
 
+/// A reader with nothing to acknowledge still wakes this often from a read that waits, to see
+/// whether its listener is closing (a sender's idle writer checks its connection as often).
+pub const IDLE_WAKE: Duration = Duration::from_secs(1);
+
 /// How long a new connection waits for the reader of its lane's previous connection to
 /// finish by itself before stopping it (see [`crate::lanes`]). Draining even full socket
 /// buffers takes milliseconds; a reader still going after this is on a half-open connection.
@@ -225,20 +229,20 @@ impl Listener {
         self.lanes.forget(peer);
     }
 
-    /// Stops accepting and closes every incoming connection; their threads then end. Each
-    /// reader stops at the end of the frame it is reading and acknowledges what it
-    /// delivered before it closes, so that its senders know exactly what did not arrive.
+    /// Stops accepting and has every incoming connection end; their threads then end.
+    ///
+    /// Each reader delivers no frame after it sees the listener closing (within
+    /// [`IDLE_WAKE`] when idle), says LAST with what its lane delivered (see
+    /// [`crate::acks`]), and ends its connection without a reset: its sender then knows
+    /// exactly which frames did not arrive, and sends them wherever the peer listens next.
+    /// (Shutting the sockets' reading side to wake the readers at once would make the
+    /// kernel reset a connection that still receives, and a reset can overtake the LAST.)
     pub fn close(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
         // Shutting a listening socket wakes a blocked accept() with an error on Linux.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        // Shutting the reading side wakes a blocked read (the reader sees `closed` then); the
-        // reader shuts the rest once it has sent its last ack.
-        for c in self.conns.lock().drain(..) {
-            let _ = c.sock.shutdown(std::net::Shutdown::Read);
-        }
     }
 
     fn accept_loop<A: Acceptor>(self: &Arc<Self>, cfg: &Arc<ListenConfig>, acceptor: &Arc<A>) {
@@ -428,11 +432,11 @@ impl Listener {
 /// How long a closing listener's reader waits for its peer to see the end of the connection.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// Ends a connection of a closing listener without a reset: says FIN (the last ack is out),
+/// Ends a connection of a closing listener without a reset: says FIN (the LAST is out),
 /// then reads and discards what the peer still sends until it closes too, or [`LINGER`]
-/// passes. Closing with unread data would send an RST, and an RST can discard the last ack
-/// before the peer reads it; the frames thrown away here were never acknowledged, so the
-/// peer counts them as dropped.
+/// passes. Closing with unread data would send an RST, and an RST can discard the LAST
+/// before the peer reads it; the frames thrown away here come after the LAST, so the peer
+/// sends them again wherever it connects next.
 fn linger(sock: &Socket) {
     let _ = sock.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + LINGER;
@@ -566,6 +570,11 @@ pub fn read_frames<W: Wire, S: Sink>(
         stop: counters.stop,
     };
     let result = read_all(&mut r, max_frame_bytes, sink, counters);
+    if counters.stop.load(Ordering::SeqCst) {
+        // The listener is closing: what stopped the reading is no fault of the connection.
+        r.last();
+        return Ok(());
+    }
     if r.acker.owed() {
         // Best effort: the connection may be gone already.
         r.ack();
@@ -640,8 +649,12 @@ struct Reader<'a, W: Wire> {
 
 impl<W: Wire> Reader<'_, W> {
     /// Whether frame `seq` (of `len` bytes) is to be delivered: the lane's next one is; one
-    /// it delivered already is not; a gap closes the connection. Acks when one is due.
+    /// it delivered already is not, nor any once the listener is closing; a gap closes the
+    /// connection. Acks when one is due.
     fn admit(&mut self, seq: u64, len: usize) -> Result<bool, ReadError> {
+        if self.stop.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         let next = self.progress.admit(seq).map_err(ReadError::Frame)? == Admit::Next;
         if next {
             let now = Instant::now();
@@ -659,16 +672,32 @@ impl<W: Wire> Reader<'_, W> {
         let _ = self.acker.flush(self.wire, self.progress.delivered());
     }
 
+    /// Says LAST with what the lane delivered, trying for a moment if the socket is full
+    /// (the sender reads its acks at least every [`crate::acks::ACK_DELAY`] or so).
+    fn last(&mut self) {
+        let delivered = self.progress.delivered();
+        for _ in 0..100 {
+            match self.acker.finish(self.wire, delivered) {
+                Ok(false) => std::thread::sleep(Duration::from_millis(2)),
+                Ok(true) | Err(_) => return,
+            }
+        }
+    }
+
     /// Reads what is there, waiting as long as it takes. While an ack is owed the wait is cut
-    /// at [`ACK_DELAY`] to send it; the first wait with nothing owed goes back to unbounded,
-    /// so an idle connection costs no wake-ups.
+    /// at [`ACK_DELAY`] to send it; with nothing owed, at [`IDLE_WAKE`] to look at `stop`.
     /// Once `stop` is set it reads nothing more (0, as at the end of the stream).
     fn read(&mut self, dst: &mut [u8]) -> Result<usize, ReadError> {
         loop {
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stop.load(Ordering::SeqCst) {
                 return Ok(0);
             }
-            let timer = self.acker.owed().then_some(ACK_DELAY);
+            let timer = if self.acker.owed() {
+                ACK_DELAY
+            } else {
+                IDLE_WAKE
+            };
+            let timer = Some(timer);
             self.wire.read_timeout(timer).map_err(ReadError::Io)?;
             match self.wire.read(dst) {
                 Ok(n) => return Ok(n),

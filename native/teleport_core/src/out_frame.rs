@@ -105,6 +105,13 @@ impl OutFrame {
         self.written
     }
 
+    /// Records that the peer did not get it after all (its connection said so as it closed):
+    /// it may go to the peer's next incarnation like a frame never written.
+    #[inline]
+    pub fn not_delivered(&mut self) {
+        self.written = false;
+    }
+
     /// Starts the frame over, for a new connection: the old one may have cut it anywhere.
     #[inline]
     pub fn rewind(&mut self) {
