@@ -92,7 +92,7 @@ receiver_killed_mid_stream(_Config) ->
     {PC, _C, _} = start_peer(peer:random_name(fault_caller), #{}),
     ok = teleport:send({rx, R}, warm_up),
     warm = peer:call(PC, teleport, gs_call, [{srv, R}, {echo, warm}]),
-    ok = wait_until(fun() -> maps:get(msgs_out, node_stats(R), 0) =:= 1 end, 5000),
+    ok = wait_until(fun() -> maps:get(acked, node_stats(R), 0) =:= 1 end, 5000),
     S0 = node_stats(R),
     true = monitor_node(R, true),
     Ctr = atomics:new(64, []),
