@@ -231,11 +231,7 @@ bulk_phase(Cfg, Ctx, Id, Small, Rounds) ->
                 end,
     Events0 = events_count(Ctx),
     Run = fun(T, Label) -> bulk_round(Cfg, Ctx, T, {SmallRcvs, Small}, Id, Label) end,
-    _ = [Run(T, io_lib:format("warm-up ~b/~b", [R, Warmup]))
-         || R <- lists:seq(1, Warmup), T <- [disterl, teleport]],
-    Measured = lists:append([[maps:put(round, R, Run(T, io_lib:format("round ~b/~b", [R, Rounds])))
-                              || T <- alternate(R, [disterl, teleport])]
-                             || R <- lists:seq(1, Rounds)]),
+    Measured = ring_bench:alternating(Run, Warmup, Rounds),
     [R ! stop || R <- SmallRcvs],
     #{rounds => Measured, nodedowns => events_count(Ctx) - Events0}.
 
@@ -429,11 +425,7 @@ ring_phase(Cfg, Net) ->
                       #{transport => T, wall_s => WallUs / 1.0e6, cpu_s => CpuS,
                         worker_us => [U || #{us := U} <- Res]}
               end,
-        _ = [Run(T, io_lib:format("warm-up ~b/~b", [R, Warmup]))
-             || R <- lists:seq(1, Warmup), T <- [disterl, teleport]],
-        Measured = lists:append([[maps:put(round, R, Run(T, io_lib:format("round ~b/~b", [R, Rounds])))
-                                  || T <- alternate(R, [disterl, teleport])]
-                                 || R <- lists:seq(1, Rounds)]),
+        Measured = ring_bench:alternating(Run, Warmup, Rounds),
         #{rounds => Measured, link_bound_s => LinkBound, hosts => N, workers => W,
           payload_bytes => Bytes}
     after
@@ -443,8 +435,6 @@ ring_phase(Cfg, Net) ->
 %%% ----------------------------------------------------------------------------------------
 %%% Helpers
 
-alternate(R, Ts) when R rem 2 =:= 1 -> Ts;
-alternate(_R, Ts) -> lists:reverse(Ts).
 
 ping_stats(Samples) ->
     #{latency_us => bench_report:stats([L || {_, L, _} <- Samples]),

@@ -41,7 +41,8 @@
 
 -export([main/0, main/1]).
 %% Shared with net_bench (the same benchmark over hosts in network namespaces).
--export([run_ring/4, check_ring/3, cpu_ticks/1, machine_info/0, loadavg/0, results_dir/0]).
+-export([run_ring/4, check_ring/3, cpu_ticks/1, machine_info/0, loadavg/0, results_dir/0,
+         alternating/3]).
 
 -define(MB, 1000000).
 -define(MiB, 1048576).
@@ -266,6 +267,17 @@ ring_phase(Cfg, Nodes) ->
 alternate(R, Ts) when R rem 2 =:= 1 -> Ts;
 alternate(_R, Ts) -> lists:reverse(Ts).
 
+%% Runs Run(Transport, Label) Warmup times for each transport (results not kept), then
+%% Rounds rounds of both, alternating which goes first, each result tagged with its round.
+-spec alternating(fun((disterl | teleport, iodata()) -> map()), non_neg_integer(),
+                  pos_integer()) -> [map()].
+alternating(Run, Warmup, Rounds) ->
+    _ = [Run(T, io_lib:format("warm-up ~b/~b", [R, Warmup]))
+         || R <- lists:seq(1, Warmup), T <- [disterl, teleport]],
+    lists:append([[maps:put(round, R, Run(T, io_lib:format("round ~b/~b", [R, Rounds])))
+                   || T <- alternate(R, [disterl, teleport])]
+                  || R <- lists:seq(1, Rounds)]).
+
 gc_set(Ms) ->
     [ok = erpc:call(N, bench_agent, gc_all, []) || N <- nodes_of(Ms)],
     ok.
@@ -398,11 +410,7 @@ small_phase(Cfg, #{t := [#{node := A}, #{node := B} | _]}) ->
                        [Label, T, bench_report:fmt_rate(Rate), bench_report:fmt_us(Us)]),
                   #{transport => T, msgs_per_s => Rate, elapsed_us => Us}
           end,
-    _ = [Run(T, io_lib:format("warm-up ~b/~b", [R, Warmup]))
-         || R <- lists:seq(1, Warmup), T <- [disterl, teleport]],
-    Measured = lists:append([[maps:put(round, R, Run(T, io_lib:format("round ~b/~b", [R, Rounds])))
-                              || T <- alternate(R, [disterl, teleport])]
-                             || R <- lists:seq(1, Rounds)]),
+    Measured = alternating(Run, Warmup, Rounds),
     [R ! stop || R <- Receivers],
     #{rounds => Measured, message_bytes => byte_size(term_to_binary(Msg)),
       message => "{m, <<random bytes>>}"}.
