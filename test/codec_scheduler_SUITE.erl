@@ -208,47 +208,80 @@ encode_without_long_schedule(What, Build) ->
 %% long_schedule reports (over ?LONG_MS) sent to this process; then Check(Data, Result),
 %% unwatched again. Returns the time and reductions Work took, the reports that name the
 %% worker, and what Check returned.
+%%
+%% long_schedule is wall time, so on a loaded machine the OS can stretch one slice past the
+%% limit while the codec yields as it should. Work is therefore run up to ?ATTEMPTS times and
+%% the reports of the first clean run (or of the last run) are returned: a codec that holds
+%% the scheduler does so on every run and still fails.
+-define(ATTEMPTS, 3).
+
 monitored(Build, Work, Check) ->
     Self = self(),
     Worker = spawn_link(fun() -> worker(Self, Build, Work, Check) end),
     receive {ready, Worker} -> ok end,
-    Previous = erlang:system_monitor(Self, [{long_schedule, ?LONG_MS}]),
     try
-        Worker ! go,
-        Stats = receive {done, Worker, S} -> S end,
-        %% Reports are sent when the worker is scheduled out: wait for that.
-        wait_until_waiting(Worker),
-        timer:sleep(50),
-        _ = erlang:system_monitor(Previous),
-        Long = long_schedule_reports(Worker),
+        {Stats, Long} = watched_runs(Worker, ?ATTEMPTS),
         Worker ! {check, Self},
         Checked = receive {checked, Worker, C} -> C end,
         {Stats, Long, Checked}
     after
-        _ = erlang:system_monitor(Previous),
         unlink(Worker),
         exit(Worker, kill)
     end.
 
+watched_runs(Worker, AttemptsLeft) ->
+    Previous = erlang:system_monitor(self(), [{long_schedule, ?LONG_MS}]),
+    {Stats, Long} =
+        try
+            Worker ! go,
+            S = receive {done, Worker, Done} -> Done end,
+            %% Reports are sent when the worker is scheduled out: wait for that.
+            wait_until_waiting(Worker),
+            timer:sleep(50),
+            _ = erlang:system_monitor(Previous),
+            {S, long_schedule_reports(Worker)}
+        after
+            _ = erlang:system_monitor(Previous)
+        end,
+    case Long of
+        [_ | _] when AttemptsLeft > 1 ->
+            ct:pal("long_schedule reports ~p in a run taking ~p; running it again",
+                   [Long, Stats]),
+            Worker ! {prepare, self()},
+            receive {prepared, Worker} -> ok end,
+            watched_runs(Worker, AttemptsLeft - 1);
+        _ ->
+            {Stats, Long}
+    end.
+
 %% Exceptions are caught and summed up: a crash report holding the large data would take
-%% long and much memory to print.
+%% long and much memory to print. Work runs once per `go'; Check sees the last result.
 worker(Parent, Build, Work, Check) ->
     Data = Build(),
     erlang:garbage_collect(),
     Parent ! {ready, self()},
-    receive go -> ok end,
-    T0 = erlang:monotonic_time(microsecond),
-    R0 = reductions(),
-    Result = try Work(Data) catch C:R -> {raised, C, summary(R)} end,
-    R1 = reductions(),
-    T1 = erlang:monotonic_time(microsecond),
-    Parent ! {done, self(), #{time_ms => (T1 - T0) div 1000, reductions => R1 - R0}},
+    worker_loop(Parent, Data, Work, Check, none).
+
+worker_loop(Parent, Data, Work, Check, Result) ->
     receive
+        {prepare, From} ->
+            %% Another run follows: the last result and its garbage go now, not inside it.
+            erlang:garbage_collect(),
+            From ! {prepared, self()},
+            worker_loop(Parent, Data, Work, Check, none);
+        go ->
+            T0 = erlang:monotonic_time(microsecond),
+            R0 = reductions(),
+            New = try Work(Data) catch C:R -> {raised, C, summary(R)} end,
+            R1 = reductions(),
+            T1 = erlang:monotonic_time(microsecond),
+            Parent ! {done, self(), #{time_ms => (T1 - T0) div 1000, reductions => R1 - R0}},
+            worker_loop(Parent, Data, Work, Check, New);
         {check, From} ->
             Checked = try Check(Data, Result) catch C2:R2 -> {raised, C2, summary(R2)} end,
-            From ! {checked, self(), Checked}
-    end,
-    receive stop -> ok end.
+            From ! {checked, self(), Checked},
+            receive stop -> ok end
+    end.
 
 summary(Reason) ->
     lists:flatten(io_lib:format("~0P", [Reason, 8])).
