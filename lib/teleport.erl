@@ -26,6 +26,7 @@
 -module(teleport).
 
 -export([start/0, stop/0, send/2, send/3, stats/0, info/0, term_to_iolist/1]).
+-export([send_answer/3]).
 -export([gs_call/2, gs_call/3, gs_cast/2, abcast/2, abcast/3, multi_call/2, multi_call/3,
          multi_call/4]).
 
@@ -153,16 +154,17 @@ gs_call(Dest, Request) ->
 
 %% @doc A drop-in for `gen_server:call/3' (or a `gen_statem' call) to a server on another
 %% node: the request travels over teleport, and so does the reply. The callee needs no
-%% change: on its node a worker makes the call locally and sends the reply back.
+%% change: on its node `teleport_calls' makes the call locally and sends the reply back.
 %%
 %% Returns the reply. Exits like `gen_server:call/3', with `{teleport, gs_call, [Dest,
 %% Request, Timeout]}' in place of `{gen_server, call, ...}': `{timeout, _}', `{noproc, _}',
 %% `{{nodedown, Node}, _}', or the callee's own exit reason if it dies during the call. A
 %% reply that arrives after the timeout is dropped, never left in the mailbox.
 %%
-%% Differences from `gen_server:call/3': the callee sees the worker, not the caller, as the
-%% `From' pid (a callee that monitors its caller monitors the worker, which lives as long as
-%% the call); a server on the local node is called with `gen_server:call/3' itself.
+%% Differences from `gen_server:call/3': the callee sees `teleport_calls' on its own node,
+%% not the caller, as the `From' pid (a callee that monitors or links to its caller reaches
+%% that long-lived process, not the caller); a server on the local node is called with
+%% `gen_server:call/3' itself.
 -spec gs_call(server_ref(), term(), timeout()) -> term().
 gs_call(Dest, Request, Timeout) ->
     MFA = {?MODULE, gs_call, [Dest, Request, Timeout]},
@@ -281,6 +283,15 @@ request(Node, Target, Request, Timeout, MFA) ->
             erlang:demonitor(Alias, [flush]),
             exit({Reason, MFA})
     end.
+
+%% @private The end of a call on the callee's node: `teleport_calls' sends the call's result
+%% to `teleport_replies' on the caller's node, which hands it to the caller's alias. It rides
+%% the connection of (teleport_calls, the caller), so answers to different callers spread
+%% over the pool; one caller's calls are sequential anyway.
+-spec send_answer(pid(), reference(), {reply, term()} | {exit, term()}) -> ok.
+send_answer(Caller, Alias, Result) ->
+    _ = remote(node(Caller), teleport_replies, Caller, {'$teleport_reply', Alias, Result}, []),
+    ok.
 
 -spec await(reference(), node(), timeout(), call_site() | undefined) -> term().
 await(Alias, Node, Timeout, MFA) ->

@@ -70,8 +70,8 @@ defmodule Teleport do
   Exits like `GenServer.call/3`, with `{:teleport, :gs_call, [dest, request, timeout]}` as
   the location: `{:timeout, _}`, `{:noproc, _}`, `{{:nodedown, node}, _}`, or the server's
   own exit reason. A reply that arrives after the timeout is dropped, never left in the
-  mailbox. The server sees a short-lived worker on its own node, not the caller, as the
-  `from` pid. A server on the local node is called with `GenServer.call/3` itself.
+  mailbox. The server sees `teleport_calls` on its own node, not the caller, as the
+  `from` pid (no process is spawned per call). A server on the local node is called with `GenServer.call/3` itself.
   """
   @spec call(dest, term, timeout) :: term
   def call(dest, request, timeout \\ 5_000), do: :teleport.gs_call(dest, request, timeout)

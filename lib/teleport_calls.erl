@@ -1,84 +1,185 @@
-%% @doc Receives `teleport:gs_call/3' and `teleport:multi_call/4' requests that arrived over
-%% teleport, and runs each as a genuine local `gen_server' call from a short-lived worker, so
-%% the callee needs no change: it sees a local caller, replies with `{reply, R, S}' or
-%% `gen_server:reply/2' as usual, and its reply goes back to the caller's node over teleport.
+%% @doc Serves `teleport:gs_call/3' and `teleport:multi_call/4' requests that arrived over
+%% teleport: it makes each a genuine local `gen_server' call on behalf of the remote caller,
+%% so the callee needs no change, and sends the reply back to the caller's node over teleport.
 %%
-%% The worker reports the callee's own exit (or `noproc') over teleport too, on the same path
-%% as a reply, so a reply can never be overtaken by a `DOWN' travelling over disterl. It
-%% gives up when the caller's timeout passes or the caller dies.
+%% No process is spawned per call. The request is sent to the callee exactly as
+%% `gen_server:call/3' sends it, with a `From' of `{self(), [alias | Mref]}', where `Mref' is
+%% a monitor of the callee that is also an alias of this process. The callee replies with
+%% `{reply, R, S}' or `gen_server:reply/2' as usual; the reply reaches this process through
+%% the alias, and the monitor's `DOWN' says the callee died. Either one ends the call and goes
+%% back to the caller on the same path, so a reply is never overtaken by a `DOWN' travelling
+%% over disterl. Removing the monitor also removes the alias, so a reply that comes after
+%% the call was given up is dropped by the VM.
+%%
+%% A call is given up when the caller's timeout has passed (a sweep once a second, cheaper
+%% than a timer per call) or, for an infinite timeout only, when the caller dies: a monitor
+%% of a remote process costs two disterl messages, which a finite timeout makes needless.
 -module(teleport_calls).
 -behaviour(gen_server).
 
--export([start_link/0]).
+-export([start_link/0, pending/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
--export([worker/5]).
+
+%% How often calls past their caller's timeout are forgotten.
+-define(SWEEP_MS, 1000).
+
+-record(call, {caller :: pid(),
+               alias :: reference(),
+               %% Monotonic milliseconds after which the caller no longer waits.
+               deadline :: integer() | infinity,
+               %% A monitor of the caller, for an infinite timeout only.
+               caller_mon :: reference() | none}).
+
+-record(state, {%% Calls in progress, by the callee monitor that is also their alias, and
+                %% (for infinite timeouts) the caller monitor to the callee monitor.
+                calls = #{} :: #{reference() => #call{} | {caller, reference()}},
+                %% Whether a sweep is due: only while some call has a deadline.
+                sweeping = false :: boolean()}).
 
 %% @doc Starts the server, registered as `teleport_calls'.
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() ->
     gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 
-%% @private
--spec init([]) -> {ok, #{}}.
-init([]) ->
-    {ok, #{}}.
+%% @doc How many calls this node is serving for remote callers right now.
+-spec pending() -> non_neg_integer().
+pending() ->
+    gen_server:call(?MODULE, pending).
 
 %% @private
--spec handle_call(term(), gen_server:from(), map()) -> {reply, {error, unknown_request}, map()}.
+-spec init([]) -> {ok, #state{}}.
+init([]) ->
+    {ok, #state{}}.
+
+%% @private
+-spec handle_call(term(), gen_server:from(), #state{}) ->
+          {reply, non_neg_integer() | {error, unknown_request}, #state{}}.
+handle_call(pending, _From, State = #state{calls = Calls}) ->
+    {reply, length([C || C = #call{} <- maps:values(Calls)]), State};
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_request}, State}.
 
 %% @private
--spec handle_cast(term(), map()) -> {noreply, map()}.
+-spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
 handle_cast(_Msg, State) ->
     {noreply, State}.
 
 %% @private
--spec handle_info(term(), map()) -> {noreply, map()}.
+-spec handle_info(term(), #state{}) -> {noreply, #state{}}.
+handle_info({[alias | Mref], Reply}, State) when is_reference(Mref) ->
+    erlang:demonitor(Mref, [flush]),
+    {noreply, finish(Mref, {reply, Reply}, State)};
 handle_info({'$teleport_call', Dest, Request, Caller, Alias, Timeout}, State)
   when (is_pid(Dest) orelse is_atom(Dest)), is_pid(Caller), is_reference(Alias),
        (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
-    _ = proc_lib:spawn(?MODULE, worker, [Dest, Request, Caller, Alias, Timeout]),
-    {noreply, State};
+    {noreply, start(Dest, Request, #call{caller = Caller, alias = Alias,
+                                         deadline = deadline(Timeout), caller_mon = none},
+                    State)};
+handle_info({'DOWN', Mon, process, _, Reason}, State = #state{calls = Calls}) ->
+    case Calls of
+        #{Mon := #call{}} ->
+            %% The callee died.
+            {noreply, finish(Mon, {exit, Reason}, State)};
+        #{Mon := {caller, Mref}} ->
+            %% Nobody is waiting any more.
+            erlang:demonitor(Mref, [flush]),
+            {noreply, forget(Mref, State)};
+        #{} ->
+            {noreply, State}
+    end;
+handle_info(sweep, State) ->
+    {noreply, sweep(State#state{sweeping = false})};
 handle_info(Other, State) ->
     logger:notice("teleport_calls: ignored a message that is no call request: ~0P",
                   [Other, 10], #{domain => [teleport]}),
     {noreply, State}.
 
-%% @private Makes one local call and answers the remote caller.
--spec worker(pid() | atom(), term(), pid(), reference(), timeout()) -> ok.
-worker(Dest, Request, Caller, Alias, Timeout) ->
+%%%===================================================================
+%%% The path of one call
+%%%===================================================================
+
+%% Sends the request the way gen_server:call/3 does, or answers `noproc' at once.
+-spec start(pid() | atom(), term(), #call{}, #state{}) -> #state{}.
+start(Dest, Request, Call, State) ->
     case is_atom(Dest) andalso whereis(Dest) of
-        undefined -> answer(Caller, Alias, {exit, noproc});
-        false -> call(Dest, Request, Caller, Alias, Timeout);
-        Pid -> call(Pid, Request, Caller, Alias, Timeout)
+        undefined ->
+            answer(Call, {exit, noproc}),
+            State;
+        false ->
+            send_request(Dest, Request, Call, State);
+        Pid ->
+            send_request(Pid, Request, Call, State)
     end.
 
--spec call(pid(), term(), pid(), reference(), timeout()) -> ok.
-call(Pid, Request, Caller, Alias, Timeout) ->
-    %% A finite timeout bounds this worker anyway; only an infinite one needs to learn that
-    %% the caller died, and a monitor of a remote process costs two disterl messages.
-    CallerMon = case Timeout of
-                    infinity -> erlang:monitor(process, Caller);
-                    _ -> none
-                end,
-    Mref = erlang:monitor(process, Pid),
-    %% The same message gen_server:call/3 sends; the reply comes back to this worker.
-    Pid ! {'$gen_call', {self(), Mref}, Request},
-    receive
-        {Mref, Reply} ->
-            erlang:demonitor(Mref, [flush]),
-            answer(Caller, Alias, {reply, Reply});
-        {'DOWN', Mref, process, _, Reason} ->
-            answer(Caller, Alias, {exit, Reason});
-        {'DOWN', CallerMon, process, _, _} ->
-            %% Nobody is waiting any more.
-            ok
-    after Timeout ->
-            ok
+-spec send_request(pid(), term(), #call{}, #state{}) -> #state{}.
+send_request(Pid, Request, Call, State = #state{calls = Calls}) ->
+    Mref = erlang:monitor(process, Pid, [{alias, demonitor}]),
+    Pid ! {'$gen_call', {self(), [alias | Mref]}, Request},
+    case Call of
+        #call{deadline = infinity, caller = Caller} ->
+            CallerMon = erlang:monitor(process, Caller),
+            State#state{calls = Calls#{Mref => Call#call{caller_mon = CallerMon},
+                                       CallerMon => {caller, Mref}}};
+        #call{} ->
+            ensure_sweep(State#state{calls = Calls#{Mref => Call}})
     end.
 
--spec answer(pid(), reference(), {reply, term()} | {exit, term()}) -> ok.
-answer(Caller, Alias, Result) ->
-    _ = teleport:send({teleport_replies, node(Caller)}, {'$teleport_reply', Alias, Result}),
-    ok.
+%% The call of Mref ended with Result: the caller hears of it, if it was still known.
+-spec finish(reference(), {reply, term()} | {exit, term()}, #state{}) -> #state{}.
+finish(Mref, Result, State = #state{calls = Calls}) ->
+    case Calls of
+        #{Mref := Call = #call{}} ->
+            answer(Call, Result),
+            forget(Mref, State);
+        #{} ->
+            State
+    end.
+
+-spec forget(reference(), #state{}) -> #state{}.
+forget(Mref, State = #state{calls = Calls}) ->
+    case maps:take(Mref, Calls) of
+        {#call{caller_mon = none}, Rest} ->
+            State#state{calls = Rest};
+        {#call{caller_mon = CallerMon}, Rest} ->
+            erlang:demonitor(CallerMon, [flush]),
+            State#state{calls = maps:remove(CallerMon, Rest)};
+        error ->
+            State
+    end.
+
+-spec answer(#call{}, {reply, term()} | {exit, term()}) -> ok.
+answer(#call{caller = Caller, alias = Alias}, Result) ->
+    teleport:send_answer(Caller, Alias, Result).
+
+%%%===================================================================
+%%% Timeouts
+%%%===================================================================
+
+-spec deadline(timeout()) -> integer() | infinity.
+deadline(infinity) -> infinity;
+deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
+
+-spec ensure_sweep(#state{}) -> #state{}.
+ensure_sweep(State = #state{sweeping = true}) ->
+    State;
+ensure_sweep(State) ->
+    _ = erlang:send_after(?SWEEP_MS, self(), sweep),
+    State#state{sweeping = true}.
+
+%% Forgets the calls whose caller gave up waiting; their monitors (and aliases) go too.
+-spec sweep(#state{}) -> #state{}.
+sweep(State = #state{calls = Calls}) ->
+    Now = erlang:monotonic_time(millisecond),
+    {Left, Finite} =
+        maps:fold(fun(Mref, #call{deadline = D}, {Keep, N}) when D =/= infinity, D < Now ->
+                          erlang:demonitor(Mref, [flush]),
+                          {maps:remove(Mref, Keep), N};
+                     (_, #call{deadline = D}, {Keep, N}) when D =/= infinity ->
+                          {Keep, N + 1};
+                     (_, _, Acc) ->
+                          Acc
+                  end, {Calls, 0}, Calls),
+    case Finite of
+        0 -> State#state{calls = Left};
+        _ -> ensure_sweep(State#state{calls = Left})
+    end.

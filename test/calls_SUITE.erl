@@ -10,7 +10,7 @@ all() ->
      late_reply_never_lands, noproc_shape, callee_crash_mid_call, local_destination,
      big_reply_not_over_disterl, gs_cast, casts_then_call_in_order, abcast_with_a_bad_node,
      multi_call_with_a_node_down,
-     node_killed_mid_call, abandoned_calls_leave_no_worker].
+     node_killed_mid_call, abandoned_calls_leave_nothing_behind, no_process_per_call].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("calls_ct_"),
@@ -69,30 +69,50 @@ late_reply_never_lands(Config) ->
     %% The server is fine and so is the path.
     ?assertEqual(ok, teleport:gs_call(Dest, {echo, ok})).
 
-%% Each call runs in a worker on the callee's node. It ends with the call, or when the
-%% caller's timeout has passed; with an infinite timeout, when the caller dies (it monitors
-%% the caller only then: a finite timeout bounds it anyway, and a remote monitor costs two
-%% disterl messages per call).
-abandoned_calls_leave_no_worker(Config) ->
+%% teleport_calls on the callee's node forgets a call once it ends, once the caller's timeout
+%% has passed, or, with an infinite timeout, when the caller dies (it monitors the caller only
+%% then: a finite timeout bounds the call anyway, and a remote monitor costs two disterl
+%% messages per call).
+abandoned_calls_leave_nothing_behind(Config) ->
     {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
     Dest = {srv, Node},
-    Workers = fun() -> peer:call(Peer, ?MODULE, call_workers, []) end,
-    ?assertEqual(0, Workers()),
+    Pending = fun() -> peer:call(Peer, teleport_calls, pending, []) end,
+    ?assertEqual(0, Pending()),
     Caller = spawn(fun() -> teleport:gs_call(Dest, {reply_later, x, 60000}, infinity) end),
-    ok = teleport_soak:wait_until(fun() -> Workers() =:= 1 end, 5000),
+    ok = teleport_soak:wait_until(fun() -> Pending() =:= 1 end, 5000),
     exit(Caller, kill),
-    ok = teleport_soak:wait_until(fun() -> Workers() =:= 0 end, 5000),
+    ok = teleport_soak:wait_until(fun() -> Pending() =:= 0 end, 5000),
     T0 = erlang:monotonic_time(millisecond),
     ?assertExit({timeout, _}, teleport:gs_call(Dest, {reply_later, y, 60000}, 300)),
-    ok = teleport_soak:wait_until(fun() -> Workers() =:= 0 end, 5000),
-    ct:pal("the finite call's worker ended ~b ms after the call began",
-           [erlang:monotonic_time(millisecond) - T0]).
+    ok = teleport_soak:wait_until(fun() -> Pending() =:= 0 end, 5000),
+    ct:pal("the finite call was forgotten ~b ms after it began",
+           [erlang:monotonic_time(millisecond) - T0]),
+    %% The callee's late reply to a forgotten call goes nowhere and breaks nothing.
+    ?assertEqual(ok, teleport:gs_call(Dest, {echo, ok})).
 
-%% On the peer: how many teleport_calls workers are running.
-call_workers() ->
-    length([P || P <- processes(),
-                 {dictionary, D} <- [process_info(P, dictionary)],
-                 lists:member({'$initial_call', {teleport_calls, worker, 5}}, D)]).
+%% No process per call: with 200 calls waiting on the callee (`{noreply, _}'), the callee's
+%% node runs no more processes than before them, and the `From' the callee sees is
+%% teleport_calls. Then all 200 replies arrive.
+no_process_per_call(Config) ->
+    {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
+    Dest = {srv, Node},
+    CallsPid = peer:call(Peer, erlang, whereis, [teleport_calls]),
+    ?assertEqual(CallsPid, teleport:gs_call(Dest, from_pid)),
+    ok = teleport:gs_call(Dest, hold_replies),
+    Before = peer:call(Peer, erlang, system_info, [process_count]),
+    Self = self(),
+    Callers = [spawn_link(fun() -> Self ! {self(), teleport:gs_call(Dest, {held, I}, 30000)} end)
+               || I <- lists:seq(1, 200)],
+    ok = teleport_soak:wait_until(
+           fun() -> peer:call(Peer, teleport_calls, pending, []) =:= 200 end, 10000),
+    During = peer:call(Peer, erlang, system_info, [process_count]),
+    ct:pal("processes on the callee's node: ~b before, ~b with 200 calls waiting",
+           [Before, During]),
+    ?assert(During - Before < 10),
+    ?assertEqual(200, teleport:gs_call(Dest, release_replies)),
+    Replies = [receive {C, R} -> R after 10000 -> ct:fail({no_reply, C}) end || C <- Callers],
+    ?assertEqual([{held, I} || I <- lists:seq(1, 200)], Replies),
+    ?assertEqual(0, peer:call(Peer, teleport_calls, pending, [])).
 
 noproc_shape(Config) ->
     Dest = {no_such_server, ?config(node, Config)},

@@ -25,6 +25,15 @@ handle_call({crash, Reason}, _From, _S) ->
     exit(Reason);
 handle_call({bytes, N}, _From, S) ->
     {reply, binary:copy(<<"x">>, N), S};
+handle_call(from_pid, {Pid, _}, S) ->
+    {reply, Pid, S};
+handle_call(hold_replies, _From, S) ->
+    {reply, ok, S#{held => []}};
+handle_call({held, _} = Req, From, S = #{held := Held}) ->
+    {noreply, S#{held := [{From, Req} | Held]}};
+handle_call(release_replies, _From, S = #{held := Held}) ->
+    _ = [gen_server:reply(From, Req) || {From, Req} <- Held],
+    {reply, length(Held), maps:remove(held, S)};
 handle_call(casts, _From, S = #{casts := Casts}) ->
     {reply, lists:reverse(Casts), S}.
 
