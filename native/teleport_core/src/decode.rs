@@ -626,271 +626,18 @@ pub mod inflate {
     //! `inflate`: the zlib stream (RFC 1950) of a compressed term (`term_to_binary(T,
     //! [compressed])`), inflated without the VM, so that it can be done on a dirty scheduler.
     //!
-    //! A plain port of Mark Adler's `puff.c` (the reference DEFLATE decoder of zlib's `contrib`):
-    //! canonical Huffman codes decoded a bit at a time, every length and distance checked. It is
-    //! slower than zlib, which does not matter here: compressed terms are rare on teleport's
-    //! connections and the VM's decoder that follows costs more. Output is capped at the size the
-    //! term's header claims; anything else (a preset dictionary, a bad checksum, more or fewer
-    //! bytes than claimed) is an error, as with `binary_to_term/1`.
+    //! The inflater is `miniz_oxide`'s (pure Rust, fuzzed, the one `flate2` uses): this is
+    //! untrusted input, and a well-kept decoder beats a hand-written one. Output goes into a
+    //! buffer of exactly the size the term's header claims, so it can never grow past it;
+    //! anything else (a preset dictionary, a bad checksum, more or fewer bytes than claimed)
+    //! is an error, as with `binary_to_term/1`.
+
+    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+    use miniz_oxide::inflate::TINFLStatus;
 
     /// Why a stream does not inflate (details only matter to tests).
     #[derive(Debug, PartialEq, Eq)]
     pub struct Bad(&'static str);
-
-    const MAXBITS: usize = 15;
-    const MAXLCODES: usize = 286;
-    const MAXDCODES: usize = 30;
-    const FIXLCODES: usize = 288;
-
-    struct Bits<'a> {
-        input: &'a [u8],
-        pos: usize,
-        bitbuf: u32,
-        bitcnt: u32,
-    }
-
-    impl Bits<'_> {
-        #[inline]
-        fn bits(&mut self, need: u32) -> Result<u32, Bad> {
-            let mut val = self.bitbuf;
-            while self.bitcnt < need {
-                let b = *self.input.get(self.pos).ok_or(Bad("input ends early"))?;
-                self.pos += 1;
-                val |= (b as u32) << self.bitcnt;
-                self.bitcnt += 8;
-            }
-            // `need` is at most 13 here, and at most 7 bits were left over: `val` has room.
-            self.bitbuf = val >> need;
-            self.bitcnt -= need;
-            Ok(val & ((1 << need) - 1))
-        }
-    }
-
-    struct Huffman {
-        count: [u16; MAXBITS + 1],
-        symbol: Vec<u16>,
-    }
-
-    impl Huffman {
-        /// Builds the code from code lengths; `Ok(left)` with `left > 0` for an incomplete code.
-        fn new(length: &[u8]) -> Result<(Huffman, i32), Bad> {
-            let mut h = Huffman {
-                count: [0; MAXBITS + 1],
-                symbol: vec![0; length.len()],
-            };
-            for &l in length {
-                h.count[l as usize] += 1;
-            }
-            if h.count[0] as usize == length.len() {
-                return Ok((h, 0)); // no codes: complete, but decoding will fail
-            }
-            let mut left: i32 = 1;
-            for len in 1..=MAXBITS {
-                left <<= 1;
-                left -= h.count[len] as i32;
-                if left < 0 {
-                    return Err(Bad("over-subscribed code"));
-                }
-            }
-            let mut offs = [0u16; MAXBITS + 1];
-            for len in 1..MAXBITS {
-                offs[len + 1] = offs[len] + h.count[len];
-            }
-            for (symbol, &l) in length.iter().enumerate() {
-                if l != 0 {
-                    h.symbol[offs[l as usize] as usize] = symbol as u16;
-                    offs[l as usize] += 1;
-                }
-            }
-            Ok((h, left))
-        }
-
-        #[inline]
-        fn decode(&self, s: &mut Bits) -> Result<usize, Bad> {
-            let (mut code, mut first, mut index) = (0i32, 0i32, 0i32);
-            for len in 1..=MAXBITS {
-                code |= s.bits(1)? as i32;
-                let count = self.count[len] as i32;
-                if code - count < first {
-                    return Ok(self.symbol[(index + (code - first)) as usize] as usize);
-                }
-                index += count;
-                first += count;
-                first <<= 1;
-                code <<= 1;
-            }
-            Err(Bad("ran out of codes"))
-        }
-    }
-
-    const LBASE: [u16; 29] = [
-        3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
-        131, 163, 195, 227, 258,
-    ];
-    const LEXT: [u8; 29] = [
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
-    ];
-    const DBASE: [u16; 30] = [
-        1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
-        2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
-    ];
-    const DEXT: [u8; 30] = [
-        0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12,
-        13, 13,
-    ];
-
-    fn codes(
-        s: &mut Bits,
-        out: &mut Vec<u8>,
-        limit: usize,
-        lc: &Huffman,
-        dc: &Huffman,
-    ) -> Result<(), Bad> {
-        loop {
-            let symbol = lc.decode(s)?;
-            if symbol < 256 {
-                if out.len() == limit {
-                    return Err(Bad("more bytes than claimed"));
-                }
-                out.push(symbol as u8);
-            } else if symbol == 256 {
-                return Ok(());
-            } else {
-                let symbol = symbol - 257;
-                if symbol >= 29 {
-                    return Err(Bad("invalid length symbol"));
-                }
-                let len = LBASE[symbol] as usize + s.bits(LEXT[symbol] as u32)? as usize;
-                let symbol = dc.decode(s)?;
-                if symbol >= 30 {
-                    return Err(Bad("invalid distance symbol"));
-                }
-                let dist = DBASE[symbol] as usize + s.bits(DEXT[symbol] as u32)? as usize;
-                if dist > out.len() {
-                    return Err(Bad("distance too far back"));
-                }
-                if len > limit - out.len() {
-                    return Err(Bad("more bytes than claimed"));
-                }
-                let from = out.len() - dist;
-                if dist >= len {
-                    out.extend_from_within(from..from + len);
-                } else {
-                    for i in 0..len {
-                        let b = out[from + i];
-                        out.push(b);
-                    }
-                }
-            }
-        }
-    }
-
-    fn stored(s: &mut Bits, out: &mut Vec<u8>, limit: usize) -> Result<(), Bad> {
-        s.bitbuf = 0;
-        s.bitcnt = 0;
-        let hdr = s
-            .input
-            .get(s.pos..s.pos + 4)
-            .ok_or(Bad("input ends early"))?;
-        let len = u16::from_le_bytes([hdr[0], hdr[1]]);
-        let nlen = u16::from_le_bytes([hdr[2], hdr[3]]);
-        if len != !nlen {
-            return Err(Bad("stored length mismatch"));
-        }
-        s.pos += 4;
-        let len = len as usize;
-        let data = s
-            .input
-            .get(s.pos..s.pos + len)
-            .ok_or(Bad("input ends early"))?;
-        if len > limit - out.len() {
-            return Err(Bad("more bytes than claimed"));
-        }
-        out.extend_from_slice(data);
-        s.pos += len;
-        Ok(())
-    }
-
-    fn fixed(s: &mut Bits, out: &mut Vec<u8>, limit: usize) -> Result<(), Bad> {
-        let mut lengths = [0u8; FIXLCODES];
-        lengths[..144].fill(8);
-        lengths[144..256].fill(9);
-        lengths[256..280].fill(7);
-        lengths[280..].fill(8);
-        let (lc, _) = Huffman::new(&lengths)?;
-        let (dc, _) = Huffman::new(&[5u8; MAXDCODES])?;
-        codes(s, out, limit, &lc, &dc)
-    }
-
-    fn dynamic(s: &mut Bits, out: &mut Vec<u8>, limit: usize) -> Result<(), Bad> {
-        const ORDER: [usize; 19] = [
-            16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15,
-        ];
-        let nlen = s.bits(5)? as usize + 257;
-        let ndist = s.bits(5)? as usize + 1;
-        let ncode = s.bits(4)? as usize + 4;
-        if nlen > MAXLCODES || ndist > MAXDCODES {
-            return Err(Bad("bad counts"));
-        }
-        let mut lengths = [0u8; MAXLCODES + MAXDCODES];
-        for &o in &ORDER[..ncode] {
-            lengths[o] = s.bits(3)? as u8;
-        }
-        let (lencode, left) = Huffman::new(&lengths[..19])?;
-        if left != 0 {
-            return Err(Bad("incomplete code-length code"));
-        }
-        let mut index = 0;
-        while index < nlen + ndist {
-            let symbol = lencode.decode(s)?;
-            if symbol < 16 {
-                lengths[index] = symbol as u8;
-                index += 1;
-            } else {
-                let (len, repeat) = match symbol {
-                    16 => {
-                        if index == 0 {
-                            return Err(Bad("repeat with no first length"));
-                        }
-                        (lengths[index - 1], 3 + s.bits(2)? as usize)
-                    }
-                    17 => (0, 3 + s.bits(3)? as usize),
-                    _ => (0, 11 + s.bits(7)? as usize),
-                };
-                if index + repeat > nlen + ndist {
-                    return Err(Bad("too many lengths"));
-                }
-                lengths[index..index + repeat].fill(len);
-                index += repeat;
-            }
-        }
-        if lengths[256] == 0 {
-            return Err(Bad("no end-of-block code"));
-        }
-        let (lc, left) = Huffman::new(&lengths[..nlen])?;
-        if left < 0 || (left > 0 && nlen != (lc.count[0] + lc.count[1]) as usize) {
-            return Err(Bad("incomplete literal/length code"));
-        }
-        let (dc, left) = Huffman::new(&lengths[nlen..nlen + ndist])?;
-        if left < 0 || (left > 0 && ndist != (dc.count[0] + dc.count[1]) as usize) {
-            return Err(Bad("incomplete distance code"));
-        }
-        codes(s, out, limit, &lc, &dc)
-    }
-
-    fn adler32(data: &[u8]) -> u32 {
-        const MOD: u32 = 65521;
-        let (mut a, mut b) = (1u32, 0u32);
-        for chunk in data.chunks(5552) {
-            for &x in chunk {
-                a += x as u32;
-                b += a;
-            }
-            a %= MOD;
-            b %= MOD;
-        }
-        (b << 16) | a
-    }
 
     /// Inflates the zlib stream `input` into `out` (appended), which must then have grown by
     /// exactly `size` bytes. Bytes after the stream are ignored.
@@ -898,6 +645,7 @@ pub mod inflate {
         let [cmf, flg, ..] = *input else {
             return Err(Bad("input ends early"));
         };
+        // miniz checks these too; checked here so that the errors are named.
         if cmf & 0x0F != 8 || cmf >> 4 > 7 || (cmf as u16 * 256 + flg as u16) % 31 != 0 {
             return Err(Bad("not a zlib stream"));
         }
@@ -905,34 +653,28 @@ pub mod inflate {
             return Err(Bad("preset dictionary"));
         }
         let start = out.len();
-        let limit = start + size;
-        out.reserve_exact(size);
-        let mut s = Bits {
-            input,
-            pos: 2,
-            bitbuf: 0,
-            bitcnt: 0,
+        out.resize(start + size, 0);
+        // The whole input is here and the output buffer is the whole output: no wrapping
+        // window, no "more input" state. The decompressor is about 11 KB: not on the stack.
+        let flags = inflate_flags::TINFL_FLAG_PARSE_ZLIB_HEADER
+            | inflate_flags::TINFL_FLAG_COMPUTE_ADLER32
+            | inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
+        let mut state = Box::<DecompressorOxide>::default();
+        let (status, _read, written) = decompress(&mut state, input, &mut out[start..], 0, flags);
+        let result = match status {
+            TINFLStatus::Done if written == size => Ok(()),
+            TINFLStatus::Done => Err(Bad("fewer bytes than claimed")),
+            TINFLStatus::HasMoreOutput => Err(Bad("more bytes than claimed")),
+            TINFLStatus::Adler32Mismatch => Err(Bad("bad checksum")),
+            TINFLStatus::FailedCannotMakeProgress | TINFLStatus::NeedsMoreInput => {
+                Err(Bad("input ends early"))
+            }
+            _ => Err(Bad("corrupt stream")),
         };
-        loop {
-            let last = s.bits(1)?;
-            match s.bits(2)? {
-                0 => stored(&mut s, out, limit)?,
-                1 => fixed(&mut s, out, limit)?,
-                2 => dynamic(&mut s, out, limit)?,
-                _ => return Err(Bad("invalid block type")),
-            }
-            if last == 1 {
-                break;
-            }
+        if result.is_err() {
+            out.truncate(start);
         }
-        let check = input.get(s.pos..s.pos + 4).ok_or(Bad("no checksum"))?;
-        if u32::from_be_bytes(check.try_into().unwrap()) != adler32(&out[start..]) {
-            return Err(Bad("bad checksum"));
-        }
-        if out.len() != limit {
-            return Err(Bad("fewer bytes than claimed"));
-        }
-        Ok(())
+        result
     }
 
     #[cfg(test)]
@@ -1027,9 +769,19 @@ pub mod inflate {
         }
 
         #[test]
-        fn adler32_known_value() {
-            assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
-            assert_eq!(adler32(&[]), 1);
+        fn each_refusal_is_named_and_leaves_the_output_as_it_was() {
+            let cases: [(&[u8], usize, &str); 5] = [
+                (STORED_HELLO, 4, "more bytes than claimed"),
+                (STORED_HELLO, 6, "fewer bytes than claimed"),
+                (&STORED_HELLO[..10], 5, "input ends early"),
+                (&[0x78, 0x20, 0, 0, 0, 0], 1, "preset dictionary"),
+                (&[0x79, 0x01, 0x01], 1, "not a zlib stream"),
+            ];
+            for (input, size, why) in cases {
+                let mut out = vec![131];
+                assert_eq!(zlib(input, size, &mut out), Err(Bad(why)), "{why}");
+                assert_eq!(out, [131], "{why}");
+            }
         }
     }
 }
