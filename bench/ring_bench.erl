@@ -108,7 +108,9 @@ config() ->
       call_rounds => env_int("CALL_ROUNDS", Q(7, 2)),
       stream_frames => env_int("STREAM_FRAMES", Q(100, 10)),
       stream_bytes => 10 * ?MiB,
-      stream_rounds => env_int("STREAM_ROUNDS", Q(9, 2))}.
+      stream_rounds => env_int("STREAM_ROUNDS", Q(9, 2)),
+      %% teleport's thread_nice on every node; unset: teleport's default.
+      thread_nice => env_int("THREAD_NICE", default)}.
 
 env_int(Name, Default) ->
     case os:getenv(Name) of
@@ -138,11 +140,15 @@ ensure_loaded() ->
     end.
 
 %% Set D (disterl ring), set T (teleport ring), and the pair S (pool_size = 1).
-start_nodes(#{ring_nodes := N}) ->
+start_nodes(#{ring_nodes := N, thread_nice := Nice}) ->
     step("starting ~b peer nodes (2 ring sets of ~b, 1 pair with pool_size = 1)",
          [2 * N + 2, N]),
     Specs = [{d, I, []} || I <- lists:seq(1, N)] ++ [{t, I, []} || I <- lists:seq(1, N)]
         ++ [{s, I, [{pool_size, 1}]} || I <- [1, 2]],
+    Common = case Nice of
+                 default -> [];
+                 _ -> [{thread_nice, Nice}]
+             end,
     Cookie = atom_to_list(erlang:get_cookie()),
     %% connect_all false: the sets stay apart (no global mesh of all 14 nodes).
     Args = ["-setcookie", Cookie, "-connect_all", "false", "-pa" | code:get_path()],
@@ -155,7 +161,8 @@ start_nodes(#{ring_nodes := N}) ->
               || P <- Pids],
     All = [begin
                {ok, Peer, Node} = R,
-               [ok = erpc:call(Node, application, set_env, [teleport, K, V]) || {K, V} <- Env],
+               [ok = erpc:call(Node, application, set_env, [teleport, K, V])
+                || {K, V} <- Common ++ Env],
                ok = erpc:call(Node, teleport, start, []),
                #{os_pid := OsPid} = erpc:call(Node, bench_agent, node_info, []),
                {Set, #{peer => Peer, node => Node, os_pid => OsPid, index => I}}

@@ -101,15 +101,23 @@ handle_info(Other, State) ->
 %% Sends the request the way gen_server:call/3 does, or answers `noproc' at once.
 -spec start(pid() | atom(), term(), #call{}, #state{}) -> #state{}.
 start(Dest, Request, Call, State) ->
-    case is_atom(Dest) andalso whereis(Dest) of
-        undefined ->
-            answer(Call, {exit, noproc}),
-            State;
-        false ->
-            send_request(Dest, Request, Call, State);
-        Pid ->
-            send_request(Pid, Request, Call, State)
+    case is_atom(Dest) of
+        true -> start_to(whereis(Dest), Request, Call, State);
+        false -> start_to(Dest, Request, Call, State)
     end.
+
+-spec start_to(pid() | undefined, term(), #call{}, #state{}) -> #state{}.
+start_to(undefined, _Request, Call, State) ->
+    answer(Call, {exit, noproc}),
+    State;
+start_to(Me, Request, Call, State) when Me =:= self() ->
+    %% A call to this very process: a process cannot monitor itself (nor get an alias that
+    %% way), so it is answered here, as handle_call/3 answers it.
+    {reply, Reply, State1} = handle_call(Request, {self(), self_call}, State),
+    answer(Call, {reply, Reply}),
+    State1;
+start_to(Pid, Request, Call, State) ->
+    send_request(Pid, Request, Call, State).
 
 -spec send_request(pid(), term(), #call{}, #state{}) -> #state{}.
 send_request(Pid, Request, Call, State = #state{calls = Calls}) ->

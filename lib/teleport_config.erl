@@ -31,6 +31,7 @@
                     handshake_timeout := pos_integer(),
                     discovery_timeout := pos_integer(),
                     log_to_default_handler := boolean(),
+                    thread_nice := 0..19,
                     socket_opts := socket_opts()}.
 -type socket_opts() :: #{sndbuf => pos_integer(),
                          recbuf => pos_integer(),
@@ -64,6 +65,10 @@ defaults() ->
       %% OTP's default handler drops events with a domain of their own; teleport's
       %% warnings about peers are worth seeing without configuring anything.
       log_to_default_handler => true,
+      %% teleport's OS threads run this much below the VM's schedulers (a nice value), so
+      %% that with the CPU short the schedulers win and disterl's own small traffic is served;
+      %% with the CPU free it costs nothing (README, Configuration, has the measurement).
+      thread_nice => 5,
       %% Buffers are left to the kernel's autotuning: fixed sizes measured no faster on
       %% one stream and slower with 256 KB (README, Configuration).
       socket_opts => socket_opts(#{})}.
@@ -90,6 +95,10 @@ check(Key, V) when Key =:= eager_connect; Key =:= log_to_default_handler ->
     bad(Key, V, "true or false");
 check(socket_opts, V) ->
     socket_opts(V);
+check(thread_nice, V) when is_integer(V), V >= 0, V =< 19 -> V;
+check(thread_nice, V) ->
+    bad(thread_nice, V, "an integer 0..19: how much lower than the VM's the priority of "
+        "teleport's threads is (a nice value; 0: the same)");
 check(Key, V) when is_integer(V), V > 0 -> check_size(Key, V);
 check(Key, V) -> bad(Key, V, "a positive integer").
 

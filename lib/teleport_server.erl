@@ -169,10 +169,11 @@ nif_loaded() ->
 -spec start_runtime(teleport_config:config()) -> {ok, state()} | {stop, term()}.
 start_runtime(Config) ->
     #{listen_ip := Ip, port := Port, max_frame_bytes := MaxFrame,
-      handshake_timeout := HandshakeTimeout, socket_opts := SockOpts} = Config,
+      handshake_timeout := HandshakeTimeout, socket_opts := SockOpts,
+      thread_nice := ThreadNice} = Config,
     Me = atom_to_binary(node(), utf8),
     case teleport_nif:runtime_start(Me, ip_text(Ip), Port, MaxFrame, HandshakeTimeout,
-                                    nif_socket_opts(SockOpts)) of
+                                    nif_socket_opts(SockOpts), ThreadNice) of
         {ok, Rt} ->
             ok = teleport_pools:new(),
             persistent_term:put({?MODULE, runtime}, Rt),

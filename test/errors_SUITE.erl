@@ -82,6 +82,7 @@ bad_config_value_for_each_key(_Config) ->
             handshake_timeout => [-5, "5s"],
             discovery_timeout => [1.5, undefined],
             log_to_default_handler => [1, "true"],
+            thread_nice => [-1, 20, "5"],
             socket_opts => [42, {nodelay, true}]},
     %% A new key must get its bad values here too.
     ?assertEqual(lists:sort(maps:keys(teleport_config:defaults())), lists:sort(maps:keys(Bad))),

@@ -17,7 +17,7 @@ suite() ->
 
 all() ->
     [info_shape, state_changes_are_logged_once_each, eager_connect_opens_the_pool_at_nodeup,
-     all_nodes_forms_and_big_terms].
+     all_nodes_forms_and_big_terms, threads_run_below_the_schedulers].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("inspect_ct_"),
@@ -258,6 +258,44 @@ peers() ->
         undefined -> [];
         Ps -> Ps
     end.
+
+%% teleport's threads (writers, readers, the acceptor) run `thread_nice' below the VM's
+%% schedulers: 7 as configured on one node, the default (5) on the other, after a call has
+%% used both directions. (A reader, started by the acceptor, once ran at twice the value.)
+threads_run_below_the_schedulers(_Config) ->
+    {PeerA, _} = start_peer(#{thread_nice => 7}),
+    {PeerB, NodeB} = start_peer(#{}),
+    true = peer:call(PeerA, net_kernel, connect_node, [NodeB]),
+    ?assertEqual(0, peer:call(PeerA, teleport, gs_call, [{teleport_calls, NodeB}, pending, 5000],
+                              10000)),
+    ?assertEqual(5, maps:get(thread_nice, teleport_config:defaults())),
+    [begin
+         Threads = os_threads(peer:call(Peer, os, getpid, [])),
+         ct:pal("threads (name, nice) of a node with thread_nice ~b: ~p", [Nice, Threads]),
+         Schedulers = lists:usort([N || {Name, N} <- Threads,
+                                        lists:suffix("_scheduler", Name)]),
+         %% teleport_log, the log bridge, starts with the NIF, before any configuration.
+         Teleport = lists:usort([{lists:sublist(Name, 12), N}
+                                 || {"teleport_" ++ _ = Name, N} <- Threads,
+                                    Name =/= "teleport_log"]),
+         ?assertEqual([0], Schedulers),
+         ?assertEqual([{"teleport_acc", Nice}, {"teleport_rea", Nice}, {"teleport_wri", Nice}],
+                      Teleport)
+     end || {Peer, Nice} <- [{PeerA, 7}, {PeerB, 5}]].
+
+%% The {Name, Nice} of every thread of OS process OsPid (Linux /proc).
+os_threads(OsPid) ->
+    Dir = "/proc/" ++ OsPid ++ "/task",
+    {ok, Tids} = file:list_dir(Dir),
+    [begin
+         {ok, Stat} = file:read_file(filename:join([Dir, Tid, "stat"])),
+         %% "tid (name) state ppid ...": the name may hold spaces, so split at the last ")";
+         %% the nice value is field 19, the 17th after the name.
+         [Before, After] = string:split(Stat, ")", trailing),
+         [_, Name] = string:split(Before, "("),
+         Fields = string:lexemes(After, " "),
+         {binary_to_list(Name), binary_to_integer(lists:nth(17, Fields))}
+     end || Tid <- Tids].
 
 %% A peer running teleport with the application environment Env.
 start_peer(Env) ->

@@ -93,6 +93,9 @@ pub struct PeerConfig {
     pub handshake_timeout: Duration,
     /// Options set on every socket before it connects.
     pub sock_opts: SocketOpts,
+    /// How much lower than the VM's the priority of the writer threads is (a nice value,
+    /// see [`crate::threads::spawn`]).
+    pub thread_nice: u8,
 }
 
 /// Why a frame was not accepted; the frame is handed back.
@@ -287,9 +290,10 @@ impl Conn {
             counters: ConnStats::default(),
         });
         let c = conn.clone();
-        std::thread::Builder::new()
-            .name(format!("teleport_writer_{index}"))
-            .spawn(move || {
+        crate::threads::spawn(
+            format!("teleport_writer_{index}"),
+            c.cfg.thread_nice,
+            move || {
                 // A panic here must not unwind into nothing: log it and close the slot,
                 // dropping (and counting) everything it held, the batch it was writing too.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run())).is_err() {
@@ -305,7 +309,8 @@ impl Conn {
                     st.writer_busy = false;
                     c.drop_all(&mut st);
                 }
-            })?;
+            },
+        )?;
         Ok(conn)
     }
 

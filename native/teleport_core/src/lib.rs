@@ -12,12 +12,14 @@
 //! - [`out_frame`], [`conn`], [`pool`]: the sending side, a pool of outgoing connections;
 //! - [`listener`], [`lanes`]: the receiving side, which keeps a slot's reconnections in turn;
 //! - [`peers`], [`stats`]: which peers may connect, and counters per peer;
-//! - [`sockopts`]: the socket options the user sets, applied to every connection.
+//! - [`sockopts`]: the socket options the user sets, applied to every connection;
+//! - [`threads`]: teleport's OS threads, at a priority below the VM's schedulers.
 //!
 //! The Erlang side lives in the `teleport_nif` crate, which only walks and makes terms.
 
 // No unsafe code but two `setsockopt`/`getsockopt` calls in `sockopts` (SO_PRIORITY, which
-// socket2 0.5 does not wrap), each allowed where it stands.
+// socket2 0.5 does not wrap) and the priority syscalls in `threads`, each allowed where it
+// stands.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -38,4 +40,5 @@ pub mod sockopts;
 pub mod stats;
 #[cfg(test)]
 mod testing;
+pub mod threads;
 pub mod value;

@@ -78,6 +78,9 @@ pub struct ListenConfig {
     pub handshake_timeout: Duration,
     /// Options set on the listening socket and on every accepted one.
     pub sock_opts: SocketOpts,
+    /// How much lower than the VM's the priority of the acceptor and reader threads is (a
+    /// nice value, see [`crate::threads::spawn`]).
+    pub thread_nice: u8,
 }
 
 /// One incoming connection, as the listener tracks it.
@@ -164,9 +167,9 @@ impl Listener {
         });
         let l = listener.clone();
         let cfg = Arc::new(cfg);
-        std::thread::Builder::new()
-            .name("teleport_acceptor".into())
-            .spawn(move || loop {
+        crate::threads::spawn("teleport_acceptor".into(), cfg.thread_nice, {
+            let cfg = cfg.clone();
+            move || loop {
                 // A listener that stopped accepting would leave the node unreachable while
                 // looking alive: after a panic, log it and accept again.
                 let run = std::panic::AssertUnwindSafe(|| l.accept_loop(&cfg, &acceptor));
@@ -175,7 +178,8 @@ impl Listener {
                 }
                 tracing::error!(addr = %l.local, reason = "the accept loop panicked; it goes on", "acceptor_panicked");
                 std::thread::sleep(Duration::from_millis(100));
-            })?;
+            }
+        })?;
         Ok(listener)
     }
 
@@ -289,9 +293,8 @@ impl Listener {
                 let _ = conn.sock.shutdown(std::net::Shutdown::Both);
             }
             let (l, cfg, acceptor) = (self.clone(), cfg.clone(), acceptor.clone());
-            let spawned = std::thread::Builder::new()
-                .name("teleport_reader".into())
-                .spawn(move || {
+            let spawned =
+                crate::threads::spawn("teleport_reader".into(), cfg.thread_nice, move || {
                     let run = std::panic::AssertUnwindSafe(|| l.serve(&conn, &cfg, &*acceptor));
                     if std::panic::catch_unwind(run).is_err() {
                         tracing::error!(

@@ -533,6 +533,7 @@ mod tests {
                 priority: Some(u32::MAX),
                 ..SocketOpts::default()
             },
+            thread_nice: 0,
         };
         let err = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor)
             .err()

@@ -132,10 +132,15 @@ pub fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals
         max_frame_bytes: 1 << 20,
         handshake_timeout: Duration::from_secs(2),
         sock_opts: opts,
+        thread_nice: TEST_NICE,
     };
     let l = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor.clone()).unwrap();
     (l, acceptor, rx)
 }
+
+/// The nice value every test listener and pool gives its threads: not 0, so that every
+/// test runs them the way a node does by default.
+pub const TEST_NICE: u8 = 3;
 
 /// How `a@h` reaches `b@h`, and the cookie it proves.
 pub fn config(cookie: &[u8], opts: SocketOpts) -> (PeerConfig, Vec<u8>) {
@@ -146,6 +151,7 @@ pub fn config(cookie: &[u8], opts: SocketOpts) -> (PeerConfig, Vec<u8>) {
         connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_millis(500),
         sock_opts: opts,
+        thread_nice: TEST_NICE,
     };
     (cfg, cookie.to_vec())
 }

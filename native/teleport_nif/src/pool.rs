@@ -109,6 +109,7 @@ fn pool_start<'a>(
         connect_timeout: Duration::from_millis(timeouts_ms.0),
         handshake_timeout: Duration::from_millis(timeouts_ms.1),
         sock_opts: rt.sock_opts.clone(),
+        thread_nice: rt.thread_nice,
     };
     let stats = rt.peers.stats(peer.as_slice());
     let addr = SocketAddr::new(ip_addr, port);

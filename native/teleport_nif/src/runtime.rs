@@ -21,6 +21,8 @@ pub struct Runtime {
     pub peers: Arc<Peers>,
     /// The options of every socket: the listener's, and the pools' (`pool_start`).
     pub sock_opts: SocketOpts,
+    /// The nice value of teleport's threads above the VM's: the listener's, and the pools'.
+    pub thread_nice: u8,
     listener: Arc<Listener>,
 }
 
@@ -103,7 +105,8 @@ fn decode_sock_opts(opts: Term) -> NifResult<SocketOpts> {
 }
 
 /// Starts listening on `Ip:Port` (port 0: any) for node `Me`, with the socket options
-/// `SockOpts` (a map, see `teleport_config`) for the listener and every connection.
+/// `SockOpts` (a map, see `teleport_config`) for the listener and every connection, and
+/// teleport's threads `ThreadNice` below the VM's priority.
 /// `{ok, Runtime} | {error, {bad_ip, Ip} | {listen, Reason} | {socket_opt, Option, Reason}}`.
 #[rustler::nif]
 fn runtime_start<'a>(
@@ -114,6 +117,7 @@ fn runtime_start<'a>(
     max_frame_bytes: usize,
     handshake_timeout_ms: u64,
     sock_opts: Term<'a>,
+    thread_nice: u8,
 ) -> NifResult<Term<'a>> {
     let Ok(ip_addr) = ip.parse::<IpAddr>() else {
         return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
@@ -125,6 +129,7 @@ fn runtime_start<'a>(
         max_frame_bytes,
         handshake_timeout: Duration::from_millis(handshake_timeout_ms),
         sock_opts: sock_opts.clone(),
+        thread_nice,
     };
     let acceptor = Arc::new(NifAcceptor {
         peers: peers.clone(),
@@ -136,6 +141,7 @@ fn runtime_start<'a>(
                 me,
                 peers,
                 sock_opts,
+                thread_nice,
                 listener,
             });
             Ok((atoms::ok(), rt).encode(env))
