@@ -10,7 +10,7 @@
 -export([small_receiver/0, small_run/4, call_run/4, stream_receiver/2, stream_run/4]).
 -export([bulk_run/4, flood_start/3, flood_start/4, flood_stop/1, timed_receiver/0, timed_samples/1,
          seq_receiver/0, seq_report/1, seq_start/4, seq_start/5, seq_stop/1, watch_nodes/0, node_events/1]).
--export([gc_all/0, node_info/0]).
+-export([gc_all/0, node_info/0, message/1, open_pool/3]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 %%% ----------------------------------------------------------------------------------------
@@ -189,6 +189,14 @@ small_run(T, Receivers, Count, Msg) ->
     Acks = [receive {acked, S, N} -> N end || S <- Senders],
     {mono_us() - T0, Acks}.
 
+%% `{m, Bin}' of exactly `Bytes' bytes in the external format, `Bin' random.
+message(Bytes) ->
+    Overhead = byte_size(term_to_binary({m, <<>>})),
+    {m, crypto:strong_rand_bytes(Bytes - Overhead)}.
+
+%% The message is made here (`{message, Bytes}') when it is too large to pass around.
+small_sender(Parent, T, Receiver, Count, {message, Bytes}) ->
+    small_sender(Parent, T, Receiver, Count, message(Bytes));
 small_sender(Parent, T, Receiver, Count, Msg) ->
     Parent ! {ready, self()},
     receive go -> ok end,
@@ -506,6 +514,25 @@ node_events(Pid) ->
 gc_all() ->
     [erlang:garbage_collect(P) || P <- processes()],
     ok.
+
+%% @doc Opens every connection of this node's pool to `Node' (`Pool' of them) by sending
+%% from many processes (a connection is chosen by sender), to `Receiver'; returns how many
+%% are up, waiting at most 20 s for all of them.
+open_pool(Node, Receiver, Pool) ->
+    Self = self(),
+    Senders = [spawn(fun() -> ok = teleport:send(Receiver, x), Self ! {sent, self()} end)
+               || _ <- lists:seq(1, 16 * Pool)],
+    [receive {sent, S} -> ok end || S <- Senders],
+    Up = fun() -> length([C || #{state := up} = C <- maps:get(Node, teleport:info(), [])]) end,
+    Deadline = erlang:monotonic_time(millisecond) + 20000,
+    wait_up(Up, Pool, Deadline).
+
+wait_up(Up, Pool, Deadline) ->
+    N = Up(),
+    case N >= Pool orelse erlang:monotonic_time(millisecond) > Deadline of
+        true -> N;
+        false -> timer:sleep(50), wait_up(Up, Pool, Deadline)
+    end.
 
 %% @doc The node's OS pid, schedulers and teleport counters.
 node_info() ->

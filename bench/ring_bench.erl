@@ -43,6 +43,8 @@
 %% Shared with net_bench (the same benchmark over hosts in network namespaces).
 -export([run_ring/4, check_ring/3, cpu_ticks/1, machine_info/0, loadavg/0, results_dir/0,
          alternating/3]).
+%% Shared with scale_bench.
+-export([boot_peers/2, proc_status/1, step/2]).
 
 -define(MB, 1000000).
 -define(MiB, 1048576).
@@ -58,16 +60,20 @@ main(Opts) ->
     Machine = machine_info(),
     print_header(Machine, Cfg),
     Nodes = start_nodes(Cfg),
-    Results = try
+    Results0 = try
                   Ring = ring_phase(Cfg, Nodes),
                   Small = small_phase(Cfg, Nodes),
                   Calls = calls_phase(Cfg, Nodes),
+                  Sizes = sizes_phase(Cfg, Nodes),
                   Stream = stream_phase(Cfg, Nodes),
-                  #{ring => Ring, small => Small, calls => Calls, stream => Stream}
+                  #{ring => Ring, small => Small, calls => Calls, sizes => Sizes,
+                    stream => Stream}
               after
                   step("stopping the peer nodes", []),
                   stop_nodes(Nodes)
               end,
+    %% On fresh nodes of their own, once the others are gone.
+    Results = Results0#{scale => scale_bench:run(Cfg)},
     Elapsed = (now_ms() - get(t0)) / 1000,
     Machine1 = Machine#{loadavg_end => loadavg()},
     Targets = targets(Results),
@@ -109,6 +115,11 @@ config() ->
       stream_frames => env_int("STREAM_FRAMES", Q(100, 10)),
       stream_bytes => 10 * ?MiB,
       stream_rounds => env_int("STREAM_ROUNDS", Q(9, 2)),
+      sizes => [100, 1024, 16 * 1024, 64 * 1024, 256 * 1024, ?MiB, 10 * ?MiB, 100 * ?MiB],
+      %% Per size and round: about this many bytes, at least 3 and at most 50 000 messages.
+      sizes_bytes => env_int("SIZES_BYTES", Q(200 * ?MiB, 20 * ?MiB)),
+      sizes_rounds => env_int("SIZES_ROUNDS", Q(3, 1)),
+      scale_pools => Q([1, 64, 256], [1, 16]),
       %% teleport's thread_nice on every node; unset: teleport's default.
       thread_nice => env_int("THREAD_NICE", default)}.
 
@@ -140,38 +151,45 @@ ensure_loaded() ->
     end.
 
 %% Set D (disterl ring), set T (teleport ring), and the pair S (pool_size = 1).
-start_nodes(#{ring_nodes := N, thread_nice := Nice}) ->
+start_nodes(#{ring_nodes := N} = Cfg) ->
     step("starting ~b peer nodes (2 ring sets of ~b, 1 pair with pool_size = 1)",
          [2 * N + 2, N]),
     Specs = [{d, I, []} || I <- lists:seq(1, N)] ++ [{t, I, []} || I <- lists:seq(1, N)]
         ++ [{s, I, [{pool_size, 1}]} || I <- [1, 2]],
-    Common = case Nice of
-                 default -> [];
-                 _ -> [{thread_nice, Nice}]
-             end,
-    Cookie = atom_to_list(erlang:get_cookie()),
-    %% connect_all false: the sets stay apart (no global mesh of all 14 nodes).
-    Args = ["-setcookie", Cookie, "-connect_all", "false", "-pa" | code:get_path()],
-    Parent = self(),
-    Pids = [spawn(fun() ->
-                          Name = list_to_atom(lists:concat(["rb", os:getpid(), "_", Set, I])),
-                          Parent ! {booted, self(), peer:start(#{name => Name, args => Args})}
-                  end) || {Set, I, _} <- Specs],
-    Booted = [receive {booted, P, R} -> R after 120000 -> error(peer_boot_timeout) end
-              || P <- Pids],
-    All = [begin
-               {ok, Peer, Node} = R,
-               [ok = erpc:call(Node, application, set_env, [teleport, K, V])
-                || {K, V} <- Common ++ Env],
-               ok = erpc:call(Node, teleport, start, []),
-               #{os_pid := OsPid} = erpc:call(Node, bench_agent, node_info, []),
-               {Set, #{peer => Peer, node => Node, os_pid => OsPid, index => I}}
-           end || {{Set, I, Env}, R} <- lists:zip(Specs, Booted)],
+    Booted = boot_peers(Cfg, [{lists:concat(["rb", os:getpid(), "_", Set, I]), Env}
+                              || {Set, I, Env} <- Specs]),
+    All = [{Set, M#{index => I}} || {{Set, I, _}, M} <- lists:zip(Specs, Booted)],
     Nodes = #{d => [M || {d, M} <- All], t => [M || {t, M} <- All],
               s => [M || {s, M} <- All]},
     step("nodes up: ~s", [string:join([atom_to_list(maps:get(node, M))
                                        || {_, M} <- All], ", ")]),
     Nodes.
+
+%% Boots peer nodes of this machine at once, each running teleport with the benchmark's
+%% common environment (THREAD_NICE) and its own: [{Name, Env}] -> [#{peer, node, os_pid}],
+%% in the same order. connect_all is false: the sets stay apart (no global mesh).
+boot_peers(#{thread_nice := Nice}, Specs) ->
+    Common = case Nice of
+                 default -> [];
+                 _ -> [{thread_nice, Nice}]
+             end,
+    Cookie = atom_to_list(erlang:get_cookie()),
+    Args = ["-setcookie", Cookie, "-connect_all", "false", "-pa" | code:get_path()],
+    Parent = self(),
+    Pids = [spawn(fun() ->
+                          Parent ! {booted, self(), peer:start(#{name => list_to_atom(Name),
+                                                                 args => Args})}
+                  end) || {Name, _} <- Specs],
+    Booted = [receive {booted, P, R} -> R after 120000 -> error(peer_boot_timeout) end
+              || P <- Pids],
+    [begin
+         {ok, Peer, Node} = R,
+         [ok = erpc:call(Node, application, set_env, [teleport, K, V])
+          || {K, V} <- Common ++ Env],
+         ok = erpc:call(Node, teleport, start, []),
+         #{os_pid := OsPid} = erpc:call(Node, bench_agent, node_info, []),
+         #{peer => Peer, node => Node, os_pid => OsPid}
+     end || {{_, Env}, R} <- lists:zip(Specs, Booted)].
 
 stop_nodes(Nodes) ->
     [catch peer:stop(P) || {_, Ms} <- maps:to_list(Nodes), #{peer := P} <- Ms],
@@ -424,8 +442,34 @@ small_phase(Cfg, #{t := [#{node := A}, #{node := B} | _]}) ->
 
 %% `{m, Bin}' of exactly `Bytes' bytes in the external format.
 small_msg(Bytes) ->
-    Overhead = byte_size(term_to_binary({m, <<>>})),
-    {m, crypto:strong_rand_bytes(Bytes - Overhead)}.
+    bench_agent:message(Bytes).
+
+%%% ----------------------------------------------------------------------------------------
+%%% One sender, one receiver, message sizes from 100 B to 100 MB
+
+sizes_phase(Cfg, #{t := [#{node := A}, #{node := B} | _]}) ->
+    #{sizes := Sizes, sizes_bytes := Budget, sizes_rounds := Rounds,
+      warmup_rounds := Warmup} = Cfg,
+    step("sizes: one sender on ~s, one receiver on ~s, about ~s per size and round",
+         [A, B, bench_report:fmt_mb(Budget)]),
+    Receiver = erpc:call(B, bench_agent, small_receiver, []),
+    Results = [{Size, size_rounds(A, Receiver, Size, Budget, Rounds, Warmup)} || Size <- Sizes],
+    Receiver ! stop,
+    #{by_size => Results}.
+
+size_rounds(A, Receiver, Size, Budget, Rounds, Warmup) ->
+    Count = max(3, min(50000, Budget div Size)),
+    Run = fun(T, Label) ->
+                  erpc:call(A, bench_agent, gc_all, []),
+                  {Us, Acks} = erpc:call(A, bench_agent, small_run,
+                                         [T, [Receiver], Count, {message, Size}], 300000),
+                  [erlang:error({sizes_lost_messages, T, Size, Acks}) || N <- Acks, N =/= Count],
+                  MBps = Count * Size / Us,
+                  step("sizes ~s ~s ~-8s ~b msgs, ~s MB/s",
+                       [size_label(Size), Label, T, Count, bench_report:fmt_float(MBps, 1)]),
+                  #{transport => T, mb_per_s => MBps, count => Count, elapsed_us => Us}
+          end,
+    alternating(Run, Warmup, Rounds).
 
 %%% ----------------------------------------------------------------------------------------
 %%% Calls
@@ -464,8 +508,8 @@ calls_size(A, B, Servers, Size, Ms, Rounds, Warmup) ->
                              || R <- lists:seq(1, Rounds)]),
     Measured.
 
-size_label(1024) -> "1 KB";
-size_label(?MiB) -> "1 MB";
+size_label(N) when N >= ?MiB, N rem ?MiB =:= 0 -> integer_to_list(N div ?MiB) ++ " MB";
+size_label(N) when N >= 1024, N rem 1024 =:= 0 -> integer_to_list(N div 1024) ++ " KB";
 size_label(N) -> integer_to_list(N) ++ " B".
 
 %%% ----------------------------------------------------------------------------------------
@@ -527,9 +571,11 @@ loopback_bin() ->
 %%% ----------------------------------------------------------------------------------------
 %%% Targets
 
-targets(#{ring := Ring, small := Small, stream := Stream}) ->
-    RingMed = fun(T) -> bench_report:median([S || #{transport := T1, wall_s := S} <- maps:get(rounds, Ring), T1 =:= T]) end,
-    SmallMed = fun(T) -> bench_report:median([R || #{transport := T1, msgs_per_s := R} <- maps:get(rounds, Small), T1 =:= T]) end,
+%% The targets of the small-message issue (README, Benchmark), as same-run ratios.
+targets(#{ring := Ring, small := Small, calls := Calls, sizes := Sizes, stream := Stream,
+          scale := Scale}) ->
+    Med = fun(Rounds, K, T) -> bench_report:median([maps:get(K, R) || #{transport := T1} = R <- Rounds, T1 =:= T]) end,
+    Ratio = fun(Rounds, K) -> Med(Rounds, K, teleport) / Med(Rounds, K, disterl) end,
     StreamMed = fun(T) -> case [G || #{transport := T1, gb_per_s := G} <- maps:get(rounds, Stream), T1 =:= T] of
                               [] -> undefined;
                               Gs -> bench_report:median(Gs)
@@ -539,24 +585,42 @@ targets(#{ring := Ring, small := Small, stream := Stream}) ->
     P99 = fun(C) -> maps:get(p99, maps:get(latency_us, maps:get(C, Ping)), 0) end,
     Rss = maps:get(rss, Ring),
     Hwm = fun(T) -> maps:get(vmhwm_max, maps:get(T, Rss)) end,
-    RingRatio = RingMed(teleport) / RingMed(disterl),
-    SmallRatio = SmallMed(teleport) / SmallMed(disterl),
-    PingRatio = P99(bulk_on_teleport) / max(1, P99(idle_set_t)),
+    RingRatio = Ratio(maps:get(rounds, Ring), wall_s),
+    SmallRatio = Ratio(maps:get(rounds, Small), msgs_per_s),
+    CallRatio = fun(Size) -> Ratio(proplists:get_value(Size, maps:get(by_size, Calls)), calls_per_s) end,
+    PingRatio = P99(bulk_on_teleport) / max(1, P99(bulk_on_disterl)),
+    {WorstSize, WorstRatio} =
+        lists:foldl(fun({Size, SzR}, {_, Worst} = Acc) ->
+                            case Ratio(SzR, mb_per_s) of
+                                R when Worst =:= undefined; R < Worst -> {Size, R};
+                                _ -> Acc
+                            end
+                    end, {none, undefined}, maps:get(by_size, Sizes)),
     Share = case StreamMed(raw) of
                 undefined -> undefined;
                 Raw -> StreamMed(teleport) / Raw
             end,
     RssRatio = Hwm(teleport) / Hwm(disterl),
-    [#{name => "ring: teleport median <= 0.55 x disterl", value => RingRatio, unit => "x",
-       pass => RingRatio =< 0.55},
-     #{name => "small msgs: teleport >= 1.2 x disterl msgs/s", value => SmallRatio, unit => "x",
-       pass => SmallRatio >= 1.2},
-     #{name => "ping p99, bulk on teleport <= 2 x idle", value => PingRatio, unit => "x",
-       pass => PingRatio =< 2.0},
-     #{name => "1 connection >= 80% of raw loopback", value => Share, unit => "",
-       pass => Share =/= undefined andalso Share >= 0.8},
-     #{name => "peak RSS (max node VmHWM) <= disterl", value => RssRatio, unit => "x",
-       pass => RssRatio =< 1.0}].
+    Threads = scale_bench:threads_added(Scale, 256),
+    ThreadCap = 2 * erlang:system_info(schedulers_online) + 4,
+    [#{name => "ring: teleport median <= 0.54 x disterl", value => RingRatio, unit => "x",
+       pass => RingRatio =< 0.54},
+     #{name => "small msgs, 8 pairs: >= 1.5 x disterl msgs/s", value => SmallRatio, unit => "x",
+       pass => SmallRatio >= 1.5},
+     #{name => "gs_call 1 KB replies >= 1.0 x gen_server:call", value => CallRatio(1024),
+       unit => "x", pass => CallRatio(1024) >= 1.0},
+     #{name => "gs_call 1 MB replies >= 1.5 x gen_server:call", value => CallRatio(?MiB),
+       unit => "x", pass => CallRatio(?MiB) >= 1.5},
+     #{name => "one sender, every size >= 1.0 x (worst: " ++ size_label(WorstSize) ++ ")",
+       value => WorstRatio, unit => "x", pass => WorstRatio >= 1.0},
+     #{name => "ping p99, bulk on teleport <= 0.25 x on disterl", value => PingRatio, unit => "x",
+       pass => PingRatio =< 0.25},
+     #{name => "1 connection >= 85% of raw loopback", value => Share, unit => "",
+       pass => Share =/= undefined andalso Share >= 0.85},
+     #{name => "peak RSS (max node VmHWM) <= 0.82 x disterl", value => RssRatio, unit => "x",
+       pass => RssRatio =< 0.82},
+     #{name => "threads added, 256 connections <= " ++ integer_to_list(ThreadCap),
+       value => Threads, unit => "", pass => Threads =/= undefined andalso Threads =< ThreadCap}].
 
 %%% ----------------------------------------------------------------------------------------
 %%% Printing
@@ -577,7 +641,8 @@ print_header(M, Cfg) ->
 step(Fmt, Args) ->
     io:format("[~6.1f s] " ++ Fmt ++ "~n", [(now_ms() - get(t0)) / 1000 | Args]).
 
-print_summary(Cfg, #{ring := Ring, small := Small, calls := Calls, stream := Stream}, Targets) ->
+print_summary(Cfg, #{ring := Ring, small := Small, calls := Calls, sizes := Sizes,
+                     stream := Stream} = Results, Targets) ->
     Med = fun(Rounds, T, K) -> bench_report:median([maps:get(K, R) || #{transport := T1} = R <- Rounds, T1 =:= T]) end,
     Line = fun() -> io:format("  ~s~n", [lists:duplicate(96, $-)]) end,
     io:format("~n======================================== summary ========================================~n"),
@@ -630,6 +695,16 @@ print_summary(Cfg, #{ring := Ring, small := Small, calls := Calls, stream := Str
          io:format("  ~-5s ratio    ~12s~n", [size_label(Size),
                                             bench_report:fmt_ratio(Med(CR, teleport, calls_per_s) / Med(CR, disterl, calls_per_s))])
      end || Size <- maps:get(call_sizes, Cfg)],
+    %% Sizes
+    io:format("~none sender to one receiver by message size, MB/s (1e6 bytes)~n"),
+    Line(),
+    io:format("  ~-7s ~8s ~10s ~10s ~8s~n", ["size", "msgs", "disterl", "teleport", "ratio"]),
+    [io:format("  ~-7s ~8b ~10s ~10s ~8s~n",
+               [size_label(Size), maps:get(count, hd(SzR)),
+                bench_report:fmt_float(Med(SzR, disterl, mb_per_s), 1),
+                bench_report:fmt_float(Med(SzR, teleport, mb_per_s), 1),
+                bench_report:fmt_ratio(Med(SzR, teleport, mb_per_s) / Med(SzR, disterl, mb_per_s))])
+     || {Size, SzR} <- maps:get(by_size, Sizes)],
     %% Ping
     io:format("~ndisterl latency: gen_server:call every 10 ms between two ring nodes~n"),
     Line(),
@@ -677,6 +752,7 @@ print_summary(Cfg, #{ring := Ring, small := Small, calls := Calls, stream := Str
     io:format("  per node VmHWM: ~s~n",
               [string:join([io_lib:format("~s ~s", [T, string:join([bench_report:fmt_float(H / ?MB, 0) || #{vmhwm := H} <- maps:get(per_node, maps:get(T, Rss))], "/")])
                             || T <- [disterl, teleport]], "; ") ++ " (MB)"]),
+    ok = scale_bench:print(maps:get(scale, Results)),
     %% Targets
     io:format("~ntargets:~n"),
     [io:format("  ~-48s ~10s  ~s~n",
@@ -694,7 +770,8 @@ fmt3(S) -> bench_report:fmt_float(S, 3).
 %%% ----------------------------------------------------------------------------------------
 %%% JSON and SVG
 
-to_json(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, stream := Stream},
+to_json(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, sizes := Sizes,
+                        stream := Stream} = Results,
         Targets, Elapsed) ->
     Over = fun(Rounds, K, T) -> [maps:get(K, R) || #{transport := T1} = R <- Rounds, T1 =:= T] end,
     Dist = fun(Vs) -> bench_report:stats(Vs) end,
@@ -740,6 +817,17 @@ to_json(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, stream := 
                                                   || T <- [disterl, teleport]]),
                     ratio_teleport_over_disterl => Med(teleport) / Med(disterl)}
               end || Size <- maps:get(call_sizes, Cfg)],
+    SizesJ = #{id => one_sender_by_size,
+               description => "one sender process to one receiver process, the same two nodes "
+                              "for both transports; MB/s = 1e6 bytes per second",
+               by_size => [begin
+                               Med = fun(T) -> bench_report:median(Over(SzR, mb_per_s, T)) end,
+                               #{message_bytes => Size, messages => maps:get(count, hd(SzR)),
+                                 mb_per_s => maps:from_list([{T, #{median => Med(T),
+                                                                   rounds => Over(SzR, mb_per_s, T)}}
+                                                             || T <- [disterl, teleport]]),
+                                 ratio_teleport_over_disterl => Med(teleport) / Med(disterl)}
+                           end || {Size, SzR} <- maps:get(by_size, Sizes)]},
     PingJ = #{id => disterl_latency, interval_ms => maps:get(ping_interval_ms, Cfg),
               description => "gen_server:call over disterl from node 1 to node 2 of a ring set, "
                              "one every interval_ms, each from a fresh process (open loop); "
@@ -762,14 +850,16 @@ to_json(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, stream := 
     RssJ = maps:put(id, peak_rss, maps:get(rss, Ring)),
     {obj, [{benchmark, "teleport_transport"},
            {machine, Machine},
-           {config, maps:remove(call_sizes, Cfg)},
+           {config, maps:without([call_sizes, sizes], Cfg)},
            {warmup, "one round per transport per scenario before the measured rounds, excluded; "
                     "the rings are primed with a tiny message first"},
-           {scenarios, [RingJ, SmallJ | CallsJ] ++ [PingJ, StreamJ, RssJ]},
+           {scenarios, [RingJ, SmallJ | CallsJ] ++ [SizesJ, PingJ, StreamJ, RssJ,
+                                                     scale_bench:json(maps:get(scale, Results))]},
            {targets, [maps:remove(unit, T) || T <- Targets]},
            {total_run_time_s, Elapsed}]}.
 
-chart(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, stream := Stream}) ->
+chart(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, sizes := Sizes,
+                      stream := Stream}) ->
     Over = fun(Rounds, K, T) -> [maps:get(K, R) || #{transport := T1} = R <- Rounds, T1 =:= T] end,
     Bar = fun(Label, Series, Vs) ->
                   #{label => Label, series => Series, value => bench_report:median(Vs),
@@ -796,6 +886,17 @@ chart(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, stream := St
                     unit => "calls/s", caption => RoundsCap,
                     bars => Two(proplists:get_value(Size, maps:get(by_size, Calls)), calls_per_s)}
                   || Size <- maps:get(call_sizes, Cfg)],
+    SizeRatio = fun(SzR) ->
+                        Med = fun(T) -> bench_report:median(Over(SzR, mb_per_s, T)) end,
+                        Med(teleport) / Med(disterl)
+                end,
+    SizesPanel = #{title => "One sender: teleport / disterl throughput by size", unit => "ratio",
+                   caption => "bar: ratio of the medians; 1.0 is disterl's throughput",
+                   bars => [begin
+                                R = SizeRatio(SzR),
+                                #{label => size_label(Size), series => teleport, value => R,
+                                  lo => R, hi => R}
+                            end || {Size, SzR} <- maps:get(by_size, Sizes)]},
     Ping = maps:get(ping, Ring),
     PingBar = fun(Label, Series, C) ->
                       L = maps:get(latency_us, proplists:get_value(C, Ping)),
@@ -825,7 +926,8 @@ chart(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, stream := St
                         [maps:get(timestamp, Machine), maps:get(otp_release, Machine),
                          maps:get(rustc, Machine), maps:get(cores, Machine),
                          maps:get(loadavg_start, Machine), maps:get(loadavg_end, Machine)]),
-    bench_report:svg(Title, Sub, RingPanels ++ [SmallPanel | CallPanels] ++ [PingPanel, StreamPanel, RssPanel]).
+    bench_report:svg(Title, Sub, RingPanels ++ [SmallPanel | CallPanels]
+                     ++ [SizesPanel, PingPanel, StreamPanel, RssPanel]).
 
 %%% ----------------------------------------------------------------------------------------
 %%% Machine information

@@ -68,7 +68,7 @@ defaults() ->
       %% teleport's OS threads run this much below the VM's schedulers (a nice value), so
       %% that with the CPU short the schedulers win and disterl's own small traffic is served;
       %% with the CPU free it costs nothing (README, Configuration, has the measurement).
-      thread_nice => 5,
+      thread_nice => 10,
       %% Buffers are left to the kernel's autotuning: fixed sizes measured no faster on
       %% one stream and slower with 256 KB (README, Configuration).
       socket_opts => socket_opts(#{})}.

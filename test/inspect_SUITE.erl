@@ -260,7 +260,7 @@ peers() ->
     end.
 
 %% teleport's threads (writers, readers, the acceptor) run `thread_nice' below the VM's
-%% schedulers: 7 as configured on one node, the default (5) on the other, after a call has
+%% schedulers: 7 as configured on one node, the default (10) on the other, after a call has
 %% used both directions. (A reader, started by the acceptor, once ran at twice the value.)
 threads_run_below_the_schedulers(_Config) ->
     {PeerA, _} = start_peer(#{thread_nice => 7}),
@@ -268,7 +268,7 @@ threads_run_below_the_schedulers(_Config) ->
     true = peer:call(PeerA, net_kernel, connect_node, [NodeB]),
     ?assertEqual(0, peer:call(PeerA, teleport, gs_call, [{teleport_calls, NodeB}, pending, 5000],
                               10000)),
-    ?assertEqual(5, maps:get(thread_nice, teleport_config:defaults())),
+    ?assertEqual(10, maps:get(thread_nice, teleport_config:defaults())),
     [begin
          Threads = os_threads(peer:call(Peer, os, getpid, [])),
          ct:pal("threads (name, nice) of a node with thread_nice ~b: ~p", [Nice, Threads]),
@@ -281,7 +281,7 @@ threads_run_below_the_schedulers(_Config) ->
          ?assertEqual([0], Schedulers),
          ?assertEqual([{"teleport_acc", Nice}, {"teleport_rea", Nice}, {"teleport_wri", Nice}],
                       Teleport)
-     end || {Peer, Nice} <- [{PeerA, 7}, {PeerB, 5}]].
+     end || {Peer, Nice} <- [{PeerA, 7}, {PeerB, 10}]].
 
 %% The {Name, Nice} of every thread of OS process OsPid (Linux /proc).
 os_threads(OsPid) ->
