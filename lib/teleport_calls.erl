@@ -54,10 +54,15 @@ init([]) ->
 %% @private
 -spec handle_call(term(), gen_server:from(), #state{}) ->
           {reply, non_neg_integer() | {error, unknown_request}, #state{}}.
-handle_call(pending, _From, State = #state{calls = Calls}) ->
-    {reply, length([C || C = #call{} <- maps:values(Calls)]), State};
-handle_call(_Request, _From, State) ->
-    {reply, {error, unknown_request}, State}.
+handle_call(Request, _From, State) ->
+    {reply, own_reply(Request, State), State}.
+
+%% What this process answers to a call, local or (see start_to/4) over teleport.
+-spec own_reply(term(), #state{}) -> non_neg_integer() | {error, unknown_request}.
+own_reply(pending, #state{calls = Calls}) ->
+    length([C || C = #call{} <- maps:values(Calls)]);
+own_reply(_Request, _State) ->
+    {error, unknown_request}.
 
 %% @private
 -spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
@@ -112,13 +117,14 @@ start_to(undefined, _Request, Call, State) ->
     State;
 start_to(Me, Request, Call, State) when Me =:= self() ->
     %% A call to this very process: a process cannot monitor itself (nor get an alias that
-    %% way), so it is answered here, as handle_call/3 answers it.
-    {reply, Reply, State1} = handle_call(Request, {self(), self_call}, State),
-    answer(Call, {reply, Reply}),
-    State1;
+    %% way), so it is answered here, as a local call would be.
+    answer(Call, {reply, own_reply(Request, State)}),
+    State;
 start_to(Pid, Request, Call, State) ->
     send_request(Pid, Request, Call, State).
 
+%% The tag `[alias | Mref]' is the improper list gen_server:call/3 itself sends.
+-dialyzer({no_improper_lists, send_request/4}).
 -spec send_request(pid(), term(), #call{}, #state{}) -> #state{}.
 send_request(Pid, Request, Call, State = #state{calls = Calls}) ->
     Mref = erlang:monitor(process, Pid, [{alias, demonitor}]),

@@ -5,7 +5,7 @@
 
 -export([codec_encode/1, codec_encode_dirty/1, codec_decode/2, codec_decode_dirty/2,
          log_set_level/1, log_emit_test/2]).
--export([runtime_start/7, runtime_set_name/2, runtime_stop/1, runtime_port/1, runtime_allow/3,
+-export([runtime_start/5, runtime_set_name/2, runtime_stop/1, runtime_port/1, runtime_allow/3,
          runtime_forbid/2, runtime_stats/1, runtime_info/1]).
 -export([pool_start/8, pool_send/4, pool_send_dirty/4, pool_send_many/3, pool_send_many_dirty/3,
          pool_retarget/4, pool_limit_frames/2, pool_close/1, pool_info/1]).
@@ -65,15 +65,17 @@ codec_decode_dirty(_Bin, _Safe) -> ?NOT_LOADED.
 
 %% @doc Listens on `Ip:Port' for node `Me' (`Ip' as text, port 0 for any). `SockOpts' are
 %% the socket options of the listener and of every connection, incoming and outgoing: the
-%% map {@link teleport_config:nif_socket_opts/1} makes. An option the kernel refuses on the
-%% listening socket is `{socket_opt, Option, Reason}'. `ThreadNice' is how much lower than
-%% the VM's the OS priority of teleport's threads is (`thread_nice' in teleport_config).
--spec runtime_start(binary(), binary(), inet:port_number(), pos_integer(), pos_integer(),
-                    #{atom() => integer() | boolean() | binary()}, 0..19) ->
+%% map {@link teleport_config:nif_socket_opts/1} makes. `Limits': the largest frame read, the
+%% bound on an incoming handshake (ms), and how much lower than the VM's the OS priority of
+%% teleport's threads is (`thread_nice' in teleport_config). An option the kernel refuses on
+%% the listening socket is `{socket_opt, Option, Reason}'.
+-spec runtime_start(binary(), binary(), inet:port_number(),
+                    #{atom() => integer() | boolean() | binary()},
+                    #{max_frame_bytes := pos_integer(), handshake_timeout := pos_integer(),
+                      thread_nice := 0..19}) ->
           {ok, runtime()} |
           {error, {bad_ip, binary()} | {listen, binary()} | {socket_opt, atom(), binary()}}.
-runtime_start(_Me, _Ip, _Port, _MaxFrameBytes, _HandshakeTimeoutMs, _SockOpts, _ThreadNice) ->
-    ?NOT_LOADED.
+runtime_start(_Me, _Ip, _Port, _SockOpts, _Limits) -> ?NOT_LOADED.
 
 %% @doc Sets this node's name, as handshakes state it from now on.
 -spec runtime_set_name(runtime(), binary()) -> ok.

@@ -172,8 +172,10 @@ start_runtime(Config) ->
       handshake_timeout := HandshakeTimeout, socket_opts := SockOpts,
       thread_nice := ThreadNice} = Config,
     Me = atom_to_binary(node(), utf8),
-    case teleport_nif:runtime_start(Me, ip_text(Ip), Port, MaxFrame, HandshakeTimeout,
-                                    nif_socket_opts(SockOpts), ThreadNice) of
+    Limits = #{max_frame_bytes => MaxFrame, handshake_timeout => HandshakeTimeout,
+               thread_nice => ThreadNice},
+    case teleport_nif:runtime_start(Me, ip_text(Ip), Port, nif_socket_opts(SockOpts),
+                                    Limits) of
         {ok, Rt} ->
             ok = teleport_pools:new(),
             persistent_term:put({?MODULE, runtime}, Rt),

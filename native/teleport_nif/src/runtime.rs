@@ -104,9 +104,20 @@ fn decode_sock_opts(opts: Term) -> NifResult<SocketOpts> {
     })
 }
 
+/// The limits of `runtime_start`, a map from `teleport_server`.
+#[derive(rustler::NifMap)]
+struct RuntimeLimits {
+    /// Frames longer than this close their connection.
+    max_frame_bytes: usize,
+    /// Bound on an incoming connection's handshake, milliseconds.
+    handshake_timeout: u64,
+    /// How much lower than the VM's the priority of teleport's threads is.
+    thread_nice: u8,
+}
+
 /// Starts listening on `Ip:Port` (port 0: any) for node `Me`, with the socket options
-/// `SockOpts` (a map, see `teleport_config`) for the listener and every connection, and
-/// teleport's threads `ThreadNice` below the VM's priority.
+/// `SockOpts` (a map, see `teleport_config`) for the listener and every connection, and the
+/// `Limits` (`max_frame_bytes`, `handshake_timeout` in ms, `thread_nice`).
 /// `{ok, Runtime} | {error, {bad_ip, Ip} | {listen, Reason} | {socket_opt, Option, Reason}}`.
 #[rustler::nif]
 fn runtime_start<'a>(
@@ -114,11 +125,14 @@ fn runtime_start<'a>(
     me: Binary<'a>,
     ip: String,
     port: u16,
-    max_frame_bytes: usize,
-    handshake_timeout_ms: u64,
     sock_opts: Term<'a>,
-    thread_nice: u8,
+    limits: RuntimeLimits,
 ) -> NifResult<Term<'a>> {
+    let RuntimeLimits {
+        max_frame_bytes,
+        handshake_timeout,
+        thread_nice,
+    } = limits;
     let Ok(ip_addr) = ip.parse::<IpAddr>() else {
         return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
     };
@@ -127,7 +141,7 @@ fn runtime_start<'a>(
     let me = Arc::new(Mutex::new(me.as_slice().to_vec()));
     let cfg = ListenConfig {
         max_frame_bytes,
-        handshake_timeout: Duration::from_millis(handshake_timeout_ms),
+        handshake_timeout: Duration::from_millis(handshake_timeout),
         sock_opts: sock_opts.clone(),
         thread_nice,
     };
