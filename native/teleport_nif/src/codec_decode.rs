@@ -373,6 +373,9 @@ impl Source {
 /// The VM's own decoder on the whole input: `None` where `binary_to_term/1` raises `badarg`
 /// or, for [`Source::Api`], where [`check_for_vm`] finds a malformed fun, which the VM must
 /// not see.
+///
+/// # Safety
+/// `env` must be a live env (process-bound or not) of the calling thread.
 unsafe fn vm_decode(env: *mut ErlNifEnv, input: &[u8], source: Source) -> Option<ErlNifTerm> {
     if source != Source::Peer {
         check_for_vm(input).ok()?;
@@ -423,6 +426,10 @@ pub fn needs_dirty(input: &[u8]) -> bool {
 }
 
 /// [`decode`] of a plain (not compressed) term.
+///
+/// # Safety
+/// As for [`decode`]: `env` must be live and `input_term`, if given, a binary of `env`
+/// holding `input`.
 unsafe fn decode_plain(
     env: *mut ErlNifEnv,
     input_term: Option<ErlNifTerm>,

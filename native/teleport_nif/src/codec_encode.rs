@@ -246,6 +246,9 @@ impl Walk<'_> {
         };
     }
 
+    /// # Safety
+    /// `term` must be a term of `self.env`, which stays live for the whole walk (the env of the
+    /// NIF call it runs in).
     unsafe fn run(&mut self, term: ErlNifTerm) -> Result<(), OverBudget> {
         let mut t = term;
         loop {
@@ -268,6 +271,9 @@ impl Walk<'_> {
 
     /// Writes `t`, or its header when it is a non-empty container: then a frame is pushed and
     /// its first element returned.
+    ///
+    /// # Safety
+    /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     #[inline(always)]
     unsafe fn one(&mut self, t: ErlNifTerm) -> Result<Option<ErlNifTerm>, OverBudget> {
         use ErlNifTermType::*;
@@ -303,6 +309,9 @@ impl Walk<'_> {
     }
 
     /// The terms the bit tests do not classify (all of them when they are off).
+    ///
+    /// # Safety
+    /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     #[inline(never)]
     unsafe fn boxed(
         &mut self,
@@ -394,6 +403,9 @@ impl Walk<'_> {
     }
 
     /// A pid, port or reference: the VM's own encoding, written once per walk.
+    ///
+    /// # Safety
+    /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     unsafe fn opaque(&mut self, t: ErlNifTerm) {
         let x = word(t);
         let slot = (x >> 4) % OPAQUE_SLOTS;
@@ -414,6 +426,9 @@ impl Walk<'_> {
 
     /// A term the VM encodes and whose size is not known before: on a normal scheduler it
     /// moves the whole encode to a dirty one, unless the caller knows it is `small`.
+    ///
+    /// # Safety
+    /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     unsafe fn unknown_size(&mut self, t: ErlNifTerm, small: bool) -> Result<(), OverBudget> {
         if self.limit != usize::MAX && !small {
             return Err(OverBudget);
@@ -424,6 +439,8 @@ impl Walk<'_> {
         Ok(())
     }
 
+    /// # Safety
+    /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     #[inline(always)]
     unsafe fn atom(&mut self, t: ErlNifTerm) {
         let x = word(t);
@@ -442,6 +459,8 @@ impl Walk<'_> {
         }
     }
 
+    /// # Safety
+    /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     #[inline(always)]
     unsafe fn is_nil(&self, t: ErlNifTerm) -> bool {
         if self.fast {
@@ -453,6 +472,9 @@ impl Walk<'_> {
 
     /// A non-empty list: `STRING_EXT` if it is a proper list of at most 65535 bytes, else
     /// the header of a `LIST_EXT` (with the leading bytes already written) and its frame.
+    ///
+    /// # Safety
+    /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     unsafe fn list(&mut self, t: ErlNifTerm) -> Result<Option<ErlNifTerm>, OverBudget> {
         let env = self.env;
         let bytes = &mut self.s.bytes;
@@ -505,6 +527,8 @@ impl Walk<'_> {
         Ok(self.next())
     }
 
+    /// # Safety
+    /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     unsafe fn map(&mut self, t: ErlNifTerm) -> Result<Option<ErlNifTerm>, OverBudget> {
         let env = self.env;
         let mut size = 0;
@@ -552,6 +576,9 @@ impl Walk<'_> {
 
     /// The next term to write: the next element of the innermost open container, closing
     /// the containers that are done. `None` when the whole term is written.
+    ///
+    /// # Safety
+    /// The open containers' terms must be terms of `self.env`, live for the whole walk.
     #[inline(always)]
     unsafe fn next(&mut self) -> Option<ErlNifTerm> {
         loop {
@@ -608,6 +635,9 @@ impl Walk<'_> {
     /// term wastes little before it moves to a dirty scheduler. (A term that would just fit
     /// may move too: that costs a dirty scheduler's few microseconds, and proving that it
     /// fits could cost as much as encoding it.)
+    ///
+    /// # Safety
+    /// The open containers' terms must be terms of `self.env`, live for the whole walk.
     #[cold]
     unsafe fn checkpoint(&mut self) -> Result<(), OverBudget> {
         if self.work > self.limit {
@@ -653,6 +683,9 @@ impl Walk<'_> {
 }
 
 /// The number of list cells in `list`, counting no further than `cap`.
+///
+/// # Safety
+/// `env` must be live and `list` a term of it.
 unsafe fn count_cells(env: *mut ErlNifEnv, list: ErlNifTerm, cap: usize) -> usize {
     let (mut head, mut tail) = (ErlNifTerm::default(), ErlNifTerm::default());
     let mut cur = list;
@@ -666,6 +699,9 @@ unsafe fn count_cells(env: *mut ErlNifEnv, list: ErlNifTerm, cap: usize) -> usiz
 
 /// Whether the bignum `t` has at most [`NORMAL_MAX_BIGNUM_BYTES`] bytes of digits: compared
 /// with ±256^N, which the VM does in constant time when the sizes differ.
+///
+/// # Safety
+/// `t` must be a live integer term (a bignum).
 unsafe fn small_bignum(t: ErlNifTerm) -> bool {
     struct Bounds {
         high: ErlNifTerm,
@@ -701,6 +737,9 @@ unsafe fn small_bignum(t: ErlNifTerm) -> bool {
 }
 
 /// Writes a Latin-1 atom directly; any other atom goes through the VM's encoder.
+///
+/// # Safety
+/// `env` must be live and `t` an atom of it.
 pub unsafe fn write_atom(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
     let mut buf = [0u8; 256];
     let n = enif_get_atom(
@@ -718,6 +757,9 @@ pub unsafe fn write_atom(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
 }
 
 /// Writes `t` as the VM encodes it (its `term_to_binary` without the version byte).
+///
+/// # Safety
+/// `env` must be live and `t` a term of it.
 pub unsafe fn fallback(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
     let mut bin = MaybeUninit::<ErlNifBinary>::uninit();
     if enif_term_to_binary(env, t, bin.as_mut_ptr()) == 0 {

@@ -56,6 +56,9 @@ impl Deliver {
     }
 
     /// The local pid a frame is for, or `None` if there is no such process.
+    ///
+    /// # Safety
+    /// `self.env` must be live: it is, for the life of `self`.
     unsafe fn resolve(&self, kind: Kind, dest: &[u8]) -> Result<Option<ErlNifPid>, String> {
         frame::check_dest(kind, dest).map_err(|e| e.to_string())?;
         let mut pid = MaybeUninit::<ErlNifPid>::uninit();
@@ -85,6 +88,9 @@ impl Deliver {
     }
 
     /// Decodes and sends one frame; `whole` is the frame's binary when it has one.
+    ///
+    /// # Safety
+    /// `whole`, if given, must be a binary of `self.env` whose bytes hold `body`.
     unsafe fn deliver(&mut self, body: &[u8], whole: Option<ErlNifTerm>) -> Result<(), String> {
         let f = frame::parse(body).map_err(|e| e.to_string())?;
         let result = self.deliver_parsed(&f, body, whole);
@@ -92,6 +98,9 @@ impl Deliver {
         result
     }
 
+    /// # Safety
+    /// `whole`, if given, must be a binary of `self.env` whose bytes hold `body`, and `f` must
+    /// be parsed from `body`.
     unsafe fn deliver_parsed(
         &mut self,
         f: &frame::Frame<'_>,

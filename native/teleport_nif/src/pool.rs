@@ -50,6 +50,9 @@ unsafe impl Sync for Kept {}
 
 impl Kept {
     /// Copies the (refc) binary terms into a private env: a reference count each, no data.
+    ///
+    /// # Safety
+    /// Every term of `shared` must be a live binary term of the calling NIF's env.
     unsafe fn new(shared: &[ErlNifTerm]) -> Kept {
         let env = enif_alloc_env();
         let parts = shared
@@ -240,6 +243,9 @@ fn pool_send_dirty<'a>(
 }
 
 /// Encodes the frame and hands it to the connection of this (sender, destination) pair.
+///
+/// # Safety
+/// `env` must be the env of the calling NIF, and the terms its terms.
 unsafe fn send(
     env: Env,
     pool: &PoolRes,
@@ -269,6 +275,9 @@ fn enqueue(pool: &PoolRes, hash: u64, frame: OutFrame) -> Atom {
 }
 
 /// Encodes a frame for `dest` (a pid or a name). `Ok(None)`: too large for a frame.
+///
+/// # Safety
+/// `env` must be the env of the calling NIF, and the terms its terms.
 unsafe fn encode_frame(
     env: Env,
     dest: Term,
@@ -331,6 +340,8 @@ fn pool_send_many_dirty<'a>(
     Ok(crate::dirty_answer(env, done))
 }
 
+/// # Safety
+/// `env` must be the env of the calling NIF, and the terms its terms.
 unsafe fn send_many(
     env: Env,
     pools: &[ResourceArc<PoolRes>],
@@ -355,6 +366,9 @@ unsafe fn send_many(
 }
 
 /// A hash of (calling process, ordering key): one pair, one connection.
+///
+/// # Safety
+/// `env` must be the process-bound env of the calling NIF and `dest` a term of it.
 unsafe fn pair_hash(env: *mut ErlNifEnv, dest: ErlNifTerm) -> u64 {
     let mut me = MaybeUninit::<ErlNifPid>::uninit();
     let salt = if enif_self(env, me.as_mut_ptr()).is_null() {

@@ -94,6 +94,9 @@ pub unsafe fn fast_ok(env: *mut ErlNifEnv) -> bool {
 }
 
 /// Makes one term of every kind the bit tests classify and checks each test's answer.
+///
+/// # Safety
+/// `env` must be a live env of the calling thread.
 unsafe fn self_check(env: *mut ErlNifEnv) -> bool {
     use ErlNifTermType::*;
     let ty = |t| enif_term_type(env, t) as i32;
