@@ -13,7 +13,8 @@
 //! - [`listener`], [`lanes`]: the receiving side, which keeps a slot's reconnections in turn;
 //! - [`peers`], [`stats`]: which peers may connect, and counters per peer;
 //! - [`sockopts`]: the socket options the user sets, applied to every connection;
-//! - [`threads`]: teleport's OS threads, at a priority below the VM's schedulers.
+//! - [`threads`]: teleport's OS threads, at a priority below the VM's schedulers;
+//! - [`log`]: the `tracing` subscriber whose records the NIF forwards to Erlang's `logger`.
 //!
 //! The Erlang side lives in the `teleport_nif` crate, which only walks and makes terms.
 
@@ -33,6 +34,7 @@ pub mod frame;
 pub mod handshake;
 pub mod lanes;
 pub mod listener;
+pub mod log;
 pub mod out_frame;
 pub mod peers;
 pub mod pool;
