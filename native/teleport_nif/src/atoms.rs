@@ -4,4 +4,11 @@ rustler::atoms! {
     /// Returned by a fast-path NIF whose work outgrew a normal scheduler's slice: the
     /// Erlang wrapper then calls the `_dirty` variant.
     dirty,
+    ok, error, busy, closed, too_large, bad_ip, index, state, queued_bytes, frames_in_queue,
+    last_error, undefined, down, connecting, up, peer_addr, local_addr, msgs_out, bytes_out,
+    connected_since, reconnects, sndbuf, recbuf, teleport_pool_stale, unacked_frames,
+    unacked_bytes, last_acked, listen, socket_opt, nodelay, keepalive, keepalive_time,
+    keepalive_interval, keepalive_retries, priority, tos, user_timeout, bind_ip, ip, port,
+    handshaking, incoming, id, peer, msgs_in, bytes_in, teleport_log, warning, info, debug,
+    invalid_event, invalid_field, dropped, callsite,
 }

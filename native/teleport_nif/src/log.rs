@@ -30,25 +30,13 @@
 //!
 //! `log_emit_test/2` emits a `test_event` on demand, to check the whole path from a NIF.
 
+use crate::atoms;
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, NifResult, OwnedEnv, Term};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 use teleport_core::log::{count_drops, is_atom_safe, take_drops, Rank, RateLimit, Record, Value};
 use tracing::Level;
-
-rustler::atoms! {
-    teleport_log,
-    error,
-    warning,
-    info,
-    debug,
-    ok,
-    invalid_event,
-    invalid_field,
-    dropped,
-    callsite,
-}
 
 /// Installs the bridge (see `teleport_core::log::install`), with [`forward`] as its thread.
 pub fn install() {
@@ -77,7 +65,7 @@ fn forward(rx: Receiver<Record>) {
 /// Sends one record, with the drop count if there is one; counts it as dropped if there is
 /// no `teleport_log` process.
 fn deliver(env: &mut OwnedEnv, record: &Record) {
-    let Some(pid): Option<LocalPid> = env.run(|env| env.whereis_pid(teleport_log())) else {
+    let Some(pid): Option<LocalPid> = env.run(|env| env.whereis_pid(atoms::teleport_log())) else {
         env.clear();
         count_drops(1);
         return;
@@ -102,12 +90,12 @@ fn name_atom(env: Env<'_>, name: &str, fallback: Atom) -> Atom {
 /// Builds `{teleport_log, Level, Event, Fields}`.
 fn message<'a>(env: Env<'a>, record: &Record, dropped: u64) -> Term<'a> {
     let level = match *record.meta.level() {
-        Level::ERROR => error(),
-        Level::WARN => warning(),
-        Level::INFO => info(),
-        _ => debug(),
+        Level::ERROR => atoms::error(),
+        Level::WARN => atoms::warning(),
+        Level::INFO => atoms::info(),
+        _ => atoms::debug(),
     };
-    let event = name_atom(env, &record.event, invalid_event());
+    let event = name_atom(env, &record.event, atoms::invalid_event());
     let mut fields = Term::map_new(env);
     let mut put = |key: Atom, value: Term<'a>| {
         // map_put fails only on a non-map; later duplicates win.
@@ -122,39 +110,39 @@ fn message<'a>(env: Env<'a>, record: &Record, dropped: u64) -> Term<'a> {
             Value::Bool(v) => v.encode(env),
             Value::Str(v) => v.encode(env),
         };
-        put(name_atom(env, name, invalid_field()), value);
+        put(name_atom(env, name, atoms::invalid_field()), value);
     }
-    if event == invalid_event() {
+    if event == atoms::invalid_event() {
         let at = format!(
             "{}:{}",
             record.meta.file().unwrap_or(record.meta.target()),
             record.meta.line().unwrap_or(0)
         );
-        put(callsite(), at.encode(env));
+        put(atoms::callsite(), at.encode(env));
     }
     if dropped > 0 {
-        put(self::dropped(), dropped.encode(env));
+        put(atoms::dropped(), dropped.encode(env));
     }
-    (teleport_log(), level, event, fields).encode(env)
+    (atoms::teleport_log(), level, event, fields).encode(env)
 }
 
 /// Sets the least severe level that reaches Erlang: `error | warning | info | debug` (debug
 /// includes tracing's TRACE). Takes effect at once for every thread.
 #[rustler::nif]
 fn log_set_level(level: Atom) -> NifResult<Atom> {
-    let rank = if level == error() {
+    let rank = if level == atoms::error() {
         Rank::Error
-    } else if level == warning() {
+    } else if level == atoms::warning() {
         Rank::Warn
-    } else if level == info() {
+    } else if level == atoms::info() {
         Rank::Info
-    } else if level == debug() {
+    } else if level == atoms::debug() {
         Rank::Debug
     } else {
         return Err(rustler::Error::BadArg);
     };
     teleport_core::log::set_level(rank);
-    Ok(ok())
+    Ok(atoms::ok())
 }
 
 /// Diagnostic: emits a `tracing` event named `test_event` at `Level` with the field
@@ -162,16 +150,16 @@ fn log_set_level(level: Atom) -> NifResult<Atom> {
 #[rustler::nif]
 fn log_emit_test(level: Atom, text: Binary) -> NifResult<Atom> {
     let text = String::from_utf8_lossy(text.as_slice());
-    if level == error() {
+    if level == atoms::error() {
         tracing::error!(text = %text, "test_event");
-    } else if level == warning() {
+    } else if level == atoms::warning() {
         tracing::warn!(text = %text, "test_event");
-    } else if level == info() {
+    } else if level == atoms::info() {
         tracing::info!(text = %text, "test_event");
-    } else if level == debug() {
+    } else if level == atoms::debug() {
         tracing::debug!(text = %text, "test_event");
     } else {
         return Err(rustler::Error::BadArg);
     }
-    Ok(ok())
+    Ok(atoms::ok())
 }

@@ -19,15 +19,7 @@ use teleport_core::frame::{Draft, Kind};
 use teleport_core::out_frame::{OutFrame, Shared};
 use teleport_core::pool::Pool;
 
-mod atoms {
-    rustler::atoms! {
-        ok, error, busy, closed, dirty, too_large, bad_ip,
-        index, state, queued_bytes, frames_in_queue, last_error, undefined,
-        down, connecting, up, peer_addr, local_addr, msgs_out, bytes_out, connected_since,
-        reconnects, sndbuf, recbuf, teleport_pool_stale, unacked_frames, unacked_bytes,
-        last_acked,
-    }
-}
+use crate::atoms;
 
 /// A pool, as Erlang holds it.
 pub struct PoolRes {

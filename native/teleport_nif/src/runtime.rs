@@ -2,6 +2,7 @@
 //! listener that receives from peers, the peers allowed to connect in, the counters, and
 //! the socket options every connection gets.
 
+use crate::atoms;
 use crate::deliver::Deliver;
 use parking_lot::Mutex;
 use rustler::types::tuple::make_tuple;
@@ -53,16 +54,6 @@ impl Acceptor for NifAcceptor {
     }
     fn sink(&self, _peer: &[u8]) -> Deliver {
         Deliver::new()
-    }
-}
-
-mod atoms {
-    rustler::atoms! {
-        ok, error, listen, bad_ip, socket_opt, undefined,
-        sndbuf, recbuf, nodelay, keepalive, keepalive_time, keepalive_interval,
-        keepalive_retries, priority, tos, user_timeout, bind_ip,
-        ip, port, handshaking, incoming, id, peer, state, up, peer_addr, local_addr,
-        msgs_in, bytes_in, connected_since,
     }
 }
 
