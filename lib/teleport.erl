@@ -84,6 +84,8 @@
 -export_type([dest/0, send_option/0, reason/0, server_ref/0, info/0, conn_info/0,
               incoming_info/0, listener_info/0]).
 
+-include("teleport_nif.hrl").
+
 %% A blocked sender retries after 1, 2, 4, 8 ms, then every 8 ms.
 -define(MAX_BACKOFF, 8).
 
@@ -319,14 +321,8 @@ result({exit, Reason}, MFA) -> exit({Reason, MFA}).
 
 -spec send_many([teleport_nif:pool()], atom(), term()) -> [ok | busy | closed | too_large].
 send_many(Pools, Name, Msg) ->
-    case teleport_nif:pool_send_many(Pools, Name, Msg) of
-        dirty ->
-            {Results, Reductions} = teleport_nif:pool_send_many_dirty(Pools, Name, Msg),
-            erlang:bump_reductions(Reductions),
-            Results;
-        Results ->
-            Results
-    end.
+    ?NORMAL_OR_DIRTY(teleport_nif:pool_send_many(Pools, Name, Msg),
+                     teleport_nif:pool_send_many_dirty(Pools, Name, Msg)).
 
 %% @doc Counters per peer node: messages and bytes each way, bytes held (`queued_bytes':
 %% queued, or written and not yet acknowledged), messages dropped, messages resent after a
@@ -469,11 +465,5 @@ push(Node, Pool, Dest, Key, Msg, Opts, Backoff, MayRetry) ->
 -spec nif_send(teleport_nif:pool(), pid() | atom(), term(), term()) ->
           ok | busy | closed | too_large.
 nif_send(Pool, Dest, Key, Msg) ->
-    case teleport_nif:pool_send(Pool, Dest, Key, Msg) of
-        dirty ->
-            {Result, Reductions} = teleport_nif:pool_send_dirty(Pool, Dest, Key, Msg),
-            erlang:bump_reductions(Reductions),
-            Result;
-        Result ->
-            Result
-    end.
+    ?NORMAL_OR_DIRTY(teleport_nif:pool_send(Pool, Dest, Key, Msg),
+                     teleport_nif:pool_send_dirty(Pool, Dest, Key, Msg)).

@@ -14,6 +14,8 @@
 
 -export([encode/1, decode/1, decode/2]).
 
+-include("teleport_nif.hrl").
+
 -type decode_option() :: safe.
 -export_type([decode_option/0]).
 
@@ -21,14 +23,7 @@
 %% encode(T))) =:= T' for every term). Large binaries are referenced, not copied.
 -spec encode(term()) -> iolist().
 encode(Term) ->
-    case teleport_nif:codec_encode(Term) of
-        dirty ->
-            {IoList, Reductions} = teleport_nif:codec_encode_dirty(Term),
-            erlang:bump_reductions(Reductions),
-            IoList;
-        IoList ->
-            IoList
-    end.
+    ?NORMAL_OR_DIRTY(teleport_nif:codec_encode(Term), teleport_nif:codec_encode_dirty(Term)).
 
 %% @doc Decodes a term encoded by {@link encode/1} or `term_to_binary/1,2' (compressed
 %% included). Raises `badarg' where `binary_to_term/1' does.
@@ -48,14 +43,8 @@ decode(Data, Opts) ->
 %% Compressed terms are inflated by the NIF too (on a dirty scheduler when large).
 -spec decode_binary(binary(), boolean()) -> term().
 decode_binary(Bin, Safe) ->
-    case teleport_nif:codec_decode(Bin, Safe) of
-        dirty ->
-            {Term, Reductions} = teleport_nif:codec_decode_dirty(Bin, Safe),
-            erlang:bump_reductions(Reductions),
-            Term;
-        Term ->
-            Term
-    end.
+    ?NORMAL_OR_DIRTY(teleport_nif:codec_decode(Bin, Safe),
+                     teleport_nif:codec_decode_dirty(Bin, Safe)).
 
 %% Whether the options (a proper list of `safe') ask for safe mode.
 -spec safe(term(), term(), boolean()) -> boolean().
