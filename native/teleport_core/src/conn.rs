@@ -159,6 +159,9 @@ struct State {
     spare: Vec<OutFrame>,
     /// The writer sleeps on `wake`.
     writer_waiting: bool,
+    /// Times the writer woke because a wait ran out rather than for work (an idle slot's
+    /// cost; read by tests).
+    timed_wakeups: u64,
     status: Status,
     last_error: Option<String>,
     /// Whether this slot ever had a connection (the next one counts as a reconnect).
@@ -279,6 +282,7 @@ impl Conn {
                 direct_busy: false,
                 spare: Vec::new(),
                 writer_waiting: false,
+                timed_wakeups: 0,
                 status: Status::Down,
                 last_error: None,
                 was_up: false,
@@ -537,6 +541,12 @@ impl Conn {
         self.stats.acked.fetch_add(n, Relaxed);
     }
 
+    /// How often the writer woke only because a wait ran out.
+    #[cfg(test)]
+    pub(crate) fn timed_wakeups(&self) -> u64 {
+        self.state.lock().timed_wakeups
+    }
+
     /// Wakes the writer to try connecting at once (the pool was pointed elsewhere).
     pub fn poke(&self) {
         let _st = self.state.lock();
@@ -759,20 +769,30 @@ impl Conn {
     }
 
     /// Sleeps until the queue has frames nobody else is writing, or the slot closes. While
-    /// frames wait for their ack it wakes to read acks; when idle, now and then, to find
-    /// out whether the peer hung up.
+    /// frames wait for their ack it wakes to read acks; when idle with a connection, now and
+    /// then, to find out whether the peer hung up; without one, not at all (a slot never
+    /// used costs no wake-ups: a frame, a retarget or the close wakes it).
     fn wait_for_frames(&self, st: &mut MutexGuard<'_, State>) {
         while (st.queue.is_empty() || st.direct_busy) && st.status != Status::Closed {
             st.writer_waiting = true;
-            let pause = if st.unacked.is_empty() {
-                IDLE_CHECK
-            } else {
-                ACK_POLL
+            let pause = match (st.sock.is_some(), st.unacked.is_empty()) {
+                (_, false) => Some(ACK_POLL),
+                (true, true) => Some(IDLE_CHECK),
+                (false, true) => None,
             };
-            let timed_out = self.wake.wait_for(st, pause).timed_out();
+            let timed_out = match pause {
+                Some(pause) => self.wake.wait_for(st, pause).timed_out(),
+                None => {
+                    self.wake.wait(st);
+                    false
+                }
+            };
             st.writer_waiting = false;
-            if timed_out && st.queue.is_empty() && !st.direct_busy {
-                self.read_acks(st);
+            if timed_out {
+                st.timed_wakeups += 1;
+                if st.queue.is_empty() && !st.direct_busy {
+                    self.read_acks(st);
+                }
             }
         }
     }

@@ -233,6 +233,39 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn a_slot_never_used_sleeps_without_waking_and_an_idle_connected_one_checks_its_peer() {
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let stats = Arc::new(PeerStats::default());
+        let pool = start(
+            config(b"c", SocketOpts::default()),
+            l.local_addr(),
+            2,
+            stats,
+        )
+        .unwrap();
+        send(&pool, 0, b"x");
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Idle for 2.5 s: the connected slot looks at its peer about once a second (to see a
+        // hang-up while idle); the other has nothing to look at and must not wake at all.
+        std::thread::sleep(Duration::from_millis(2500));
+        let info = pool.info();
+        let up: Vec<usize> = info
+            .iter()
+            .filter(|c| c.status == Status::Up)
+            .map(|c| c.index)
+            .collect();
+        assert_eq!(up.len(), 1, "{info:?}");
+        for (i, c) in pool.conns().iter().enumerate() {
+            let woke = c.timed_wakeups();
+            if i == up[0] {
+                assert!(woke >= 1, "slot {i} woke {woke} times");
+            } else {
+                assert_eq!(woke, 0, "slot {i}, never used, woke {woke} times");
+            }
+        }
+    }
+
+    #[test]
     fn frames_go_through_and_every_counter_shows_them() {
         let opts = SocketOpts {
             sndbuf: Some(256 * 1024),
