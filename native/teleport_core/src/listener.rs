@@ -167,9 +167,8 @@ impl Listener {
         });
         let l = listener.clone();
         let cfg = Arc::new(cfg);
-        crate::threads::spawn("teleport_acceptor".into(), cfg.thread_nice, {
-            let cfg = cfg.clone();
-            move || loop {
+        crate::threads::spawn("teleport_acceptor".into(), cfg.thread_nice, move || {
+            loop {
                 // A listener that stopped accepting would leave the node unreachable while
                 // looking alive: after a panic, log it and accept again.
                 let run = std::panic::AssertUnwindSafe(|| l.accept_loop(&cfg, &acceptor));
@@ -700,8 +699,7 @@ impl<W: Wire> Reader<'_, W> {
             } else {
                 IDLE_WAKE
             };
-            let timer = Some(timer);
-            self.wire.read_timeout(timer).map_err(ReadError::Io)?;
+            self.wire.read_timeout(Some(timer)).map_err(ReadError::Io)?;
             match self.wire.read(dst) {
                 Ok(n) => return Ok(n),
                 Err(e)

@@ -36,15 +36,10 @@ fn lower_priority(by: u8) -> io::Result<()> {
     // On Linux a nice value belongs to a thread: `setpriority` on a thread id sets it for
     // that thread alone, and the process id is the id of its main thread. SAFETY: plain
     // syscalls on ids of our own process, no memory passed.
-    let (tid, pid) = unsafe {
-        (
-            libc::syscall(libc::SYS_gettid) as libc::id_t,
-            libc::getpid(),
-        )
-    };
-    let base = thread_nice_of(pid as libc::id_t)?;
+    let pid = unsafe { libc::getpid() } as libc::id_t;
+    let base = thread_nice_of(pid)?;
     let target = (base + by as i32).min(19);
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, target) } != 0 {
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, own_tid(), target) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -75,18 +70,22 @@ fn thread_nice_of(tid: libc::id_t) -> io::Result<i32> {
     }
 }
 
-/// The calling thread's nice value (for tests and `teleport:info/0`).
+/// The calling thread's id.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn current_nice() -> io::Result<i32> {
+fn own_tid() -> libc::id_t {
     // SAFETY: a plain syscall, no memory passed.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    thread_nice_of(tid)
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
 }
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    /// The calling thread's nice value.
+    fn current_nice() -> io::Result<i32> {
+        thread_nice_of(own_tid())
+    }
 
     #[test]
     fn a_thread_runs_as_much_lower_as_asked_and_others_are_untouched() {

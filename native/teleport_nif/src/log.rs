@@ -36,7 +36,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 use teleport_core::log::{count_drops, is_atom_safe, take_drops, Rank, RateLimit, Record, Value};
-use tracing::Level;
 
 /// Installs the bridge (see `teleport_core::log::install`), with [`forward`] as its thread.
 pub fn install() {
@@ -89,11 +88,11 @@ fn name_atom(env: Env<'_>, name: &str, fallback: Atom) -> Atom {
 
 /// Builds `{teleport_log, Level, Event, Fields}`.
 fn message<'a>(env: Env<'a>, record: &Record, dropped: u64) -> Term<'a> {
-    let level = match *record.meta.level() {
-        Level::ERROR => atoms::error(),
-        Level::WARN => atoms::warning(),
-        Level::INFO => atoms::info(),
-        _ => atoms::debug(),
+    let level = match Rank::of(record.meta.level()) {
+        Rank::Error => atoms::error(),
+        Rank::Warn => atoms::warning(),
+        Rank::Info => atoms::info(),
+        Rank::Debug => atoms::debug(),
     };
     let event = name_atom(env, &record.event, atoms::invalid_event());
     let mut fields = Term::map_new(env);
