@@ -71,10 +71,13 @@ bench-net: nif
 	rebar3 as bench compile
 	bench/net.sh
 
-## bench-codec: encode/decode throughput against term_to_iovec/1 and binary_to_term/1.
+## bench-codec: encode/decode throughput against term_to_iovec/1 and binary_to_term/1, on a
+## distributed node as teleport's are (a node's pids and refs carry its name and creation).
 bench-codec: nif
+	epmd -daemon
 	rebar3 as bench compile
-	erl -noshell -pa _build/bench/lib/teleport/ebin -pa _build/bench/lib/teleport/bench \
+	erl -noshell -sname teleport_codec_bench_$$$$ \
+	    -pa _build/bench/lib/teleport/ebin -pa _build/bench/lib/teleport/bench \
 	    -eval 'codec_bench:main(), halt().'
 
 ## docs: doc/index.html, edoc's HTML of the Erlang modules (edoc ships with OTP), and

@@ -9,7 +9,7 @@
          runtime_forbid/2, runtime_stats/1, runtime_info/1]).
 -export([pool_start/8, pool_send/4, pool_send_dirty/4, pool_send_many/3, pool_send_many_dirty/3,
          pool_retarget/4, pool_limit_frames/2, pool_close/1, pool_info/1]).
--export([diag_panic/0]).
+-export([diag_panic/0, diag_local_ids/0]).
 
 -export_type([runtime/0, pool/0]).
 
@@ -168,3 +168,9 @@ log_emit_test(_Level, _Text) -> ?NOT_LOADED.
 %% used by tests to show that a Rust panic never takes the VM down.
 -spec diag_panic() -> no_return().
 diag_panic() -> ?NOT_LOADED.
+
+%% @doc Diagnostic: what the codec's checks of local pids, ports and references found so far
+%% (whether it writes them itself, keeps this node's name between calls, writes pid
+%% references); tests use it to see that the fast path they test is the one taken.
+-spec diag_local_ids() -> #{layout | bounds | pid_refs => unchecked | on | off}.
+diag_local_ids() -> ?NOT_LOADED.

@@ -5,6 +5,8 @@
 
 -include_lib("eunit/include/eunit.hrl").
 
+-export([identifiers_through_renames/2]).
+
 %%%===================================================================
 %%% Fixed cases: every type and tag
 %%%===================================================================
@@ -626,6 +628,116 @@ existing_atoms_safe_large() ->
     T = {ok, 'ünï', Big, list_to_atom([16#3042]), [error, true], self(), make_ref()},
     assert_exact(teleport_codec:decode(term_to_binary(T), [safe]), T),
     assert_exact(teleport_codec:decode(teleport_codec:encode(T), [safe]), T).
+
+%%%===================================================================
+%%% Local identifiers, written by the NIF
+%%%===================================================================
+
+%% The NIF writes local pids, ports and references itself (local_id.rs): the bytes must be
+%% term_to_binary/1's exactly, for every kind, the extreme numbers included, wherever the
+%% identifier stands in the term (the first of each call is the VM's, the others the NIF's).
+identifier_bytes_test_() ->
+    {timeout, 60, fun identifier_bytes/0}.
+
+identifier_bytes() ->
+    Ids = local_identifiers() ++ [remote_pid(), remote_ref(), remote_port()],
+    Terms = [{Id} || Id <- Ids]
+        ++ [{self(), Id, [Id, Id]} || Id <- Ids]
+        ++ [{Id, self(), make_ref(), hd(erlang:ports())} || Id <- Ids]
+        ++ [list_to_tuple(Ids), Ids, lists:reverse(Ids),
+            maps:from_list([{Id, Id} || Id <- Ids])],
+    [?assertEqual({T, term_to_binary(T)}, {T, iolist_to_binary(teleport_codec:encode(T))})
+     || T <- Terms],
+    %% The test above passes with the VM writing everything too: these say it did not.
+    ?assertMatch(#{layout := on, pid_refs := on}, teleport_nif:diag_local_ids()).
+
+%% Every kind of local identifier this node can make: pids and ports at the limits of their
+%% numbers, ordinary references, pid references (aliases, monitors with an alias) and magic
+%% ones (the NIF leaves those to the VM). No atoms: the NIF writes those in the UTF-8 form,
+%% term_to_binary/1 of OTP 25 in the Latin-1 one, so only identifiers are compared byte for
+%% byte.
+local_identifiers() ->
+    Dead = spawn(fun() -> ok end),
+    Alias = alias(),
+    MonAlias = monitor(process, self(), [{alias, demonitor}]),
+    Port = open_port({spawn, "cat"}, []),
+    Tab = ets:new(?MODULE, []),
+    Ids = [self(), Dead, list_to_pid("<0.0.0>"), list_to_pid("<0.32767.8191>"),
+           list_to_pid("<0.1234.5>"), hd(erlang:ports()), Port,
+           list_to_port("#Port<0.268435455>"), make_ref(), monitor_ref(),
+           list_to_ref("#Ref<0.4294967295.0.262143>"), list_to_ref("#Ref<0.0.0.0>"),
+           Alias, MonAlias, atomics:new(1, []), element(2, counters:new(1, [])), Tab],
+    unalias(Alias),
+    demonitor(MonAlias),
+    true = port_close(Port),
+    ets:delete(Tab),
+    Ids.
+
+%% The name and creation in those bytes change when the node starts or stops distribution,
+%% and the NIF keeps them between calls: on a node that starts without distribution, then
+%% gets a name, loses it, gets it back (a new creation) and takes another, every call still
+%% writes term_to_binary/1's bytes, on every scheduler.
+renamed_node_test_() ->
+    {timeout, 120, fun renamed_node/0}.
+
+renamed_node() ->
+    _ = os:cmd("epmd -daemon"),
+    Paths = [D || D <- code:get_path(), not lists:prefix(code:root_dir(), D)],
+    {ok, Peer, nonode@nohost} =
+        peer:start(#{connection => standard_io, args => ["-pa" | Paths]}),
+    try
+        Suffix = os:getpid(),
+        Stages = peer:call(Peer, ?MODULE, identifiers_through_renames,
+                           [list_to_atom("teleport_rename_a" ++ Suffix),
+                            list_to_atom("teleport_rename_b" ++ Suffix)], 60000),
+        [?assertEqual({Stage, Node, []}, {Stage, Node, Wrong})
+         || {Stage, Node, _Creation, Wrong} <- Stages],
+        Creations = [C || {_, _, C, _} <- Stages],
+        %% Five stages: not distributed, a, not again, a again (another creation), b.
+        ?assertMatch([0, A, 0, A2, B] when A =/= A2 andalso A =/= 0 andalso A2 =/= 0
+                                           andalso B =/= 0, Creations),
+        ?assertMatch(#{layout := on, bounds := on},
+                     peer:call(Peer, teleport_nif, diag_local_ids, []))
+    after
+        peer:stop(Peer)
+    end.
+
+%% @private Run on the peer of renamed_node/0: at each stage, the terms whose encoding is not
+%% term_to_binary/1's, from many processes (so that every scheduler has its own say).
+identifiers_through_renames(A, B) ->
+    Steps = [{not_distributed, fun() -> ok end},
+             {named_a, fun() -> start_named(A) end},
+             {stopped, fun() -> ok = net_kernel:stop() end},
+             {named_a_again, fun() -> start_named(A) end},
+             {named_b, fun() -> ok = net_kernel:stop(), start_named(B) end}],
+    [begin
+         ok = Step(),
+         {Stage, node(), creation(), wrong_encodings()}
+     end || {Stage, Step} <- Steps].
+
+start_named(Name) ->
+    case net_kernel:start([Name, shortnames]) of
+        {ok, _} -> ok;
+        {error, _} -> timer:sleep(100), start_named(Name)
+    end.
+
+%% This node's creation, as the VM writes it into a pid.
+creation() ->
+    Bin = term_to_binary(self()),
+    binary:decode_unsigned(binary:part(Bin, byte_size(Bin) - 4, 4)).
+
+wrong_encodings() ->
+    Workers = [spawn_monitor(fun() ->
+                                     Ids = local_identifiers(),
+                                     exit({wrong, [T || _ <- lists:seq(1, 50),
+                                                        T <- [{self(), Ids}, list_to_tuple(Ids)],
+                                                        iolist_to_binary(teleport_codec:encode(T))
+                                                            =/= term_to_binary(T)]})
+                             end) || _ <- lists:seq(1, 2 * erlang:system_info(schedulers))],
+    lists:append([receive
+                      {'DOWN', M, process, W, {wrong, Wrong}} -> Wrong;
+                      {'DOWN', M, process, W, Crash} -> [{crashed, Crash}]
+                  end || {W, M} <- Workers]).
 
 %%%===================================================================
 %%% Zero copy

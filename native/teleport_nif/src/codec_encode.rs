@@ -11,15 +11,15 @@
 //! list or map, no copy of their elements); atoms' encodings are kept per thread (an atom's
 //! text never changes); and the scratch memory of a walk is kept per thread between calls.
 
+use crate::local_id::{with_vm_encoding, LocalIds};
 use crate::term_word::{self, debug_check, is_atom, is_cons, small, word, NIL};
 use rustler::sys::{
     enif_alloc_env, enif_binary_to_term, enif_compare, enif_get_atom, enif_get_double,
     enif_get_int64, enif_get_list_cell, enif_get_map_size, enif_get_tuple, enif_get_uint64,
     enif_inspect_binary, enif_make_list_cell, enif_make_list_from_array, enif_make_new_binary,
     enif_map_iterator_create, enif_map_iterator_destroy, enif_map_iterator_get_pair,
-    enif_map_iterator_next, enif_release_binary, enif_term_to_binary, enif_term_type, ErlNifBinary,
-    ErlNifCharEncoding, ErlNifEnv, ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifTerm,
-    ErlNifTermType,
+    enif_map_iterator_next, enif_term_type, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv,
+    ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifTerm, ErlNifTermType,
 };
 use rustler::{Env, Term};
 use std::cell::Cell;
@@ -36,7 +36,7 @@ pub const NORMAL_BUDGET: usize = 100_000;
 /// Work units that make one Erlang reduction, for reduction accounting of dirty runs.
 pub const UNITS_PER_REDUCTION: usize = 10;
 
-/// Work charged for a pid, port or reference (the VM encodes it: about 100 ns).
+/// Work charged for a pid, port or reference the VM encodes (150-250 ns).
 const OPAQUE_UNITS: usize = 32;
 
 /// Bignums up to this many bytes are encoded on a normal scheduler; larger ones move the
@@ -208,6 +208,7 @@ pub unsafe fn write_term(
         limit,
         check_at: 0,
         opaque: [(0, 0, 0); OPAQUE_SLOTS],
+        ids: LocalIds::default(),
     };
     walk.reset_checks();
     let result = walk.run(term);
@@ -233,6 +234,8 @@ struct Walk<'a> {
     /// Pids, ports and references written in this walk: term word, offset and length of
     /// their encoding in the output (a term word stands for one term during one NIF call).
     opaque: [(usize, u32, u32); OPAQUE_SLOTS],
+    /// This node, for the local identifiers written here.
+    ids: LocalIds,
 }
 
 impl Walk<'_> {
@@ -402,11 +405,16 @@ impl Walk<'_> {
         }
     }
 
-    /// A pid, port or reference: the VM's own encoding, written once per walk.
+    /// A pid, port or reference: written here when it is a local one (see [`LocalIds`]), else
+    /// the VM's own encoding, asked for once per walk.
     ///
     /// # Safety
     /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     unsafe fn opaque(&mut self, t: ErlNifTerm) {
+        if self.fast && self.ids.write(self.env, t, self.w) {
+            self.work += 1;
+            return;
+        }
         let x = word(t);
         let slot = (x >> 4) % OPAQUE_SLOTS;
         let (key, at, len) = self.opaque[slot];
@@ -761,14 +769,7 @@ pub unsafe fn write_atom(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
 /// # Safety
 /// `env` must be live and `t` a term of it.
 pub unsafe fn fallback(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) {
-    let mut bin = MaybeUninit::<ErlNifBinary>::uninit();
-    if enif_term_to_binary(env, t, bin.as_mut_ptr()) == 0 {
-        // Only out of memory makes this fail, and then the VM is already going down.
-        panic!("enif_term_to_binary failed");
-    }
-    let mut bin = bin.assume_init();
-    w.raw(&std::slice::from_raw_parts(bin.data, bin.size)[1..]);
-    enif_release_binary(&mut bin);
+    with_vm_encoding(env, t, |bytes| w.raw(&bytes[1..]));
 }
 
 /// Turns the output into an iolist of binaries: the writer's bytes copied into binaries of

@@ -1,5 +1,6 @@
-//! Diagnostics for tests: NIFs that misbehave on purpose.
+//! Diagnostics for tests: NIFs that misbehave on purpose, or tell what the codec found out.
 
+use rustler::{Atom, Env, NifResult, Term};
 use std::panic;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
@@ -31,4 +32,15 @@ fn diag_panic() {
         }));
     });
     panic!("teleport diag_panic: a deliberate panic inside a NIF");
+}
+
+/// Diagnostic: what the codec's checks of local identifiers found so far, `#{layout, bounds,
+/// pid_refs => unchecked | on | off}` (see `local_id`).
+#[rustler::nif]
+fn diag_local_ids(env: Env) -> NifResult<Term> {
+    let mut map = Term::map_new(env);
+    for (check, state) in crate::local_id::checks() {
+        map = map.map_put(Atom::from_str(env, check)?, Atom::from_str(env, state)?)?;
+    }
+    Ok(map)
 }

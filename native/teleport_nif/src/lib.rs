@@ -14,6 +14,7 @@ mod codec_decode;
 mod codec_encode;
 mod deliver;
 mod diag;
+mod local_id;
 mod log;
 mod pool;
 mod runtime;
