@@ -13,7 +13,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use teleport_core::decode::{layout, parse, Builder, DecodeError, Layout};
+use teleport_core::decode::{layout, may_hold_fun, parse, Builder, DecodeError, Layout};
 use teleport_core::etf::*;
 use teleport_core::value::decode_value_used;
 use teleport_fuzz::{dispose, run_check};
@@ -30,8 +30,16 @@ fn check(data: &[u8]) {
         );
     }
     let start = usize::from(data.first() == Some(&VERSION));
-    let mut scan = Scan { input: data };
+    let mut scan = Scan {
+        input: data,
+        funs: 0,
+    };
     let scanned = parse(data, start, &mut scan);
+    // The scan that lets the VM's decoder skip the fun check (`check_for_vm`) is never
+    // wrong: where it says no fun, the parse meets none.
+    if !may_hold_fun(&data[start..]) {
+        assert_eq!(scan.funs, 0, "the fun scan missed a fun");
+    }
     if let Ok(((), end)) = scanned {
         assert!(
             end > start && end <= data.len(),
@@ -63,6 +71,8 @@ fn check(data: &[u8]) {
 /// A builder that makes nothing and checks what the parser hands it.
 struct Scan<'a> {
     input: &'a [u8],
+    /// Funs met.
+    funs: usize,
 }
 
 impl Scan<'_> {
@@ -121,6 +131,7 @@ impl Builder for Scan<'_> {
     }
     fn opaque(&mut self, tag: u8, raw: &[u8]) -> Result<(), DecodeError> {
         self.offset_of(raw, "an opaque term");
+        self.funs += usize::from(matches!(tag, NEW_FUN_EXT | EXPORT_EXT));
         assert_eq!(
             raw.first(),
             Some(&tag),

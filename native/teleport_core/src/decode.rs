@@ -619,7 +619,83 @@ pub fn check_for_vm(input: &[u8]) -> Result<(), DecodeError> {
     if !body.contains(&NEW_FUN_EXT) && !body.contains(&EXPORT_EXT) {
         return Ok(());
     }
+    // Those bytes are often no tags (a node name with a `p` in every pid): a scan that only
+    // steps over terms, without a stack or an allocation, tells before the whole parse runs.
+    if !may_hold_fun(body) {
+        return Ok(());
+    }
     parse(input, 1, &mut Check).map(|_| ())
+}
+
+/// Whether the term at the start of `body` may hold a fun: it steps over every term, keeping
+/// only a count of the terms still to step over (a tuple, list or map adds its elements), and
+/// says `true` as soon as it meets a fun's tag, or anything it does not step over exactly
+/// (another tag, a length past the end): [`parse`] then checks it all. `false` means that the
+/// VM's decoder meets no fun in the term, whatever follows it.
+pub fn may_hold_fun(body: &[u8]) -> bool {
+    let u8_at = |at: usize| body.get(at).map(|&b| b as usize);
+    let u16_at =
+        |at: usize| Some(u16::from_be_bytes(body.get(at..at + 2)?.try_into().ok()?) as usize);
+    let u32_at =
+        |at: usize| Some(u32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?) as usize);
+    // The length of the atom at `at` (a node's name in a pid, port or reference).
+    let atom_at = |at: usize| match body.get(at)? {
+        &ATOM_EXT | &ATOM_UTF8_EXT => Some(3 + u16_at(at + 1)?),
+        &SMALL_ATOM_EXT | &SMALL_ATOM_UTF8_EXT => Some(2 + u8_at(at + 1)?),
+        _ => None,
+    };
+    let (mut at, mut left) = (0usize, 1usize);
+    while left > 0 {
+        left -= 1;
+        let Some(&tag) = body.get(at) else {
+            return true;
+        };
+        let next = at + 1;
+        // Bytes of this term after its tag, and the terms it holds.
+        let step = match tag {
+            SMALL_INTEGER_EXT => Some((1, 0)),
+            INTEGER_EXT => Some((4, 0)),
+            NEW_FLOAT_EXT => Some((8, 0)),
+            FLOAT_EXT => Some((31, 0)),
+            NIL_EXT => Some((0, 0)),
+            SMALL_TUPLE_EXT => u8_at(next).map(|n| (1, n)),
+            LARGE_TUPLE_EXT => u32_at(next).map(|n| (4, n)),
+            // The elements and the tail.
+            LIST_EXT => u32_at(next).map(|n| (4, n + 1)),
+            MAP_EXT => u32_at(next).and_then(|n| Some((4, n.checked_mul(2)?))),
+            STRING_EXT => u16_at(next).map(|n| (2 + n, 0)),
+            BINARY_EXT => u32_at(next).map(|n| (4 + n, 0)),
+            BIT_BINARY_EXT => u32_at(next).map(|n| (5 + n, 0)),
+            SMALL_BIG_EXT => u8_at(next).map(|n| (2 + n, 0)),
+            LARGE_BIG_EXT => u32_at(next).map(|n| (5 + n, 0)),
+            ATOM_EXT | ATOM_UTF8_EXT => u16_at(next).map(|n| (2 + n, 0)),
+            SMALL_ATOM_EXT | SMALL_ATOM_UTF8_EXT => u8_at(next).map(|n| (1 + n, 0)),
+            NEW_PID_EXT => atom_at(next).map(|a| (a + 12, 0)),
+            PID_EXT => atom_at(next).map(|a| (a + 9, 0)),
+            NEW_PORT_EXT => atom_at(next).map(|a| (a + 8, 0)),
+            V4_PORT_EXT => atom_at(next).map(|a| (a + 12, 0)),
+            PORT_EXT => atom_at(next).map(|a| (a + 5, 0)),
+            NEWER_REFERENCE_EXT => {
+                u16_at(next).and_then(|n| Some((2 + atom_at(next + 2)? + 4 + 4 * n, 0)))
+            }
+            NEW_REFERENCE_EXT => {
+                u16_at(next).and_then(|n| Some((2 + atom_at(next + 2)? + 1 + 4 * n, 0)))
+            }
+            REFERENCE_EXT => atom_at(next).map(|a| (a + 5, 0)),
+            // Funs, and whatever else.
+            _ => None,
+        };
+        let Some((bytes, holds)) = step else {
+            return true;
+        };
+        at = next + bytes;
+        left += holds;
+        // Every term takes a byte at least: more than that cannot be there.
+        if at > body.len() || left > body.len() - at {
+            return true;
+        }
+    }
+    false
 }
 
 pub mod inflate {
@@ -1269,5 +1345,86 @@ mod tests {
     fn trailing_bytes_are_ignored() {
         let (v, end) = crate::value::decode_value_used(&[131, 97, 1, 0, 0]).unwrap();
         assert_eq!((v, end), (Value::Int(1), 3));
+    }
+
+    #[test]
+    fn the_fun_scan_steps_over_every_term_that_is_no_fun() {
+        // A node name with a `p` (112) and a `q` (113), in every kind of identifier, inside
+        // every kind of container, beside every kind of scalar.
+        let node: &[u8] = &[ATOM_EXT, 0, 4, b'p', b'@', b'q', b'h'];
+        let with_node =
+            |tag: u8, before: &[u8], after: &[u8]| [&[tag][..], before, node, after].concat();
+        let ids = [
+            with_node(NEW_PID_EXT, &[], &[112; 12]),
+            with_node(PID_EXT, &[], &[113; 9]),
+            with_node(NEW_PORT_EXT, &[], &[112; 8]),
+            with_node(V4_PORT_EXT, &[], &[112; 12]),
+            with_node(PORT_EXT, &[], &[112; 5]),
+            with_node(NEWER_REFERENCE_EXT, &[0, 2], &[112; 12]),
+            with_node(NEW_REFERENCE_EXT, &[0, 2], &[112; 9]),
+            with_node(REFERENCE_EXT, &[], &[112; 5]),
+        ];
+        let scalars: [&[u8]; 12] = [
+            &[SMALL_INTEGER_EXT, 112],
+            &[INTEGER_EXT, 112, 113, 0, 1],
+            &[NEW_FLOAT_EXT, 64, 0, 0, 0, 0, 0, 0, 112],
+            &[STRING_EXT, 0, 2, 112, 113],
+            &[BINARY_EXT, 0, 0, 0, 1, 112],
+            &[BIT_BINARY_EXT, 0, 0, 0, 1, 3, 112],
+            &[SMALL_BIG_EXT, 1, 0, 112],
+            &[LARGE_BIG_EXT, 0, 0, 0, 1, 0, 113],
+            &[SMALL_ATOM_UTF8_EXT, 1, b'p'],
+            &[ATOM_UTF8_EXT, 0, 1, b'q'],
+            &[NIL_EXT],
+            &[SMALL_TUPLE_EXT, 0],
+        ];
+        let mut parts: Vec<Vec<u8>> = ids.to_vec();
+        parts.extend(scalars.iter().map(|s| s.to_vec()));
+        let n = parts.len() as u8;
+        let tuple = [vec![SMALL_TUPLE_EXT, n], parts.concat()].concat();
+        let list = [vec![LIST_EXT, 0, 0, 0, n], parts.concat(), vec![NIL_EXT]].concat();
+        let map = [vec![MAP_EXT, 0, 0, 0, n / 2], parts.concat()].concat();
+        let large = [
+            vec![LARGE_TUPLE_EXT, 0, 0, 0, 3],
+            tuple.clone(),
+            list.clone(),
+            map.clone(),
+        ]
+        .concat();
+        for t in [&tuple, &list, &map, &large] {
+            assert!(!may_hold_fun(t), "{t:?}");
+            assert_eq!(check_for_vm(&[&[VERSION][..], t].concat()), Ok(()));
+            // Cut short anywhere, it cannot tell: the parse decides.
+            for cut in 0..t.len() {
+                assert!(may_hold_fun(&t[..cut]), "{cut} bytes of {t:?}");
+            }
+        }
+        // A fun anywhere among them is seen; so is a tag the scan does not know.
+        let fun = fun_ext(&pid(), &FREE, 0);
+        let export: &[u8] = &[
+            EXPORT_EXT,
+            SMALL_ATOM_EXT,
+            1,
+            b'm',
+            SMALL_ATOM_EXT,
+            1,
+            b'f',
+            97,
+            1,
+        ];
+        for hidden in [&fun[..], export, &[COMPRESSED, 0, 0, 0, 0]] {
+            for at in [0, 3, parts.len()] {
+                let mut with = parts.clone();
+                with.insert(at, hidden.to_vec());
+                let inner = with.concat();
+                let n = with.len() as u8;
+                let tuple = [vec![SMALL_TUPLE_EXT, n], inner.clone()].concat();
+                let list = [vec![LIST_EXT, 0, 0, 0, n], inner, vec![NIL_EXT]].concat();
+                assert!(may_hold_fun(&tuple) && may_hold_fun(&list));
+            }
+        }
+        // More terms claimed than bytes left.
+        assert!(may_hold_fun(&[LIST_EXT, 0xFF, 0xFF, 0xFF, 0xFF, NIL_EXT]));
+        assert!(may_hold_fun(&[MAP_EXT, 0xFF, 0xFF, 0xFF, 0xFF]));
     }
 }
