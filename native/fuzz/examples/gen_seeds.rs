@@ -210,7 +210,7 @@ fn frame_stream(seeds: &Path) -> io::Result<()> {
     write(&dir, "seq_gap_after_start", &later, &frames(&[5, 6, 8]))?;
     write(&dir, "seq_first_is_not_1", &none, &frames(&[2]))?;
 
-    // A reserved flag set: frame::parse refuses it, in the sink.
+    // A reserved flag set: the reader refuses it (Header::parse).
     let mut flagged = frames(&[1, 2]);
     flagged[5] = 1;
     write(&dir, "bad_flags", &none, &flagged)?;

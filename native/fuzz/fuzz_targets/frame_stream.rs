@@ -1,7 +1,7 @@
 //! `frame_stream`: arbitrary bytes as the TCP stream of an authenticated connection, through
 //! `teleport_core::listener::read_frames`, cut into reads at points the input chooses, with a
-//! sink that parses every frame with `frame::parse` and decodes its destination and its term
-//! with `value::decode_value`, on a lane whose `Progress` may have delivered some frames
+//! sink that checks the header it is handed against the body and decodes the frame's
+//! destination and term with `value::decode_value`, on a lane whose `Progress` may have delivered some frames
 //! already, and with the acks the reader writes back parsed with `acks::AckReader`.
 //!
 //! The input is a 24-byte header, then the stream:
@@ -42,10 +42,11 @@
 //!   listener closed, if it did): every frame is read and counted; one whose sequence number
 //!   is at most the lane's `delivered` is dropped (delivered already), the next one arrives
 //!   (and is counted as delivered before the sink sees it), any other ends the reading with
-//!   `Gap { expected, got }`; the same bodies arrive, in order, then a clean end,
-//!   `UnexpectedEof`, `BadLength(n)`, `NoMemory(n)`, `Gap` or the sink's own error (which
-//!   `frame::parse`'s `BadFlags`, `BadKind`, `Truncated` are: the reader itself looks only at
-//!   the length and the sequence number);
+//!   `Gap { expected, got }`; a frame whose header is malformed (an unknown kind, a flag, a
+//!   destination past the end or not of its kind) ends the reading with that error before
+//!   its number counts, duplicate or not; the same bodies arrive, in order, then a clean end,
+//!   `UnexpectedEof`, `BadLength(n)`, `NoMemory(n)`, `Gap`, the header's error or the sink's
+//!   own (a term that does not decode, in strict mode);
 //! - the peer's and the connection's counters say as many messages and bytes as were read
 //!   (duplicates and the frame of a gap included), and the lane's `delivered()` moved by
 //!   exactly the frames that arrived;
@@ -58,8 +59,9 @@
 //!   the LAST of a closing listener);
 //! - once the listener closed, the reader reads nothing more and delivers nothing more, and
 //!   ends cleanly: the frames that arrive are those wholly read before;
-//! - a parsed frame's kind and sequence number are its header bytes, its destination and term
-//!   are the body after its header, split where the header says, and the term is not empty.
+//! - the header handed to the sink is the body's own: its kind and sequence number are its
+//!   header bytes, its destination and term are the body after its header, split where the
+//!   header says, the destination is of its kind and the term is not empty.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -68,7 +70,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use teleport_core::acks::{AckOut, AckReader, ACK_DELAY, ACK_LEN};
-use teleport_core::frame::{self, FrameError, FIXED_BYTES, LEN_BYTES};
+use teleport_core::frame::{self, FrameError, Header, Kind, FIXED_BYTES, LEN_BYTES};
 use teleport_core::lanes::{Admit, Lanes, Progress};
 use teleport_core::listener::{
     read_frames, Counters, ReadError, Sink, Wire, IDLE_WAKE, OWNED_FRAME_MIN,
@@ -340,10 +342,15 @@ struct Check {
 }
 
 impl Check {
-    fn deliver(&mut self, body: &[u8], owned: bool) -> Result<(), String> {
+    fn deliver(&mut self, header: Header, body: &[u8], owned: bool) -> Result<(), String> {
         assert!(self.refused.is_none(), "a frame after the sink refused one");
         assert!(body.len() > FIXED_BYTES, "a frame of {} bytes", body.len());
-        let seq = frame::seq(body);
+        assert_eq!(
+            Header::parse(body),
+            Ok(header),
+            "the header is not the body's"
+        );
+        let seq = header.seq;
         assert_eq!(seq, u64::from_be_bytes(body[4..12].try_into().unwrap()));
         // Counted as delivered before it is given to the sink.
         assert_eq!(
@@ -352,35 +359,21 @@ impl Check {
             "frame {seq} given to the sink before it was admitted"
         );
         self.arrived.push((body.len(), hash(body), owned, seq));
-        let result = self.parse(body);
+        let result = self.decode(header, body);
         if result.is_err() {
             self.refused = Some(self.arrived.len() - 1);
         }
         result
     }
 
-    fn parse(&self, body: &[u8]) -> Result<(), String> {
+    fn decode(&self, header: Header, body: &[u8]) -> Result<(), String> {
         let dest_len = usize::from(u16::from_be_bytes([body[2], body[3]]));
-        let f = match frame::parse(body) {
-            Ok(f) => f,
-            Err(e) => {
-                let expected = match body[0] {
-                    1 | 2 if body[1] != 0 => FrameError::BadFlags(body[1]),
-                    1 | 2 => FrameError::Truncated,
-                    k => FrameError::BadKind(k),
-                };
-                assert_eq!(e, expected, "frame::parse's error");
-                if e == FrameError::Truncated {
-                    assert!(dest_len >= body.len() - FIXED_BYTES);
-                }
-                return Err(e.to_string());
-            }
-        };
+        let f = header.frame(body);
         assert_eq!(f.kind as u8, body[0]);
-        assert_eq!(body[1], 0, "a frame with flags parsed");
-        assert_eq!(f.seq, frame::seq(body));
+        assert_eq!(body[1], 0, "a frame with flags handed on");
         assert_eq!(f.dest, &body[FIXED_BYTES..FIXED_BYTES + dest_len]);
         assert_eq!(f.term, &body[FIXED_BYTES + dest_len..]);
+        assert_eq!(frame::check_dest(f.kind, f.dest), Ok(()));
         assert!(!f.term.is_empty(), "a frame without a term");
         // The destination: a pid, or an atom decoded in safe mode; one that does not decode
         // is only dropped.
@@ -407,15 +400,36 @@ impl Sink for Check {
         (!self.script.fail_alloc).then(|| vec![0; len])
     }
 
-    fn frame(&mut self, body: &[u8]) -> Result<(), String> {
+    fn frame(&mut self, header: Header, body: &[u8]) -> Result<(), String> {
         assert!(body.len() < OWNED_FRAME_MIN, "a large frame given in place");
-        self.deliver(body, false)
+        self.deliver(header, body, false)
     }
 
-    fn frame_owned(&mut self, body: Vec<u8>) -> Result<(), String> {
+    fn frame_owned(&mut self, header: Header, body: Vec<u8>) -> Result<(), String> {
         assert!(body.len() >= OWNED_FRAME_MIN, "a small frame given owned");
-        self.deliver(&body, true)
+        self.deliver(header, &body, true)
     }
+}
+
+/// What the header of a `len`-byte body whose first bytes are `head` (at least the fixed
+/// part and two bytes of destination, or all of the body) says is wrong with it, from the
+/// rules of `frame.rs`'s documentation.
+fn header_error(head: &[u8], len: usize) -> Option<FrameError> {
+    let kind = match head[0] {
+        1 => Kind::ToPid,
+        2 => Kind::ToName,
+        k => return Some(FrameError::BadKind(k)),
+    };
+    if head[1] != 0 {
+        return Some(FrameError::BadFlags(head[1]));
+    }
+    let dest_len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    if dest_len >= len - FIXED_BYTES {
+        return Some(FrameError::Truncated);
+    }
+    // Its kind shows in its first two bytes: the version and the outer tag.
+    let dest = &head[FIXED_BYTES..FIXED_BYTES + dest_len.min(2)];
+    frame::check_dest(kind, dest).err()
 }
 
 /// FNV-1a, continued from `h` over `bytes`.
@@ -440,6 +454,7 @@ enum End {
     BadLength(usize),
     NoMemory(usize),
     Gap { expected: u64, got: u64 },
+    Header(FrameError),
     Sink,
 }
 
@@ -482,9 +497,10 @@ fn model(stream: &Stream<'_>, total: usize, script: &Script) -> (Vec<Read1>, End
             return (frames, End::Eof);
         }
         let body_at = pos + LEN_BYTES;
-        let mut seq = [0u8; 8];
-        stream.copy(body_at + 4, &mut seq);
-        let seq = u64::from_be_bytes(seq);
+        let mut head = [0u8; FIXED_BYTES + 2];
+        let head = &mut head[..len.min(FIXED_BYTES + 2)];
+        stream.copy(body_at, head);
+        let seq = u64::from_be_bytes(head[4..12].try_into().unwrap());
         // Hashed piece by piece: the model allocates no frame buffer of its own.
         let (mut h, mut chunk) = (FNV_START, [0u8; 4096]);
         let mut at = body_at;
@@ -495,7 +511,15 @@ fn model(stream: &Stream<'_>, total: usize, script: &Script) -> (Vec<Read1>, End
             at += n;
         }
         let arrival = (len, h, owned, seq);
-        // The frame is read (and counted) whatever its number says.
+        // The frame is read (and counted) whatever its header says; a malformed one ends the
+        // reading, its number uncounted.
+        if let Some(e) = header_error(head, len) {
+            frames.push(Read1 {
+                arrival,
+                delivered: false,
+            });
+            return (frames, End::Header(e));
+        }
         if seq <= delivered {
             frames.push(Read1 {
                 arrival,
@@ -571,7 +595,7 @@ fn check(data: &[u8]) {
             expected: *expected,
             got: *got,
         },
-        Err(ReadError::Frame(e)) => panic!("the reader refused a frame itself: {e:?}"),
+        Err(ReadError::Frame(e)) => End::Header(e.clone()),
         Err(ReadError::NoMemory(n)) => End::NoMemory(*n),
         Err(ReadError::Sink(_)) => End::Sink,
     };

@@ -90,6 +90,71 @@ pub struct Frame<'a> {
     pub term: &'a [u8],
 }
 
+/// What a frame body's header says, checked: the receiver parses it once, as it reads the
+/// frame, and hands it on with the body, where [`Header::dest`] and [`Header::term`] find
+/// the parts without looking at the header again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// What the destination is.
+    pub kind: Kind,
+    /// The frame's number on its lane.
+    pub seq: u64,
+    dest_len: usize,
+}
+
+impl Header {
+    /// Parses and checks the header of `body`: a known kind, no flags, a destination of its
+    /// kind (see [`check_dest`]) and a term after it.
+    pub fn parse(body: &[u8]) -> Result<Header, FrameError> {
+        if body.len() < FIXED_BYTES {
+            return Err(FrameError::Truncated);
+        }
+        let kind = match body[0] {
+            1 => Kind::ToPid,
+            2 => Kind::ToName,
+            k => return Err(FrameError::BadKind(k)),
+        };
+        if body[1] != 0 {
+            return Err(FrameError::BadFlags(body[1]));
+        }
+        let dest_len = u16::from_be_bytes([body[2], body[3]]) as usize;
+        if dest_len >= body.len() - FIXED_BYTES {
+            return Err(FrameError::Truncated);
+        }
+        check_dest(kind, &body[FIXED_BYTES..FIXED_BYTES + dest_len])?;
+        Ok(Header {
+            kind,
+            seq: seq(body),
+            dest_len,
+        })
+    }
+
+    /// Where the term starts in the body.
+    pub fn term_at(&self) -> usize {
+        FIXED_BYTES + self.dest_len
+    }
+
+    /// The destination, in `body` (the body this header was parsed from).
+    pub fn dest<'a>(&self, body: &'a [u8]) -> &'a [u8] {
+        &body[FIXED_BYTES..self.term_at()]
+    }
+
+    /// The term, in `body` (the body this header was parsed from).
+    pub fn term<'a>(&self, body: &'a [u8]) -> &'a [u8] {
+        &body[self.term_at()..]
+    }
+
+    /// The whole frame, its parts in `body` (the body this header was parsed from).
+    pub fn frame<'a>(&self, body: &'a [u8]) -> Frame<'a> {
+        Frame {
+            kind: self.kind,
+            seq: self.seq,
+            dest: self.dest(body),
+            term: self.term(body),
+        }
+    }
+}
+
 /// Checks a length prefix against the receiver's limit before anything is allocated.
 pub fn check_len(prefix: [u8; LEN_BYTES], max_frame_bytes: usize) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(prefix) as usize;
@@ -107,31 +172,9 @@ pub fn seq(body: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// Parses a frame body.
+/// Parses a frame body (see [`Header::parse`]).
 pub fn parse(body: &[u8]) -> Result<Frame<'_>, FrameError> {
-    if body.len() < FIXED_BYTES {
-        return Err(FrameError::Truncated);
-    }
-    let kind = match body[0] {
-        1 => Kind::ToPid,
-        2 => Kind::ToName,
-        k => return Err(FrameError::BadKind(k)),
-    };
-    if body[1] != 0 {
-        return Err(FrameError::BadFlags(body[1]));
-    }
-    let dest_len = u16::from_be_bytes([body[2], body[3]]) as usize;
-    let rest = &body[FIXED_BYTES..];
-    if dest_len >= rest.len() {
-        return Err(FrameError::Truncated);
-    }
-    let (dest, term) = rest.split_at(dest_len);
-    Ok(Frame {
-        kind,
-        seq: seq(body),
-        dest,
-        term,
-    })
+    Header::parse(body).map(|h| h.frame(body))
 }
 
 /// Checks that a destination is what its kind says, by its outer tag, before the VM's own
@@ -276,6 +319,19 @@ mod tests {
             parse(&body(&[2, 0, 255, 255], b"a")),
             Err(FrameError::Truncated)
         );
+        // A destination that is not of its kind: the header check refuses it too.
+        let pid = [131, etf::NEW_PID_EXT, 119, 1, b'a'];
+        assert_eq!(
+            parse(&body(&[2, 0, 0, 5], &[&pid[..], &[131, 106]].concat())),
+            Err(FrameError::BadDest)
+        );
+        let good = body(&[1, 0, 0, 5], &[&pid[..], &[131, 106]].concat());
+        let h = Header::parse(&good).unwrap();
+        assert_eq!(
+            (h.kind, h.seq, h.term_at()),
+            (Kind::ToPid, 0, FIXED_BYTES + 5)
+        );
+        assert_eq!((h.dest(&good), h.term(&good)), (&pid[..], &[131, 106][..]));
     }
 
     #[test]

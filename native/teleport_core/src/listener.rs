@@ -9,7 +9,7 @@
 use crate::acks::{AckOut, Acker, ACK_DELAY};
 use crate::conn::handshake_io;
 use crate::deadline::Deadline;
-use crate::frame::{self, FrameError, LEN_BYTES};
+use crate::frame::{self, FrameError, Header, LEN_BYTES};
 use crate::handshake::{self, Welcome};
 use crate::lanes::{Admit, Lanes, Progress, Waited};
 use crate::sockopts::{self, SocketOpts};
@@ -41,17 +41,20 @@ pub const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// buffers takes milliseconds; a reader still going after this is on a half-open connection.
 const LANE_PATIENCE: Duration = Duration::from_secs(5);
 
-/// Where one incoming connection's frames go.
+/// Where one incoming connection's frames go: each once, in lane order, its header parsed
+/// and checked (a malformed frame never reaches the sink).
 pub trait Sink: Send + 'static {
     /// A buffer for one large frame (the NIF allocates a VM binary, so the frame can be
     /// decoded without a copy).
     type Buf: AsMut<[u8]> + Send;
     /// A buffer of exactly `len` bytes, or `None` if it cannot be had.
     fn alloc(&mut self, len: usize) -> Option<Self::Buf>;
-    /// A frame body, valid for this call only. An error closes the connection.
-    fn frame(&mut self, body: &[u8]) -> Result<(), String>;
-    /// A frame body read into a buffer from [`Sink::alloc`]. An error closes the connection.
-    fn frame_owned(&mut self, body: Self::Buf) -> Result<(), String>;
+    /// A frame: its header, and its body, valid for this call only. An error closes the
+    /// connection.
+    fn frame(&mut self, header: Header, body: &[u8]) -> Result<(), String>;
+    /// A frame read into a buffer from [`Sink::alloc`]: its header, and the buffer, which
+    /// holds its body. An error closes the connection.
+    fn frame_owned(&mut self, header: Header, body: Self::Buf) -> Result<(), String>;
 }
 
 /// What the listener asks of its owner.
@@ -608,8 +611,9 @@ fn read_all<W: Wire, S: Sink>(
                 start = body_at + have;
                 stats.received(len + LEN_BYTES);
                 conn.add(1, (len + LEN_BYTES) as u64);
-                if r.admit(frame::seq(owned.as_mut()), len)? {
-                    sink.frame_owned(owned).map_err(ReadError::Sink)?;
+                let header = Header::parse(owned.as_mut()).map_err(ReadError::Frame)?;
+                if r.admit(header.seq, len)? {
+                    sink.frame_owned(header, owned).map_err(ReadError::Sink)?;
                 }
                 continue;
             }
@@ -619,8 +623,11 @@ fn read_all<W: Wire, S: Sink>(
             stats.received(len + LEN_BYTES);
             conn.add(1, (len + LEN_BYTES) as u64);
             let body = &buf[body_at..body_at + len];
-            if r.admit(frame::seq(body), len)? {
-                sink.frame(body).map_err(ReadError::Sink)?;
+            // Parsed before its number counts: a malformed frame is not delivered, even as
+            // a duplicate, and closes the connection.
+            let header = Header::parse(body).map_err(ReadError::Frame)?;
+            if r.admit(header.seq, len)? {
+                sink.frame(header, body).map_err(ReadError::Sink)?;
             }
             start = body_at + len;
         }
@@ -746,13 +753,13 @@ mod tests {
         fn alloc(&mut self, len: usize) -> Option<Vec<u8>> {
             Some(vec![0; len])
         }
-        fn frame(&mut self, body: &[u8]) -> Result<(), String> {
-            self.frames.push(payload(body)?);
+        fn frame(&mut self, header: Header, body: &[u8]) -> Result<(), String> {
+            self.frames.push(payload(header, body));
             Ok(())
         }
-        fn frame_owned(&mut self, body: Vec<u8>) -> Result<(), String> {
+        fn frame_owned(&mut self, header: Header, body: Vec<u8>) -> Result<(), String> {
             self.owned += 1;
-            self.frame(&body)
+            self.frame(header, &body)
         }
     }
 
@@ -940,9 +947,22 @@ mod tests {
             &progress,
         )
         .unwrap_err();
-        assert!(matches!(err, ReadError::Sink(_)));
-        // It counts as delivered: sent again, it would only fail again.
-        assert_eq!(progress.delivered(), 1);
+        // The reader refuses it itself: the sink never sees it, and it is not delivered.
+        assert!(
+            matches!(err, ReadError::Frame(FrameError::BadKind(9))),
+            "{err}"
+        );
+        assert_eq!(progress.delivered(), 0);
+        // Nor a destination of the wrong kind: a pid where a name is due.
+        let mut stream = stream_of(&[1], &[1]);
+        stream[4] = frame::Kind::ToPid as u8;
+        let mut sink = Collect::default();
+        let err = read_all(&mut Trickle::new(&stream, 100), &mut sink, &progress).unwrap_err();
+        assert!(
+            matches!(err, ReadError::Frame(FrameError::BadDest)),
+            "{err}"
+        );
+        assert!(sink.frames.is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::conn::PeerConfig;
 use crate::etf;
-use crate::frame::{self, Draft, Kind};
+use crate::frame::{self, Draft, Header, Kind};
 use crate::listener::{Acceptor, ListenConfig, Listener, Sink};
 use crate::out_frame::OutFrame;
 use crate::peers::Peers;
@@ -32,10 +32,9 @@ pub fn frame(payload: &[u8]) -> OutFrame {
     d.finish(None).unwrap()
 }
 
-/// The payload of a frame body written by [`frame`], and its sequence number.
-pub fn payload(body: &[u8]) -> Result<(u64, Vec<u8>), String> {
-    let f = frame::parse(body).map_err(|e| e.to_string())?;
-    Ok((f.seq, f.term[1..].to_vec()))
+/// The sequence number of a frame written by [`frame`], and its payload.
+pub fn payload(header: Header, body: &[u8]) -> (u64, Vec<u8>) {
+    (header.seq, header.term(body)[1..].to_vec())
 }
 
 /// Holds deliveries back while shut: a reader stuck delivering.
@@ -73,17 +72,17 @@ impl Sink for ToChannel {
     fn alloc(&mut self, len: usize) -> Option<Vec<u8>> {
         Some(vec![0; len])
     }
-    fn frame(&mut self, body: &[u8]) -> Result<(), String> {
+    fn frame(&mut self, header: Header, body: &[u8]) -> Result<(), String> {
         self.2.pass();
-        let (_, body) = payload(body)?;
+        let (_, body) = payload(header, body);
         if body == b"poison" {
             return Err("poisoned".into());
         }
         let _ = self.1.send((self.0.clone(), body));
         Ok(())
     }
-    fn frame_owned(&mut self, body: Vec<u8>) -> Result<(), String> {
-        self.frame(&body)
+    fn frame_owned(&mut self, header: Header, body: Vec<u8>) -> Result<(), String> {
+        self.frame(header, &body)
     }
 }
 

@@ -13,7 +13,7 @@ use rustler::sys::{
     ErlNifTerm, ERL_NIF_BIN2TERM_SAFE,
 };
 use std::mem::MaybeUninit;
-use teleport_core::frame::{self, Kind};
+use teleport_core::frame::{Header, Kind};
 use teleport_core::listener::Sink;
 
 /// A VM binary being filled by a reader, handed over whole to [`Deliver::frame_owned`].
@@ -55,12 +55,12 @@ impl Deliver {
         }
     }
 
-    /// The local pid a frame is for, or `None` if there is no such process.
+    /// The local pid a frame is for, or `None` if there is no such process. (The listener
+    /// checked that `dest` is of its kind.)
     ///
     /// # Safety
     /// `self.env` must be live: it is, for the life of `self`.
     unsafe fn resolve(&self, kind: Kind, dest: &[u8]) -> Result<Option<ErlNifPid>, String> {
-        frame::check_dest(kind, dest).map_err(|e| e.to_string())?;
         let mut pid = MaybeUninit::<ErlNifPid>::uninit();
         let found = match kind {
             Kind::ToPid => {
@@ -87,34 +87,38 @@ impl Deliver {
         Ok((found != 0).then(|| pid.assume_init()))
     }
 
-    /// Decodes and sends one frame; `whole` is the frame's binary when it has one.
+    /// Decodes and sends the frame `header` heads in `body`; `whole` is the body's binary
+    /// when it has one (its large binaries then become sub-binaries of it). The env is
+    /// cleared after.
     ///
     /// # Safety
-    /// `whole`, if given, must be a binary of `self.env` whose bytes hold `body`.
-    unsafe fn deliver(&mut self, body: &[u8], whole: Option<ErlNifTerm>) -> Result<(), String> {
-        let f = frame::parse(body).map_err(|e| e.to_string())?;
-        let result = self.deliver_parsed(&f, body, whole);
+    /// `whole`, if given, must be a binary of `self.env` whose bytes are `body`.
+    unsafe fn deliver(
+        &mut self,
+        header: Header,
+        body: &[u8],
+        whole: Option<ErlNifTerm>,
+    ) -> Result<(), String> {
+        let result = self.send(header, body, whole);
         enif_clear_env(self.env);
         result
     }
 
     /// # Safety
-    /// `whole`, if given, must be a binary of `self.env` whose bytes hold `body`, and `f` must
-    /// be parsed from `body`.
-    unsafe fn deliver_parsed(
+    /// As for [`Deliver::deliver`].
+    unsafe fn send(
         &mut self,
-        f: &frame::Frame<'_>,
+        header: Header,
         body: &[u8],
         whole: Option<ErlNifTerm>,
     ) -> Result<(), String> {
-        let Some(pid) = self.resolve(f.kind, f.dest)? else {
+        let Some(pid) = self.resolve(header.kind, header.dest(body))? else {
             return Ok(());
         };
-        let term_bin = whole.map(|bin| {
-            let offset = body.len() - f.term.len();
-            enif_make_sub_binary(self.env, bin, offset, f.term.len())
-        });
-        let (msg, _) = codec_decode::decode(self.env, term_bin, f.term, codec_decode::Source::Peer)
+        let term = header.term(body);
+        let term_bin =
+            whole.map(|bin| enif_make_sub_binary(self.env, bin, header.term_at(), term.len()));
+        let (msg, _) = codec_decode::decode(self.env, term_bin, term, codec_decode::Source::Peer)
             .ok_or("message is not a valid external term")?;
         // A dead receiver is no error: the message is dropped, as disterl drops it.
         enif_send(std::ptr::null_mut(), &pid, self.env, msg);
@@ -137,11 +141,11 @@ impl Sink for Deliver {
             .then(|| BinBuf(Some(unsafe { bin.assume_init() })))
     }
 
-    fn frame(&mut self, body: &[u8]) -> Result<(), String> {
-        unsafe { self.deliver(body, None) }
+    fn frame(&mut self, header: Header, body: &[u8]) -> Result<(), String> {
+        unsafe { self.deliver(header, body, None) }
     }
 
-    fn frame_owned(&mut self, mut body: BinBuf) -> Result<(), String> {
+    fn frame_owned(&mut self, header: Header, mut body: BinBuf) -> Result<(), String> {
         let Some(mut bin) = body.0.take() else {
             return Err("empty frame buffer".into());
         };
@@ -155,7 +159,7 @@ impl Sink for Deliver {
             }
             let view = view.assume_init();
             let slice = std::slice::from_raw_parts(view.data, view.size);
-            self.deliver(slice, Some(whole))
+            self.deliver(header, slice, Some(whole))
         }
     }
 }
