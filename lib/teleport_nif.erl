@@ -169,8 +169,9 @@ log_emit_test(_Level, _Text) -> ?NOT_LOADED.
 -spec diag_panic() -> no_return().
 diag_panic() -> ?NOT_LOADED.
 
-%% @doc Diagnostic: what the codec's checks of local pids, ports and references found so far
-%% (whether it writes them itself, keeps this node's name between calls, writes pid
-%% references); tests use it to see that the fast path they test is the one taken.
--spec diag_local_ids() -> #{layout | bounds | pid_refs => unchecked | on | off}.
+%% @doc Diagnostic: what the codec's checks of pids, ports and references found so far
+%% (whether it writes local ones itself, keeps this node's name between calls, writes pid
+%% references, writes those of other nodes); tests use it to see that the fast path they
+%% test is the one taken.
+-spec diag_local_ids() -> #{layout | bounds | pid_refs | remote => unchecked | on | off}.
 diag_local_ids() -> ?NOT_LOADED.

@@ -633,23 +633,37 @@ existing_atoms_safe_large() ->
 %%% Local identifiers, written by the NIF
 %%%===================================================================
 
-%% The NIF writes local pids, ports and references itself (local_id.rs): the bytes must be
-%% term_to_binary/1's exactly, for every kind, the extreme numbers included, wherever the
-%% identifier stands in the term (the first of each call is the VM's, the others the NIF's).
+%% The NIF writes local pids, ports and references itself, and pids and references of other
+%% nodes (local_id.rs): the bytes must be term_to_binary/1's exactly, for every kind, the
+%% extreme numbers included, wherever the identifier stands in the term (the first of each
+%% call, or of each node, is the VM's, the others the NIF's).
 identifier_bytes_test_() ->
     {timeout, 60, fun identifier_bytes/0}.
 
 identifier_bytes() ->
-    Ids = local_identifiers() ++ [remote_pid(), remote_ref(), remote_port()],
+    %% Pids and references of 20 other nodes: more than the NIF keeps per thread (8).
+    Others = [binary_to_term(<<131, Tag, Len/binary, 100, (byte_size(N)):16, N/binary, Rest/binary>>)
+              || I <- lists:seq(1, 20),
+                 N <- [list_to_binary("other" ++ integer_to_list(I) ++ "@teleport.example")],
+                 {Tag, Len, Rest} <- [{88, <<>>, <<I:32, 1:32, 7:32>>},
+                                      {90, <<3:16>>, <<7:32, I:32, 2:32, 3:32>>},
+                                      %% Numbers of their own: OTP 25.2 crashes on a map
+                                      %% whose keys are refs of 3 and of 5 numbers that
+                                      %% begin alike.
+                                      {90, <<5:16>>, <<7:32, (I + 100):32, 9:32, 9:32, 4:32,
+                                                       5:32>>}]],
+    Ids = local_identifiers() ++ [remote_pid(), remote_ref(), remote_port() | Others],
     Terms = [{Id} || Id <- Ids]
         ++ [{self(), Id, [Id, Id]} || Id <- Ids]
         ++ [{Id, self(), make_ref(), hd(erlang:ports())} || Id <- Ids]
-        ++ [list_to_tuple(Ids), Ids, lists:reverse(Ids),
-            maps:from_list([{Id, Id} || Id <- Ids])],
+        ++ [list_to_tuple(Ids), Ids, lists:reverse(Ids)],
     [?assertEqual({T, term_to_binary(T)}, {T, iolist_to_binary(teleport_codec:encode(T))})
      || T <- Terms],
+    %% A large map's pairs may come in another order than term_to_binary/1's: the same map.
+    Map = maps:from_list([{Id, [Id]} || Id <- Ids]),
+    assert_exact(binary_to_term(iolist_to_binary(teleport_codec:encode(Map))), Map),
     %% The test above passes with the VM writing everything too: these say it did not.
-    ?assertMatch(#{layout := on, pid_refs := on}, teleport_nif:diag_local_ids()).
+    ?assertMatch(#{layout := on, pid_refs := on, remote := on}, teleport_nif:diag_local_ids()).
 
 %% Every kind of local identifier this node can make: pids and ports at the limits of their
 %% numbers, ordinary references, pid references (aliases, monitors with an alias) and magic

@@ -11,7 +11,7 @@
 //! list or map, no copy of their elements); atoms' encodings are kept per thread (an atom's
 //! text never changes); and the scratch memory of a walk is kept per thread between calls.
 
-use crate::local_id::{with_vm_encoding, LocalIds};
+use crate::local_id::{with_vm_encoding, write_remote, LocalIds};
 use crate::term_word::{self, debug_check, is_atom, is_cons, small, word, NIL};
 use rustler::sys::{
     enif_alloc_env, enif_binary_to_term, enif_compare, enif_get_atom, enif_get_double,
@@ -405,13 +405,14 @@ impl Walk<'_> {
         }
     }
 
-    /// A pid, port or reference: written here when it is a local one (see [`LocalIds`]), else
-    /// the VM's own encoding, asked for once per walk.
+    /// A pid, port or reference: written here when it is a local one (see [`LocalIds`]) or a
+    /// pid or reference of another node ([`write_remote`]), else the VM's own encoding, asked
+    /// for once per walk.
     ///
     /// # Safety
     /// `t` must be a term of `self.env`, which stays live for the whole walk (the env of the NIF call it runs in).
     unsafe fn opaque(&mut self, t: ErlNifTerm) {
-        if self.fast && self.ids.write(self.env, t, self.w) {
+        if self.fast && (self.ids.write(self.env, t, self.w) || write_remote(self.env, t, self.w)) {
             self.work += 1;
             return;
         }

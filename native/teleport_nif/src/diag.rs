@@ -34,8 +34,8 @@ fn diag_panic() {
     panic!("teleport diag_panic: a deliberate panic inside a NIF");
 }
 
-/// Diagnostic: what the codec's checks of local identifiers found so far, `#{layout, bounds,
-/// pid_refs => unchecked | on | off}` (see `local_id`).
+/// Diagnostic: what the codec's checks of identifiers found so far, `#{layout, bounds,
+/// pid_refs, remote => unchecked | on | off}` (see `local_id`).
 #[rustler::nif]
 fn diag_local_ids(env: Env) -> NifResult<Term> {
     let mut map = Term::map_new(env);

@@ -19,16 +19,22 @@
 //!   reference, which no encoding makes, is compared the first time one is seen. If anything
 //!   disagrees, every identifier goes to the VM, for the life of the VM.
 //!
-//! Magic references (`ets` tables, `atomics`), whose numbers live outside the term, and the
-//! identifiers of other nodes always go to the VM.
+//! Magic references (`ets` tables, `atomics`), whose numbers live outside the term, always go
+//! to the VM.
+//!
+//! Pids and references of other nodes ([`write_remote`]) name their node through the VM's
+//! entry for it, which never changes its name or creation. The first one of a node is
+//! encoded by the VM, and the node's encoding is kept per thread with the entry's address, and
+//! with a copy of the identifier, which keeps the entry alive (so that no other node's entry
+//! can take that address while it is kept).
 
 use crate::term_word::{from_word, word};
 use rustler::sys::{
-    enif_alloc_env, enif_binary_to_term, enif_compare, enif_free_env, enif_make_ref,
-    enif_release_binary, enif_term_to_binary, ErlNifBinary, ErlNifEnv, ErlNifTerm,
+    enif_alloc_env, enif_binary_to_term, enif_compare, enif_free_env, enif_make_copy,
+    enif_make_ref, enif_release_binary, enif_term_to_binary, ErlNifBinary, ErlNifEnv, ErlNifTerm,
     ERL_NIF_BIN2TERM_SAFE,
 };
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 use teleport_core::encode::Writer;
@@ -97,23 +103,23 @@ unsafe fn classify(t: ErlNifTerm) -> Option<Id> {
     }
 }
 
-/// This node as the encoding of its identifiers names it: what comes before the numbers of a
+/// A node as the encoding of its identifiers names it: what comes before the numbers of a
 /// pid, a port and a reference (tag, name and, for a reference, its length and creation), and
 /// the creation that comes after those of a pid or port.
 #[derive(Clone)]
-struct ThisNode {
+struct NodeCoding {
     pid_head: Vec<u8>,
     port_head: Vec<u8>,
     ref_head: Vec<u8>,
     creation: [u8; 4],
 }
 
-impl ThisNode {
+impl NodeCoding {
     /// The node whose name is encoded as `atom` (tag and length included) and whose creation
     /// is `creation`.
-    fn new(atom: &[u8], creation: [u8; 4]) -> ThisNode {
+    fn new(atom: &[u8], creation: [u8; 4]) -> NodeCoding {
         let head = |before: &[u8], after: &[u8]| [before, atom, after].concat();
-        ThisNode {
+        NodeCoding {
             pid_head: head(&[NEW_PID_EXT], &[]),
             port_head: head(&[NEW_PORT_EXT], &[]),
             ref_head: head(&[NEWER_REFERENCE_EXT, 0, 3], &creation),
@@ -122,14 +128,14 @@ impl ThisNode {
     }
 
     /// The same name with another creation.
-    fn with_creation(&self, creation: u32) -> ThisNode {
-        ThisNode::new(&self.pid_head[1..], creation.to_be_bytes())
+    fn with_creation(&self, creation: u32) -> NodeCoding {
+        NodeCoding::new(&self.pid_head[1..], creation.to_be_bytes())
     }
 
     /// Read from the VM's encoding of a local identifier (version byte first): the node's
     /// atom follows the tag (and a reference's 16-bit length), the creation follows the
     /// numbers of a pid or port and precedes those of a reference.
-    fn from_encoding(bytes: &[u8]) -> Option<ThisNode> {
+    fn from_encoding(bytes: &[u8]) -> Option<NodeCoding> {
         let (tag, at) = match bytes {
             [VERSION, NEWER_REFERENCE_EXT, ..] => (NEWER_REFERENCE_EXT, 4),
             [VERSION, tag @ (NEW_PID_EXT | NEW_PORT_EXT), ..] => (*tag, 2),
@@ -150,7 +156,7 @@ impl ThisNode {
             _ => after,
         };
         let creation = bytes.get(creation_at..creation_at + 4)?.try_into().ok()?;
-        Some(ThisNode::new(bytes.get(at..after)?, creation))
+        Some(NodeCoding::new(bytes.get(at..after)?, creation))
     }
 
     /// The head and the rest of `id`'s encoding (without the version byte).
@@ -245,7 +251,7 @@ pub unsafe fn with_vm_encoding<R>(
 ///
 /// # Safety
 /// `env` must be a live env of the calling thread.
-unsafe fn layout_agrees(env: *mut ErlNifEnv, node: &ThisNode) -> bool {
+unsafe fn layout_agrees(env: *mut ErlNifEnv, node: &NodeCoding) -> bool {
     if !(cfg!(target_pointer_width = "64") && cfg!(target_endian = "little")) {
         return false;
     }
@@ -308,7 +314,7 @@ static BOUNDS: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// Each check this module makes and its outcome so far (`unchecked`, `on` or `off`), for
 /// `teleport_nif:diag_local_ids/0`: tests use it to see that identifiers are written here
 /// and that the node is kept between calls.
-pub fn checks() -> [(&'static str, &'static str); 3] {
+pub fn checks() -> [(&'static str, &'static str); 4] {
     let say = |state: &AtomicU8| match state.load(Ordering::Relaxed) {
         ON => "on",
         OFF => "off",
@@ -318,6 +324,7 @@ pub fn checks() -> [(&'static str, &'static str); 3] {
         ("layout", say(&LAYOUT)),
         ("bounds", say(&BOUNDS)),
         ("pid_refs", say(&PID_REFS)),
+        ("remote", say(&REMOTE)),
     ]
 }
 
@@ -350,7 +357,7 @@ impl Bounds {
     ///
     /// # Safety
     /// Must run on a thread of the VM.
-    unsafe fn around(node: &ThisNode) -> Option<Bounds> {
+    unsafe fn around(node: &NodeCoding) -> Option<Bounds> {
         let creation = u32::from_be_bytes(node.creation);
         let (lo, hi) = (creation.checked_sub(1)?, creation.checked_add(1)?);
         let env = enif_alloc_env();
@@ -386,16 +393,16 @@ impl Bounds {
     ///
     /// # Safety
     /// Must run on a thread of the VM, in which `node` is this node.
-    unsafe fn tell(node: &ThisNode, these: &Bounds) -> bool {
+    unsafe fn tell(node: &NodeCoding, these: &Bounds) -> bool {
         let creation = u32::from_be_bytes(node.creation);
         let later = node.with_creation(creation.wrapping_add(2));
         // `nonode@nohost` exists in every VM (no atom is made) and is no distributed node.
         let name = b"nonode@nohost";
-        let other_name = ThisNode::new(
+        let other_name = NodeCoding::new(
             &[&[100, 0, name.len() as u8], &name[..]].concat(),
             node.creation,
         );
-        let refuted = |n: &ThisNode| match Bounds::around(n) {
+        let refuted = |n: &NodeCoding| match Bounds::around(n) {
             Some(b) => !b.hold(),
             None => false,
         };
@@ -411,7 +418,7 @@ impl Drop for Bounds {
 
 /// This node, with its bounds when it has them: what a thread keeps between walks.
 struct Cached {
-    node: ThisNode,
+    node: NodeCoding,
     bounds: Option<Bounds>,
 }
 
@@ -508,7 +515,7 @@ unsafe fn learn(env: *mut ErlNifEnv, vm: &[u8], id: Id, kept: Option<Box<Cached>
     if let Some(kept) = kept.filter(|k| comparable && k.node.same(id, vm)) {
         return Known::Node(kept);
     }
-    let Some(node) = ThisNode::from_encoding(vm) else {
+    let Some(node) = NodeCoding::from_encoding(vm) else {
         layout_off("the VM's encoding of a local identifier is not the expected one");
         return Known::Vm;
     };
@@ -546,7 +553,7 @@ unsafe fn learn(env: *mut ErlNifEnv, vm: &[u8], id: Id, kept: Option<Box<Cached>
 ///
 /// # Safety
 /// `env` must be live and `t` a term of it, classified as `id`.
-unsafe fn pid_refs_agree(env: *mut ErlNifEnv, node: &ThisNode, t: ErlNifTerm, id: Id) -> bool {
+unsafe fn pid_refs_agree(env: *mut ErlNifEnv, node: &NodeCoding, t: ErlNifTerm, id: Id) -> bool {
     match PID_REFS.load(Ordering::Relaxed) {
         ON => true,
         OFF => false,
@@ -562,4 +569,117 @@ unsafe fn pid_refs_agree(env: *mut ErlNifEnv, node: &ThisNode, t: ErlNifTerm, id
             agree
         }
     }
+}
+
+/// The header word of a pid of another node (`_TAG_HEADER_EXTERNAL_PID`, 3 words after it: the
+/// node's entry, an off-heap link, then the number and serial).
+const EXTERNAL_PID_HEADER: usize = (3 << 6) | 0x30;
+/// The header word of a reference of another node with 3 numbers (`_TAG_HEADER_EXTERNAL_REF`,
+/// 4 words after it: the node's entry, an off-heap link, then the count of numbers and the
+/// numbers, 32 bits each).
+const EXTERNAL_REF3_HEADER: usize = (4 << 6) | 0x38;
+
+/// The address of the VM's entry for the node of `t`, and `t`'s numbers, if `t` is a pid of
+/// another node or a reference of another node with 3 numbers.
+///
+/// # Safety
+/// `t` must be a live term. Of a boxed term only the header is read, and the words after it
+/// only when the header says they are there.
+unsafe fn classify_remote(t: ErlNifTerm) -> Option<(usize, Id)> {
+    let w = word(t);
+    if w & 0x3 != 0x2 {
+        return None;
+    }
+    let thing = (w & !0x3) as *const usize;
+    match *thing {
+        EXTERNAL_PID_HEADER => {
+            let data = *thing.add(3);
+            let (num, ser) = (data as u32, (data >> 32) as u32);
+            Some((*thing.add(1), Id::Pid { num, ser }))
+        }
+        EXTERNAL_REF3_HEADER => {
+            let (first, second) = (*thing.add(3), *thing.add(4));
+            if first as u32 != 3 {
+                return None;
+            }
+            let nums = [(first >> 32) as u32, second as u32, (second >> 32) as u32];
+            Some((
+                *thing.add(1),
+                Id::Ref {
+                    nums,
+                    pid_ref: false,
+                },
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Another node as one thread knows it: its entry's address, a process-independent env
+/// holding a copy of one of its identifiers (which keeps the entry alive), and its encoding.
+struct Remote {
+    entry: usize,
+    keep: *mut ErlNifEnv,
+    node: NodeCoding,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        unsafe { enif_free_env(self.keep) };
+    }
+}
+
+/// Nodes kept per thread: a few, looked up by their entry's address.
+const REMOTE_SLOTS: usize = 8;
+
+thread_local! {
+    static REMOTES: RefCell<[Option<Remote>; REMOTE_SLOTS]> = const {
+        RefCell::new([const { None }; REMOTE_SLOTS])
+    };
+}
+
+/// Whether identifiers of other nodes are written here (`OFF` once one disagreed).
+static REMOTE: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// Writes `t` if it is a pid of another node or a reference of another node with 3 numbers:
+/// here if this thread knows its node, else as the VM encodes it (and the node is kept).
+/// `false`: nothing was written, the VM must write it.
+///
+/// # Safety
+/// `env` must be a live env of the calling thread and `t` a term of it.
+pub unsafe fn write_remote(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) -> bool {
+    if REMOTE.load(Ordering::Relaxed) == OFF {
+        return false;
+    }
+    let Some((entry, id)) = classify_remote(t) else {
+        return false;
+    };
+    REMOTES.with(|slots| {
+        let mut slots = slots.borrow_mut();
+        let slot = &mut slots[(entry >> 6) % REMOTE_SLOTS];
+        if let Some(known) = slot.as_ref().filter(|r| r.entry == entry) {
+            known.node.write(id, w);
+            return;
+        }
+        with_vm_encoding(env, t, |vm| {
+            w.raw(&vm[1..]);
+            match NodeCoding::from_encoding(vm).filter(|node| node.same(id, vm)) {
+                Some(node) => {
+                    let keep = enif_alloc_env();
+                    enif_make_copy(keep, t);
+                    *slot = Some(Remote { entry, keep, node });
+                    REMOTE.store(ON, Ordering::Relaxed);
+                }
+                None => {
+                    if REMOTE.swap(OFF, Ordering::Relaxed) != OFF {
+                        tracing::warn!(
+                            reason = "an identifier of another node read from its term words does not encode as the VM's",
+                            "codec_remote_identifiers_by_vm"
+                        );
+                    }
+                }
+            }
+        });
+    });
+    true
 }

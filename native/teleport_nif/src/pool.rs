@@ -2,7 +2,9 @@
 //! `teleport_pools` ETS table, and the send path that encodes straight into a frame.
 
 use crate::codec_encode::{fallback, write_atom, write_term, OverBudget, NORMAL_BUDGET};
+use crate::local_id::write_remote;
 use crate::runtime::{maybe_addr, Runtime};
+use crate::term_word;
 use rustler::sys::{
     enif_alloc_env, enif_free_env, enif_hash, enif_inspect_binary, enif_is_atom, enif_is_pid,
     enif_make_copy, enif_self, ErlNifBinary, ErlNifEnv, ErlNifHash, ErlNifPid, ErlNifTerm,
@@ -286,7 +288,13 @@ unsafe fn encode_frame(
     };
     let mut d = Writer::with_capacity(64);
     match kind {
-        Kind::ToPid => fallback(raw, dest.as_c_arg(), &mut d),
+        // Most often a pid of the peer, which the node's kept encoding writes.
+        Kind::ToPid => {
+            let pid = dest.as_c_arg();
+            if !(term_word::fast_ok(raw) && write_remote(raw, pid, &mut d)) {
+                fallback(raw, pid, &mut d);
+            }
+        }
         Kind::ToName => write_atom(raw, dest.as_c_arg(), &mut d),
     }
     let (dest_bytes, _) = d.finish();
