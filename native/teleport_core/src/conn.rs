@@ -397,7 +397,7 @@ impl Conn {
         let mut rounds = 0;
         let (mut st, failed) = loop {
             let result = self.write_counted(|msgs, bytes| {
-                write_once(sock, &mut batch, libc::MSG_DONTWAIT, msgs, bytes)
+                write_once(sock, &mut batch, &mut 0, libc::MSG_DONTWAIT, msgs, bytes)
             });
             let mut st = self.state.lock();
             let all_written = self.settle(&mut st, sock, &mut batch);
@@ -983,21 +983,27 @@ pub fn handshake_io(e: HandshakeError) -> io::Error {
 }
 
 /// One `writev` (non-blocking with `MSG_DONTWAIT` in `flags`) of as much of `batch` as the
-/// iovec limit allows, skipping finished frames. Frames keep their progress; `msgs` and
-/// `bytes` count the frames it completed for the first time. Returns the bytes written,
-/// whether or not everything fit (the caller looks at what remains); `WouldBlock` if
-/// nothing did.
+/// iovec limit allows, from its first unfinished frame on. Frames keep their progress;
+/// `msgs` and `bytes` count the frames it completed for the first time. Returns the bytes
+/// written, whether or not everything fit (the caller looks at what remains); `WouldBlock`
+/// if nothing did.
+///
+/// `done` says how many frames at the front of `batch` are known finished; the next call
+/// moves it past those this write finished: a batch of many small frames takes many writes, and
+/// looking for the first unfinished one from the front each time made draining it quadratic
+/// (most of a writer's time, with one sender of small messages).
 fn write_once(
     sock: &Socket,
     batch: &mut [OutFrame],
+    done: &mut usize,
     flags: libc::c_int,
     msgs: &mut u64,
     bytes: &mut u64,
 ) -> io::Result<usize> {
-    let first = batch
-        .iter()
-        .position(|f| f.remaining() > 0)
-        .unwrap_or(batch.len());
+    while batch.get(*done).is_some_and(|f| f.remaining() == 0) {
+        *done += 1;
+    }
+    let first = *done;
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(8);
     for f in &batch[first..] {
         f.slices(&mut slices, MAX_IOVECS);
@@ -1036,8 +1042,9 @@ fn write_frames(
     msgs: &mut u64,
     bytes: &mut u64,
 ) -> io::Result<()> {
+    let mut done = 0;
     while batch.last().is_some_and(|f| f.remaining() > 0) {
-        write_once(sock, batch, 0, msgs, bytes)?;
+        write_once(sock, batch, &mut done, 0, msgs, bytes)?;
     }
     Ok(())
 }
