@@ -206,13 +206,24 @@ impl Draft {
     /// pid, or an atom: see [`check_dest`]), at most 65534 bytes. The term's version byte is
     /// written too: what [`Draft::term`] writes next is the term itself.
     pub fn new(kind: Kind, dest: &[u8]) -> Draft {
+        Draft::writing_dest(kind, |w| w.raw(dest))
+    }
+
+    /// As [`Draft::new`], with the destination written by `write_dest` straight into the
+    /// frame (bytes only, no shared binary), so that no buffer of its own is needed. It must
+    /// write at most 65534 bytes: more would not fit the 16-bit length, and is cut there
+    /// (which the receiver refuses).
+    pub fn writing_dest(kind: Kind, write_dest: impl FnOnce(&mut Writer)) -> Draft {
         let mut w = Writer::with_capacity(256);
-        // Length and sequence number are filled in later: by `finish` and `OutFrame::stamp`.
-        w.raw(&[0, 0, 0, 0, kind as u8, 0]);
-        w.raw(&((dest.len() + 1) as u16).to_be_bytes());
+        // Length and sequence number are filled in later: by `finish` and `OutFrame::stamp`;
+        // the destination's length once it is written.
+        w.raw(&[0, 0, 0, 0, kind as u8, 0, 0, 0]);
         w.raw(&[0; 8]);
+        let dest_at = w.buffered();
         w.version();
-        w.raw(dest);
+        write_dest(&mut w);
+        let dest_len = u16::try_from(w.buffered() - dest_at).unwrap_or(u16::MAX);
+        w.overwrite(LEN_BYTES + 2, &dest_len.to_be_bytes());
         w.version();
         Draft(w)
     }

@@ -16,7 +16,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use teleport_core::conn::{PeerConfig, SendError, Status};
-use teleport_core::encode::Writer;
 use teleport_core::frame::{Draft, Kind};
 use teleport_core::out_frame::{OutFrame, Shared};
 use teleport_core::pool::Pool;
@@ -286,20 +285,16 @@ unsafe fn encode_frame(
     } else {
         return Err(rustler::Error::BadArg);
     };
-    let mut d = Writer::with_capacity(64);
-    match kind {
+    let mut draft = Draft::writing_dest(kind, |d| match kind {
         // Most often a pid of the peer, which the node's kept encoding writes.
         Kind::ToPid => {
             let pid = dest.as_c_arg();
-            if !(term_word::fast_ok(raw) && write_remote(raw, pid, &mut d)) {
-                fallback(raw, pid, &mut d);
+            if !(term_word::fast_ok(raw) && write_remote(raw, pid, d)) {
+                fallback(raw, pid, d);
             }
         }
-        Kind::ToName => write_atom(raw, dest.as_c_arg(), &mut d),
-    }
-    let (dest_bytes, _) = d.finish();
-
-    let mut draft = Draft::new(kind, &dest_bytes);
+        Kind::ToName => write_atom(raw, dest.as_c_arg(), d),
+    });
     let (shared, work) = match write_term(raw, msg.as_c_arg(), draft.term(), budget) {
         Ok(done) => done,
         Err(over) => return Ok(Err(over)),
