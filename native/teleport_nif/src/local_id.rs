@@ -301,21 +301,65 @@ unsafe fn layout_agrees(env: *mut ErlNifEnv, node: &NodeCoding) -> bool {
     with_vm_encoding(env, fresh, |vm| node.same(id, vm))
 }
 
+/// Something this module checks against the VM before relying on it, and what it found:
+/// nothing yet, that it holds, or that it does not (for the life of the VM).
+struct Check {
+    state: AtomicU8,
+    /// The event logged, once, when it does not hold.
+    event: &'static str,
+}
+
 const UNKNOWN: u8 = 0;
 const ON: u8 = 1;
 const OFF: u8 = 2;
-/// Whether this module writes identifiers at all (`OFF` once the layout disagreed).
-static LAYOUT: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+impl Check {
+    const fn new(event: &'static str) -> Check {
+        Check {
+            state: AtomicU8::new(UNKNOWN),
+            event,
+        }
+    }
+
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Relaxed)
+    }
+
+    fn is(&self, state: u8) -> bool {
+        self.state() == state
+    }
+
+    /// Records whether it holds, and returns whether it does now: never again once it did
+    /// not (a disagreement another thread found stands). The first time it does not, says
+    /// why.
+    fn settle(&self, holds: bool, reason: &'static str) -> bool {
+        if holds {
+            let was =
+                self.state
+                    .compare_exchange(UNKNOWN, ON, Ordering::Relaxed, Ordering::Relaxed);
+            return was.map_or_else(|state| state == ON, |_| true);
+        }
+        if self.state.swap(OFF, Ordering::Relaxed) != OFF {
+            tracing::warn!(reason, "{}", self.event);
+        }
+        false
+    }
+}
+
+/// Whether this module writes local identifiers at all (checked on the first one).
+static LAYOUT: Check = Check::new("codec_identifiers_by_vm");
 /// Whether pid references are written here (checked on the first one seen).
-static PID_REFS: AtomicU8 = AtomicU8::new(UNKNOWN);
+static PID_REFS: Check = Check::new("codec_pid_refs_by_vm");
 /// Whether [`Bounds`] tell this node's name and creation (checked on the first ones made).
-static BOUNDS: AtomicU8 = AtomicU8::new(UNKNOWN);
+static BOUNDS: Check = Check::new("codec_node_asked_each_call");
+/// Whether identifiers of other nodes are written here (checked on each node's first).
+static REMOTE: Check = Check::new("codec_remote_identifiers_by_vm");
 
 /// Each check this module makes and its outcome so far (`unchecked`, `on` or `off`), for
 /// `teleport_nif:diag_local_ids/0`: tests use it to see that identifiers are written here
 /// and that the node is kept between calls.
 pub fn checks() -> [(&'static str, &'static str); 4] {
-    let say = |state: &AtomicU8| match state.load(Ordering::Relaxed) {
+    let say = |check: &Check| match check.state() {
         ON => "on",
         OFF => "off",
         _ => "unchecked",
@@ -326,13 +370,6 @@ pub fn checks() -> [(&'static str, &'static str); 4] {
         ("pid_refs", say(&PID_REFS)),
         ("remote", say(&REMOTE)),
     ]
-}
-
-/// Turns the writing of identifiers off for good, saying why once.
-fn layout_off(reason: &'static str) {
-    if LAYOUT.swap(OFF, Ordering::Relaxed) != OFF {
-        tracing::warn!(reason, "codec_identifiers_by_vm");
-    }
 }
 
 /// The pid `<0.0.0>` of whatever node this is now.
@@ -506,17 +543,19 @@ impl Drop for LocalIds {
 /// # Safety
 /// `env` must be a live env of the calling thread.
 unsafe fn learn(env: *mut ErlNifEnv, vm: &[u8], id: Id, kept: Option<Box<Cached>>) -> Known {
-    let layout = LAYOUT.load(Ordering::Relaxed);
+    let layout = LAYOUT.state();
     if layout == OFF {
         return Known::Vm;
     }
-    let comparable =
-        !matches!(id, Id::Ref { pid_ref: true, .. }) || PID_REFS.load(Ordering::Relaxed) == ON;
+    let comparable = !matches!(id, Id::Ref { pid_ref: true, .. }) || PID_REFS.is(ON);
     if let Some(kept) = kept.filter(|k| comparable && k.node.same(id, vm)) {
         return Known::Node(kept);
     }
     let Some(node) = NodeCoding::from_encoding(vm) else {
-        layout_off("the VM's encoding of a local identifier is not the expected one");
+        LAYOUT.settle(
+            false,
+            "the VM's encoding of a local identifier is not the expected one",
+        );
         return Known::Vm;
     };
     let agrees = match id {
@@ -524,25 +563,21 @@ unsafe fn learn(env: *mut ErlNifEnv, vm: &[u8], id: Id, kept: Option<Box<Cached>
         Id::Ref { pid_ref: true, .. } => true,
         _ => node.same(id, vm),
     };
-    if !agrees || (layout == UNKNOWN && !layout_agrees(env, &node)) {
-        layout_off("identifiers read from their term words do not encode as the VM's");
+    let holds = agrees && (layout == ON || layout_agrees(env, &node));
+    if !LAYOUT.settle(
+        holds,
+        "identifiers read from their term words do not encode as the VM's",
+    ) {
         return Known::Vm;
     }
-    LAYOUT.store(ON, Ordering::Relaxed);
-    let bounds = match BOUNDS.load(Ordering::Relaxed) {
+    let bounds = match BOUNDS.state() {
         OFF => None,
         known => Bounds::around(&node).filter(|b| {
-            known == ON || {
-                let tell = Bounds::tell(&node, b);
-                BOUNDS.store(if tell { ON } else { OFF }, Ordering::Relaxed);
-                if !tell {
-                    tracing::warn!(
-                        reason = "pids do not sort by node name and creation as expected",
-                        "codec_node_asked_each_call"
-                    );
-                }
-                tell
-            }
+            known == ON
+                || BOUNDS.settle(
+                    Bounds::tell(&node, b),
+                    "pids do not sort by node name and creation as expected",
+                )
         }),
     };
     Known::Node(Box::new(Cached { node, bounds }))
@@ -554,20 +589,13 @@ unsafe fn learn(env: *mut ErlNifEnv, vm: &[u8], id: Id, kept: Option<Box<Cached>
 /// # Safety
 /// `env` must be live and `t` a term of it, classified as `id`.
 unsafe fn pid_refs_agree(env: *mut ErlNifEnv, node: &NodeCoding, t: ErlNifTerm, id: Id) -> bool {
-    match PID_REFS.load(Ordering::Relaxed) {
+    match PID_REFS.state() {
         ON => true,
         OFF => false,
-        _ => {
-            let agree = with_vm_encoding(env, t, |vm| node.same(id, vm));
-            PID_REFS.store(if agree { ON } else { OFF }, Ordering::Relaxed);
-            if !agree {
-                tracing::warn!(
-                    reason = "a pid reference read from its term words does not encode as the VM's",
-                    "codec_pid_refs_by_vm"
-                );
-            }
-            agree
-        }
+        _ => PID_REFS.settle(
+            with_vm_encoding(env, t, |vm| node.same(id, vm)),
+            "a pid reference read from its term words does not encode as the VM's",
+        ),
     }
 }
 
@@ -638,9 +666,6 @@ thread_local! {
     };
 }
 
-/// Whether identifiers of other nodes are written here (`OFF` once one disagreed).
-static REMOTE: AtomicU8 = AtomicU8::new(UNKNOWN);
-
 /// Writes `t` if it is a pid of another node or a reference of another node with 3 numbers:
 /// here if this thread knows its node, else as the VM encodes it (and the node is kept).
 /// `false`: nothing was written, the VM must write it.
@@ -648,7 +673,7 @@ static REMOTE: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// # Safety
 /// `env` must be a live env of the calling thread and `t` a term of it.
 pub unsafe fn write_remote(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) -> bool {
-    if REMOTE.load(Ordering::Relaxed) == OFF {
+    if REMOTE.is(OFF) {
         return false;
     }
     let Some((entry, id)) = classify_remote(t) else {
@@ -663,21 +688,12 @@ pub unsafe fn write_remote(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) -
         }
         with_vm_encoding(env, t, |vm| {
             w.raw(&vm[1..]);
-            match NodeCoding::from_encoding(vm).filter(|node| node.same(id, vm)) {
-                Some(node) => {
-                    let keep = enif_alloc_env();
-                    enif_make_copy(keep, t);
-                    *slot = Some(Remote { entry, keep, node });
-                    REMOTE.store(ON, Ordering::Relaxed);
-                }
-                None => {
-                    if REMOTE.swap(OFF, Ordering::Relaxed) != OFF {
-                        tracing::warn!(
-                            reason = "an identifier of another node read from its term words does not encode as the VM's",
-                            "codec_remote_identifiers_by_vm"
-                        );
-                    }
-                }
+            let node = NodeCoding::from_encoding(vm).filter(|node| node.same(id, vm));
+            let reason = "an identifier of another node read from its term words does not encode as the VM's";
+            if let (true, Some(node)) = (REMOTE.settle(node.is_some(), reason), node) {
+                let keep = enif_alloc_env();
+                enif_make_copy(keep, t);
+                *slot = Some(Remote { entry, keep, node });
             }
         });
     });
