@@ -173,5 +173,6 @@ diag_panic() -> ?NOT_LOADED.
 %% (whether it writes local ones itself, keeps this node's name between calls, writes pid
 %% references, writes those of other nodes); tests use it to see that the fast path they
 %% test is the one taken.
--spec diag_local_ids() -> #{layout | bounds | pid_refs | remote => unchecked | on | off}.
+-spec diag_local_ids() ->
+          #{layout | bounds | pid_refs | remote | remote_refs => unchecked | on | off}.
 diag_local_ids() -> ?NOT_LOADED.

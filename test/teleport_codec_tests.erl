@@ -663,7 +663,8 @@ identifier_bytes() ->
     Map = maps:from_list([{Id, [Id]} || Id <- Ids]),
     assert_exact(binary_to_term(iolist_to_binary(teleport_codec:encode(Map))), Map),
     %% The test above passes with the VM writing everything too: these say it did not.
-    ?assertMatch(#{layout := on, pid_refs := on, remote := on}, teleport_nif:diag_local_ids()).
+    ?assertMatch(#{layout := on, pid_refs := on, remote := on, remote_refs := on},
+                 teleport_nif:diag_local_ids()).
 
 %% Every kind of local identifier this node can make: pids and ports at the limits of their
 %% numbers, ordinary references, pid references (aliases, monitors with an alias) and magic
@@ -707,9 +708,11 @@ renamed_node() ->
         [?assertEqual({Stage, Node, []}, {Stage, Node, Wrong})
          || {Stage, Node, _Creation, Wrong} <- Stages],
         Creations = [C || {_, _, C, _} <- Stages],
-        %% Five stages: not distributed, a, not again, a again (another creation), b.
-        ?assertMatch([0, A, 0, A2, B] when A =/= A2 andalso A =/= 0 andalso A2 =/= 0
-                                           andalso B =/= 0, Creations),
+        %% Six stages: not distributed, a, a restarted at once, not again, a again, b;
+        %% each start of a gets a creation of its own.
+        ?assertMatch([0, A, A1, 0, A2, B] when A =/= A1 andalso A1 =/= A2 andalso A =/= A2
+                                               andalso A =/= 0 andalso A1 =/= 0
+                                               andalso A2 =/= 0 andalso B =/= 0, Creations),
         ?assertMatch(#{layout := on, bounds := on},
                      peer:call(Peer, teleport_nif, diag_local_ids, []))
     after
@@ -721,6 +724,8 @@ renamed_node() ->
 identifiers_through_renames(A, B) ->
     Steps = [{not_distributed, fun() -> ok end},
              {named_a, fun() -> start_named(A) end},
+             %% The same name at once: only the creation changes under the kept node.
+             {named_a_restarted, fun() -> ok = net_kernel:stop(), start_named(A) end},
              {stopped, fun() -> ok = net_kernel:stop() end},
              {named_a_again, fun() -> start_named(A) end},
              {named_b, fun() -> ok = net_kernel:stop(), start_named(B) end}],
@@ -741,13 +746,18 @@ creation() ->
     binary:decode_unsigned(binary:part(Bin, byte_size(Bin) - 4, 4)).
 
 wrong_encodings() ->
-    Workers = [spawn_monitor(fun() ->
-                                     Ids = local_identifiers(),
-                                     exit({wrong, [T || _ <- lists:seq(1, 50),
-                                                        T <- [{self(), Ids}, list_to_tuple(Ids)],
-                                                        iolist_to_binary(teleport_codec:encode(T))
-                                                            =/= term_to_binary(T)]})
-                             end) || _ <- lists:seq(1, 2 * erlang:system_info(schedulers))],
+    %% One worker bound to each scheduler (and one free), so that every scheduler thread's
+    %% kept node is put to the test.
+    Work = fun() ->
+                   Ids = local_identifiers(),
+                   exit({wrong, [T || _ <- lists:seq(1, 50),
+                                      T <- [{self(), Ids}, list_to_tuple(Ids)],
+                                      iolist_to_binary(teleport_codec:encode(T))
+                                          =/= term_to_binary(T)]})
+           end,
+    Workers = [spawn_opt(Work, [monitor, {scheduler, S}])
+               || S <- lists:seq(1, erlang:system_info(schedulers))]
+        ++ [spawn_monitor(Work)],
     lists:append([receive
                       {'DOWN', M, process, W, {wrong, Wrong}} -> Wrong;
                       {'DOWN', M, process, W, Crash} -> [{crashed, Crash}]

@@ -42,14 +42,15 @@
 //!   listener closed, if it did): every frame is read and counted; one whose sequence number
 //!   is at most the lane's `delivered` is dropped (delivered already), the next one arrives
 //!   (and is counted as delivered before the sink sees it), any other ends the reading with
-//!   `Gap { expected, got }`; a frame whose header is malformed (an unknown kind, a flag, a
-//!   destination past the end or not of its kind) ends the reading with that error before
-//!   its number counts, duplicate or not; the same bodies arrive, in order, then a clean end,
+//!   `Gap { expected, got }`; the next one whose header is malformed (an unknown kind, a
+//!   flag, a destination past the end or not of its kind) counts as delivered and ends the
+//!   reading with that error, without arriving (a duplicate is dropped unread); the same
+//!   bodies arrive, in order, then a clean end,
 //!   `UnexpectedEof`, `BadLength(n)`, `NoMemory(n)`, `Gap`, the header's error or the sink's
 //!   own (a term that does not decode, in strict mode);
 //! - the peer's and the connection's counters say as many messages and bytes as were read
 //!   (duplicates and the frame of a gap included), and the lane's `delivered()` moved by
-//!   exactly the frames that arrived;
+//!   exactly the frames that arrived (and the malformed one, if it ended the reading);
 //! - the acks written are a stream of ACKs (and, once the listener closed, a LAST ending it);
 //!   each acknowledges something delivered on this connection (a LAST may say only what the
 //!   lane had) and nothing more than the lane delivered when it was written, and they never
@@ -458,10 +459,12 @@ enum End {
     Sink,
 }
 
-/// A frame the model read: what would arrive of it, and whether it does.
+/// A frame the model read: what would arrive of it, whether it does, and whether the lane
+/// counts it delivered.
 struct Read1 {
     arrival: Arrival,
     delivered: bool,
+    admitted: bool,
 }
 
 /// The frames of the first `total` bytes of the stream, read in one go, and how the reading
@@ -511,30 +514,35 @@ fn model(stream: &Stream<'_>, total: usize, script: &Script) -> (Vec<Read1>, End
             at += n;
         }
         let arrival = (len, h, owned, seq);
-        // The frame is read (and counted) whatever its header says; a malformed one ends the
-        // reading, its number uncounted.
-        if let Some(e) = header_error(head, len) {
-            frames.push(Read1 {
-                arrival,
-                delivered: false,
-            });
-            return (frames, End::Header(e));
-        }
+        // The frame is read (and counted) whatever its number says.
         if seq <= delivered {
             frames.push(Read1 {
                 arrival,
                 delivered: false,
+                admitted: false,
             });
         } else if seq == delivered + 1 {
             delivered = seq;
+            // Its number counts before its header is looked at: a malformed one ends the
+            // reading, delivered as far as the lane knows, but not arriving.
+            if let Some(e) = header_error(head, len) {
+                frames.push(Read1 {
+                    arrival,
+                    delivered: false,
+                    admitted: true,
+                });
+                return (frames, End::Header(e));
+            }
             frames.push(Read1 {
                 arrival,
                 delivered: true,
+                admitted: true,
             });
         } else {
             frames.push(Read1 {
                 arrival,
                 delivered: false,
+                admitted: false,
             });
             let expected = delivered + 1;
             return (frames, End::Gap { expected, got: seq });
@@ -648,12 +656,13 @@ fn check(data: &[u8]) {
     assert_eq!(snap.bytes_in, bytes as u64);
     assert_eq!(conn.get(), (snap.msgs_in, snap.bytes_in));
 
-    // The lane moved by what arrived.
-    let delivered = sink.arrived.last().map_or(script.start, |a| a.3);
+    // The lane moved by what it admitted: what arrived, the lane's next ones, in order (and
+    // a malformed frame after them).
+    let admitted = expected.iter().filter(|f| f.admitted).count() as u64;
+    let delivered = script.start + admitted;
     assert_eq!(progress.delivered(), delivered);
-    assert_eq!(
-        delivered - script.start,
-        sink.arrived.len() as u64,
+    assert!(
+        (sink.arrived.iter().enumerate()).all(|(i, a)| a.3 == script.start + 1 + i as u64),
         "the frames that arrived are not the lane's next ones"
     );
 
@@ -664,7 +673,7 @@ fn check(data: &[u8]) {
             // A closing listener says LAST, with what the lane delivered, whatever it was.
             assert!(socket.acks.is_last(), "no LAST from a closing listener");
             assert_eq!(socket.last_ack.unwrap_or(script.start), delivered);
-        } else if sink.arrived.is_empty() {
+        } else if admitted == 0 {
             assert_eq!(socket.written, 0, "acks with nothing delivered");
         } else {
             assert_eq!(

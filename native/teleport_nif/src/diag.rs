@@ -35,7 +35,7 @@ fn diag_panic() {
 }
 
 /// Diagnostic: what the codec's checks of identifiers found so far, `#{layout, bounds,
-/// pid_refs, remote => unchecked | on | off}` (see `local_id`).
+/// pid_refs, remote, remote_refs => unchecked | on | off}` (see `local_id`).
 #[rustler::nif]
 fn diag_local_ids(env: Env) -> NifResult<Term> {
     let mut map = Term::map_new(env);

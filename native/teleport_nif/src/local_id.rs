@@ -6,16 +6,18 @@
 //! Two things come from the VM, and both are checked rather than assumed:
 //! - **This node's name and creation**, which the encoding of every local identifier carries.
 //!   They change when the node starts or stops distribution (a restart under the same name
-//!   gets a new creation), and the VM offers no cheaper way to read them than to encode an
-//!   identifier. So the first local identifier of each walk is encoded by the VM, and the
-//!   name and creation in that encoding serve for the rest of the walk ([`LocalIds`]).
+//!   gets a new creation), and the VM offers no cheap way to read them but to encode an
+//!   identifier. So one local identifier is encoded by the VM, the name and creation in that
+//!   encoding are kept per thread, and each walk checks they still hold with two pid
+//!   comparisons ([`Bounds`], [`LocalIds`]).
 //! - **The layout of the terms** (OTP 25, 64-bit, little-endian): the low 28 bits of a local
 //!   pid's data hold its 15-bit number and 13-bit serial (the bits above them follow from
 //!   those), a port's hold its number, and an ordinary or pid reference is a boxed thing whose
 //!   first 32 bits after the header are a marker, then its three numbers. The first time, the
 //!   identifiers the VM makes from chosen encodings must read back as the numbers they were
-//!   made from, and a fresh reference must encode as the VM encodes it ([`layout_agrees`]);
-//!   every walk then compares its first identifier with the VM's encoding of it, and a pid
+//!   made from, the VM must refuse to make pids and ports with numbers beyond those bits, and
+//!   a fresh reference must encode as the VM encodes it ([`layout_agrees`]); then each time
+//!   the node is read again, its identifier is compared with the VM's encoding of it; a pid
 //!   reference, which no encoding makes, is compared the first time one is seen. If anything
 //!   disagrees, every identifier goes to the VM, for the life of the VM.
 //!
@@ -43,6 +45,7 @@ use teleport_core::etf::VERSION;
 const NEW_PID_EXT: u8 = 88;
 const NEW_PORT_EXT: u8 = 89;
 const NEWER_REFERENCE_EXT: u8 = 90;
+const V4_PORT_EXT: u8 = 120;
 
 /// The low four bits of a local pid's word (`_TAG_IMMED1_PID`) and of a local port's.
 const PID_TAG: usize = 0x3;
@@ -294,6 +297,36 @@ unsafe fn layout_agrees(env: *mut ErlNifEnv, node: &NodeCoding) -> bool {
     if !ids.into_iter().all(read_back) {
         return false;
     }
+    // Numbers the bits read here cannot hold: a VM that makes such a pid or port of this node
+    // has another layout (the bits above them are not only what follows from them).
+    let beyond = [
+        Id::Pid {
+            num: max_num + 1,
+            ser: 0,
+        },
+        Id::Pid {
+            num: 0,
+            ser: max_ser + 1,
+        },
+    ];
+    if beyond
+        .into_iter()
+        .any(|id| node.decodes_to(env, id).is_some())
+    {
+        return false;
+    }
+    let wide_port = [
+        &[VERSION, V4_PORT_EXT][..],
+        &node.pid_head[1..],
+        &(1u64 << ID_DATA_BITS).to_be_bytes(),
+        &node.creation,
+    ]
+    .concat();
+    let mut t = ErlNifTerm::default();
+    let flags = ERL_NIF_BIN2TERM_SAFE;
+    if enif_binary_to_term(env, wide_port.as_ptr(), wide_port.len(), &mut t, flags) != 0 {
+        return false;
+    }
     let fresh = enif_make_ref(env);
     let Some(id) = classify(fresh) else {
         return false;
@@ -354,11 +387,13 @@ static PID_REFS: Check = Check::new("codec_pid_refs_by_vm");
 static BOUNDS: Check = Check::new("codec_node_asked_each_call");
 /// Whether identifiers of other nodes are written here (checked on each node's first).
 static REMOTE: Check = Check::new("codec_remote_identifiers_by_vm");
+/// Whether references of other nodes are (checked on the first one written from a kept node).
+static REMOTE_REFS: Check = Check::new("codec_remote_refs_by_vm");
 
 /// Each check this module makes and its outcome so far (`unchecked`, `on` or `off`), for
 /// `teleport_nif:diag_local_ids/0`: tests use it to see that identifiers are written here
 /// and that the node is kept between calls.
-pub fn checks() -> [(&'static str, &'static str); 4] {
+pub fn checks() -> [(&'static str, &'static str); 5] {
     let say = |check: &Check| match check.state() {
         ON => "on",
         OFF => "off",
@@ -369,6 +404,7 @@ pub fn checks() -> [(&'static str, &'static str); 4] {
         ("bounds", say(&BOUNDS)),
         ("pid_refs", say(&PID_REFS)),
         ("remote", say(&REMOTE)),
+        ("remote_refs", say(&REMOTE_REFS)),
     ]
 }
 
@@ -432,7 +468,12 @@ impl Bounds {
     /// Must run on a thread of the VM, in which `node` is this node.
     unsafe fn tell(node: &NodeCoding, these: &Bounds) -> bool {
         let creation = u32::from_be_bytes(node.creation);
-        let later = node.with_creation(creation.wrapping_add(2));
+        // Bounds around another creation of this name (two apart, so that neither bound is
+        // this node's).
+        let other = creation.checked_add(2).or(creation.checked_sub(2));
+        let Some(later) = other.map(|c| node.with_creation(c)) else {
+            return false;
+        };
         // `nonode@nohost` exists in every VM (no atom is made) and is no distributed node.
         let name = b"nonode@nohost";
         let other_name = NodeCoding::new(
@@ -499,7 +540,12 @@ impl LocalIds {
         };
         if let Known::Unknown = self.0 {
             match THIS.with(|c| c.take()) {
-                Some(kept) if kept.bounds.as_ref().is_some_and(|b| b.hold()) => {
+                // Both checks read again: another thread may have found a disagreement.
+                Some(kept)
+                    if LAYOUT.is(ON)
+                        && BOUNDS.is(ON)
+                        && kept.bounds.as_ref().is_some_and(|b| b.hold()) =>
+                {
                     self.0 = Known::Node(kept);
                 }
                 kept => {
@@ -679,11 +725,22 @@ pub unsafe fn write_remote(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) -
     let Some((entry, id)) = classify_remote(t) else {
         return false;
     };
+    let mut written = true;
     REMOTES.with(|slots| {
         let mut slots = slots.borrow_mut();
         let slot = &mut slots[(entry >> 6) % REMOTE_SLOTS];
         if let Some(known) = slot.as_ref().filter(|r| r.entry == entry) {
-            known.node.write(id, w);
+            match (id, REMOTE_REFS.state()) {
+                (Id::Ref { .. }, OFF) => written = false,
+                // The first reference of another node written here is compared with the VM's
+                // encoding (a node is often learned from a pid, the references' layout not).
+                (Id::Ref { .. }, UNKNOWN) => with_vm_encoding(env, t, |vm| {
+                    w.raw(&vm[1..]);
+                    let reason = "a reference of another node read from its term words does not encode as the VM's";
+                    REMOTE_REFS.settle(known.node.same(id, vm), reason);
+                }),
+                _ => known.node.write(id, w),
+            }
             return;
         }
         with_vm_encoding(env, t, |vm| {
@@ -697,5 +754,5 @@ pub unsafe fn write_remote(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) -
             }
         });
     });
-    true
+    written
 }
