@@ -28,6 +28,10 @@ const READ_BUF: usize = 256 * 1024;
 /// Frames at least this long are read into a buffer of their own (see [`Sink::alloc`]).
 pub const OWNED_FRAME_MIN: usize = 64 * 1024;
 
+/// The most one read takes after a large frame: the next frame's header, and not much of a
+/// large body (which would be copied from the reader's buffer into the frame's own).
+const AFTER_LARGE_READ: usize = 4 * 1024;
+
 /// At most this many connections may be in their handshake at once; more are closed at
 /// once, so a flood of idle sockets cannot pin a thread each.
 const MAX_HANDSHAKES: usize = 64;
@@ -596,6 +600,10 @@ fn read_all<W: Wire, S: Sink>(
     let (stats, conn) = (counters.peer, counters.conn);
     let mut buf = vec![0u8; READ_BUF];
     let (mut start, mut end) = (0usize, 0usize);
+    // Whether the last frame was a large one: large frames tend to follow each other, and
+    // the next read then takes only a little, so that the next large frame's body is read
+    // into its own buffer rather than into this one and copied over.
+    let mut after_large = false;
     loop {
         // Every complete frame in buf[start..end].
         while end - start >= LEN_BYTES {
@@ -615,6 +623,7 @@ fn read_all<W: Wire, S: Sink>(
                     let header = Header::parse(owned.as_mut()).map_err(ReadError::Frame)?;
                     sink.frame_owned(header, owned).map_err(ReadError::Sink)?;
                 }
+                after_large = true;
                 continue;
             }
             if end - body_at < len {
@@ -630,6 +639,7 @@ fn read_all<W: Wire, S: Sink>(
                 let header = Header::parse(body).map_err(ReadError::Frame)?;
                 sink.frame(header, body).map_err(ReadError::Sink)?;
             }
+            after_large = false;
             start = body_at + len;
         }
         // Keep the partial frame at the front, then read more behind it.
@@ -641,7 +651,12 @@ fn read_all<W: Wire, S: Sink>(
             end -= start;
             start = 0;
         }
-        match r.read(&mut buf[end..])? {
+        let room = if after_large {
+            AFTER_LARGE_READ
+        } else {
+            READ_BUF
+        };
+        match r.read(&mut buf[end..(end + room).min(READ_BUF)])? {
             0 if end == 0 => return Ok(()),
             0 => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
             n => end += n,
