@@ -377,6 +377,15 @@ impl Check {
         }
         false
     }
+
+    /// Whether it holds: what was found, or else what `compare` finds now (recorded).
+    fn ask(&self, compare: impl FnOnce() -> bool, reason: &'static str) -> bool {
+        match self.state() {
+            ON => true,
+            OFF => false,
+            _ => self.settle(compare(), reason),
+        }
+    }
 }
 
 /// Whether this module writes local identifiers at all (checked on the first one).
@@ -561,7 +570,11 @@ impl LocalIds {
             Known::Node(cached) => {
                 let node = &cached.node;
                 if let Id::Ref { pid_ref: true, .. } = id {
-                    if !pid_refs_agree(env, node, t, id) {
+                    // On the first one seen: whether ours is the VM's encoding of it.
+                    let ours = || with_vm_encoding(env, t, |vm| node.same(id, vm));
+                    let reason =
+                        "a pid reference read from its term words does not encode as the VM's";
+                    if !PID_REFS.ask(ours, reason) {
                         return false;
                     }
                 }
@@ -605,7 +618,7 @@ unsafe fn learn(env: *mut ErlNifEnv, vm: &[u8], id: Id, kept: Option<Box<Cached>
         return Known::Vm;
     };
     let agrees = match id {
-        // A pid reference is checked apart (see `pid_refs_agree`).
+        // A pid reference is checked apart (`PID_REFS`, on the first one written).
         Id::Ref { pid_ref: true, .. } => true,
         _ => node.same(id, vm),
     };
@@ -627,22 +640,6 @@ unsafe fn learn(env: *mut ErlNifEnv, vm: &[u8], id: Id, kept: Option<Box<Cached>
         }),
     };
     Known::Node(Box::new(Cached { node, bounds }))
-}
-
-/// Whether pid references are written here: on the first one seen, whether ours is the VM's
-/// encoding of it.
-///
-/// # Safety
-/// `env` must be live and `t` a term of it, classified as `id`.
-unsafe fn pid_refs_agree(env: *mut ErlNifEnv, node: &NodeCoding, t: ErlNifTerm, id: Id) -> bool {
-    match PID_REFS.state() {
-        ON => true,
-        OFF => false,
-        _ => PID_REFS.settle(
-            with_vm_encoding(env, t, |vm| node.same(id, vm)),
-            "a pid reference read from its term words does not encode as the VM's",
-        ),
-    }
 }
 
 /// The header word of a pid of another node (`_TAG_HEADER_EXTERNAL_PID`, 3 words after it: the
@@ -730,16 +727,14 @@ pub unsafe fn write_remote(env: *mut ErlNifEnv, t: ErlNifTerm, w: &mut Writer) -
         let mut slots = slots.borrow_mut();
         let slot = &mut slots[(entry >> 6) % REMOTE_SLOTS];
         if let Some(known) = slot.as_ref().filter(|r| r.entry == entry) {
-            match (id, REMOTE_REFS.state()) {
-                (Id::Ref { .. }, OFF) => written = false,
-                // The first reference of another node written here is compared with the VM's
-                // encoding (a node is often learned from a pid, the references' layout not).
-                (Id::Ref { .. }, UNKNOWN) => with_vm_encoding(env, t, |vm| {
-                    w.raw(&vm[1..]);
-                    let reason = "a reference of another node read from its term words does not encode as the VM's";
-                    REMOTE_REFS.settle(known.node.same(id, vm), reason);
-                }),
-                _ => known.node.write(id, w),
+            // The first reference of another node written here is compared with the VM's
+            // encoding (a node is often learned from a pid, the references' layout not).
+            let ours = || with_vm_encoding(env, t, |vm| known.node.same(id, vm));
+            let reason =
+                "a reference of another node read from its term words does not encode as the VM's";
+            written = !matches!(id, Id::Ref { .. }) || REMOTE_REFS.ask(ours, reason);
+            if written {
+                known.node.write(id, w);
             }
             return;
         }
