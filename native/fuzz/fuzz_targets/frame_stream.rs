@@ -1,5 +1,5 @@
 //! `frame_stream`: arbitrary bytes as the TCP stream of an authenticated connection, through
-//! `teleport_core::listener::read_frames`, cut into reads at points the input chooses, with a
+//! `teleport_core::pump::read_frames`, cut into reads at points the input chooses, with a
 //! sink that checks the header it is handed against the body and decodes the frame's
 //! destination and term with `value::decode_value`, on a lane whose `Progress` may have delivered some frames
 //! already, and with the acks the reader writes back parsed with `acks::AckReader`.
@@ -73,7 +73,7 @@ use std::time::Duration;
 use teleport_core::acks::{AckOut, AckReader, ACK_DELAY, ACK_LEN};
 use teleport_core::frame::{self, FrameError, Header, Kind, FIXED_BYTES, LEN_BYTES};
 use teleport_core::lanes::{Admit, Lanes, Progress};
-use teleport_core::listener::{
+use teleport_core::pump::{
     read_frames, Counters, ReadError, Sink, Wire, IDLE_WAKE, OWNED_FRAME_MIN,
 };
 use teleport_core::stats::{ConnStats, PeerStats};
@@ -82,7 +82,7 @@ use teleport_fuzz::{dispose, run_check_with_budget, BUDGET_BASE, BUDGET_PER_INPU
 
 /// The receiver's `max_frame_bytes`.
 const MAX_FRAME: usize = 1 << 20;
-/// The reader's own buffer (`READ_BUF` in listener.rs).
+/// The reader's own buffer (`READ_BUF` in pump.rs).
 const READER_BUFFER: usize = 256 * 1024;
 const HEADER: usize = 24;
 const CUTS: usize = 7;

@@ -111,6 +111,15 @@ impl Acker {
                 .is_some_and(|t| now.saturating_duration_since(t) >= ACK_DELAY)
     }
 
+    /// When the ack owed is due by its delay: [`ACK_DELAY`] after the first frame it covers,
+    /// or at once for the rest of an ACK a full socket cut short. `None` if none is owed.
+    pub fn due_at(&self) -> Option<Instant> {
+        match (self.tail, self.owed_since) {
+            (Some(_), _) => Some(Instant::now()),
+            (None, since) => since.map(|t| t + ACK_DELAY),
+        }
+    }
+
     /// Acknowledges every frame up to `upto` on `out`, without blocking. An ACK cut short by
     /// a full socket is finished first next time; until then no other starts (the stream
     /// stays whole). Only a socket error is an error.

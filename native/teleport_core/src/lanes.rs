@@ -30,7 +30,8 @@ type Key = (Vec<u8>, u16);
 #[derive(Default)]
 pub struct Lanes {
     /// The newest connection of each lane with a reader still running (or waiting).
-    newest: Mutex<HashMap<Key, Arc<Turn>>>,
+    /// (Shared with each connection's [`Place`], which outlives any borrow of the lanes.)
+    newest: Arc<Mutex<HashMap<Key, Arc<Turn>>>>,
     /// What each lane delivered, in the sender's session it last heard from.
     progress: Mutex<HashMap<Key, Arc<Progress>>>,
 }
@@ -134,8 +135,8 @@ pub enum Waited {
 
 /// A connection's place on its lane; dropping it (when the reader ends, or unwinds) lets the
 /// next connection of the lane go.
-pub struct Place<'a> {
-    lanes: &'a Lanes,
+pub struct Place {
+    newest: Arc<Mutex<HashMap<Key, Arc<Turn>>>>,
     key: Key,
     turn: Arc<Turn>,
     previous: Option<Arc<Turn>>,
@@ -145,12 +146,7 @@ impl Lanes {
     /// Puts a new connection of `peer`'s slot `lane` at the back of the lane. `stop` must make
     /// its reader end soon (shut its socket); a newer connection calls it if this one's reader
     /// is still going after its patience ran out.
-    pub fn join(
-        &self,
-        peer: &[u8],
-        lane: u16,
-        stop: impl Fn() + Send + Sync + 'static,
-    ) -> Place<'_> {
+    pub fn join(&self, peer: &[u8], lane: u16, stop: impl Fn() + Send + Sync + 'static) -> Place {
         let turn = Arc::new(Turn {
             done: Mutex::new(false),
             ended: Condvar::new(),
@@ -159,7 +155,7 @@ impl Lanes {
         let key = (peer.to_vec(), lane);
         let previous = self.newest.lock().insert(key.clone(), turn.clone());
         Place {
-            lanes: self,
+            newest: self.newest.clone(),
             key,
             turn,
             previous,
@@ -202,7 +198,7 @@ impl Progress {
     }
 }
 
-impl Place<'_> {
+impl Place {
     /// Blocks until the lane's previous connection's reader is done. After `patience` it
     /// stops that reader, and after `patience` more it goes ahead anyway (the old reader is
     /// then stuck delivering, which a stopped socket cannot make last).
@@ -222,11 +218,11 @@ impl Place<'_> {
     }
 }
 
-impl Drop for Place<'_> {
+impl Drop for Place {
     fn drop(&mut self) {
         *self.turn.done.lock() = true;
         self.turn.ended.notify_all();
-        let mut newest = self.lanes.newest.lock();
+        let mut newest = self.newest.lock();
         if newest
             .get(&self.key)
             .is_some_and(|t| Arc::ptr_eq(t, &self.turn))

@@ -11,6 +11,8 @@
 //! - [`frame`]: the data frames on an authenticated connection;
 //! - [`out_frame`], [`conn`], [`pool`]: the sending side, a pool of outgoing connections;
 //! - [`listener`], [`lanes`]: the receiving side, which keeps a slot's reconnections in turn;
+//! - [`pump`], [`poller`], [`epoll`]: an incoming connection's frames, read without blocking
+//!   by a fixed set of poll threads;
 //! - [`peers`], [`stats`]: which peers may connect, and counters per peer;
 //! - [`sockopts`]: the socket options the user sets, applied to every connection;
 //! - [`threads`]: teleport's OS threads, at a priority below the VM's schedulers;
@@ -19,8 +21,8 @@
 //! The Erlang side lives in the `teleport_nif` crate, which only walks and makes terms.
 
 // No unsafe code but two `setsockopt`/`getsockopt` calls in `sockopts` (SO_PRIORITY, which
-// socket2 0.5 does not wrap) and the priority syscalls in `threads`, each allowed where it
-// stands.
+// socket2 0.5 does not wrap), the priority syscalls in `threads` and the epoll calls in
+// `epoll`, each allowed where it stands.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -29,6 +31,7 @@ pub mod conn;
 pub mod deadline;
 pub mod decode;
 pub mod encode;
+pub mod epoll;
 pub mod etf;
 pub mod frame;
 pub mod handshake;
@@ -37,7 +40,9 @@ pub mod listener;
 pub mod log;
 pub mod out_frame;
 pub mod peers;
+pub mod poller;
 pub mod pool;
+pub mod pump;
 pub mod sockopts;
 pub mod stats;
 #[cfg(test)]

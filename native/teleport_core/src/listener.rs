@@ -1,70 +1,46 @@
-//! The receiving side: a listening socket, one thread that accepts, and one reader thread per
-//! incoming connection that authenticates the peer and then hands every frame to a [`Sink`],
-//! once, in lane order, acknowledging them as it goes (see [`crate::acks`]).
+//! The receiving side: a listening socket, one thread that accepts, a short-lived thread per
+//! connection in its handshake, and a fixed set of poll threads (see [`crate::poller`]) that
+//! read every authenticated connection and hand each frame to a [`Sink`], once, in lane
+//! order, acknowledging them as they go (see [`crate::pump`], [`crate::acks`]).
 //!
 //! Nothing a peer sends before the handshake succeeds reaches the sink. Frame lengths are
 //! checked against `max_frame_bytes` before any buffer is allocated, and a malformed frame
 //! closes the connection it came on (logged once), nothing else.
 
-use crate::acks::{AckOut, Acker, ACK_DELAY};
 use crate::conn::handshake_io;
 use crate::deadline::Deadline;
-use crate::frame::{self, FrameError, Header, LEN_BYTES};
 use crate::handshake::{self, Welcome};
-use crate::lanes::{Admit, Lanes, Progress, Waited};
+use crate::lanes::{Lanes, Place, Waited};
+use crate::poller::{Next, Poller, Task, TickAll};
+use crate::pump::{Counters, Pump, Pumped, ReadError, Sink, SocketWire};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
 use parking_lot::Mutex;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, Read};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Size of a reader's buffer: small frames are parsed in place, many per `read`.
-const READ_BUF: usize = 256 * 1024;
-
-/// Frames at least this long are read into a buffer of their own (see [`Sink::alloc`]).
-pub const OWNED_FRAME_MIN: usize = 64 * 1024;
-
-/// The most one read takes after a large frame: the next frame's header, and not much of a
-/// large body (which would be copied from the reader's buffer into the frame's own).
-const AFTER_LARGE_READ: usize = 4 * 1024;
+/// What one connection reads per turn of its poll thread before the thread serves the
+/// others (the rest is read at its next turn, straight after).
+const TURN_BYTES: usize = 1024 * 1024;
 
 /// At most this many connections may be in their handshake at once; more are closed at
 /// once, so a flood of idle sockets cannot pin a thread each.
 const MAX_HANDSHAKES: usize = 64;
-
-/// A reader with nothing to acknowledge still wakes this often from a read that waits, to see
-/// whether its listener is closing (a sender's idle writer checks its connection as often).
-pub const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 /// How long a new connection waits for the reader of its lane's previous connection to
 /// finish by itself before stopping it (see [`crate::lanes`]). Draining even full socket
 /// buffers takes milliseconds; a reader still going after this is on a half-open connection.
 const LANE_PATIENCE: Duration = Duration::from_secs(5);
 
-/// Where one incoming connection's frames go: each once, in lane order, its header parsed
-/// and checked (a malformed frame never reaches the sink).
-pub trait Sink: Send + 'static {
-    /// A buffer for one large frame (the NIF allocates a VM binary, so the frame can be
-    /// decoded without a copy).
-    type Buf: AsMut<[u8]> + Send;
-    /// A buffer of exactly `len` bytes, or `None` if it cannot be had.
-    fn alloc(&mut self, len: usize) -> Option<Self::Buf>;
-    /// A frame: its header, and its body, valid for this call only. An error closes the
-    /// connection.
-    fn frame(&mut self, header: Header, body: &[u8]) -> Result<(), String>;
-    /// A frame read into a buffer from [`Sink::alloc`]: its header, and the buffer, which
-    /// holds its body. An error closes the connection.
-    fn frame_owned(&mut self, header: Header, body: Self::Buf) -> Result<(), String>;
-}
-
 /// What the listener asks of its owner.
 pub trait Acceptor: Send + Sync + 'static {
     /// The per-connection sink.
-    type Sink: Sink;
+    type Sink: Sink + Send + 'static;
     /// This node's name as the handshake states it, now (a node may become distributed,
     /// and so get its name, after the listener started).
     fn me(&self) -> Vec<u8>;
@@ -85,9 +61,12 @@ pub struct ListenConfig {
     pub handshake_timeout: Duration,
     /// Options set on the listening socket and on every accepted one.
     pub sock_opts: SocketOpts,
-    /// How much lower than the VM's the priority of the acceptor and reader threads is (a
-    /// nice value, see [`crate::threads::spawn`]).
+    /// How much lower than the VM's the priority of the listener's threads is (a nice
+    /// value, see [`crate::threads::spawn`]).
     pub thread_nice: u8,
+    /// How many poll threads read the incoming connections (see
+    /// [`crate::poller::default_threads`]).
+    pub poll_threads: usize,
 }
 
 /// One incoming connection, as the listener tracks it.
@@ -139,6 +118,8 @@ pub struct Listener {
     /// This listener, to dialers: random at each start, so that a dialer can tell a new
     /// incarnation (which knows nothing of what an earlier one delivered).
     incarnation: u64,
+    /// The poll threads, told when the listener closes.
+    pollers: Arc<dyn TickAll>,
 }
 
 impl Listener {
@@ -162,6 +143,9 @@ impl Listener {
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+        let incarnation = handshake::random_id()?;
+        let pollers: Arc<Poller<Served<A::Sink>>> =
+            Poller::start(cfg.poll_threads, "teleport_poll", cfg.thread_nice)?;
         let listener = Arc::new(Listener {
             sock,
             local,
@@ -170,7 +154,8 @@ impl Listener {
             conns: Mutex::new(Vec::new()),
             next_id: 0.into(),
             lanes: Lanes::default(),
-            incarnation: handshake::random_id()?,
+            incarnation,
+            pollers: pollers.clone(),
         });
         let l = listener.clone();
         let cfg = Arc::new(cfg);
@@ -178,7 +163,7 @@ impl Listener {
             loop {
                 // A listener that stopped accepting would leave the node unreachable while
                 // looking alive: after a panic, log it and accept again.
-                let run = std::panic::AssertUnwindSafe(|| l.accept_loop(&cfg, &acceptor));
+                let run = std::panic::AssertUnwindSafe(|| l.accept_loop(&cfg, &acceptor, &pollers));
                 if std::panic::catch_unwind(run).is_ok() || l.closed.load(Ordering::SeqCst) {
                     return;
                 }
@@ -239,23 +224,29 @@ impl Listener {
         self.lanes.forget(peer);
     }
 
-    /// Stops accepting and has every incoming connection end; their threads then end.
+    /// Stops accepting and has every incoming connection end; the listener's threads then
+    /// end.
     ///
-    /// Each reader delivers no frame after it sees the listener closing (within
-    /// [`IDLE_WAKE`] when idle), says LAST with what its lane delivered (see
-    /// [`crate::acks`]), and ends its connection without a reset: its sender then knows
+    /// Each connection delivers no frame after the listener closed, says LAST with what its
+    /// lane delivered (see [`crate::acks`]), and ends without a reset: its sender then knows
     /// exactly which frames did not arrive, and sends them wherever the peer listens next.
-    /// (Shutting the sockets' reading side to wake the readers at once would make the
-    /// kernel reset a connection that still receives, and a reset can overtake the LAST.)
+    /// (Shutting the sockets' reading side would make the kernel reset a connection that
+    /// still receives, and a reset can overtake the LAST.)
     pub fn close(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
         // Shutting a listening socket wakes a blocked accept() with an error on Linux.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.pollers.tick_all(true);
     }
 
-    fn accept_loop<A: Acceptor>(self: &Arc<Self>, cfg: &Arc<ListenConfig>, acceptor: &Arc<A>) {
+    fn accept_loop<A: Acceptor>(
+        self: &Arc<Self>,
+        cfg: &Arc<ListenConfig>,
+        acceptor: &Arc<A>,
+        pollers: &Arc<Poller<Served<A::Sink>>>,
+    ) {
         loop {
             let (sock, from) = match self.sock.accept() {
                 Ok(s) => s,
@@ -299,31 +290,50 @@ impl Listener {
                 let _ = conn.sock.shutdown(std::net::Shutdown::Both);
             }
             let (l, cfg, acceptor) = (self.clone(), cfg.clone(), acceptor.clone());
+            let pollers = pollers.clone();
             let spawned =
-                crate::threads::spawn("teleport_reader".into(), cfg.thread_nice, move || {
+                crate::threads::spawn("teleport_handshake".into(), cfg.thread_nice, move || {
                     let run = std::panic::AssertUnwindSafe(|| l.serve(&conn, &cfg, &*acceptor));
-                    if std::panic::catch_unwind(run).is_err() {
-                        tracing::error!(
-                            addr = %conn.from,
-                            id = conn.id,
-                            reason = "the reader thread panicked; the connection is closed",
-                            "reader_panicked"
-                        );
-                        let _ = conn.sock.shutdown(std::net::Shutdown::Both);
+                    match std::panic::catch_unwind(run) {
+                        Ok(Some(served)) => {
+                            if let Err(served) = pollers.add(served) {
+                                // The listener closed meanwhile, and its poll threads ended.
+                                served.run_alone();
+                            }
+                        }
+                        Ok(None) => l.forget_conn(id),
+                        Err(_) => {
+                            tracing::error!(
+                                addr = %conn.from,
+                                id,
+                                reason = "the handshake thread panicked; the connection is closed",
+                                "reader_panicked"
+                            );
+                            let _ = conn.sock.shutdown(std::net::Shutdown::Both);
+                            l.forget_conn(id);
+                        }
                     }
-                    l.conns.lock().retain(|c| c.id != id);
                 });
             if let Err(e) = spawned {
                 self.handshaking.fetch_sub(1, Ordering::SeqCst);
-                self.conns.lock().retain(|c| c.id != id);
-                tracing::warn!(id, reason = %e, "reader_spawn_failed");
+                self.forget_conn(id);
+                tracing::warn!(id, reason = %e, "handshake_spawn_failed");
             }
         }
     }
 
-    /// One incoming connection: the dialer's proof, its turn on its lane, the OK telling it
-    /// what the lane delivered, then frames until it closes.
-    fn serve<A: Acceptor>(&self, conn: &Arc<Incoming>, cfg: &ListenConfig, acceptor: &A) {
+    fn forget_conn(&self, id: u64) {
+        self.conns.lock().retain(|c| c.id != id);
+    }
+
+    /// One incoming connection's handshake: the dialer's proof, its turn on its lane, the OK
+    /// telling it what the lane delivered. `None` if it failed (logged).
+    fn serve<A: Acceptor>(
+        self: &Arc<Self>,
+        conn: &Arc<Incoming>,
+        cfg: &ListenConfig,
+        acceptor: &A,
+    ) -> Option<Served<A::Sink>> {
         let (sock, from, id) = (&conn.sock, conn.from.as_str(), conn.id);
         // What a peer may send is what the handshake announces (a 32-bit length at most).
         let max_frame = u32::try_from(cfg.max_frame_bytes).unwrap_or(u32::MAX);
@@ -340,7 +350,7 @@ impl Listener {
             Ok(proven) => proven,
             Err(e) => {
                 tracing::warn!(addr = %from, id, reason = %handshake_io(e), "handshake_failed");
-                return;
+                return None;
             }
         };
         let (peer, lane) = (proven.dialer.name.clone(), proven.dialer.lane);
@@ -374,21 +384,16 @@ impl Listener {
             delivered: progress.delivered(),
         };
         let welcomed = proven.welcome(&mut stream, &welcome).map_err(handshake_io);
-        let ready = welcomed.and_then(|_| {
-            sock.set_read_timeout(None)?;
-            sock.set_write_timeout(None)
-        });
+        // From here on the socket is read without blocking, by a poll thread.
+        let ready = welcomed.and_then(|_| sock.set_nonblocking(true));
         drop(handshaking);
         if let Err(e) = ready {
             tracing::warn!(peer = %name, addr = %from, id, reason = %e, "handshake_failed");
-            return;
+            return None;
         }
         *conn.peer.lock() = Some(peer.clone());
         let stats = acceptor.stats(&peer);
         stats.connections_in.fetch_add(1, Ordering::Relaxed);
-        let connected = OnDrop(|| {
-            stats.connections_in.fetch_sub(1, Ordering::Relaxed);
-        });
         tracing::info!(
             peer = %name,
             addr = %from,
@@ -397,35 +402,180 @@ impl Listener {
             delivered = welcome.delivered,
             "connection_accepted"
         );
-        let mut sink = acceptor.sink(&peer);
-        let mut wire = SocketWire::new(sock);
-        let result = read_frames(
-            &mut wire,
-            cfg.max_frame_bytes,
-            &mut sink,
-            &progress,
-            &Counters {
-                peer: &stats,
-                conn: &conn.counters,
-                stop: &self.closed,
-            },
-        );
-        if self.closed.load(Ordering::SeqCst) {
-            linger(sock);
+        let pump = Pump::new(acceptor.sink(&peer), progress, cfg.max_frame_bytes);
+        Some(Served {
+            listener: self.clone(),
+            conn: conn.clone(),
+            pump,
+            stats,
+            name,
+            _place: place,
+            phase: Phase::Reading,
+            ended: None,
+        })
+    }
+}
+
+/// How long a closing listener's connection waits for its peer to see its end.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How long a closing listener's connection tries to get its LAST out through a full socket
+/// (the sender reads its acks at least every [`crate::acks::ACK_DELAY`] or so).
+const LAST_PATIENCE: Duration = Duration::from_millis(200);
+
+/// Where an authenticated connection is in its life.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Frames are read and delivered.
+    Reading,
+    /// The listener closed: the LAST is going out (since then).
+    Closing(Instant),
+    /// The LAST is out and this end said FIN: what the peer still sends is read and thrown
+    /// away until it closes too, or until then. Closing with unread data would send an RST,
+    /// and an RST can discard the LAST before the peer reads it; the frames thrown away come
+    /// after the LAST, so the peer sends them again wherever it connects next.
+    Lingering(Instant),
+}
+
+/// An authenticated incoming connection, as its poll thread drives it. Dropping it ends the
+/// connection: its counts, its place on its lane, its log line.
+pub(crate) struct Served<S: Sink> {
+    listener: Arc<Listener>,
+    conn: Arc<Incoming>,
+    pump: Pump<S>,
+    stats: Arc<PeerStats>,
+    name: String,
+    /// Held until the connection ends: the lane's next connection waits for that.
+    _place: Place,
+    phase: Phase,
+    /// How it ended, once it did (`None` when dropped: it panicked).
+    ended: Option<Result<(), ReadError>>,
+}
+
+impl<S: Sink + Send + 'static> Served<S> {
+    fn closed(&self) -> bool {
+        self.listener.closed.load(Ordering::SeqCst)
+    }
+
+    fn end(&mut self, result: Result<(), ReadError>) -> Next {
+        self.ended = Some(result);
+        Next::Done
+    }
+
+    /// The next deadline while reading: when the ack owed is due.
+    fn reading(&self) -> Next {
+        Next::Wait(self.pump.ack_due())
+    }
+
+    fn start_closing(&mut self, now: Instant) -> Next {
+        self.phase = Phase::Closing(now);
+        self.tick(now)
+    }
+
+    /// Reads and throws away what the peer still sends after the LAST.
+    fn discard(&mut self) -> Next {
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            match (&self.conn.sock).read(&mut scratch) {
+                Ok(0) => return self.end(Ok(())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.end(Ok(())),
+            }
         }
-        drop(place);
-        drop(connected);
-        let (msgs, _) = conn.counters.get();
-        match result {
-            Ok(()) => tracing::info!(
+        match self.phase {
+            Phase::Lingering(until) => Next::Wait(Some(until)),
+            Phase::Closing(since) => Next::Wait(Some(since)),
+            Phase::Reading => self.reading(),
+        }
+    }
+
+    /// Drives the connection to its end on the calling thread (a handshake that finished
+    /// once the poll threads had ended).
+    fn run_alone(mut self) {
+        loop {
+            let now = Instant::now();
+            if self.tick(now) == Next::Done {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            if self.readable(Instant::now()) == Next::Done {
+                return;
+            }
+        }
+    }
+}
+
+impl<S: Sink + Send + 'static> Task for Served<S> {
+    fn fd(&self) -> RawFd {
+        self.conn.sock.as_raw_fd()
+    }
+
+    fn readable(&mut self, now: Instant) -> Next {
+        if !matches!(self.phase, Phase::Reading) {
+            return self.discard();
+        }
+        let counters = Counters {
+            peer: &self.stats,
+            conn: &self.conn.counters,
+            stop: &self.listener.closed,
+        };
+        let mut wire = SocketWire::new(&self.conn.sock);
+        match self.pump.pump(&mut wire, TURN_BYTES, &counters) {
+            Ok(Pumped::Drained | Pumped::Yielded) => self.reading(),
+            // Whatever stopped the reading once the listener closed is no fault of the
+            // connection.
+            Ok(Pumped::Ended) | Err(_) if self.closed() => self.start_closing(now),
+            Ok(Pumped::Ended) => self.end(Ok(())),
+            Err(e) => self.end(Err(e)),
+        }
+    }
+
+    fn tick(&mut self, now: Instant) -> Next {
+        let mut wire = SocketWire::new(&self.conn.sock);
+        match self.phase {
+            Phase::Reading if self.closed() => self.start_closing(now),
+            Phase::Reading => match self.pump.ack(&mut wire, now, false) {
+                Ok(()) => self.reading(),
+                Err(e) => self.end(Err(ReadError::Io(e))),
+            },
+            Phase::Closing(since) => {
+                let out = self.pump.last(&mut wire);
+                if matches!(out, Ok(false)) && now < since + LAST_PATIENCE {
+                    return Next::Wait(Some(now + Duration::from_millis(2)));
+                }
+                let _ = self.conn.sock.shutdown(std::net::Shutdown::Write);
+                self.phase = Phase::Lingering(now + LINGER);
+                self.discard()
+            }
+            Phase::Lingering(until) if now >= until => self.end(Ok(())),
+            Phase::Lingering(until) => Next::Wait(Some(until)),
+        }
+    }
+}
+
+impl<S: Sink> Drop for Served<S> {
+    fn drop(&mut self) {
+        let (name, from, id) = (&self.name, &self.conn.from, self.conn.id);
+        if matches!(self.phase, Phase::Reading) && self.ended.is_some() {
+            // Best effort: the connection may be gone already.
+            let _ = self
+                .pump
+                .ack(&mut SocketWire::new(&self.conn.sock), Instant::now(), true);
+        }
+        self.stats.connections_in.fetch_sub(1, Ordering::Relaxed);
+        let (msgs, _) = self.conn.counters.get();
+        match self.ended.take() {
+            Some(Ok(())) => tracing::info!(
                 peer = %name,
                 addr = %from,
                 id,
-                reason = "closed by the peer",
+                reason = if matches!(self.phase, Phase::Reading) { "closed by the peer" } else { "the listener closed" },
                 msgs,
                 "connection_closed"
             ),
-            Err(e) => tracing::warn!(
+            Some(Err(e)) => tracing::warn!(
                 peer = %name,
                 addr = %from,
                 id,
@@ -433,31 +583,17 @@ impl Listener {
                 msgs,
                 "connection_closed"
             ),
+            None => tracing::error!(
+                peer = %name,
+                addr = %from,
+                id,
+                reason = "its reader panicked; the connection is closed",
+                msgs,
+                "reader_panicked"
+            ),
         }
-        let _ = sock.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-/// How long a closing listener's reader waits for its peer to see the end of the connection.
-const LINGER: Duration = Duration::from_secs(2);
-
-/// Ends a connection of a closing listener without a reset: says FIN (the LAST is out),
-/// then reads and discards what the peer still sends until it closes too, or [`LINGER`]
-/// passes. Closing with unread data would send an RST, and an RST can discard the LAST
-/// before the peer reads it; the frames thrown away here come after the LAST, so the peer
-/// sends them again wherever it connects next.
-fn linger(sock: &Socket) {
-    let _ = sock.shutdown(std::net::Shutdown::Write);
-    let deadline = Instant::now() + LINGER;
-    let mut scratch = vec![0u8; 64 * 1024];
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
-            return;
-        }
-        match (&*sock).read(&mut scratch) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+        let _ = self.conn.sock.shutdown(std::net::Shutdown::Both);
+        self.listener.forget_conn(id);
     }
 }
 
@@ -470,292 +606,13 @@ impl<F: FnMut()> Drop for OnDrop<F> {
     }
 }
 
-/// Why a reader stopped, beyond a clean end of stream.
-#[derive(Debug)]
-pub enum ReadError {
-    /// The socket failed.
-    Io(io::Error),
-    /// The peer sent a frame that is not one.
-    Frame(FrameError),
-    /// The sink refused a frame.
-    Sink(String),
-    /// A buffer for a large frame could not be had.
-    NoMemory(usize),
-}
-
-impl std::fmt::Display for ReadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReadError::Io(e) => write!(f, "socket error: {e}"),
-            ReadError::Frame(e) => write!(f, "malformed frame: {e}"),
-            ReadError::Sink(e) => write!(f, "undeliverable frame: {e}"),
-            ReadError::NoMemory(n) => write!(f, "no memory for a frame of {n} bytes"),
-        }
-    }
-}
-
-/// The connection a reader reads frames from and writes its acks to.
-pub trait Wire: Read + AckOut {
-    /// From now on a read with nothing to read for `after` fails with `WouldBlock` (or
-    /// `TimedOut`); `None`: it waits as long as it takes.
-    fn read_timeout(&mut self, after: Option<Duration>) -> io::Result<()>;
-}
-
-/// An accepted socket as a [`Wire`].
-#[derive(Debug)]
-pub struct SocketWire<'a> {
-    sock: &'a Socket,
-    timeout: Option<Duration>,
-}
-
-impl<'a> SocketWire<'a> {
-    /// `sock`, with no read timeout set.
-    pub fn new(sock: &'a Socket) -> Self {
-        SocketWire {
-            sock,
-            timeout: None,
-        }
-    }
-}
-
-impl Read for SocketWire<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.sock).read(buf)
-    }
-}
-
-impl AckOut for SocketWire<'_> {
-    fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-        match self.sock.send_with_flags(bytes, flags) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(0)
-            }
-            other => other,
-        }
-    }
-}
-
-impl Wire for SocketWire<'_> {
-    fn read_timeout(&mut self, after: Option<Duration>) -> io::Result<()> {
-        if self.timeout != after {
-            self.sock.set_read_timeout(after)?;
-            self.timeout = after;
-        }
-        Ok(())
-    }
-}
-
-/// Where a reader counts what it reads, and what tells it to stop.
-#[derive(Debug)]
-pub struct Counters<'a> {
-    /// The peer's counters.
-    pub peer: &'a PeerStats,
-    /// The connection's.
-    pub conn: &'a ConnStats,
-    /// Set when the listener closes: the reader stops after the frame it is reading.
-    pub stop: &'a AtomicBool,
-}
-
-/// Reads frames from `wire` until it ends cleanly (`Ok`: the peer closed it, or `stop` was
-/// set) or fails, delivering each frame of the lane once and in order (`progress`),
-/// acknowledging them (a last time as it ends, if it can), and counting each.
-pub fn read_frames<W: Wire, S: Sink>(
-    wire: &mut W,
-    max_frame_bytes: usize,
-    sink: &mut S,
-    progress: &Progress,
-    counters: &Counters<'_>,
-) -> Result<(), ReadError> {
-    let mut r = Reader {
-        wire,
-        progress,
-        acker: Acker::new(),
-        stop: counters.stop,
-    };
-    let result = read_all(&mut r, max_frame_bytes, sink, counters);
-    if counters.stop.load(Ordering::SeqCst) {
-        // The listener is closing: what stopped the reading is no fault of the connection.
-        r.last();
-        return Ok(());
-    }
-    if r.acker.owed() {
-        // Best effort: the connection may be gone already.
-        r.ack();
-    }
-    result
-}
-
-fn read_all<W: Wire, S: Sink>(
-    r: &mut Reader<'_, W>,
-    max_frame_bytes: usize,
-    sink: &mut S,
-    counters: &Counters<'_>,
-) -> Result<(), ReadError> {
-    let (stats, conn) = (counters.peer, counters.conn);
-    let mut buf = vec![0u8; READ_BUF];
-    let (mut start, mut end) = (0usize, 0usize);
-    // Whether the last frame was a large one: large frames tend to follow each other, and
-    // the next read then takes only a little, so that the next large frame's body is read
-    // into its own buffer rather than into this one and copied over.
-    let mut after_large = false;
-    loop {
-        // Every complete frame in buf[start..end].
-        while end - start >= LEN_BYTES {
-            let prefix = buf[start..start + LEN_BYTES].try_into().unwrap();
-            let len = frame::check_len(prefix, max_frame_bytes).map_err(ReadError::Frame)?;
-            let body_at = start + LEN_BYTES;
-            if len >= OWNED_FRAME_MIN {
-                let mut owned = sink.alloc(len).ok_or(ReadError::NoMemory(len))?;
-                let dst = owned.as_mut();
-                let have = (end - body_at).min(len);
-                dst[..have].copy_from_slice(&buf[body_at..body_at + have]);
-                r.read_exact(&mut dst[have..])?;
-                start = body_at + have;
-                stats.received(len + LEN_BYTES);
-                conn.add(1, (len + LEN_BYTES) as u64);
-                if r.admit(frame::seq(owned.as_mut()), len)? {
-                    let header = Header::parse(owned.as_mut()).map_err(ReadError::Frame)?;
-                    sink.frame_owned(header, owned).map_err(ReadError::Sink)?;
-                }
-                after_large = true;
-                continue;
-            }
-            if end - body_at < len {
-                break;
-            }
-            stats.received(len + LEN_BYTES);
-            conn.add(1, (len + LEN_BYTES) as u64);
-            let body = &buf[body_at..body_at + len];
-            // Its number counts before its header is looked at: a malformed frame closes the
-            // connection, and the sender's resend of it is then dropped as delivered rather
-            // than closing every connection of the lane in turn.
-            if r.admit(frame::seq(body), len)? {
-                let header = Header::parse(body).map_err(ReadError::Frame)?;
-                sink.frame(header, body).map_err(ReadError::Sink)?;
-            }
-            after_large = false;
-            start = body_at + len;
-        }
-        // Keep the partial frame at the front, then read more behind it.
-        if start == end {
-            start = 0;
-            end = 0;
-        } else if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        let room = if after_large {
-            AFTER_LARGE_READ
-        } else {
-            READ_BUF
-        };
-        match r.read(&mut buf[end..(end + room).min(READ_BUF)])? {
-            0 if end == 0 => return Ok(()),
-            0 => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
-            n => end += n,
-        }
-    }
-}
-
-/// A reader's connection, its lane's progress and its ack policy.
-struct Reader<'a, W: Wire> {
-    wire: &'a mut W,
-    progress: &'a Progress,
-    acker: Acker,
-    stop: &'a AtomicBool,
-}
-
-impl<W: Wire> Reader<'_, W> {
-    /// Whether frame `seq` (of `len` bytes) is to be delivered: the lane's next one is; one
-    /// it delivered already is not, nor any once the listener is closing; a gap closes the
-    /// connection. Acks when one is due.
-    fn admit(&mut self, seq: u64, len: usize) -> Result<bool, ReadError> {
-        if self.stop.load(Ordering::SeqCst) {
-            return Ok(false);
-        }
-        let next = self.progress.admit(seq).map_err(ReadError::Frame)? == Admit::Next;
-        if next {
-            let now = Instant::now();
-            self.acker.delivered(len, now);
-            if self.acker.due(now) {
-                self.ack();
-            }
-        }
-        Ok(next)
-    }
-
-    /// Acknowledges what the lane delivered. A socket that fails here fails the next read
-    /// too: the frame just admitted must still be delivered first, so the error waits.
-    fn ack(&mut self) {
-        let _ = self.acker.flush(self.wire, self.progress.delivered());
-    }
-
-    /// Says LAST with what the lane delivered, trying for a moment if the socket is full
-    /// (the sender reads its acks at least every [`crate::acks::ACK_DELAY`] or so).
-    fn last(&mut self) {
-        let delivered = self.progress.delivered();
-        for _ in 0..100 {
-            match self.acker.finish(self.wire, delivered) {
-                Ok(false) => std::thread::sleep(Duration::from_millis(2)),
-                Ok(true) | Err(_) => return,
-            }
-        }
-    }
-
-    /// Reads what is there, waiting as long as it takes. While an ack is owed the wait is cut
-    /// at [`ACK_DELAY`] to send it; with nothing owed, at [`IDLE_WAKE`] to look at `stop`.
-    /// Once `stop` is set it reads nothing more (0, as at the end of the stream).
-    fn read(&mut self, dst: &mut [u8]) -> Result<usize, ReadError> {
-        loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return Ok(0);
-            }
-            let timer = if self.acker.owed() {
-                ACK_DELAY
-            } else {
-                IDLE_WAKE
-            };
-            self.wire.read_timeout(Some(timer)).map_err(ReadError::Io)?;
-            match self.wire.read(dst) {
-                Ok(n) => return Ok(n),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if self.acker.owed() {
-                        self.ack();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ReadError::Io(e)),
-            }
-        }
-    }
-
-    fn read_exact(&mut self, mut dst: &mut [u8]) -> Result<(), ReadError> {
-        while !dst.is_empty() {
-            match self.read(dst)? {
-                0 => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
-                n => dst = &mut dst[n..],
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acks::{AckReader, ACK_FRAMES};
+    use crate::acks::{AckOut, AckReader, ACK_FRAMES};
+    use crate::frame::{self, FrameError, Header};
+    use crate::lanes::Progress;
+    use crate::pump::{read_frames, Wire};
     use crate::testing::{frame, payload};
 
     #[derive(Default)]
@@ -840,7 +697,7 @@ mod tests {
     fn read_all(
         wire: &mut Trickle<'_>,
         sink: &mut Collect,
-        progress: &Progress,
+        progress: &Arc<Progress>,
     ) -> Result<(), ReadError> {
         let counters = Counters {
             peer: &PeerStats::default(),
@@ -1017,6 +874,70 @@ mod tests {
         drop(first);
         assert_eq!(answered.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
         drop(second.join().unwrap());
+        l.close();
+    }
+
+    /// A connection of lane `lane` from `a@h`, handshake done.
+    fn dialed(addr: SocketAddr, lane: u16) -> std::net::TcpStream {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        crate::handshake::dial(&mut s, b"a@h", b"b@h", b"c", lane, 7).unwrap();
+        s
+    }
+
+    #[test]
+    fn many_connections_are_read_by_a_fixed_set_of_threads() {
+        use std::io::Write;
+        let (l, acceptor, rx) = crate::testing::listener(SocketOpts::default());
+        let lanes = 40;
+        let mut socks: Vec<_> = (0..lanes).map(|n| dialed(l.local_addr(), n)).collect();
+        // Every connection sends two frames, the second one large, in small pieces.
+        for (n, s) in socks.iter_mut().enumerate() {
+            let stream = stream_of(&[1, 2], &[n, 70_000 + n]);
+            for piece in stream.chunks(9_000) {
+                s.write_all(piece).unwrap();
+            }
+        }
+        let mut sizes: Vec<usize> = (0..2 * lanes as usize)
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap().1.len())
+            .collect();
+        sizes.sort();
+        let mut expected: Vec<usize> = (0..lanes as usize).flat_map(|n| [n, 70_000 + n]).collect();
+        expected.sort();
+        assert_eq!(sizes, expected);
+        let threads = acceptor.threads.lock().len();
+        assert!(
+            (1..=crate::poller::default_threads()).contains(&threads),
+            "{lanes} connections were read on {threads} threads"
+        );
+        assert_eq!(l.connections(), lanes as usize);
+        l.close();
+        crate::testing::wait_for("every connection to end", || l.connections() == 0);
+    }
+
+    #[test]
+    fn a_connection_that_closes_inside_a_frame_ends_alone() {
+        use std::io::Write;
+        let (l, _acceptor, rx) = crate::testing::listener(SocketOpts::default());
+        let mut cut = dialed(l.local_addr(), 0);
+        let mut other = dialed(l.local_addr(), 1);
+        // Half of a large frame, then the connection closes.
+        let stream = stream_of(&[1], &[200_000]);
+        cut.write_all(&stream[..100_000]).unwrap();
+        crate::testing::wait_for("the half frame to be read", || {
+            l.incoming()
+                .iter()
+                .any(|c| c.bytes_in == 0 && c.peer.is_some())
+        });
+        drop(cut);
+        crate::testing::wait_for("the cut connection to end", || l.connections() == 1);
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing of the cut frame is delivered"
+        );
+        // The other connection, on the same threads, goes on.
+        other.write_all(&stream_of(&[1], &[5])).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().1.len(), 5);
         l.close();
     }
 }

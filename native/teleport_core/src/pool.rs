@@ -558,6 +558,7 @@ mod tests {
             peers: Peers::default(),
             tx: parking_lot::Mutex::new(tx),
             gate: Arc::default(),
+            threads: Arc::default(),
         });
         let cfg = ListenConfig {
             max_frame_bytes: 1 << 20,
@@ -567,6 +568,7 @@ mod tests {
                 ..SocketOpts::default()
             },
             thread_nice: 0,
+            poll_threads: crate::poller::default_threads(),
         };
         let err = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor)
             .err()

@@ -4,17 +4,20 @@
 use crate::conn::PeerConfig;
 use crate::etf;
 use crate::frame::{self, Draft, Header, Kind};
-use crate::listener::{Acceptor, ListenConfig, Listener, Sink};
+use crate::listener::{Acceptor, ListenConfig, Listener};
 use crate::out_frame::OutFrame;
 use crate::peers::Peers;
 use crate::pool::Pool;
+use crate::pump::Sink;
 use crate::sockopts::SocketOpts;
 use crate::stats::PeerStats;
 use parking_lot::{Condvar, Mutex};
+use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 /// The destination of every test frame: the name `t`, as [`frame`] writes it.
@@ -64,8 +67,11 @@ impl Gate {
     }
 }
 
+/// The threads frames were delivered on.
+pub type Threads = Arc<Mutex<HashSet<ThreadId>>>;
+
 /// Frames arrive here, as (peer, payload); a payload `poison` is refused.
-pub struct ToChannel(Vec<u8>, Sender<(Vec<u8>, Vec<u8>)>, Arc<Gate>);
+pub struct ToChannel(Vec<u8>, Sender<(Vec<u8>, Vec<u8>)>, Arc<Gate>, Threads);
 
 impl Sink for ToChannel {
     type Buf = Vec<u8>;
@@ -74,6 +80,7 @@ impl Sink for ToChannel {
     }
     fn frame(&mut self, header: Header, body: &[u8]) -> Result<(), String> {
         self.2.pass();
+        self.3.lock().insert(std::thread::current().id());
         let (_, body) = payload(header, body);
         if body == b"poison" {
             return Err("poisoned".into());
@@ -96,6 +103,8 @@ pub struct TestAcceptor {
     pub tx: Mutex<Sender<(Vec<u8>, Vec<u8>)>>,
     /// What its sinks pass before delivering.
     pub gate: Arc<Gate>,
+    /// The threads its sinks delivered on.
+    pub threads: Threads,
 }
 
 impl Acceptor for TestAcceptor {
@@ -110,7 +119,12 @@ impl Acceptor for TestAcceptor {
         self.peers.stats(peer)
     }
     fn sink(&self, peer: &[u8]) -> ToChannel {
-        ToChannel(peer.to_vec(), self.tx.lock().clone(), self.gate.clone())
+        ToChannel(
+            peer.to_vec(),
+            self.tx.lock().clone(),
+            self.gate.clone(),
+            self.threads.clone(),
+        )
     }
 }
 
@@ -125,6 +139,7 @@ pub fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals
         peers: Peers::default(),
         tx: Mutex::new(tx),
         gate: Arc::default(),
+        threads: Arc::default(),
     });
     acceptor.peers.allow(b"a@h", b"c");
     let cfg = ListenConfig {
@@ -132,6 +147,7 @@ pub fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals
         handshake_timeout: Duration::from_secs(2),
         sock_opts: opts,
         thread_nice: TEST_NICE,
+        poll_threads: crate::poller::default_threads(),
     };
     let l = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor.clone()).unwrap();
     (l, acceptor, rx)

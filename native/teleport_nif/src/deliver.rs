@@ -1,5 +1,6 @@
 //! The receiving end of an incoming connection: frames become terms in a private env and are
-//! delivered with `enif_send`, from the connection's reader thread (never a scheduler).
+//! delivered with `enif_send`, from the poll thread that reads the connection (never a
+//! scheduler).
 //!
 //! The peer has authenticated, so its frames are decoded in trusted mode (atoms are made as
 //! disterl makes them). A destination that does not exist drops the message silently, as
@@ -14,7 +15,7 @@ use rustler::sys::{
 };
 use std::mem::MaybeUninit;
 use teleport_core::frame::{Header, Kind};
-use teleport_core::listener::Sink;
+use teleport_core::pump::Sink;
 
 /// A VM binary being filled by a reader, handed over whole to [`Deliver::frame_owned`].
 pub struct BinBuf(Option<ErlNifBinary>);

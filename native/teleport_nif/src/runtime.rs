@@ -135,6 +135,7 @@ fn runtime_start<'a>(
         handshake_timeout: Duration::from_millis(handshake_timeout),
         sock_opts: sock_opts.clone(),
         thread_nice,
+        poll_threads: teleport_core::poller::default_threads(),
     };
     let acceptor = Arc::new(NifAcceptor {
         peers: peers.clone(),
