@@ -276,13 +276,14 @@ threads_run_below_the_schedulers(_Config) ->
          Schedulers = lists:usort([N || {Name, N} <- Threads,
                                         lists:suffix("_scheduler", Name)]),
          %% teleport_log, the log bridge, starts with the NIF, before any configuration.
-         %% (A handshake's thread ends once its connection is handed to a poll thread.)
+         %% (A handshake's or a connecting thread ends once its connection is handed to a
+         %% poll thread.)
          Teleport = lists:usort([{lists:sublist(Name, 12), N}
                                  || {"teleport_" ++ _ = Name, N} <- Threads,
                                     Name =/= "teleport_log"]),
          ?assertEqual([0], Schedulers),
          ?assertEqual([{"teleport_acc", Nice}, {"teleport_pol", Nice}, {"teleport_wri", Nice}],
-                      Teleport -- [{"teleport_han", Nice}])
+                      Teleport -- [{"teleport_han", Nice}, {"teleport_con", Nice}])
      end || {Peer, Nice} <- [{PeerA, 7}, {PeerB, 10}]].
 
 %% The {Name, Nice} of every thread of OS process OsPid (Linux /proc).

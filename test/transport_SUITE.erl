@@ -29,7 +29,8 @@ all() ->
 
 groups() ->
     [{default_config, [],
-      [delivery, first_send_race, ordering, big_binary, stats, wrong_cookie_rejected,
+      [delivery, first_send_race, ordering, big_binary, no_long_schedule_receiving, stats,
+       wrong_cookie_rejected,
        peer_restart, idle_socket_flood_keeps_messages]},
      %% max_queue_bytes = 1 MB on the runner.
      {small_queue, [], [nosuspend_when_peer_stops_reading]},
@@ -304,6 +305,31 @@ big_binary(_Config) ->
            [(T1 - T0) / 1.0e6, (T2 - T0) / 1.0e6, 2 * 100 / ((T2 - T0) / 1.0e6)]),
     ok.
 
+%%--------------------------------------------------------------------------------------------
+%% 4b. no_long_schedule_receiving
+
+%% A 200 MB message and a flood of small ones arrive whole and in order, and nothing that
+%% teleport runs on the receiving node's schedulers holds one for more than 5 ms meanwhile
+%% (a `long_schedule' report naming the receiver or a teleport process would say so): the
+%% frames are read, decoded and delivered off the schedulers, the large one as a binary the
+%% receiver gets by reference.
+no_long_schedule_receiving(_Config) ->
+    [{P, Node, _}] = start_peers(?FUNCTION_NAME, 1),
+    Small = 50000,
+    Sink = peer:call(P, ?MODULE, start_counting_sink, [self(), Small + 1]),
+    _ = peer:call(P, ?MODULE, start_echo, [echo]),
+    {pong, Node, _} = ping({echo, Node}),
+    Monitor = peer:call(P, ?MODULE, start_long_schedule_monitor, [5]),
+    Big = binary:copy(<<"teleport">>, 25 * ?MB),
+    ok = teleport:send(Sink, {big, Big}),
+    [ok = teleport:send(Sink, {small, N}) || N <- lists:seq(1, Small)],
+    receive
+        {counted, Sink, Report} -> ?assertEqual(#{big => 200 * ?MB, small => Small}, Report)
+    after 60000 -> ct:fail(not_all_arrived)
+    end,
+    {Long, Ours} = peer:call(P, ?MODULE, long_schedules, [Monitor, Sink]),
+    ct:pal("long_schedule reports on the receiving node: ~p", [Long]),
+    ?assertEqual([], Ours).
 %%--------------------------------------------------------------------------------------------
 %% 5. wrong_cookie_rejected
 
@@ -789,6 +815,61 @@ echo_loop() ->
             ok
     end,
     echo_loop().
+
+%% A process that takes `{big, Bin}' and `{small, N}' (N = 1, 2, 3... in order) until it has
+%% Count of them, then reports to ReportTo over disterl.
+start_counting_sink(ReportTo, Count) ->
+    spawn(fun() -> counting_sink(ReportTo, Count, #{big => 0, small => 0}) end).
+
+counting_sink(ReportTo, 0, Seen) ->
+    ReportTo ! {counted, self(), Seen};
+counting_sink(ReportTo, Left, #{small := S} = Seen) ->
+    receive
+        {big, Bin} -> counting_sink(ReportTo, Left - 1, Seen#{big := byte_size(Bin)});
+        {small, N} when N =:= S + 1 -> counting_sink(ReportTo, Left - 1, Seen#{small := N});
+        Other -> ReportTo ! {counted, self(), {out_of_order, Other, Seen}}
+    end.
+
+%% A process that collects this node's long_schedule reports over Ms milliseconds.
+start_long_schedule_monitor(Ms) ->
+    Parent = self(),
+    Pid = spawn(fun() ->
+                        erlang:system_monitor(self(), [{long_schedule, Ms}]),
+                        Parent ! {monitoring, self()},
+                        long_schedule_loop([])
+                end),
+    receive {monitoring, Pid} -> Pid end.
+
+long_schedule_loop(Acc) ->
+    receive
+        {monitor, Who, long_schedule, Info} ->
+            long_schedule_loop([{Who, proplists:get_value(timeout, Info)} | Acc]);
+        {report, From} ->
+            From ! {long_schedules, lists:reverse(Acc)}
+    end.
+
+%% Every report, and those naming Sink or one of teleport's processes.
+long_schedules(Monitor, Sink) ->
+    Monitor ! {report, self()},
+    Long = receive {long_schedules, L} -> L after 10000 -> [] end,
+    {Long, [R || {Who, _} = R <- Long, Who =:= Sink orelse teleport_process(Who)]}.
+
+%% Whether Who (a pid or a port) is one of teleport's processes.
+teleport_process(Who) when is_pid(Who) ->
+    case erlang:process_info(Who, [registered_name, initial_call, dictionary]) of
+        undefined -> false;
+        Info ->
+            Name = atom_to_list(case proplists:get_value(registered_name, Info) of
+                                    [] -> '';
+                                    N -> N
+                                end),
+            Init = proplists:get_value('$initial_call',
+                                       proplists:get_value(dictionary, Info), {x, x, 0}),
+            lists:prefix("teleport", Name) orelse
+                lists:prefix("teleport", atom_to_list(element(1, Init)))
+    end;
+teleport_process(_Port) ->
+    false.
 
 %% Checks that each sender's messages come with sequence numbers 1, 2, 3...; reports
 %% #{Id => {Count, LastSeq, OutOfSequence}} over teleport once every sender said done.

@@ -1,33 +1,42 @@
-//! One outgoing connection of a pool (one *lane*): a bounded queue, a writer thread, a fast
-//! path that writes straight from the sender's thread when the connection is idle, and the
-//! frames written but not yet acknowledged, kept to be sent again if the connection dies.
+//! One outgoing connection of a pool (one *lane*): a bounded queue, a fast path that writes
+//! straight from the sender's thread when the connection is idle, a task on one of the
+//! writer threads shared by every pool (see [`crate::poller`]) that writes the rest as the
+//! socket takes it and reads the acks as they come, and the frames written but not yet
+//! acknowledged, kept to be sent again if the connection dies.
 //!
 //! A frame's life on its lane:
 //! 1. [`Conn::send`] accepts it: its bytes are *held* (counted against `max_queue_bytes`)
 //!    until the peer acknowledges it or it is dropped. Frames are only refused, never lost
 //!    here: `Busy` when the lane holds too much, `Closed` after nodedown.
 //! 2. It is written, in lane order, by one party at a time: the sender itself when the
-//!    connection is idle (queue empty, nobody writing), else the writer thread. A sender
+//!    connection is idle (queue empty, nobody writing), else the connection's writer task,
+//!    without blocking, whenever the socket has room. A sender
 //!    writing directly also takes, for a few rounds, the small frames others queued
 //!    meanwhile and writes them with one `writev` each round: concurrent small sends cost one
 //!    syscall per batch, not per frame. When it first goes out on a connection it is
 //!    stamped with the lane's next sequence number (see [`crate::frame`]).
 //! 3. Written whole, it waits in `unacked` for the peer's cumulative ack (see
-//!    [`crate::acks`]), which its senders and the writer read without blocking.
+//!    [`crate::acks`]), which the writer task reads when they arrive (and senders now and
+//!    then), without blocking.
 //! 4. If the connection dies first, every unacknowledged frame goes back to the front of the
 //!    queue, in order. The next connection's handshake says what the peer delivered: those
 //!    frames are released, the rest are written again (and the peer drops any it had
 //!    already). Only a new incarnation of the peer's teleport, which cannot know what the
 //!    old one delivered, makes the lane drop (and count) what it had written.
 //!
-//! Only the writer thread connects, so a pool is usable (frames queue) the moment it exists:
-//! nothing is lost while connections come up.
+//! A lane connects when it has frames and no connection: a short-lived thread of its own
+//! connects and shakes hands (waiting out a growing backoff between failed attempts), then
+//! hands the socket to a writer thread and ends. So a pool is usable (frames queue) the
+//! moment it exists, nothing is lost while connections come up, and an idle lane, connected
+//! or not, costs no thread and no wake-up: a peer that hangs up is seen when its socket
+//! says so.
 
 use crate::acks::AckReader;
 use crate::deadline::Deadline;
 use crate::frame::LEN_BYTES;
 use crate::handshake::{self, HandshakeError, Welcome};
 use crate::out_frame::OutFrame;
+use crate::poller::{self, Handle, Next, Poller, Task};
 use crate::pool::Target;
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
@@ -36,13 +45,14 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Frames up to this size may be written from the sender's thread (a normal scheduler):
 /// a non-blocking write of this much is a memcpy of microseconds. Larger ones always go to
-/// the writer thread.
+/// the writer task.
 pub const DIRECT_MAX: usize = 64 * 1024;
 
 /// A sender writing directly takes frames others queued meanwhile for at most this many
@@ -55,12 +65,9 @@ const COMBINE_MAX: usize = 256 * 1024;
 /// How many iovecs one `writev` gets (Linux's `IOV_MAX` is 1024).
 const MAX_IOVECS: usize = 1024;
 
-/// How long an idle writer sleeps before checking that the peer did not hang up.
-const IDLE_CHECK: Duration = Duration::from_secs(1);
-
-/// How often an idle writer reads acks while frames wait for theirs (the peer acks a burst's
-/// tail after [`crate::acks::ACK_DELAY`]).
-const ACK_POLL: Duration = Duration::from_millis(10);
+/// What a writer task writes per turn before its thread serves the other lanes (the rest
+/// goes at its next turn, straight after).
+const TURN_BYTES: usize = 4 * 1024 * 1024;
 
 /// A sender writing directly reads acks after this many frames written since they were last
 /// read: about one `recv` per ack the peer sends ([`crate::acks::ACK_FRAMES`]).
@@ -93,8 +100,9 @@ pub struct PeerConfig {
     pub handshake_timeout: Duration,
     /// Options set on every socket before it connects.
     pub sock_opts: SocketOpts,
-    /// How much lower than the VM's the priority of the writer threads is (a nice value,
-    /// see [`crate::threads::spawn`]).
+    /// How much lower than the VM's the priority of the writer and connecting threads is (a
+    /// nice value, see [`crate::threads::spawn`]; the writer threads, shared by every pool,
+    /// take the first pool's).
     pub thread_nice: u8,
 }
 
@@ -116,9 +124,9 @@ pub enum SendError {
 /// What the connection is doing, for `teleport:info/0` and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
-    /// No socket yet, or the last one failed; the next frame makes the writer connect.
+    /// No socket yet, or the last one failed; the next frame makes the lane connect.
     Down,
-    /// The writer is connecting or shaking hands.
+    /// The lane is connecting or shaking hands.
     Connecting,
     /// Authenticated and writable.
     Up,
@@ -137,7 +145,7 @@ struct State {
     held: usize,
     /// Bytes of the frames in `unacked`.
     unacked_bytes: usize,
-    /// Frames the writer took from the queue and is writing (counted if it panics).
+    /// Frames the writer task took from the queue and is writing (counted if it panics).
     in_batch: usize,
     /// The number the next frame to go out gets.
     next_seq: u64,
@@ -151,17 +159,20 @@ struct State {
     /// Frames written since acks were last read.
     since_ack_read: u32,
     sock: Option<Arc<Socket>>,
-    /// The writer holds frames taken from the queue, or is connecting.
+    /// The writer task of `sock`, once a writer thread has it.
+    task: Option<Handle>,
+    /// The writer task was poked and has not run since.
+    poked: bool,
+    /// A thread is connecting (or waiting out its backoff to).
+    connecting: bool,
+    /// The writer task holds frames taken from the queue.
     writer_busy: bool,
     /// A sender is writing directly (its frame, then frames it took from the queue).
     direct_busy: bool,
     /// The direct writer's batch, kept between sends so that it is allocated once.
     spare: Vec<OutFrame>,
-    /// The writer sleeps on `wake`.
-    writer_waiting: bool,
-    /// Times the writer woke because a wait ran out rather than for work (an idle slot's
-    /// cost; read by tests).
-    timed_wakeups: u64,
+    /// Times a writer task ran (an idle lane's cost; read by tests).
+    wakeups: u64,
     status: Status,
     last_error: Option<String>,
     /// Whether this slot ever had a connection (the next one counts as a reconnect).
@@ -236,9 +247,23 @@ pub struct Conn {
     /// Shared by the pool: where to connect, and with which cookie.
     target: Arc<Target>,
     state: Mutex<State>,
+    /// Cuts a connecting thread's backoff short (the pool was pointed elsewhere, or closed).
     wake: Condvar,
     /// What this slot wrote.
     counters: ConnStats,
+    /// The writer threads, shared by every pool.
+    writers: Arc<Poller<Writer>>,
+}
+
+/// The writer threads of every pool, started with the first.
+fn writers(nice: u8) -> io::Result<Arc<Poller<Writer>>> {
+    static WRITERS: OnceLock<Arc<Poller<Writer>>> = OnceLock::new();
+    if let Some(w) = WRITERS.get() {
+        return Ok(w.clone());
+    }
+    let started = Poller::start(poller::default_threads(), "teleport_writer", nice)?;
+    // Two first pools at once: one set of threads wins, the other stays idle.
+    Ok(WRITERS.get_or_init(|| started).clone())
 }
 
 impl std::fmt::Debug for Conn {
@@ -251,8 +276,7 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    /// A connection slot of the pool's `session` and its writer thread. Nothing connects
-    /// until the first frame.
+    /// A connection slot of the pool's `session`. Nothing connects until the first frame.
     pub fn start(
         index: usize,
         session: u64,
@@ -260,7 +284,8 @@ impl Conn {
         stats: Arc<PeerStats>,
         target: Arc<Target>,
     ) -> io::Result<Arc<Conn>> {
-        let conn = Arc::new(Conn {
+        let writers = writers(cfg.thread_nice)?;
+        Ok(Arc::new(Conn {
             index,
             session,
             cfg,
@@ -278,11 +303,13 @@ impl Conn {
                 acks: AckReader::default(),
                 since_ack_read: 0,
                 sock: None,
+                task: None,
+                poked: false,
+                connecting: false,
                 writer_busy: false,
                 direct_busy: false,
                 spare: Vec::new(),
-                writer_waiting: false,
-                timed_wakeups: 0,
+                wakeups: 0,
                 status: Status::Down,
                 last_error: None,
                 was_up: false,
@@ -292,30 +319,8 @@ impl Conn {
             }),
             wake: Condvar::new(),
             counters: ConnStats::default(),
-        });
-        let c = conn.clone();
-        crate::threads::spawn(
-            format!("teleport_writer_{index}"),
-            c.cfg.thread_nice,
-            move || {
-                // A panic here must not unwind into nothing: log it and close the slot,
-                // dropping (and counting) everything it held, the batch it was writing too.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run())).is_err() {
-                    tracing::error!(
-                        peer = %String::from_utf8_lossy(&c.cfg.peer),
-                        index = c.index,
-                        addr = %c.target.addr(),
-                        reason = "the writer thread panicked; the slot is closed",
-                        "writer_panicked"
-                    );
-                    c.close();
-                    let mut st = c.state.lock();
-                    st.writer_busy = false;
-                    c.drop_all(&mut st);
-                }
-            },
-        )?;
-        Ok(conn)
+            writers,
+        }))
     }
 
     /// Takes `frame` for the lane: writes it at once if the connection is idle, else queues
@@ -324,7 +329,7 @@ impl Conn {
     /// A frame is refused as [`SendError::Busy`] only when the lane already holds frames
     /// (queued or unacknowledged) and this one would take it past `max_queue_bytes`, so a
     /// frame larger than the limit still goes through on an empty lane.
-    pub fn send(&self, mut frame: OutFrame) -> Result<(), SendError> {
+    pub fn send(self: &Arc<Self>, mut frame: OutFrame) -> Result<(), SendError> {
         let mut st = self.state.lock();
         if st.status == Status::Closed {
             return Err(SendError::Closed(frame));
@@ -362,13 +367,50 @@ impl Conn {
             }
         }
         st.queue.push_back(frame);
-        // The writer sleeps with an empty queue only when idle; with frames queued it is
-        // waiting out a reconnection backoff, which more frames should not cut short. A
-        // direct writer takes the frame, or wakes the writer when it is done.
-        if st.writer_waiting && st.queue.len() == 1 && !st.direct_busy {
-            self.wake.notify_one();
+        // A direct writer takes the frame, or kicks the lane when it is done.
+        if !st.direct_busy {
+            self.kick(&mut st);
         }
         Ok(())
+    }
+
+    /// Sees to it that the frames queued go out: pokes the writer task (once until it runs),
+    /// or, with no connection, starts connecting (once: a thread that waits out its backoff
+    /// takes the new frames along). Nothing to do if someone is writing already.
+    fn kick(self: &Arc<Self>, st: &mut State) {
+        if st.queue.is_empty() || st.writer_busy || st.status == Status::Closed {
+            return;
+        }
+        match (&st.sock, st.task) {
+            (Some(_), Some(task)) => {
+                if !st.poked {
+                    st.poked = true;
+                    self.writers.poke(task);
+                }
+            }
+            // Being handed to a writer thread, which runs it at once.
+            (Some(_), None) => {}
+            (None, _) if st.connecting => {}
+            (None, _) => {
+                st.connecting = true;
+                let c = self.clone();
+                let spawned = crate::threads::spawn(
+                    format!("teleport_connect_{}", self.index),
+                    self.cfg.thread_nice,
+                    move || c.connect_loop(),
+                );
+                if let Err(e) = spawned {
+                    st.connecting = false;
+                    st.last_error = Some(format!("no thread to connect with: {e}"));
+                    tracing::warn!(
+                        peer = %String::from_utf8_lossy(&self.cfg.peer),
+                        index = self.index,
+                        reason = %e,
+                        "connect_spawn_failed"
+                    );
+                }
+            }
+        }
     }
 
     /// Whether taking `len` more bytes would put the lane over its limit.
@@ -391,9 +433,9 @@ impl Conn {
     /// Writes `batch` (one frame, the sender's own, stamped) from the sender's thread with
     /// non-blocking `writev`s, then, for a few rounds, whatever small frames other senders
     /// queued meanwhile. What cannot be written at once goes back to the front of the queue
-    /// for the writer thread. Called with `direct_busy` set, which keeps everyone else from
+    /// for the writer task. Called with `direct_busy` set, which keeps everyone else from
     /// writing; clears it.
-    fn write_direct(&self, sock: &Arc<Socket>, mut batch: Vec<OutFrame>) {
+    fn write_direct(self: &Arc<Self>, sock: &Arc<Socket>, mut batch: Vec<OutFrame>) {
         let mut rounds = 0;
         let (mut st, failed) = loop {
             let result = self.write_counted(|msgs, bytes| {
@@ -416,7 +458,7 @@ impl Conn {
                     batch.extend(st.queue.drain(..));
                     stamp(&mut st, &mut batch);
                 }
-                // The socket is full: the writer thread goes on from where this stopped.
+                // The socket is full: the writer task goes on from where this stopped.
                 Ok(_) => break (st, None),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break (st, None),
                 Err(e) => break (st, Some(e)),
@@ -434,10 +476,10 @@ impl Conn {
         st.spare = batch;
         st.direct_busy = false;
         if st.status == Status::Closed {
-            // The writer may be gone already: what is left is dropped here, and counted.
+            // Nobody else writes any more: what is left is dropped here, and counted.
             self.drop_all(&mut st);
-        } else if !st.queue.is_empty() && st.writer_waiting {
-            self.wake.notify_one();
+        } else {
+            self.kick(&mut st);
         }
     }
 
@@ -478,7 +520,7 @@ impl Conn {
     /// Reads, without blocking, the acks the peer sent on the current connection, and
     /// releases the frames they cover. A peer that closed the connection, or sends anything
     /// but acks, loses it here.
-    fn read_acks(&self, st: &mut State) {
+    fn read_acks(self: &Arc<Self>, st: &mut State) {
         let Some(sock) = st.sock.clone() else { return };
         st.since_ack_read = 0;
         if let Err(e) = self.take_acks(st, &sock) {
@@ -541,16 +583,18 @@ impl Conn {
         self.stats.acked.fetch_add(n, Relaxed);
     }
 
-    /// How often the writer woke only because a wait ran out.
+    /// How often a writer task of this lane ran.
     #[cfg(test)]
-    pub(crate) fn timed_wakeups(&self) -> u64 {
-        self.state.lock().timed_wakeups
+    pub(crate) fn wakeups(&self) -> u64 {
+        self.state.lock().wakeups
     }
 
-    /// Wakes the writer to try connecting at once (the pool was pointed elsewhere).
-    pub fn poke(&self) {
-        let _st = self.state.lock();
-        self.wake.notify_one();
+    /// Has a lane waiting out its backoff try connecting at once (the pool was pointed
+    /// elsewhere).
+    pub fn poke(self: &Arc<Self>) {
+        let mut st = self.state.lock();
+        self.wake.notify_all();
+        self.kick(&mut st);
     }
 
     /// Tears the connection down for good: what the lane holds is dropped and counted.
@@ -575,7 +619,11 @@ impl Conn {
                 "connection_closed"
             );
         }
-        self.wake.notify_one();
+        if !st.writer_busy && !st.direct_busy {
+            // Whoever is writing drops what is left when done; else nobody will.
+            self.drop_all(&mut st);
+        }
+        self.wake.notify_all();
     }
 
     /// Kills the current connection from this end, as a middlebox or `ss -K` would.
@@ -621,13 +669,17 @@ impl Conn {
     /// The connection is gone: every frame it took and the peer did not acknowledge goes
     /// back to the front of the queue, in order, from its start (the one cut mid-write too),
     /// to go out again on the next connection. Whoever was writing puts its unwritten frames
-    /// back at the front before calling this.
-    fn lost_socket(&self, st: &mut State, err: &io::Error) {
+    /// back at the front before calling this. With frames left, the lane connects again.
+    fn lost_socket(self: &Arc<Self>, st: &mut State, err: &io::Error) {
         if let Some(sock) = st.sock.take() {
             // The peer's last acks may still be in the socket (a listener that closes
             // acknowledges what it delivered first): they spare frames a resend, or a drop.
             let _ = self.take_acks(st, &sock);
             self.stats.connections.fetch_sub(1, Relaxed);
+            // Its writer task ends when the socket says so.
+            st.task = None;
+            st.poked = false;
+            let _ = sock.shutdown(std::net::Shutdown::Both);
             let addr = peer_addr(&sock).unwrap_or_else(|| self.target.addr());
             tracing::warn!(
                 peer = %String::from_utf8_lossy(&self.cfg.peer),
@@ -657,6 +709,8 @@ impl Conn {
             st.status = Status::Down;
         }
         st.connected_since = None;
+        // Whoever found the socket gone, frames it held go out on the next connection.
+        self.kick(st);
     }
 
     /// A new connection is up and its handshake said what the peer delivered on this lane:
@@ -749,96 +803,77 @@ impl Conn {
         self.stats.dropped.fetch_add(n as u64, Relaxed);
     }
 
-    /// The writer thread: waits for frames, connects when there is no connection, writes.
-    fn run(&self) {
-        let mut batch: Vec<OutFrame> = Vec::new();
+    /// A connecting thread: connects and shakes hands (the lock released) while the lane has
+    /// frames and no connection, waiting out a growing backoff after each failure; on
+    /// success the lane resumes on the new connection, whose writer task a writer thread
+    /// runs from then on, and the thread ends.
+    fn connect_loop(self: Arc<Self>) {
         let mut backoff = FIRST_BACKOFF;
+        let mut st = self.state.lock();
         loop {
-            let mut st = self.state.lock();
-            self.wait_for_frames(&mut st);
-            if st.status == Status::Closed {
-                self.drop_all(&mut st);
+            if st.status == Status::Closed || st.queue.is_empty() || st.sock.is_some() {
+                // Closed: close() dropped what the lane held. Nothing to send: the next
+                // frame connects.
+                st.connecting = false;
                 return;
             }
-            self.probe_if_idle(&mut st, Instant::now());
-            match st.sock.clone() {
-                Some(sock) => self.drain(st, &sock, &mut batch),
-                None => self.connect_or_back_off(st, &mut backoff),
-            }
-        }
-    }
-
-    /// Sleeps until the queue has frames nobody else is writing, or the slot closes. While
-    /// frames wait for their ack it wakes to read acks; when idle with a connection, now and
-    /// then, to find out whether the peer hung up; without one, not at all (a slot never
-    /// used costs no wake-ups: a frame, a retarget or the close wakes it).
-    fn wait_for_frames(&self, st: &mut MutexGuard<'_, State>) {
-        while (st.queue.is_empty() || st.direct_busy) && st.status != Status::Closed {
-            st.writer_waiting = true;
-            let pause = match (st.sock.is_some(), st.unacked.is_empty()) {
-                (_, false) => Some(ACK_POLL),
-                (true, true) => Some(IDLE_CHECK),
-                (false, true) => None,
-            };
-            let timed_out = match pause {
-                Some(pause) => self.wake.wait_for(st, pause).timed_out(),
-                None => {
-                    self.wake.wait(st);
-                    false
+            st.status = Status::Connecting;
+            drop(st);
+            let result = self.connect();
+            st = self.state.lock();
+            match result {
+                Ok((sock, welcome)) if st.status != Status::Closed => {
+                    self.stats.connections.fetch_add(1, Relaxed);
+                    if st.was_up {
+                        self.stats.reconnects.fetch_add(1, Relaxed);
+                        st.reconnects += 1;
+                    }
+                    st.was_up = true;
+                    st.status = Status::Up;
+                    st.connected_since = Some(SystemTime::now());
+                    st.last_write = Instant::now();
+                    let sock = Arc::new(sock);
+                    st.sock = Some(sock.clone());
+                    self.resume(&mut st, &welcome);
+                    self.drop_too_large(&mut st);
+                    st.connecting = false;
+                    let writer = Writer {
+                        conn: self.clone(),
+                        sock,
+                        batch: Vec::new(),
+                        wants_write: false,
+                        done: false,
+                    };
+                    // Its thread runs it at once (it waits for this lock), and writes what
+                    // is queued.
+                    st.poked = false;
+                    match self.writers.add(writer) {
+                        Ok(task) => st.task = Some(task),
+                        Err(_) => {
+                            let e = io::Error::other("no writer thread");
+                            self.lost_socket(&mut st, &e);
+                        }
+                    }
+                    return;
                 }
-            };
-            st.writer_waiting = false;
-            if timed_out {
-                st.timed_wakeups += 1;
-                if st.queue.is_empty() && !st.direct_busy {
-                    self.read_acks(st);
+                Ok(_) => {}
+                Err(err) => {
+                    self.note_connect_failure(&mut st, &err, backoff == FIRST_BACKOFF);
+                    if matches!(
+                        err.io().kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::PermissionDenied
+                    ) {
+                        // The peer is there but not listening or not letting us in where we
+                        // thought: its listener (and the cookie) must be found again.
+                        MutexGuard::unlocked(&mut st, || self.target.mark_stale());
+                    }
+                    // What the lane holds stays: it goes out once a connection is up, or is
+                    // dropped (and counted) when the pool is closed at nodedown.
+                    if st.status != Status::Closed {
+                        self.wake.wait_for(&mut st, backoff);
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-            }
-        }
-    }
-
-    /// Connects and shakes hands (with the lock released); on success the lane resumes on
-    /// the new connection, on failure the writer waits out a growing backoff.
-    fn connect_or_back_off(&self, mut st: MutexGuard<'_, State>, backoff: &mut Duration) {
-        st.writer_busy = true;
-        st.status = Status::Connecting;
-        drop(st);
-        let result = self.connect();
-        let mut st = self.state.lock();
-        st.writer_busy = false;
-        match result {
-            Ok((sock, welcome)) if st.status != Status::Closed => {
-                *backoff = FIRST_BACKOFF;
-                self.stats.connections.fetch_add(1, Relaxed);
-                if st.was_up {
-                    self.stats.reconnects.fetch_add(1, Relaxed);
-                    st.reconnects += 1;
-                }
-                st.was_up = true;
-                st.status = Status::Up;
-                st.connected_since = Some(SystemTime::now());
-                st.last_write = Instant::now();
-                st.sock = Some(Arc::new(sock));
-                self.resume(&mut st, &welcome);
-                self.drop_too_large(&mut st);
-            }
-            Ok(_) => {}
-            Err(err) => {
-                self.note_connect_failure(&mut st, &err, *backoff == FIRST_BACKOFF);
-                if matches!(
-                    err.io().kind(),
-                    io::ErrorKind::ConnectionRefused | io::ErrorKind::PermissionDenied
-                ) {
-                    // The peer is there but not listening or not letting us in where we
-                    // thought: its listener (and the cookie) must be found again.
-                    MutexGuard::unlocked(&mut st, || self.target.mark_stale());
-                }
-                // What the lane holds stays: it goes out once a connection is up, or is
-                // dropped (and counted) when the pool is closed at nodedown.
-                st.writer_waiting = true;
-                self.wake.wait_for(&mut st, *backoff);
-                st.writer_waiting = false;
-                *backoff = (*backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -870,33 +905,89 @@ impl Conn {
         });
     }
 
-    /// Writes everything queued (the lock released, blocking), then settles what was
-    /// written and reads the acks that came meanwhile.
-    fn drain(&self, mut st: MutexGuard<'_, State>, sock: &Arc<Socket>, batch: &mut Vec<OutFrame>) {
-        batch.extend(st.queue.drain(..));
-        stamp(&mut st, batch);
-        st.in_batch = batch.len();
-        st.writer_busy = true;
-        drop(st);
-
-        let result = self.write_counted(|msgs, bytes| write_frames(sock, batch, msgs, bytes));
+    /// The writer task's turn: writes what is queued (the lock released, without blocking)
+    /// until the queue is empty, the socket is full or [`TURN_BYTES`] went out, settling
+    /// what was written. Returns whether it must go on when the socket has room, or
+    /// `None` once its socket is no longer the connection's.
+    fn drain(self: &Arc<Self>, sock: &Arc<Socket>, batch: &mut Vec<OutFrame>) -> Option<bool> {
         let mut st = self.state.lock();
-        st.writer_busy = false;
-        st.in_batch = 0;
-        st.last_write = Instant::now();
-        self.settle(&mut st, sock, batch);
-        // What was not written goes back to the front, in order.
-        for f in batch.drain(..).rev() {
-            st.queue.push_front(f);
-        }
-        match result {
-            Err(e) => self.lost_socket(&mut st, &e),
-            Ok(()) => self.read_acks(&mut st),
+        st.poked = false;
+        st.wakeups += 1;
+        let mut turn = 0;
+        loop {
+            if !st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock)) {
+                return None;
+            }
+            if st.queue.is_empty() || st.direct_busy {
+                // A direct writer kicks the lane when it is done, if it leaves frames.
+                return Some(false);
+            }
+            if turn >= TURN_BYTES {
+                return Some(true);
+            }
+            self.probe_if_idle(&mut st, Instant::now());
+            if st.sock.is_none() {
+                continue; // the probe found it gone
+            }
+            batch.extend(st.queue.drain(..));
+            stamp(&mut st, batch);
+            st.in_batch = batch.len();
+            st.writer_busy = true;
+            drop(st);
+
+            let result = self.write_counted(|msgs, bytes| {
+                write_some(sock, batch, TURN_BYTES - turn, msgs, bytes)
+            });
+            st = self.state.lock();
+            st.writer_busy = false;
+            st.in_batch = 0;
+            st.last_write = Instant::now();
+            self.settle(&mut st, sock, batch);
+            // What was not written goes back to the front, in order.
+            for f in batch.drain(..).rev() {
+                st.queue.push_front(f);
+            }
+            if st.status == Status::Closed {
+                // Closed while this wrote: close() left what the lane holds to it.
+                self.drop_all(&mut st);
+                return None;
+            }
+            match result {
+                Err(e) => {
+                    self.lost_socket(&mut st, &e);
+                    return None;
+                }
+                Ok((n, full)) => {
+                    turn += n;
+                    if st.since_ack_read >= ACK_READ_EVERY {
+                        self.read_acks(&mut st);
+                    }
+                    if full {
+                        return Some(true);
+                    }
+                }
+            }
         }
     }
 
+    /// The writer task's socket is readable: acks, or the end of the connection.
+    fn on_readable(self: &Arc<Self>, sock: &Arc<Socket>) -> bool {
+        let mut st = self.state.lock();
+        st.wakeups += 1;
+        if !st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock)) {
+            return false;
+        }
+        if st.writer_busy || st.direct_busy {
+            // Whoever writes reads the acks too; the socket says so again after.
+            return true;
+        }
+        self.read_acks(&mut st);
+        // Lost: what it held goes out on the next connection (see `lost_socket`).
+        st.sock.is_some()
+    }
+
     /// Checks the connection before writing on it if it has been idle a while.
-    fn probe_if_idle(&self, st: &mut State, now: Instant) {
+    fn probe_if_idle(self: &Arc<Self>, st: &mut State, now: Instant) {
         if st.sock.is_some() && now.saturating_duration_since(st.last_write) >= PROBE_AFTER_IDLE {
             self.read_acks(st);
             // Probed: the next frames of a burst need not be.
@@ -926,8 +1017,8 @@ impl Conn {
             let welcome =
                 handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cookie, lane, self.session)
                     .map_err(handshake_io)?;
-            sock.set_read_timeout(None)?;
-            sock.set_write_timeout(None)?;
+            // From here on the socket is written and read without blocking.
+            sock.set_nonblocking(true)?;
             Ok::<_, io::Error>(welcome)
         })()
         .map_err(ConnectError::Handshake)?;
@@ -1033,20 +1124,95 @@ fn write_once(
     Ok(n)
 }
 
-/// Writes every frame of `batch` with blocking `writev`s, coalescing them into as few calls
-/// as the iovec limit allows. On error, frames keep their progress so the caller can tell
-/// which are done.
-fn write_frames(
+/// Writes frames of `batch` with non-blocking `writev`s, coalescing them into as few calls
+/// as the iovec limit allows, until all are written, the socket is full or about `budget`
+/// bytes went out. Returns the bytes written and whether the socket is full. On error,
+/// frames keep their progress so the caller can tell which are done.
+fn write_some(
     sock: &Socket,
     batch: &mut [OutFrame],
+    budget: usize,
     msgs: &mut u64,
     bytes: &mut u64,
-) -> io::Result<()> {
-    let mut done = 0;
-    while batch.last().is_some_and(|f| f.remaining() > 0) {
-        write_once(sock, batch, &mut done, 0, msgs, bytes)?;
+) -> io::Result<(usize, bool)> {
+    let (mut done, mut written) = (0, 0);
+    while written < budget && batch.last().is_some_and(|f| f.remaining() > 0) {
+        match write_once(sock, batch, &mut done, libc::MSG_DONTWAIT, msgs, bytes) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((written, true)),
+            Err(e) => return Err(e),
+        }
     }
-    Ok(())
+    Ok((written, false))
+}
+
+/// The writer task of one connection: it writes what the lane queued as the socket takes
+/// it, and reads the acks as they come.
+struct Writer {
+    conn: Arc<Conn>,
+    sock: Arc<Socket>,
+    /// Its batch, kept between turns so that it is allocated once.
+    batch: Vec<OutFrame>,
+    wants_write: bool,
+    /// Set when it ends by itself (not by a panic).
+    done: bool,
+}
+
+impl Writer {
+    fn end(&mut self) -> Next {
+        self.done = true;
+        Next::Done
+    }
+}
+
+impl Task for Writer {
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn readable(&mut self, _now: Instant) -> Next {
+        if self.conn.on_readable(&self.sock) {
+            Next::Wait(None)
+        } else {
+            self.end()
+        }
+    }
+
+    fn tick(&mut self, _now: Instant) -> Next {
+        match self.conn.drain(&self.sock, &mut self.batch) {
+            Some(more) => {
+                self.wants_write = more;
+                Next::Wait(None)
+            }
+            None => self.end(),
+        }
+    }
+
+    fn wants_write(&self) -> bool {
+        self.wants_write
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // A panic must not unwind into nothing: log it and close the slot, dropping (and
+        // counting) everything it held, the batch it was writing too.
+        let c = &self.conn;
+        tracing::error!(
+            peer = %String::from_utf8_lossy(&c.cfg.peer),
+            index = c.index,
+            addr = %c.target.addr(),
+            reason = "the writer panicked; the slot is closed",
+            "writer_panicked"
+        );
+        c.state.lock().writer_busy = false;
+        c.close();
+        let mut st = c.state.lock();
+        c.drop_all(&mut st);
+    }
 }
 
 #[cfg(test)]
@@ -1070,7 +1236,7 @@ mod tests {
     }
 
     /// Sends `frame`, waiting out `Busy` (as `teleport:send/2` does).
-    fn send_waiting(conn: &Conn, mut frame: OutFrame) {
+    fn send_waiting(conn: &Arc<Conn>, mut frame: OutFrame) {
         loop {
             match conn.send(frame) {
                 Ok(()) => return,
@@ -1167,7 +1333,7 @@ mod tests {
     #[test]
     fn concurrent_small_senders_share_writes_and_keep_their_order() {
         // Eight threads on one lane: whoever finds it idle writes, and takes what the others
-        // queued meanwhile (combining); partial writes go on in the writer thread.
+        // queued meanwhile (combining); partial writes go on in the writer task.
         let (l, _acceptor, rx) = listener(SocketOpts::default());
         let (pool, stats) = one_slot(config(b"c", SocketOpts::default()), l.local_addr());
         let pool = Arc::new(pool);
@@ -1198,6 +1364,35 @@ mod tests {
         });
         assert_eq!(stats.snapshot().queued_bytes, 0);
         pool.close();
+        l.close();
+    }
+
+    /// Fixed bug: a sender told `Busy` that found the connection gone (reading acks) left
+    /// the frames it had queued with no connection and nobody to make one.
+    #[test]
+    fn a_lane_that_loses_its_socket_with_frames_unacknowledged_connects_again() {
+        let (l, acceptor, rx) = listener(SocketOpts::default());
+        let (pool, _stats) = one_slot(config(b"c", SocketOpts::default()), l.local_addr());
+        // The peer takes the frames but delivers (and so acknowledges) none yet.
+        acceptor.gate.shut();
+        for id in 0..10 {
+            send_waiting(pool.conn(0), frame(&numbered(id, 10)));
+        }
+        wait_for("the writes", || pool.info()[0].unacked_frames == 10);
+        // Whoever finds the socket gone (here: as a sender reading acks would).
+        {
+            let c = pool.conn(0);
+            let mut st = c.state.lock();
+            c.lost_socket(&mut st, &io::Error::other("found gone"));
+        }
+        acceptor.gate.open();
+        let got = collect(&rx, 10, || format!("{:?}", pool.info()));
+        let ids: Vec<u32> = got.iter().map(|p| id_of(p)).collect();
+        assert_eq!(ids, (0..10).collect::<Vec<_>>());
+        wait_for("the lane up again, all acknowledged", || {
+            let c = &pool.info()[0];
+            c.status == Status::Up && c.unacked_frames == 0 && c.frames_in_queue == 0
+        });
         l.close();
     }
 
@@ -1334,7 +1529,7 @@ mod tests {
     fn a_writer_that_panics_releases_what_its_batch_held() {
         let (l, _acceptor, _rx) = listener(SocketOpts::default());
         let (pool, stats) = one_slot(config(b"c", SocketOpts::default()), l.local_addr());
-        // Large, so the writer thread (not this one) writes it.
+        // Large, so the writer task (not this thread) writes it.
         let mut d = crate::frame::Draft::new(crate::frame::Kind::ToName, &[119, 1, b't']);
         d.term().binary_ref(100_000);
         let bomb = d.finish(Some(Arc::new(Explodes))).unwrap();

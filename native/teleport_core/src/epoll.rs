@@ -17,8 +17,18 @@ pub struct Epoll {
     bell: OwnedFd,
 }
 
-/// One readiness event: the token it was registered with.
+/// One readiness event: the token it was registered with, and what is ready.
 pub type Event = libc::epoll_event;
+
+/// Whether `ev` says its socket is writable.
+pub fn writable(ev: &Event) -> bool {
+    ev.events & libc::EPOLLOUT as u32 != 0
+}
+
+/// Whether `ev` says its socket is readable, hung up or failed (a read tells which).
+pub fn readable(ev: &Event) -> bool {
+    ev.events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+}
 
 impl Epoll {
     /// A new set, holding its waker (token [`WAKE`]).
@@ -42,6 +52,21 @@ impl Epoll {
         };
         // SAFETY: `ev` is a valid event for the duration of the call.
         cvt(unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })
+            .map(drop)
+    }
+
+    /// Watches `fd` for reading, and for writing too if `write` (level triggered).
+    pub fn modify(&self, fd: RawFd, token: u64, write: bool) -> io::Result<()> {
+        let mut events = libc::EPOLLIN | libc::EPOLLRDHUP;
+        if write {
+            events |= libc::EPOLLOUT;
+        }
+        let mut ev = libc::epoll_event {
+            events: events as u32,
+            u64: token,
+        };
+        // SAFETY: as in `add`.
+        cvt(unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut ev) })
             .map(drop)
     }
 
