@@ -47,7 +47,7 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Frames up to this size may be written from the sender's thread (a normal scheduler):
@@ -257,13 +257,17 @@ pub struct Conn {
 
 /// The writer threads of every pool, started with the first.
 fn writers(nice: u8) -> io::Result<Arc<Poller<Writer>>> {
-    static WRITERS: OnceLock<Arc<Poller<Writer>>> = OnceLock::new();
-    if let Some(w) = WRITERS.get() {
-        return Ok(w.clone());
+    // Behind a lock, not a `OnceLock`: two first pools at once must not start two sets.
+    static WRITERS: Mutex<Option<Arc<Poller<Writer>>>> = Mutex::new(None);
+    let mut writers = WRITERS.lock();
+    if writers.is_none() {
+        *writers = Some(Poller::start(
+            poller::default_threads(),
+            "teleport_writer",
+            nice,
+        )?);
     }
-    let started = Poller::start(poller::default_threads(), "teleport_writer", nice)?;
-    // Two first pools at once: one set of threads wins, the other stays idle.
-    Ok(WRITERS.get_or_init(|| started).clone())
+    Ok(writers.as_ref().expect("started").clone())
 }
 
 impl std::fmt::Debug for Conn {
