@@ -230,8 +230,13 @@ impl<T: Task> Shard<T> {
                 }
             }
             if rang {
-                self.rung.store(false, Ordering::SeqCst);
+                // Hushed before the flag is cleared, and the inbox taken after: a ring that
+                // comes once the flag is clear is heard at the next wait, and one that found
+                // it still set pushed what it rang for before this takes the inbox. (The
+                // other way round, a ring between the two was hushed unheard and left the
+                // flag set: every later poke on this thread was lost.)
                 self.ep.hush();
+                self.rung.store(false, Ordering::SeqCst);
                 let (arrived, pokes) = {
                     let mut inbox = self.inbox.lock();
                     (
@@ -321,6 +326,70 @@ impl<T: Task> Shard<T> {
                 Ok(()) => s.writing = want,
                 Err(e) => tracing::error!(reason = %e, "poll_modify_failed"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    /// A task that counts the pokes it was called for.
+    struct Counting {
+        sock: UnixStream,
+        pokes: Arc<AtomicU64>,
+    }
+
+    impl Task for Counting {
+        fn fd(&self) -> RawFd {
+            self.sock.as_raw_fd()
+        }
+        fn readable(&mut self, _now: Instant) -> Next {
+            Next::Wait(None)
+        }
+        fn tick(&mut self, _now: Instant) -> Next {
+            Next::Wait(None)
+        }
+        fn writable(&mut self, _now: Instant) -> Next {
+            self.pokes.fetch_add(1, Ordering::SeqCst);
+            Next::Wait(None)
+        }
+    }
+
+    // Pokes from many threads at once, each waiting for its own to be answered: the bell
+    // is rung and answered concurrently. Once the thread hushed a ring that came after it
+    // had cleared `rung`, every later poke was lost (the flag said a ring was pending).
+    #[test]
+    fn every_poke_is_answered_while_others_ring_at_once() {
+        let poller = Poller::<Counting>::start(1, "teleport_test_poll", 0).unwrap();
+        let mut keep = Vec::new();
+        let pokers: Vec<_> = (0..4)
+            .map(|_| {
+                let (a, b) = UnixStream::pair().unwrap();
+                keep.push(b);
+                let pokes = Arc::new(AtomicU64::new(0));
+                let task = Counting {
+                    sock: a,
+                    pokes: pokes.clone(),
+                };
+                let h = poller.add(task).ok().unwrap();
+                let poller = poller.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u64 {
+                        poller.poke(h);
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while pokes.load(Ordering::SeqCst) <= i {
+                            assert!(Instant::now() < deadline, "poke {i} never answered");
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for p in pokers {
+            p.join().unwrap();
         }
     }
 }
