@@ -11,7 +11,7 @@ use crate::conn::handshake_io;
 use crate::deadline::Deadline;
 use crate::handshake::{self, Welcome};
 use crate::lanes::{Lanes, Place, Waited};
-use crate::poller::{Next, Poller, Task, TickAll};
+use crate::poller::{Next, Poller, Task};
 use crate::pump::{Counters, Pump, Pumped, ReadError, Sink, SocketWire};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
@@ -118,21 +118,60 @@ pub struct Listener {
     /// This listener, to dialers: random at each start, so that a dialer can tell a new
     /// incarnation (which knows nothing of what an earlier one delivered).
     incarnation: u64,
-    /// The poll threads, told when the listener closes.
-    pollers: Arc<dyn TickAll>,
+    /// Tells the connections' driver that the listener closed.
+    closing: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Who drives the authenticated connections once their handshake is done: the poll threads
+/// of [`Listener::start`] (see [`crate::poller`]), or whatever [`Listener::start_driven`] is
+/// given (the NIF drives them from the VM's schedulers).
+pub trait Driver<S: Sink>: Send + Sync + 'static {
+    /// Takes `conn` and drives it from now on, ticking it first ([`Served::tick`]), then
+    /// reading it ([`Served::read`]) whenever its socket is readable and ticking it at the
+    /// deadlines it asks for; hands it back if it cannot.
+    // Handed back whole, at most once per connection: boxing it would buy nothing.
+    #[allow(clippy::result_large_err)]
+    fn drive(&self, conn: Served<S>) -> Result<(), Served<S>>;
+    /// The listener closed: every connection it drives is to be ticked soon, and no more
+    /// come.
+    fn closing(&self);
+}
+
+impl<S: Sink + Send + 'static> Driver<S> for Poller<Served<S>> {
+    fn drive(&self, conn: Served<S>) -> Result<(), Served<S>> {
+        self.add(conn).map(drop)
+    }
+
+    fn closing(&self) {
+        self.tick_all(true);
+    }
 }
 
 impl Listener {
-    /// Binds `addr` (port 0: any free port) and starts accepting.
+    /// Binds `addr` (port 0: any free port) and starts accepting; its own poll threads
+    /// (`cfg.poll_threads`) read the connections.
+    pub fn start<A: Acceptor>(
+        addr: SocketAddr,
+        cfg: ListenConfig,
+        acceptor: Arc<A>,
+    ) -> io::Result<Arc<Listener>> {
+        let pollers: Arc<Poller<Served<A::Sink>>> =
+            Poller::start(cfg.poll_threads, "teleport_poll", cfg.thread_nice)?;
+        Listener::start_driven(addr, cfg, acceptor, pollers)
+    }
+
+    /// Binds `addr` (port 0: any free port) and starts accepting; `driver` reads the
+    /// connections.
     ///
     /// The socket options are set on the listening socket first, so that one the kernel
     /// refuses fails here (the error wraps a [`sockopts::SockOptError`] naming it) rather than
     /// on every connection later; accepted sockets also inherit from it what the TCP
     /// handshake fixes (the window scale follows from the receive buffer).
-    pub fn start<A: Acceptor>(
+    pub fn start_driven<A: Acceptor, D: Driver<A::Sink>>(
         addr: SocketAddr,
         cfg: ListenConfig,
         acceptor: Arc<A>,
+        driver: Arc<D>,
     ) -> io::Result<Arc<Listener>> {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         cfg.sock_opts.apply(&sock)?;
@@ -144,8 +183,6 @@ impl Listener {
             .as_socket()
             .ok_or_else(|| io::Error::other("listener has no IP address"))?;
         let incarnation = handshake::random_id()?;
-        let pollers: Arc<Poller<Served<A::Sink>>> =
-            Poller::start(cfg.poll_threads, "teleport_poll", cfg.thread_nice)?;
         let listener = Arc::new(Listener {
             sock,
             local,
@@ -155,7 +192,10 @@ impl Listener {
             next_id: 0.into(),
             lanes: Lanes::default(),
             incarnation,
-            pollers: pollers.clone(),
+            closing: Box::new({
+                let driver = driver.clone();
+                move || driver.closing()
+            }),
         });
         let l = listener.clone();
         let cfg = Arc::new(cfg);
@@ -163,7 +203,7 @@ impl Listener {
             loop {
                 // A listener that stopped accepting would leave the node unreachable while
                 // looking alive: after a panic, log it and accept again.
-                let run = std::panic::AssertUnwindSafe(|| l.accept_loop(&cfg, &acceptor, &pollers));
+                let run = std::panic::AssertUnwindSafe(|| l.accept_loop(&cfg, &acceptor, &driver));
                 if std::panic::catch_unwind(run).is_ok() || l.closed.load(Ordering::SeqCst) {
                     return;
                 }
@@ -238,14 +278,14 @@ impl Listener {
         }
         // Shutting a listening socket wakes a blocked accept() with an error on Linux.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        self.pollers.tick_all(true);
+        (self.closing)();
     }
 
     fn accept_loop<A: Acceptor>(
         self: &Arc<Self>,
         cfg: &Arc<ListenConfig>,
         acceptor: &Arc<A>,
-        pollers: &Arc<Poller<Served<A::Sink>>>,
+        driver: &Arc<impl Driver<A::Sink>>,
     ) {
         loop {
             let (sock, from) = match self.sock.accept() {
@@ -290,14 +330,15 @@ impl Listener {
                 let _ = conn.sock.shutdown(std::net::Shutdown::Both);
             }
             let (l, cfg, acceptor) = (self.clone(), cfg.clone(), acceptor.clone());
-            let pollers = pollers.clone();
+            let driver = driver.clone();
             let spawned =
                 crate::threads::spawn("teleport_handshake".into(), cfg.thread_nice, move || {
                     let run = std::panic::AssertUnwindSafe(|| l.serve(&conn, &cfg, &*acceptor));
                     match std::panic::catch_unwind(run) {
                         Ok(Some(served)) => {
-                            if let Err(served) = pollers.add(served) {
-                                // The listener closed meanwhile, and its poll threads ended.
+                            if let Err(served) = driver.drive(served) {
+                                // The listener closed meanwhile (its poll threads ended), or
+                                // its owner is gone.
                                 served.run_alone();
                             }
                         }
@@ -437,9 +478,9 @@ enum Phase {
     Lingering(Instant),
 }
 
-/// An authenticated incoming connection, as its poll thread drives it. Dropping it ends the
+/// An authenticated incoming connection, as its [`Driver`] drives it. Dropping it ends the
 /// connection: its counts, its place on its lane, its log line.
-pub(crate) struct Served<S: Sink> {
+pub struct Served<S: Sink> {
     listener: Arc<Listener>,
     conn: Arc<Incoming>,
     pump: Pump<S>,
@@ -491,9 +532,11 @@ impl<S: Sink + Send + 'static> Served<S> {
         }
     }
 
-    /// Drives the connection to its end on the calling thread (a handshake that finished
-    /// once the poll threads had ended).
-    fn run_alone(mut self) {
+    /// Drives the connection to its end on the calling thread: a handshake that finished
+    /// once its driver had ended, or a connection whose driver let go of it while the
+    /// listener closes (the NIF's reader process ends at once; its connection still says
+    /// LAST and lingers).
+    pub fn run_alone(mut self) {
         loop {
             let now = Instant::now();
             if self.tick(now) == Next::Done {
@@ -509,12 +552,69 @@ impl<S: Sink + Send + 'static> Served<S> {
 
 impl<S: Sink + Send + 'static> Task for Served<S> {
     fn fd(&self) -> RawFd {
-        self.conn.sock.as_raw_fd()
+        Served::fd(self)
     }
 
     fn readable(&mut self, now: Instant) -> Next {
+        // A poll thread reads any frame (it may take long), and its level-triggered wait
+        // calls again at once when the budget ran out.
+        match self.read(now, TURN_BYTES, usize::MAX) {
+            Turn::Wait(deadline) => Next::Wait(deadline),
+            Turn::More | Turn::Large => self.reading(),
+            Turn::Done => Next::Done,
+        }
+    }
+
+    fn tick(&mut self, now: Instant) -> Next {
+        Served::tick(self, now)
+    }
+}
+
+impl<S: Sink + Send + 'static> Served<S> {
+    /// The connection's socket, whose readiness its driver waits for.
+    pub fn fd(&self) -> RawFd {
+        self.conn.sock.as_raw_fd()
+    }
+
+    /// The listener's number for the connection (as logs and `teleport:info/0` name it).
+    pub fn id(&self) -> u64 {
+        self.conn.id
+    }
+
+    /// The sink, to tell it where it runs now.
+    pub fn sink_mut(&mut self) -> &mut S {
+        self.pump.sink_mut()
+    }
+
+    /// Bytes read from the connection so far, frame headers included.
+    pub fn bytes_in(&self) -> u64 {
+        self.conn.counters.get().1
+    }
+
+    /// The length of the frame being read, or of the next one if its length is read already
+    /// (a driver that cannot read long frames everywhere picks where to read it by this).
+    pub fn next_frame_len(&self) -> Option<usize> {
+        self.pump.next_len()
+    }
+
+    /// Whether its listener closed while it still runs: it has a LAST to say and a linger to
+    /// wait out before it ends (see [`Served::run_alone`]).
+    pub fn closing(&self) -> bool {
+        self.closed() && self.ended.is_none()
+    }
+
+    /// Ends it for `why` (logged when it is dropped), unless it ended already.
+    pub fn abandon(&mut self, why: &str) {
+        if self.ended.is_none() {
+            self.ended = Some(Err(ReadError::Io(io::Error::other(why.to_string()))));
+        }
+    }
+
+    /// A turn of reading, the socket being readable: delivers what it has, up to `budget`
+    /// bytes and stopping before a frame longer than `large_max`.
+    pub fn read(&mut self, now: Instant, budget: usize, large_max: usize) -> Turn {
         if !matches!(self.phase, Phase::Reading) {
-            return self.discard();
+            return Turn::from(self.discard());
         }
         let counters = Counters {
             peer: &self.stats,
@@ -522,17 +622,22 @@ impl<S: Sink + Send + 'static> Task for Served<S> {
             stop: &self.listener.closed,
         };
         let mut wire = SocketWire::new(&self.conn.sock);
-        match self.pump.pump(&mut wire, TURN_BYTES, &counters) {
-            Ok(Pumped::Drained | Pumped::Yielded) => self.reading(),
+        let next = match self.pump.pump(&mut wire, budget, large_max, &counters) {
+            Ok(Pumped::Drained) => self.reading(),
+            Ok(Pumped::Yielded) => return Turn::More,
+            Ok(Pumped::Large) => return Turn::Large,
             // Whatever stopped the reading once the listener closed is no fault of the
             // connection.
             Ok(Pumped::Ended) | Err(_) if self.closed() => self.start_closing(now),
             Ok(Pumped::Ended) => self.end(Ok(())),
             Err(e) => self.end(Err(e)),
-        }
+        };
+        Turn::from(next)
     }
 
-    fn tick(&mut self, now: Instant) -> Next {
+    /// A turn without reading: its deadline passed (an ack is due, or the next step of
+    /// closing), or the listener closed. Also its first turn, when its driver takes it.
+    pub fn tick(&mut self, now: Instant) -> Next {
         let mut wire = SocketWire::new(&self.conn.sock);
         match self.phase {
             Phase::Reading if self.closed() => self.start_closing(now),
@@ -551,6 +656,29 @@ impl<S: Sink + Send + 'static> Task for Served<S> {
             }
             Phase::Lingering(until) if now >= until => self.end(Ok(())),
             Phase::Lingering(until) => Next::Wait(Some(until)),
+        }
+    }
+}
+
+/// What a turn of reading left (see [`Served::read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Nothing more to read now: call again when the socket is readable, or at the deadline.
+    Wait(Option<Instant>),
+    /// The budget is spent and the socket may have more: call again soon.
+    More,
+    /// The next frame is longer than the turn could read: call again where long work may
+    /// run.
+    Large,
+    /// The connection ended: drop it (which closes it).
+    Done,
+}
+
+impl From<Next> for Turn {
+    fn from(next: Next) -> Turn {
+        match next {
+            Next::Wait(deadline) => Turn::Wait(deadline),
+            Next::Done => Turn::Done,
         }
     }
 }
@@ -705,6 +833,55 @@ mod tests {
             stop: &AtomicBool::new(false),
         };
         read_frames(wire, 1 << 20, sink, progress, &counters)
+    }
+
+    // A driver that cannot read long frames everywhere (the NIF on a normal scheduler)
+    // stops before one, and reads it in a later call with a larger limit. The frame's start
+    // can fill the pump's buffer: that call once read into no room, saw "end of stream" and
+    // closed a healthy connection.
+    #[test]
+    fn a_frame_left_for_a_larger_limit_is_read_by_the_next_call() {
+        let sizes = [100, 1 << 20, 5, 300_000];
+        let stream = stream_of(&[1, 2, 3, 4], &sizes);
+        // The first frame's end at a read's end: the large one starts a read of its own.
+        let first = stream_of(&[1], &sizes[..1]).len();
+        let (head, tail) = stream.split_at(first);
+        let stats = PeerStats::default();
+        let conn = ConnStats::default();
+        let counters = Counters {
+            peer: &stats,
+            conn: &conn,
+            stop: &AtomicBool::new(false),
+        };
+        let progress = Lanes::default().progress(b"a@h", 0, 1);
+        let mut pump = Pump::new(Collect::default(), progress, 2 << 20);
+        let limit = 256 * 1024;
+        assert_eq!(
+            pump.pump(
+                &mut Trickle::new(head, 1 << 20),
+                usize::MAX,
+                limit,
+                &counters
+            )
+            .unwrap(),
+            Pumped::Ended
+        );
+        let mut wire = Trickle::new(tail, 1 << 20);
+        let pumped = pump.pump(&mut wire, usize::MAX, limit, &counters).unwrap();
+        assert_eq!(pumped, Pumped::Large);
+        assert!(pump.next_len().is_some_and(|len| len > limit));
+        assert_eq!(pump.sink_mut().frames.len(), 1, "the large frame waits");
+        let pumped = pump
+            .pump(&mut wire, usize::MAX, usize::MAX, &counters)
+            .unwrap();
+        assert_eq!(pumped, Pumped::Ended);
+        let got: Vec<(u64, usize)> = pump
+            .sink_mut()
+            .frames
+            .iter()
+            .map(|(seq, body)| (*seq, body.len()))
+            .collect();
+        assert_eq!(got, [(1, 100), (2, 1 << 20), (3, 5), (4, 300_000)]);
     }
 
     #[test]

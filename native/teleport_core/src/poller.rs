@@ -70,12 +70,6 @@ pub struct Poller<T: Task> {
     ids: AtomicU64,
 }
 
-/// What [`Poller::tick_all`] needs, without the task type.
-pub trait TickAll: Send + Sync {
-    /// See [`Poller::tick_all`].
-    fn tick_all(&self, finish: bool);
-}
-
 struct Shard<T> {
     ep: Epoll,
     inbox: Mutex<Inbox<T>>,
@@ -155,12 +149,6 @@ impl<T: Task> Poller<T> {
             s.tick_all.store(true, Ordering::SeqCst);
             s.ep.ring();
         }
-    }
-}
-
-impl<T: Task> TickAll for Poller<T> {
-    fn tick_all(&self, finish: bool) {
-        Poller::tick_all(self, finish)
     }
 }
 

@@ -172,11 +172,16 @@ pub enum Pumped {
     Yielded,
     /// The peer closed the connection between two frames, or the listener is closing.
     Ended,
+    /// The next frame is longer than this call may read (its `large_max`): call again with
+    /// a larger one, where long work may run (the NIF's dirty scheduler).
+    Large,
 }
 
 /// A large frame being read into the buffer it is handed over in.
 struct Large<B> {
     buf: B,
+    /// The frame's length (the buffer's).
+    len: usize,
     filled: usize,
 }
 
@@ -217,18 +222,29 @@ impl<S: Sink> Pump<S> {
     }
 
     /// Reads from `wire` until it has nothing more (`Drained`), `budget` bytes are read
-    /// (`Yielded`), or the stream ends between frames or `stop` is set (`Ended`), delivering
-    /// every whole frame as it is read. A stream that ends inside a frame is an error.
+    /// (`Yielded`), the stream ends between frames or `stop` is set (`Ended`), or the next
+    /// frame is longer than `large_max` (`Large`: it is neither read nor delivered by this
+    /// call), delivering every whole frame as it is read. A stream that ends inside a frame
+    /// is an error.
     pub fn pump<W: Wire>(
         &mut self,
         wire: &mut W,
         budget: usize,
+        large_max: usize,
         counters: &Counters<'_>,
     ) -> Result<Pumped, ReadError> {
         let mut spent = 0;
+        if self.large.is_none() && !counters.stop.load(Ordering::SeqCst) {
+            // A frame an earlier call left for a larger `large_max` may fill the buffer:
+            // handed over (or moved to its own) before anything is read behind it.
+            self.deliver_buffered(wire, large_max, counters)?;
+        }
         loop {
             if counters.stop.load(Ordering::SeqCst) {
                 return Ok(Pumped::Ended);
+            }
+            if self.next_len().is_some_and(|len| len > large_max) {
+                return Ok(Pumped::Large);
             }
             if let Some(large) = &mut self.large {
                 let dst = &mut large.buf.as_mut()[large.filled..];
@@ -276,7 +292,7 @@ impl<S: Sink> Pump<S> {
                         spent += n;
                     }
                 }
-                self.deliver_buffered(wire, counters)?;
+                self.deliver_buffered(wire, large_max, counters)?;
             }
             if spent >= budget {
                 return Ok(Pumped::Yielded);
@@ -284,11 +300,12 @@ impl<S: Sink> Pump<S> {
         }
     }
 
-    /// Hands over every whole frame in `buf[start..end]`; a large frame's start moves to a
-    /// buffer of its own, and the rest of it is read there.
+    /// Hands over every whole frame in `buf[start..end]`, up to one longer than `large_max`;
+    /// a large frame's start moves to a buffer of its own, and the rest of it is read there.
     fn deliver_buffered<W: Wire>(
         &mut self,
         wire: &mut W,
+        large_max: usize,
         counters: &Counters<'_>,
     ) -> Result<(), ReadError> {
         while self.end - self.start >= LEN_BYTES {
@@ -297,6 +314,9 @@ impl<S: Sink> Pump<S> {
             let len = frame::check_len(prefix, self.max_frame_bytes).map_err(ReadError::Frame)?;
             let body_at = at + LEN_BYTES;
             let have = (self.end - body_at).min(len);
+            if len > large_max {
+                break;
+            }
             if len >= OWNED_FRAME_MIN {
                 let mut owned = self.sink.alloc(len).ok_or(ReadError::NoMemory(len))?;
                 owned.as_mut()[..have].copy_from_slice(&self.buf[body_at..body_at + have]);
@@ -304,6 +324,7 @@ impl<S: Sink> Pump<S> {
                 if have < len {
                     self.large = Some(Large {
                         buf: owned,
+                        len,
                         filled: have,
                     });
                     return Ok(());
@@ -334,6 +355,26 @@ impl<S: Sink> Pump<S> {
             self.after_large = false;
         }
         Ok(())
+    }
+
+    /// The length of the frame being read, or of the next one if its length is read already.
+    pub fn next_len(&self) -> Option<usize> {
+        if let Some(large) = &self.large {
+            return Some(large.len);
+        }
+        if self.end - self.start < LEN_BYTES {
+            return None;
+        }
+        let prefix = self.buf[self.start..self.start + LEN_BYTES]
+            .try_into()
+            .ok()?;
+        // A bad length is not large: the next read finds it bad.
+        frame::check_len(prefix, self.max_frame_bytes).ok()
+    }
+
+    /// The sink, to tell it where it runs now.
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
     }
 
     fn deliver_owned<W: Wire>(
@@ -470,11 +511,12 @@ pub fn read_frames<W: Wire, S: Sink>(
             break Err(ReadError::Io(e));
         }
         // A budget of one byte: one read per call, so that the timeout fits each read.
-        match pump.pump(wire, 1, counters) {
+        match pump.pump(wire, 1, usize::MAX, counters) {
             Ok(Pumped::Drained) => {
                 let _ = pump.ack(wire, Instant::now(), true);
             }
-            Ok(Pumped::Yielded) => {}
+            // No frame is too large for this pump.
+            Ok(Pumped::Yielded | Pumped::Large) => {}
             Ok(Pumped::Ended) => break Ok(()),
             Err(e) => break Err(e),
         }
