@@ -70,7 +70,8 @@
           bytes_in := non_neg_integer(),
           connected_since := integer(),
           sndbuf := non_neg_integer(),
-          recbuf := non_neg_integer()}.
+          recbuf := non_neg_integer(),
+          reader := pid() | undefined}.
 %% One connection accepted by this node's listener (see {@link info/0}).
 -type listener_info() ::
         #{ip := inet:ip_address(),
@@ -348,7 +349,8 @@ stats() ->
 %%                                local_addr => {{127,0,0,1}, 41231},
 %%                                msgs_in => 12, bytes_in => 3310,
 %%                                connected_since => 1767225600123,
-%%                                sndbuf => 2626560, recbuf => 131072}]},
+%%                                sndbuf => 2626560, recbuf => 131072,
+%%                                reader => <0.245.0>}]},
 %%   'b@host' => [#{index => 0, state => up,
 %%                  peer_addr => {{127,0,0,1}, 38511}, local_addr => {{127,0,0,1}, 52816},
 %%                  queued_bytes => 0, frames_in_queue => 0,
@@ -384,7 +386,9 @@ stats() ->
 %% (`incoming_info()'): `id' the listener's number for it (log events name it `id' too),
 %% `peer' the node once it authenticated (`undefined' during the handshake), `state'
 %% `handshaking' or `up', `peer_addr' and `local_addr', `msgs_in' and `bytes_in' read from
-%% it, `connected_since' when it was accepted, `sndbuf' and `recbuf' as above.
+%% it, `connected_since' when it was accepted, `sndbuf' and `recbuf' as above, `reader' the
+%% `teleport_reader' process that reads it (under `teleport_reader_sup'), `undefined' during
+%% the handshake.
 %%
 %% `stats/0' has the counters per peer node, summed over connections and both ways.
 -spec info() -> info().

@@ -9,14 +9,20 @@
          runtime_forbid/2, runtime_stats/1, runtime_info/1]).
 -export([pool_start/8, pool_send/4, pool_send_dirty/4, pool_send_many/3, pool_send_many_dirty/3,
          pool_retarget/4, pool_limit_frames/2, pool_close/1, pool_info/1]).
+-export([reader_attach/1, reader_run/2, reader_run_dirty/2, reader_detach/1]).
 -export([diag_panic/0, diag_local_ids/0]).
 
--export_type([runtime/0, pool/0]).
+-export_type([runtime/0, pool/0, reader/0, reader_answer/0]).
 
 -opaque runtime() :: reference().
 %% This node's listener, peers allowed in, and counters (a NIF resource).
 -opaque pool() :: reference().
 %% The outgoing connections to one peer (a NIF resource).
+-opaque reader() :: reference().
+%% One incoming connection, as its `teleport_reader' process reads it (a NIF resource).
+-type reader_answer() :: {wait, timeout(), normal | dirty} | more | dirty | done.
+%% What a reader's turn left: wait for the socket's `select' message, the timeout or
+%% `teleport_tick', then run the variant named; run again; run the dirty variant; it ended.
 
 -on_load(init/0).
 
@@ -63,7 +69,9 @@ codec_decode(_Bin, _Safe) -> ?NOT_LOADED.
 -spec codec_decode_dirty(binary(), boolean()) -> {term(), non_neg_integer()}.
 codec_decode_dirty(_Bin, _Safe) -> ?NOT_LOADED.
 
-%% @doc Listens on `Ip:Port' for node `Me' (`Ip' as text, port 0 for any). `SockOpts' are
+%% @doc Listens on `Ip:Port' for node `Me' (`Ip' as text, port 0 for any), announcing each
+%% authenticated connection to the calling process as `{teleport_accepted, Reader}', for a
+%% `teleport_reader' to read. `SockOpts' are
 %% the socket options of the listener and of every connection, incoming and outgoing: the
 %% map {@link teleport_config:nif_socket_opts/1} makes. `Limits': the largest frame read, the
 %% bound on an incoming handshake (ms), and how much lower than the VM's the OS priority of
@@ -76,6 +84,26 @@ codec_decode_dirty(_Bin, _Safe) -> ?NOT_LOADED.
           {ok, runtime()} |
           {error, {bad_ip, binary()} | {listen, binary()} | {socket_opt, atom(), binary()}}.
 runtime_start(_Me, _Ip, _Port, _SockOpts, _Limits) -> ?NOT_LOADED.
+
+%% @doc Makes the calling process the reader of an incoming connection (it is monitored: if
+%% it dies, the connection ends); returns the connection's id, as `teleport:info/0' and the
+%% logs name it.
+-spec reader_attach(reader()) -> non_neg_integer().
+reader_attach(_Reader) -> ?NOT_LOADED.
+
+%% @doc A turn of the reader on a normal scheduler: `read' when the socket is readable,
+%% `tick' otherwise (a deadline passed, the listener closed, or the first turn).
+-spec reader_run(reader(), read | tick) -> reader_answer().
+reader_run(_Reader, _Event) -> ?NOT_LOADED.
+
+%% @doc `reader_run/2' on a dirty I/O scheduler, for frames too long for a normal one.
+-spec reader_run_dirty(reader(), read | tick) -> reader_answer().
+reader_run_dirty(_Reader, _Event) -> ?NOT_LOADED.
+
+%% @doc Ends the reading now (the reader process is stopping). A connection whose listener
+%% is closing still says LAST and lingers, on a thread of its own.
+-spec reader_detach(reader()) -> ok.
+reader_detach(_Reader) -> ?NOT_LOADED.
 
 %% @doc Sets this node's name, as handshakes state it from now on.
 -spec runtime_set_name(runtime(), binary()) -> ok.

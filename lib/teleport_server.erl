@@ -291,6 +291,17 @@ handle_info({teleport_pool_stale, PeerBin}, State = #{retrying := Retrying}) ->
         _ ->
             {noreply, State}
     end;
+handle_info({teleport_accepted, Reader}, State) ->
+    %% A connection authenticated: its reader reads it from now on. One that cannot start
+    %% drops the connection (logged), and the peer sends again on its next one.
+    case teleport_reader_sup:start_reader(Reader) of
+        {ok, _} ->
+            ok;
+        {error, Reason} ->
+            logger:warning("teleport: no reader for an incoming connection: ~0p", [Reason],
+                           #{domain => [teleport], reason => Reason})
+    end,
+    {noreply, State};
 handle_info(_Info, State) ->
     {noreply, State}.
 

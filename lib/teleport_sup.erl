@@ -1,6 +1,7 @@
 %% @doc The top supervisor: the log forwarder first (so the runtime's first events have
-%% somewhere to go), then the server that owns the runtime. `rest_for_one': a new log
-%% forwarder does not disturb the runtime, a new runtime starts from a clean slate.
+%% somewhere to go), the supervisor of the incoming connections' readers, then the server
+%% that owns the runtime. `rest_for_one': a new log forwarder does not disturb the runtime,
+%% a new runtime starts from a clean slate, and so does one whose readers were lost.
 -module(teleport_sup).
 -behaviour(supervisor).
 
@@ -16,6 +17,8 @@ start_link() ->
 init([]) ->
     Flags = #{strategy => rest_for_one, intensity => 5, period => 10},
     Children = [#{id => teleport_log, start => {teleport_log, start_link, []}},
+                #{id => teleport_reader_sup, start => {teleport_reader_sup, start_link, []},
+                  type => supervisor, shutdown => infinity},
                 #{id => teleport_server, start => {teleport_server, start_link, []},
                   shutdown => 5000},
                 #{id => teleport_calls, start => {teleport_calls, start_link, []}},

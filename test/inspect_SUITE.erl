@@ -124,10 +124,14 @@ info_shape(_Config) ->
     [In] = [I || I = #{state := up} <- maps:get(incoming, Listener)],
     [Shaking] = [I || I = #{state := handshaking} <- maps:get(incoming, Listener)],
     ?assertMatch(#{peer := undefined, msgs_in := 0, local_addr := {_, Port}}, Shaking),
-    ?assertEqual([bytes_in, connected_since, id, local_addr, msgs_in, peer, peer_addr, recbuf,
-                  sndbuf, state], lists:sort(maps:keys(In))),
+    ?assertEqual([bytes_in, connected_since, id, local_addr, msgs_in, peer, peer_addr, reader,
+                  recbuf, sndbuf, state], lists:sort(maps:keys(In))),
     ?assertMatch(#{peer := Node, state := up, msgs_in := 3, local_addr := {_, Port},
-                   peer_addr := {_, _}}, In),
+                   peer_addr := {_, _}, reader := Reader} when is_pid(Reader), In),
+    ?assertMatch(#{reader := undefined}, Shaking),
+    %% The connection's reader, supervised.
+    ?assertEqual([maps:get(reader, In)], teleport_reader_sup:readers()),
+    ?assertEqual(node(), node(maps:get(reader, In))),
     ?assertEqual(maps:get(bytes_in, Stats), maps:get(bytes_in, In)),
     %% Incoming sockets get this node's options too.
     ?assertEqual(2 * min(256 * ?KB, sysctl("net/core/rmem_max")), maps:get(recbuf, In)),
@@ -259,7 +263,7 @@ peers() ->
         Ps -> Ps
     end.
 
-%% teleport's threads (writers, poll threads, the acceptor, a connection's handshake) run
+%% teleport's threads (writers, the acceptor, a connection's handshake) run
 %% `thread_nice' below the VM's
 %% schedulers: 7 as configured on one node, the default (10) on the other, after a call has
 %% used both directions. (A reader, started by the acceptor, once ran at twice the value.)
@@ -276,13 +280,13 @@ threads_run_below_the_schedulers(_Config) ->
          Schedulers = lists:usort([N || {Name, N} <- Threads,
                                         lists:suffix("_scheduler", Name)]),
          %% teleport_log, the log bridge, starts with the NIF, before any configuration.
-         %% (A handshake's or a connecting thread ends once its connection is handed to a
-         %% poll thread.)
+         %% (A handshake's or a connecting thread ends once its connection is handed to its
+         %% reader or writer. No thread reads: the readers run on the schedulers.)
          Teleport = lists:usort([{lists:sublist(Name, 12), N}
                                  || {"teleport_" ++ _ = Name, N} <- Threads,
                                     Name =/= "teleport_log"]),
          ?assertEqual([0], Schedulers),
-         ?assertEqual([{"teleport_acc", Nice}, {"teleport_pol", Nice}, {"teleport_wri", Nice}],
+         ?assertEqual([{"teleport_acc", Nice}, {"teleport_wri", Nice}],
                       Teleport -- [{"teleport_han", Nice}, {"teleport_con", Nice}])
      end || {Peer, Nice} <- [{PeerA, 7}, {PeerB, 10}]].
 

@@ -11,4 +11,6 @@ rustler::atoms! {
     keepalive_interval, keepalive_retries, priority, tos, user_timeout, bind_ip, ip, port,
     handshaking, incoming, id, peer, msgs_in, bytes_in, teleport_log, warning, info, debug,
     invalid_event, invalid_field, dropped, callsite,
+    // The readers (see `reader`).
+    teleport_accepted, teleport_tick, read, wait, more, done, normal, infinity, reader,
 }

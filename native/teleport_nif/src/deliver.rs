@@ -1,6 +1,6 @@
 //! The receiving end of an incoming connection: frames become terms in a private env and are
-//! delivered with `enif_send`, from the poll thread that reads the connection (never a
-//! scheduler).
+//! delivered with `enif_send`, from the scheduler of the connection's reader process (see
+//! [`crate::reader`]), which hands its env over for the call.
 //!
 //! The peer has authenticated, so its frames are decoded in trusted mode (atoms are made as
 //! disterl makes them). A destination that does not exist drops the message silently, as
@@ -43,9 +43,13 @@ impl Drop for BinBuf {
 /// Delivers one connection's frames.
 pub struct Deliver {
     env: *mut ErlNifEnv,
+    /// The env of the NIF call that reads the connection now (null between calls, and on a
+    /// thread the VM did not make).
+    caller: *mut ErlNifEnv,
 }
 
-// SAFETY: the env is process-independent and used only by the thread that owns `Deliver`.
+// SAFETY: the env is process-independent and used only by whoever holds `Deliver` (behind
+// its reader's lock); `caller` is set only for the length of a NIF call, on its thread.
 unsafe impl Send for Deliver {}
 
 impl Deliver {
@@ -53,7 +57,18 @@ impl Deliver {
     pub fn new() -> Deliver {
         Deliver {
             env: unsafe { enif_alloc_env() },
+            caller: std::ptr::null_mut(),
         }
+    }
+
+    /// Where it is called from: the env of the NIF call reading the connection until
+    /// `caller(null)` (`enif_send` needs it on a scheduler thread).
+    ///
+    /// # Safety
+    /// `env` must be null, or the env of the NIF call now running on this thread, and be set
+    /// back to null before that call returns.
+    pub unsafe fn caller(&mut self, env: *mut ErlNifEnv) {
+        self.caller = env;
     }
 
     /// The local pid a frame is for, or `None` if there is no such process. (The listener
@@ -82,7 +97,9 @@ impl Deliver {
                 if enif_binary_to_term(self.env, dest.as_ptr(), dest.len(), &mut atom, flags) == 0 {
                     return Ok(None);
                 }
-                enif_whereis_pid(self.env, atom, pid.as_mut_ptr())
+                // Its first argument is the calling thread's env (null off the VM's threads),
+                // not the message's.
+                enif_whereis_pid(self.caller, atom, pid.as_mut_ptr())
             }
         };
         Ok((found != 0).then(|| pid.assume_init()))
@@ -122,7 +139,7 @@ impl Deliver {
         let (msg, _) = codec_decode::decode(self.env, term_bin, term, codec_decode::Source::Peer)
             .ok_or("message is not a valid external term")?;
         // A dead receiver is no error: the message is dropped, as disterl drops it.
-        enif_send(std::ptr::null_mut(), &pid, self.env, msg);
+        enif_send(self.caller, &pid, self.env, msg);
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ mod diag;
 mod local_id;
 mod log;
 mod pool;
+mod reader;
 mod runtime;
 mod term_word;
 
@@ -117,10 +118,12 @@ fn codec_decode_dirty<'a>(env: Env<'a>, input: Binary<'a>, safe: bool) -> NifRes
     Ok((term, bytes / 4 / UNITS_PER_REDUCTION).encode(env))
 }
 
-/// Runs when the VM loads the library: routes Rust's `tracing` events to Erlang's logger.
-fn load(_env: Env, _info: Term) -> bool {
+/// Runs when the VM loads the library: routes Rust's `tracing` events to Erlang's logger, and
+/// opens the reader resource type (which rustler's registration cannot: it needs a `stop`
+/// callback).
+fn load(env: Env, _info: Term) -> bool {
     log::install();
-    true
+    reader::open_type(env)
 }
 
 rustler::init!("teleport_nif", load = load);

@@ -4,6 +4,7 @@
 
 use crate::atoms;
 use crate::deliver::Deliver;
+use crate::reader::Readers;
 use parking_lot::Mutex;
 use rustler::types::tuple::make_tuple;
 use rustler::{Atom, Binary, Encoder, Env, NifResult, ResourceArc, Term};
@@ -25,6 +26,8 @@ pub struct Runtime {
     /// The nice value of teleport's threads above the VM's: the listener's, and the pools'.
     pub thread_nice: u8,
     listener: Arc<Listener>,
+    /// The processes reading the incoming connections.
+    readers: Arc<Readers>,
 }
 
 #[rustler::resource_impl]
@@ -108,8 +111,10 @@ struct RuntimeLimits {
 
 /// Starts listening on `Ip:Port` (port 0: any) for node `Me`, with the socket options
 /// `SockOpts` (a map, see `teleport_config`) for the listener and every connection, and the
-/// `Limits` (`max_frame_bytes`, `handshake_timeout` in ms, `thread_nice`).
-/// `{ok, Runtime} | {error, {bad_ip, Ip} | {listen, Reason} | {socket_opt, Option, Reason}}`.
+/// `Limits` (`max_frame_bytes`, `handshake_timeout` in ms, `thread_nice`). Each authenticated
+/// connection is announced to the calling process as `{teleport_accepted, Reader}` (see
+/// `reader`). `{ok, Runtime} | {error, {bad_ip, Ip} | {listen, Reason} | {socket_opt, Option,
+/// Reason}}`.
 #[rustler::nif]
 fn runtime_start<'a>(
     env: Env<'a>,
@@ -135,13 +140,16 @@ fn runtime_start<'a>(
         handshake_timeout: Duration::from_millis(handshake_timeout),
         sock_opts: sock_opts.clone(),
         thread_nice,
-        poll_threads: teleport_core::poller::default_threads(),
+        // The readers' schedulers read the connections, not poll threads.
+        poll_threads: 0,
     };
+    let readers = Arc::new(Readers::new(*env.pid().as_c_arg()));
     let acceptor = Arc::new(NifAcceptor {
         peers: peers.clone(),
         me: me.clone(),
     });
-    match Listener::start(SocketAddr::new(ip_addr, port), cfg, acceptor) {
+    let addr = SocketAddr::new(ip_addr, port);
+    match Listener::start_driven(addr, cfg, acceptor, readers.clone()) {
         Ok(listener) => {
             let rt = ResourceArc::new(Runtime {
                 me,
@@ -149,6 +157,7 @@ fn runtime_start<'a>(
                 sock_opts,
                 thread_nice,
                 listener,
+                readers,
             });
             Ok((atoms::ok(), rt).encode(env))
         }
@@ -213,7 +222,11 @@ fn runtime_info<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'a
             .map_put(atoms::bytes_in(), c.bytes_in)?
             .map_put(atoms::connected_since(), c.connected_since)?
             .map_put(atoms::sndbuf(), c.buffers.0)?
-            .map_put(atoms::recbuf(), c.buffers.1)?;
+            .map_put(atoms::recbuf(), c.buffers.1)?
+            .map_put(
+                atoms::reader(),
+                reader_term(env, rt.readers.reader_of(c.id)),
+            )?;
         incoming.push(map);
     }
     let local = l.local_addr();
@@ -224,6 +237,14 @@ fn runtime_info<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'a
         .map_put(atoms::port(), local.port())?
         .map_put(atoms::handshaking(), l.handshaking())?
         .map_put(atoms::incoming(), incoming)
+}
+
+/// The reader process of an incoming connection, or `undefined`.
+fn reader_term(env: Env<'_>, pid: Option<rustler::sys::ErlNifPid>) -> Term<'_> {
+    match pid {
+        Some(pid) => rustler::LocalPid::from_c_arg(pid).encode(env),
+        None => atoms::undefined().encode(env),
+    }
 }
 
 /// Sets this node's name (`atom_to_binary(node())`), as handshakes state it from now on.
