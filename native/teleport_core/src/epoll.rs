@@ -124,6 +124,18 @@ impl Epoll {
     }
 }
 
+/// Waits at most `timeout` for `fd` to be readable (or hung up); whether it is.
+pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one live pollfd for the duration of the call.
+    (unsafe { libc::poll(&mut pfd, 1, ms) }) > 0
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())

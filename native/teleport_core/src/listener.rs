@@ -1,7 +1,9 @@
 //! The receiving side: a listening socket, one thread that accepts, a short-lived thread per
-//! connection in its handshake, and a fixed set of poll threads (see [`crate::poller`]) that
-//! read every authenticated connection and hand each frame to a [`Sink`], once, in lane
-//! order, acknowledging them as they go (see [`crate::pump`], [`crate::acks`]).
+//! connection in its handshake, and a [`Driver`] that reads every authenticated connection
+//! (a [`Served`]) and hands each frame to a [`Sink`], once, in lane order, acknowledging
+//! them as they go (see [`crate::pump`], [`crate::acks`]). The driver is a fixed set of poll
+//! threads (see [`crate::poller`]) for [`Listener::start`]; the NIF drives its connections
+//! from the VM's schedulers instead, through [`Listener::start_driven`].
 //!
 //! Nothing a peer sends before the handshake succeeds reaches the sink. Frame lengths are
 //! checked against `max_frame_bytes` before any buffer is allocated, and a malformed frame
@@ -584,6 +586,12 @@ impl<S: Sink + Send + 'static> Served<S> {
     /// The sink, to tell it where it runs now.
     pub fn sink_mut(&mut self) -> &mut S {
         self.pump.sink_mut()
+    }
+
+    /// Waits at most `timeout` for the socket to be readable (a driver that may block: the
+    /// NIF on a dirty I/O scheduler, for the rest of a large frame); whether it is.
+    pub fn wait_readable(&self, timeout: Duration) -> bool {
+        crate::epoll::wait_readable(self.fd(), timeout)
     }
 
     /// Bytes read from the connection so far, frame headers included.

@@ -11,7 +11,7 @@
 //! target read streams through it, with the same parsing, admission and acks.
 //!
 //! Frame lengths are checked against `max_frame_bytes` before any buffer is allocated, and a
-//! malformed frame ends the connection (its number counted first, see [`Pump::admit`]).
+//! malformed frame ends the connection (its number counted first, see `admit`).
 
 use crate::acks::{AckOut, Acker, ACK_DELAY};
 use crate::frame::{self, FrameError, Header, LEN_BYTES};
@@ -396,7 +396,7 @@ impl<S: Sink> Pump<S> {
         Ok(())
     }
 
-    /// Whether an ack is owed (its delay runs from [`Pump::owed_since`]) or only partly out.
+    /// Whether an ack is owed or only partly out.
     pub fn owes_ack(&self) -> bool {
         self.acker.owed()
     }

@@ -35,7 +35,7 @@ use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use teleport_core::listener::{Driver, Served, Turn};
 
 /// What a run on a normal scheduler reads at most (one read may take a little more): the
@@ -48,6 +48,11 @@ pub const NORMAL_FRAME_MAX: usize = 256 * 1024;
 
 /// What a run on a dirty scheduler reads at most before it answers.
 const DIRTY_TURN: usize = 8 * 1024 * 1024;
+
+/// How long a run on a dirty scheduler waits for the rest of a large frame, in all
+/// ([`finish_large`]), and at most at a time (ms).
+const DIRTY_HOLD: Duration = Duration::from_millis(20);
+const DIRTY_POLL: Duration = Duration::from_millis(2);
 
 /// The reader resource type, opened when the library loads.
 static READER_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::null_mut());
@@ -322,6 +327,31 @@ fn reader_detach(env: Env, reader: Term) -> NifResult<Atom> {
     Ok(atoms::ok())
 }
 
+/// On a dirty I/O scheduler, a large frame that is not all there yet is waited for (a
+/// little at a time, at most [`DIRTY_HOLD`] in all) rather than handed back to the reader
+/// process: each hand-back is a `select` message, a turn of the process and two moves
+/// between schedulers, per socket buffer of the frame.
+fn finish_large(served: &mut Served<Deliver>, mut turn: Turn, start: Instant) -> Turn {
+    while let Turn::Wait(deadline) = turn {
+        let in_large = served
+            .next_frame_len()
+            .is_some_and(|n| n > NORMAL_FRAME_MAX);
+        let now = Instant::now();
+        if !in_large || now.saturating_duration_since(start) >= DIRTY_HOLD {
+            break;
+        }
+        if deadline.is_some_and(|d| d <= now) {
+            turn = Turn::from(served.tick(now));
+            continue;
+        }
+        if !served.wait_readable(DIRTY_POLL) {
+            break; // nothing came: the process waits instead
+        }
+        turn = served.read(Instant::now(), DIRTY_TURN, usize::MAX);
+    }
+    turn
+}
+
 /// A turn of the reader in `reader`, on a dirty scheduler or not (see [`reader_run`]).
 fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResult<Term<'a>> {
     let obj = object(env, reader)?;
@@ -342,11 +372,14 @@ fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResul
     let before = served.bytes_in();
     // SAFETY: this call's env, set back to null below before the call returns.
     unsafe { served.sink_mut().caller(env.as_c_arg()) };
-    let turn = if event == atoms::read() {
+    let mut turn = if event == atoms::read() {
         served.read(now, budget, large_max)
     } else {
         Turn::from(served.tick(now))
     };
+    if dirty {
+        turn = finish_large(served, turn, now);
+    }
     unsafe { served.sink_mut().caller(std::ptr::null_mut()) };
     if !dirty {
         // As decoding charges it (see `codec_decode`): a unit per four bytes.
