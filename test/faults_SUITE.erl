@@ -37,6 +37,7 @@ groups() ->
       [receiver_killed_mid_stream,
        sender_socket_reset_keeps_order, receiver_socket_reset_keeps_order,
        sender_socket_reset_while_flowing, receiver_socket_reset_while_flowing,
+       receiver_readers_killed_keeps_order,
        receiver_teleport_restarted, idle_pool_follows_a_receiver_teleport_restart,
        disterl_disconnect_and_reconnect, disterl_reconnect_with_full_buffers_keeps_order,
        frame_over_the_receivers_limit,
@@ -229,6 +230,38 @@ sender_socket_reset_while_flowing(_Config) ->
 
 receiver_socket_reset_while_flowing(_Config) ->
     socket_killed(receiver, flowing).
+
+%% R's reader processes (one per incoming connection, under teleport_reader_sup) are killed
+%% while six senders stream: each connection closes as its reader dies (the reader resource
+%% monitors its process), the runner connects again, R's handshake says what each lane
+%% delivered, and the rest is sent again: nothing lost, nothing twice, in order.
+receiver_readers_killed_keeps_order(_Config) ->
+    {PR, R, _} = start_peer(peer:random_name(fault_rx), rx_setup()),
+    S0 = warm_up(R),
+    Ctr = atomics:new(64, []),
+    Ids = lists:seq(1, 6),
+    Streamers = [{Id, teleport_soak:start_streamer(Id, {rx, R}, #{counters => Ctr})} || Id <- Ids],
+    timer:sleep(1000),
+    AtStart = [atomics:get(Ctr, Id) || Id <- Ids],
+    Reconnects = maps:get(reconnects, node_stats(R)),
+    Readers = peer:call(PR, teleport_reader_sup, readers, []),
+    ?assert(length(Readers) >= 1),
+    [true = peer:call(PR, erlang, exit, [Reader, kill]) || Reader <- Readers],
+    AtKill = [atomics:get(Ctr, Id) || Id <- Ids],
+    ok = wait_until(fun() -> maps:get(reconnects, node_stats(R)) > Reconnects end, 10000),
+    %% New readers read the new connections.
+    ok = wait_until(fun() -> peer:call(PR, teleport_reader_sup, readers, []) -- Readers =/= [] end,
+                    10000),
+    timer:sleep(700),
+    Reports = teleport_soak:stop_streamers(Streamers, 15000),
+    Rx = wait_done(R, Reports, 10000),
+    S1 = settled_stats(R),
+    #{lost := Lost, dropped := Dropped, resent := Resent} =
+        check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtKill)),
+    ct:pal("~b readers killed; ~b messages sent again", [length(Readers), Resent]),
+    ?assertEqual(0, Lost),
+    ?assertEqual(0, Dropped),
+    ok.
 
 socket_killed(Side, Buffers) ->
     {PR, R, OsR} = start_peer(peer:random_name(fault_rx), rx_setup()),
