@@ -238,11 +238,7 @@ receiver_socket_reset_while_flowing(_Config) ->
 receiver_readers_killed_keeps_order(_Config) ->
     {PR, R, _} = start_peer(peer:random_name(fault_rx), rx_setup()),
     S0 = warm_up(R),
-    Ctr = atomics:new(64, []),
-    Ids = lists:seq(1, 6),
-    Streamers = [{Id, teleport_soak:start_streamer(Id, {rx, R}, #{counters => Ctr})} || Id <- Ids],
-    timer:sleep(1000),
-    AtStart = [atomics:get(Ctr, Id) || Id <- Ids],
+    {Ctr, Ids, Streamers, AtStart} = start_six_streamers(R),
     Reconnects = maps:get(reconnects, node_stats(R)),
     Readers = peer:call(PR, teleport_reader_sup, readers, []),
     ?assert(length(Readers) >= 1),
@@ -253,11 +249,8 @@ receiver_readers_killed_keeps_order(_Config) ->
     ok = wait_until(fun() -> peer:call(PR, teleport_reader_sup, readers, []) -- Readers =/= [] end,
                     10000),
     timer:sleep(700),
-    Reports = teleport_soak:stop_streamers(Streamers, 15000),
-    Rx = wait_done(R, Reports, 10000),
-    S1 = settled_stats(R),
-    #{lost := Lost, dropped := Dropped, resent := Resent} =
-        check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtKill)),
+    {_, #{lost := Lost, dropped := Dropped, resent := Resent}} =
+        stop_and_check(R, Ids, Streamers, S0, lists:zip(AtStart, AtKill)),
     ct:pal("~b readers killed; ~b messages sent again", [length(Readers), Resent]),
     ?assertEqual(0, Lost),
     ?assertEqual(0, Dropped),
@@ -267,15 +260,11 @@ socket_killed(Side, Buffers) ->
     {PR, R, OsR} = start_peer(peer:random_name(fault_rx), rx_setup()),
     {ok, Port} = peer:call(PR, teleport_server, listen_port, []),
     S0 = warm_up(R),
-    Ctr = atomics:new(64, []),
-    Ids = lists:seq(1, 6),
-    Streamers = [{Id, teleport_soak:start_streamer(Id, {rx, R}, #{counters => Ctr})} || Id <- Ids],
-    timer:sleep(1000),
+    {Ctr, Ids, Streamers, AtStart} = start_six_streamers(R),
     Filter = case Side of
                  sender -> io_lib:format("dport = :~b", [Port]);
                  receiver -> io_lib:format("sport = :~b", [Port])
              end,
-    AtStart = [atomics:get(Ctr, Id) || Id <- Ids],
     %% With full buffers, three kills (each a race between R's old and new connections).
     Cycles = case Buffers of full_buffers -> 3; flowing -> 1 end,
     AtKill = lists:last(
@@ -299,15 +288,29 @@ socket_killed(Side, Buffers) ->
                     At
                 end || Cycle <- lists:seq(1, Cycles)]),
     timer:sleep(300),
-    Reports = teleport_soak:stop_streamers(Streamers, 15000),
-    Rx = wait_done(R, Reports, 10000),
-    S1 = settled_stats(R),
-    #{lost := Lost, dropped := Dropped, resent := Resent} =
-        check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtKill)),
+    {_, #{lost := Lost, dropped := Dropped, resent := Resent}} =
+        stop_and_check(R, Ids, Streamers, S0, lists:zip(AtStart, AtKill)),
     ct:pal("~b messages sent again after the kills", [Resent]),
     ?assertEqual(0, Lost),
     ?assertEqual(0, Dropped),
     ok.
+
+%% Six streamers from the runner to R's collector, a second into their stream: the
+%% counters of what each accepted, their ids, the streamers, and what each had accepted.
+start_six_streamers(R) ->
+    Ctr = atomics:new(64, []),
+    Ids = lists:seq(1, 6),
+    Streamers = [{Id, teleport_soak:start_streamer(Id, {rx, R}, #{counters => Ctr})} || Id <- Ids],
+    timer:sleep(1000),
+    {Ctr, Ids, Streamers, [atomics:get(Ctr, Id) || Id <- Ids]}.
+
+%% Stops the streamers, waits until R has everything and the runner's pool holds nothing,
+%% and checks the delivery (check_after_fault/7): the streamers' reports and the totals.
+stop_and_check(R, Ids, Streamers, S0, AtFault) ->
+    Reports = teleport_soak:stop_streamers(Streamers, 15000),
+    Rx = wait_done(R, Reports, 10000),
+    S1 = settled_stats(R),
+    {Reports, check_after_fault(R, Ids, Reports, Rx, S0, S1, AtFault)}.
 
 %% Checks per sender: delivered in order, nothing duplicated, nothing lost that was
 %% accepted after the fault (AtFault: the sender's last accepted seq once the fault was
@@ -365,11 +368,7 @@ receiver_teleport_restarted(_Config) ->
     {PR, R, _} = start_peer(peer:random_name(fault_rx), rx_setup()),
     {ok, Port0} = peer:call(PR, teleport_server, listen_port, []),
     S0 = warm_up(R),
-    Ctr = atomics:new(64, []),
-    Ids = lists:seq(1, 6),
-    Streamers = [{Id, teleport_soak:start_streamer(Id, {rx, R}, #{counters => Ctr})} || Id <- Ids],
-    timer:sleep(1000),
-    AtStart = [atomics:get(Ctr, Id) || Id <- Ids],
+    {Ctr, Ids, Streamers, AtStart} = start_six_streamers(R),
     T0 = wall_ms(),
     ok = peer:call(PR, application, stop, [teleport]),
     ok = peer:call(PR, teleport, start, []),
@@ -378,14 +377,11 @@ receiver_teleport_restarted(_Config) ->
     {ok, Port1} = peer:call(PR, teleport_server, listen_port, []),
     timer:sleep(1500),
     Errors = [atomics:get(Ctr, ?ERR_OFFSET + Id) || Id <- Ids],
-    Reports = teleport_soak:stop_streamers(Streamers, 15000),
-    Rx = wait_done(R, Reports, 10000),
-    S1 = settled_stats(R),
+    {Reports, #{lost := Lost, dropped := Dropped}} =
+        stop_and_check(R, Ids, Streamers, S0, lists:zip(AtStart, AtRestart)),
     ct:pal("R's teleport restarted in ~b ms: port ~b -> ~b; sends not accepted meanwhile ~p; "
            "results ~p", [T1 - T0, Port0, Port1, Errors,
                           [{Id, maps:get(results, Rep)} || {Id, Rep} <- maps:to_list(Reports)]]),
-    #{lost := Lost, dropped := Dropped} =
-        check_after_fault(R, Ids, Reports, Rx, S0, S1, lists:zip(AtStart, AtRestart)),
     ?assertEqual({0, 0}, {Lost, Dropped}),
     ok.
 

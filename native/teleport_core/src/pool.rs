@@ -245,8 +245,12 @@ mod tests {
         .unwrap();
         send(&pool, 0, b"x");
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Its ack read (not only no frame waiting for one: the writer that wrote it may not
+        // have put it there yet, and its ack would then wake the slot while it idles).
         wait_for("the ack", || {
-            pool.info().iter().all(|c| c.unacked_frames == 0)
+            pool.info()
+                .iter()
+                .all(|c| c.unacked_frames == 0 && c.last_acked == (c.msgs_out > 0) as u64)
         });
         let info = pool.info();
         let up: Vec<usize> = info
