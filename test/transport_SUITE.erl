@@ -843,7 +843,10 @@ start_long_schedule_monitor(Ms) ->
 long_schedule_loop(Acc) ->
     receive
         {monitor, Who, long_schedule, Info} ->
-            long_schedule_loop([{Who, proplists:get_value(timeout, Info)} | Acc]);
+            %% Who it was, read now: by the end of the case it may be gone.
+            What = identify(Who),
+            long_schedule_loop([{Who, proplists:get_value(timeout, Info),
+                                 {Info, What}} | Acc]);
         {report, From} ->
             From ! {long_schedules, lists:reverse(Acc)}
     end.
@@ -852,23 +855,28 @@ long_schedule_loop(Acc) ->
 long_schedules(Monitor, Sink) ->
     Monitor ! {report, self()},
     Long = receive {long_schedules, L} -> L after 10000 -> [] end,
-    {Long, [R || {Who, _} = R <- Long, Who =:= Sink orelse teleport_process(Who)]}.
+    {Long, [{Who, Ms} || {Who, Ms, {_, What}} <- Long,
+                         Who =:= Sink orelse teleport_process(What)]}.
 
-%% Whether Who (a pid or a port) is one of teleport's processes.
-teleport_process(Who) when is_pid(Who) ->
-    case erlang:process_info(Who, [registered_name, initial_call, dictionary]) of
-        undefined -> false;
-        Info ->
-            Name = atom_to_list(case proplists:get_value(registered_name, Info) of
-                                    [] -> '';
-                                    N -> N
-                                end),
-            Init = proplists:get_value('$initial_call',
-                                       proplists:get_value(dictionary, Info), {x, x, 0}),
-            lists:prefix("teleport", Name) orelse
-                lists:prefix("teleport", atom_to_list(element(1, Init)))
+%% Who (a pid or a port) is: its registered name and the module it started in.
+identify(Who) when is_pid(Who) ->
+    case erlang:process_info(Who, [registered_name, dictionary]) of
+        undefined -> gone;
+        [{registered_name, Name}, {dictionary, Dict}] ->
+            {case Name of [] -> ''; _ -> Name end, proplists:get_value('$initial_call', Dict, undefined)}
     end;
-teleport_process(_Port) ->
+identify(Port) ->
+    {port, erlang:port_info(Port, name)}.
+
+%% Whether what identify/1 said is one of teleport's processes.
+teleport_process({Name, Init}) when is_atom(Name) ->
+    Mod = case Init of
+              {M, _, _} -> M;
+              _ -> ''
+          end,
+    lists:prefix("teleport", atom_to_list(Name)) orelse
+        lists:prefix("teleport", atom_to_list(Mod));
+teleport_process(_) ->
     false.
 
 %% Checks that each sender's messages come with sequence numbers 1, 2, 3...; reports
