@@ -54,6 +54,7 @@
           last_acked := non_neg_integer(),
           msgs_out := non_neg_integer(),
           bytes_out := non_neg_integer(),
+          writes := non_neg_integer(),
           last_error := binary() | undefined,
           connected_since := integer() | undefined,
           reconnects := non_neg_integer(),
@@ -355,7 +356,8 @@ stats() ->
 %%                  peer_addr => {{127,0,0,1}, 38511}, local_addr => {{127,0,0,1}, 52816},
 %%                  queued_bytes => 0, frames_in_queue => 0,
 %%                  unacked_frames => 0, unacked_bytes => 0, last_acked => 7,
-%%                  msgs_out => 7, bytes_out => 1840, last_error => undefined,
+%%                  msgs_out => 7, bytes_out => 1840, writes => 7,
+%%                  last_error => undefined,
 %%                  connected_since => 1767225600120, reconnects => 0,
 %%                  sndbuf => 2626560, recbuf => 131072},
 %%                #{index => 1, state => down, ...}]}
@@ -372,7 +374,8 @@ stats() ->
 %% it counts against `max_queue_bytes' with the queue), `last_acked' the sequence number of
 %% the last message the peer acknowledged on this slot; `msgs_out' and `bytes_out' what
 %% this slot wrote over all its connections, frame headers included (a resent message
-%% once); `last_error' what went wrong last, as text
+%% once); `writes' the `writev' calls that wrote them (`msgs_out / writes' is how many
+%% messages one system call carried); `last_error' what went wrong last, as text
 %% (connecting, the handshake, or a write), else `undefined'; `connected_since' when the
 %% current connection came up, in `erlang:system_time(millisecond)' units
 %% (`calendar:system_time_to_rfc3339(T, [{unit, millisecond}])' prints it), `undefined'

@@ -91,7 +91,7 @@ info_shape(_Config) ->
     ?assertEqual([0, 1], [I || #{index := I} <- Conns]),
     ConnKeys = [bytes_out, connected_since, frames_in_queue, index, last_acked, last_error,
                 local_addr, msgs_out, peer_addr, queued_bytes, reconnects, recbuf, sndbuf,
-                state, unacked_bytes, unacked_frames],
+                state, unacked_bytes, unacked_frames, writes],
     [?assertEqual(lists:sort(ConnKeys), lists:sort(maps:keys(C))) || C <- Conns],
     [Up] = [C || C = #{state := up} <- Conns],
     [Down] = [C || C = #{state := down} <- Conns],
@@ -105,12 +105,14 @@ info_shape(_Config) ->
                    unacked_frames := 0, unacked_bytes := 0, last_acked := 10,
                    reconnects := 0, last_error := undefined}, Up),
     ?assertEqual(maps:get(bytes_out, Stats), maps:get(bytes_out, Up)),
+    %% At least one write, and no more than one per message.
+    ?assert(maps:get(writes, Up) >= 1 andalso maps:get(writes, Up) =< 10),
     %% The buffer asked for, doubled by Linux and capped by net.core.wmem_max.
     ?assertEqual(2 * min(256 * ?KB, sysctl("net/core/wmem_max")), maps:get(sndbuf, Up)),
     ?assertEqual(2 * min(256 * ?KB, sysctl("net/core/rmem_max")), maps:get(recbuf, Up)),
     ?assertMatch(#{peer_addr := {PeerIp, PeerPort}, local_addr := undefined,
                    connected_since := undefined, sndbuf := undefined, recbuf := undefined,
-                   msgs_out := 0, bytes_out := 0, last_error := undefined,
+                   msgs_out := 0, bytes_out := 0, writes := 0, last_error := undefined,
                    unacked_frames := 0, last_acked := 0}, Down),
 
     %% The listener: the peer's connection, with what it read.

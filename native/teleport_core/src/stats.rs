@@ -115,6 +115,9 @@ pub struct ConnStats {
     pub msgs: AtomicU64,
     /// Bytes written or read, frame headers included.
     pub bytes: AtomicU64,
+    /// `writev` calls made (an outgoing connection's; `msgs / writes` is how well they
+    /// were batched).
+    pub writes: AtomicU64,
 }
 
 impl ConnStats {
@@ -124,6 +127,14 @@ impl ConnStats {
         if msgs > 0 {
             self.msgs.fetch_add(msgs, Relaxed);
             self.bytes.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    /// Counts `writes` more `writev` calls.
+    #[inline]
+    pub fn wrote(&self, writes: u64) {
+        if writes > 0 {
+            self.writes.fetch_add(writes, Relaxed);
         }
     }
 

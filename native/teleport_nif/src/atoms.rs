@@ -6,6 +6,7 @@ rustler::atoms! {
     dirty,
     ok, error, busy, closed, too_large, bad_ip, index, state, queued_bytes, frames_in_queue,
     last_error, undefined, down, connecting, up, peer_addr, local_addr, msgs_out, bytes_out,
+    writes,
     connected_since, reconnects, sndbuf, recbuf, teleport_pool_stale, unacked_frames,
     unacked_bytes, last_acked, listen, socket_opt, nodelay, keepalive, keepalive_time,
     keepalive_interval, keepalive_retries, priority, tos, user_timeout, bind_ip, ip, port,

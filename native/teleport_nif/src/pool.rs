@@ -163,7 +163,7 @@ fn pool_close(pool: ResourceArc<PoolRes>) -> Atom {
 }
 
 /// Per connection: `#{index, state, peer_addr, local_addr, queued_bytes, frames_in_queue,
-/// unacked_frames, unacked_bytes, last_acked, msgs_out, bytes_out, last_error,
+/// unacked_frames, unacked_bytes, last_acked, msgs_out, bytes_out, writes, last_error,
 /// connected_since, reconnects, sndbuf, recbuf}`
 /// (`teleport:info/0` documents them).
 #[rustler::nif]
@@ -195,6 +195,7 @@ fn pool_info<'a>(env: Env<'a>, pool: ResourceArc<PoolRes>) -> NifResult<Term<'a>
             .map_put(atoms::last_acked(), c.last_acked)?
             .map_put(atoms::msgs_out(), c.msgs_out)?
             .map_put(atoms::bytes_out(), c.bytes_out)?
+            .map_put(atoms::writes(), c.writes)?
             .map_put(atoms::last_error(), last_error)?
             .map_put(atoms::connected_since(), since)?
             .map_put(atoms::reconnects(), c.reconnects)?
