@@ -374,14 +374,15 @@ impl Conn {
             // One clock read per send: the write takes microseconds, so `now` serves as its
             // time too.
             let now = Instant::now();
-            self.probe_if_idle(&mut st, now);
             // A lane flooded by frames close behind each other: this one joins the queue
             // and the writer task takes what gathers there in one `writev` (see COALESCE).
+            // Measured before the probe, which counts as a write.
             st.close_behind = match now.saturating_duration_since(st.last_write) < COALESCE {
                 true => st.close_behind.saturating_add(1),
                 false => 0,
             };
             let flooded = st.close_behind >= FLOOD_AFTER;
+            self.probe_if_idle(&mut st, now);
             if let Some(sock) = st.sock.clone().filter(|_| !flooded) {
                 st.direct_busy = true;
                 st.last_write = now;
@@ -1426,10 +1427,19 @@ mod tests {
             "{} writes for {n} frames",
             c.writes
         );
+        // Fixed bug: after an idle while, the probe before the write counted as a write just
+        // before the frame, which then, the lane's count still that of the flood, waited for
+        // the writer thread.
+        thread::sleep(PROBE_AFTER_IDLE + Duration::from_millis(20));
+        let before = pool.info()[0].writes;
+        pool.conn(0).send(frame(&numbered(n, 100))).unwrap();
+        assert_eq!(pool.info()[0].writes, before + 1, "written at once");
+        assert_eq!(id_of(&collect(&rx, 1, String::new)[0]), n);
+        let n = n + 1;
         // After a pause, a few frames at once (replies to a few callers) still go at once,
         // each from its sender's thread.
         thread::sleep(COALESCE * 10);
-        let before = c.writes;
+        let before = pool.info()[0].writes;
         for id in n..n + FLOOD_AFTER {
             pool.conn(0).send(frame(&numbered(id, 100))).unwrap();
         }
