@@ -274,10 +274,13 @@ impl<S: Sink> Pump<S> {
                     self.buf.copy_within(self.start..self.end, 0);
                     (self.end, self.start) = (self.end - self.start, 0);
                 }
+                // No more than the budget has left (at least a header's worth): every whole
+                // frame read is decoded in this call, and a full buffer of small frames
+                // (thousands) held a normal scheduler for 6-10 ms.
                 let room = if self.after_large {
                     AFTER_LARGE_READ
                 } else {
-                    READ_BUF
+                    READ_BUF.min(budget.saturating_sub(spent).max(AFTER_LARGE_READ))
                 };
                 let dst = &mut self.buf[self.end..(self.end + room).min(READ_BUF)];
                 match read_some(wire, dst, counters.stop)? {
