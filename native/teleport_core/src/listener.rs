@@ -594,11 +594,6 @@ impl<S: Sink + Send + 'static> Served<S> {
         crate::epoll::wait_readable(self.fd(), timeout)
     }
 
-    /// Bytes read from the connection so far, frame headers included.
-    pub fn bytes_in(&self) -> u64 {
-        self.conn.counters.get().1
-    }
-
     /// The length of the frame being read, or of the next one if its length is read already
     /// (a driver that cannot read long frames everywhere picks where to read it by this).
     pub fn next_frame_len(&self) -> Option<usize> {

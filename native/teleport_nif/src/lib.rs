@@ -32,6 +32,20 @@ pub(crate) fn consume(env: Env, units: usize) {
     }
 }
 
+/// About how long a process runs before the VM expects it to yield (`enif_consume_timeslice`'s
+/// 100 percent).
+const TIMESLICE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Charges the time `spent` to the calling process on a normal scheduler: work whose cost is
+/// not in proportion to its bytes (thousands of small frames decoded and sent) is charged by
+/// the clock, so that the process is scheduled out after a millisecond or so of it.
+pub(crate) fn consume_time(env: Env, spent: std::time::Duration) {
+    let percent = spent.as_micros() * 100 / TIMESLICE.as_micros();
+    if percent > 0 {
+        rustler::schedule::consume_timeslice(env, percent.min(100) as i32);
+    }
+}
+
 /// What a NIF on a normal scheduler answers for work done within a budget: the result, its
 /// work charged to the caller, or `dirty` when the work outgrew the budget (the Erlang
 /// wrapper then calls the `_dirty` variant).

@@ -369,7 +369,6 @@ fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResul
         (NORMAL_TURN, NORMAL_FRAME_MAX)
     };
     let now = Instant::now();
-    let before = served.bytes_in();
     // SAFETY: this call's env, set back to null below before the call returns.
     unsafe { served.sink_mut().caller(env.as_c_arg()) };
     let mut turn = if event == atoms::read() {
@@ -382,8 +381,10 @@ fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResul
     }
     unsafe { served.sink_mut().caller(std::ptr::null_mut()) };
     if !dirty {
-        // As decoding charges it (see `codec_decode`): a unit per four bytes.
-        crate::consume(env, (served.bytes_in() - before) as usize / 4);
+        // By the clock: a turn's cost is mostly per frame, not per byte (a turn of 64 KB
+        // of tiny frames, charged as its bytes, let the process run six of them, 10 ms,
+        // before it was scheduled out).
+        crate::consume_time(env, now.elapsed());
     }
     let answer = match turn {
         Turn::More => atoms::more().encode(env),
