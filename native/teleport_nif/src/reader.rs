@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use teleport_core::listener::{Driver, Served, Turn};
 
 /// What a run on a normal scheduler reads at most (one read may take a little more): the
-/// frames in it are decoded and sent within a fraction of a millisecond.
+/// frames in it are decoded and sent within a millisecond or two, even when they are
+/// thousands of tiny ones; the run is charged by the clock (see `crate::consume_time`).
 pub const NORMAL_TURN: usize = 64 * 1024;
 
 /// Frames longer than this are read and decoded on a dirty I/O scheduler: decoding one dense
