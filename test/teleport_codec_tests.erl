@@ -771,6 +771,7 @@ zero_copy_test_() ->
     [{"encode keeps a 100 MB binary by reference", {timeout, 120, fun encode_shares_100mb/0}},
      {"encode shares binaries of 2048 bytes, copies 2047", fun encode_share_threshold/0},
      {"decode shares a dominating binary, copies a small one", {timeout, 120, fun decode_shares_large_copies_small/0}},
+     {"decode shares binaries from 16 KiB, copies smaller ones", fun decode_share_threshold/0},
      {"decode shares two 10 MB binaries", {timeout, 120, fun decode_shares_two/0}},
      {"decode copies 100 binaries of 100 KB", {timeout, 120, fun decode_copies_many/0}},
      {"decode of a sub-binary input at a bit offset", {timeout, 60, fun decode_unaligned_input/0}}].
@@ -824,6 +825,21 @@ decode_shares_large_copies_small() ->
     ?assertEqual(byte_size(Buf2), binary:referenced_byte_size(DBig2)),
     ?assertEqual(100, binary:referenced_byte_size(DSmall2)),
     ?assert({DBig2, DSmall2} =:= {Big, Small}).
+
+%% A message of one 64 KB binary (just under 64 KiB once its frame's header is counted) was
+%% copied out of its frame while the bar stood at 64 KiB.
+decode_share_threshold() ->
+    [begin
+         Buf = iolist_to_binary(teleport_codec:encode({m, pattern(Size)})),
+         {m, D} = teleport_codec:decode(Buf),
+         ?assertEqual(pattern(Size), D),
+         Want = case Shared of
+                    true -> byte_size(Buf);
+                    false -> Size
+                end,
+         ?assertEqual({Size, Want}, {Size, binary:referenced_byte_size(D)})
+     end || {Size, Shared} <- [{16383, false}, {16384, true}, {65526, true}]],
+    ok.
 
 decode_shares_two() ->
     A = pattern(10 bsl 20),

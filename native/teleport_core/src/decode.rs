@@ -103,10 +103,15 @@ pub fn may_share(input: &[u8]) -> bool {
     if total < DECODE_SHARE_MIN {
         return false;
     }
-    // A length L <= total has a first byte of at most total >> 24, and L >= 65536 makes its
-    // first two bytes not both zero: a cheap filter for the loop that vectorises.
+    // A length L <= total has a first byte of at most total >> 24, and L >= DECODE_SHARE_MIN
+    // (a multiple of 256 below 65536) makes its first two bytes not both zero or its third
+    // at least DECODE_SHARE_MIN >> 8: a cheap filter for the loop that vectorises.
+    const _: () = assert!(DECODE_SHARE_MIN % 256 == 0 && DECODE_SHARE_MIN < 65536);
+    const THIRD_MIN: u8 = (DECODE_SHARE_MIN >> 8) as u8;
     let first_max = (total >> 24).min(255) as u8;
-    let hit = |b: &[u8]| (b[0] == BINARY_EXT) & (b[1] <= first_max) & ((b[1] | b[2]) != 0);
+    let hit = |b: &[u8]| {
+        (b[0] == BINARY_EXT) & (b[1] <= first_max) & (((b[1] | b[2]) != 0) | (b[3] >= THIRD_MIN))
+    };
     let exact = |at: usize| {
         let Some(len) = input.get(at + 1..at + 5) else {
             return false;
@@ -116,11 +121,11 @@ pub fn may_share(input: &[u8]) -> bool {
     };
     const BLOCK: usize = 64;
     let mut at = 0;
-    while at + BLOCK + 2 <= total {
-        let block = &input[at..at + BLOCK + 2];
+    while at + BLOCK + 3 <= total {
+        let block = &input[at..at + BLOCK + 3];
         let mut any = false;
         for j in 0..BLOCK {
-            any |= hit(&block[j..j + 3]);
+            any |= hit(&block[j..j + 4]);
         }
         if any && (at..at + BLOCK).any(exact) {
             return true;
@@ -1316,6 +1321,20 @@ mod tests {
         input.extend(std::iter::repeat(97).take(16 * big));
         assert!(!may_share(&input));
         assert!(!may_share_slowly(&input));
+    }
+
+    #[test]
+    fn may_share_reads_every_byte_of_the_length_near_the_bar() {
+        // Lengths whose bytes the filter looks at differently: the third byte at its bar and
+        // just under it, the second byte set, a length past 64 KiB.
+        let min = DECODE_SHARE_MIN;
+        for len in [min - 256, min - 1, min, min + 255, 65535, 65536, 70000] {
+            let mut input = vec![131, 104, 2, 106, BINARY_EXT];
+            input.extend_from_slice(&(len as u32).to_be_bytes());
+            input.resize(input.len() + len, 0);
+            assert_eq!(may_share(&input), len >= min, "len {len}");
+            assert_eq!(may_share_slowly(&input), len >= min, "len {len}");
+        }
     }
 
     #[test]

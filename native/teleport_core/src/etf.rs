@@ -49,8 +49,10 @@ pub const MAX_ATOM_CHARS: usize = 255;
 /// one more iolist element (and one more `iovec` for `writev`).
 pub const ENCODE_SHARE_MIN: usize = 2048;
 
-/// Binaries at least this long may be decoded as sub-binaries of the received buffer.
-pub const DECODE_SHARE_MIN: usize = 64 * 1024;
+/// Binaries at least this long may be decoded as sub-binaries of the received buffer (a
+/// multiple of 256 below 64 KiB: [`crate::decode::may_share`]'s filter reads it so). At 64 KiB,
+/// a message of one 64 KB binary was copied out of its frame, just under the bar.
+pub const DECODE_SHARE_MIN: usize = 16 * 1024;
 
 /// Whether the decoder should return a binary of `len` bytes found in a buffer of `total` bytes
 /// as a sub-binary of that buffer (zero-copy) rather than as a copy.
