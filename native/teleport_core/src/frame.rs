@@ -214,7 +214,10 @@ impl Draft {
     /// write at most 65534 bytes: more would not fit the 16-bit length, and is cut there
     /// (which the receiver refuses).
     pub fn writing_dest(kind: Kind, write_dest: impl FnOnce(&mut Writer)) -> Draft {
-        let mut w = Writer::with_capacity(256);
+        let mut w = match crate::recycle::SPARES.take() {
+            Some((buf, chunks)) => Writer::from_vecs(buf, chunks),
+            None => Writer::with_capacity(256),
+        };
         // Length and sequence number are filled in later: by `finish` and `OutFrame::stamp`;
         // the destination's length once it is written.
         w.raw(&[0, 0, 0, 0, kind as u8, 0, 0, 0]);

@@ -10,6 +10,7 @@
 //! - [`handshake`]: the cookie challenge-response that opens every connection;
 //! - [`frame`]: the data frames on an authenticated connection;
 //! - [`out_frame`], [`conn`], [`pool`]: the sending side, a pool of outgoing connections;
+//!   [`recycle`] keeps small frames' buffers for the next ones;
 //! - [`listener`], [`lanes`]: the receiving side, which keeps a slot's reconnections in turn;
 //! - [`pump`], [`poller`], [`epoll`]: an incoming connection's frames, read without blocking
 //!   by a fixed set of poll threads;
@@ -43,6 +44,7 @@ pub mod peers;
 pub mod poller;
 pub mod pool;
 pub mod pump;
+pub mod recycle;
 pub mod sockopts;
 pub mod stats;
 #[cfg(test)]

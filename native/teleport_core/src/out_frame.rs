@@ -41,6 +41,15 @@ impl std::fmt::Debug for OutFrame {
     }
 }
 
+impl Drop for OutFrame {
+    /// Its buffers go back to [`crate::recycle::SPARES`] for the next frame.
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let chunks = std::mem::take(&mut self.chunks);
+        crate::recycle::SPARES.give(buf, chunks);
+    }
+}
+
 impl OutFrame {
     /// A frame made of a writer's output, which must start with a frame header (as
     /// [`crate::frame::Draft`] makes it); `shared` supplies the [`Chunk::Shared`] parts.

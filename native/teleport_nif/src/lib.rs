@@ -141,12 +141,3 @@ fn load(env: Env, _info: Term) -> bool {
 }
 
 rustler::init!("teleport_nif", load = load);
-
-/// The NIF's own heap (the VM's memory is untouched: binaries and terms are the VM's). Every
-/// small frame is a buffer allocated on the sending scheduler and freed on a writer thread
-/// once written; with glibc's allocator those two were a quarter of a node's CPU while one
-/// sender flooded a lane with 100-byte messages (`_int_malloc`, `_int_free` on another
-/// thread's arena), and mimalloc's thread-local heaps took 8 pairs of 100-byte messages
-/// from 0.86-1.0 M to 1.06-1.14 M msgs/s on the same host (see the README).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
