@@ -72,7 +72,9 @@
           connected_since := integer(),
           sndbuf := non_neg_integer(),
           recbuf := non_neg_integer(),
-          reader := pid() | undefined}.
+          reader := pid() | undefined,
+          longest_turn_cpu_us := non_neg_integer(),
+          longest_turn_wall_us := non_neg_integer()}.
 %% One connection accepted by this node's listener (see {@link info/0}).
 -type listener_info() ::
         #{ip := inet:ip_address(),
@@ -391,7 +393,9 @@ stats() ->
 %% `handshaking' or `up', `peer_addr' and `local_addr', `msgs_in' and `bytes_in' read from
 %% it, `connected_since' when it was accepted, `sndbuf' and `recbuf' as above, `reader' the
 %% `teleport_reader' process that reads it (under `teleport_reader_sup'), `undefined' during
-%% the handshake.
+%% the handshake, and `longest_turn_cpu_us' and `longest_turn_wall_us' its longest run on a
+%% normal scheduler, in its thread's CPU time and in wall-clock time (which the OS
+%% stretches when it preempts the scheduler's thread), in microseconds.
 %%
 %% `stats/0' has the counters per peer node, summed over connections and both ways.
 -spec info() -> info().

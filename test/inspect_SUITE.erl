@@ -126,11 +126,16 @@ info_shape(_Config) ->
     [In] = [I || I = #{state := up} <- maps:get(incoming, Listener)],
     [Shaking] = [I || I = #{state := handshaking} <- maps:get(incoming, Listener)],
     ?assertMatch(#{peer := undefined, msgs_in := 0, local_addr := {_, Port}}, Shaking),
-    ?assertEqual([bytes_in, connected_since, id, local_addr, msgs_in, peer, peer_addr, reader,
-                  recbuf, sndbuf, state], lists:sort(maps:keys(In))),
+    ?assertEqual([bytes_in, connected_since, id, local_addr, longest_turn_cpu_us,
+                  longest_turn_wall_us, msgs_in, peer, peer_addr, reader, recbuf, sndbuf, state],
+                 lists:sort(maps:keys(In))),
     ?assertMatch(#{peer := Node, state := up, msgs_in := 3, local_addr := {_, Port},
                    peer_addr := {_, _}, reader := Reader} when is_pid(Reader), In),
-    ?assertMatch(#{reader := undefined}, Shaking),
+    %% It read the 3 messages in turns of its own, of some CPU time, never more than their
+    %% wall-clock time.
+    #{longest_turn_cpu_us := TurnCpu, longest_turn_wall_us := TurnWall} = In,
+    ?assert(TurnCpu > 0 andalso TurnCpu =< TurnWall + 50),
+    ?assertMatch(#{reader := undefined, longest_turn_cpu_us := 0}, Shaking),
     %% The connection's reader, supervised.
     ?assertEqual([maps:get(reader, In)], teleport_reader_sup:readers()),
     ?assertEqual(node(), node(maps:get(reader, In))),

@@ -311,25 +311,55 @@ big_binary(_Config) ->
 %% A 200 MB message and a flood of small ones arrive whole and in order, and nothing that
 %% teleport runs on the receiving node's schedulers holds one for more than 5 ms meanwhile
 %% (a `long_schedule' report naming the receiver or a teleport process would say so): the
-%% frames are read, decoded and delivered off the schedulers, the large one as a binary the
-%% receiver gets by reference.
+%% small frames are read in short turns charged to the reader, the large one on a dirty
+%% scheduler, as a binary the receiver gets by reference.
+%%
+%% `long_schedule' times the wall clock, which the OS stretches too: on a 2-core machine
+%% running both nodes it preempts a scheduler's thread for some milliseconds at times (seen
+%% in CI, once in a few runs, as a 9 ms report of a reader). So the case checks what the
+%% reader controls, its longest turn in CPU time, every time, and asks for a report-free run
+%% in two: a reader that overstays, as one charged by its bytes did (six 1.5 ms turns in a
+%% schedule), shows in every run.
 no_long_schedule_receiving(_Config) ->
     [{P, Node, _}] = start_peers(?FUNCTION_NAME, 1),
-    Small = 50000,
-    Sink = peer:call(P, ?MODULE, start_counting_sink, [self(), Small + 1]),
     _ = peer:call(P, ?MODULE, start_echo, [echo]),
     {pong, Node, _} = ping({echo, Node}),
+    Runs = long_schedule_runs(P, Node, 2),
+    ct:pal("per run: long_schedule reports (all of the node's), the readers' longest turns "
+           "{cpu_us, wall_us}: ~p", [Runs]),
+    ?assert(lists:any(fun({Ours, _, _}) -> Ours =:= [] end, Runs)).
+
+%% Up to N runs of the 200 MB + 50,000 messages, until one has no report naming ours:
+%% [{OursReports, AllReports, LongestTurns}].
+long_schedule_runs(_P, _Node, 0) ->
+    [];
+long_schedule_runs(P, Node, N) ->
+    Small = 50000,
+    Sink = peer:call(P, ?MODULE, start_counting_sink, [self(), Small + 1]),
     Monitor = peer:call(P, ?MODULE, start_long_schedule_monitor, [5]),
     Big = binary:copy(<<"teleport">>, 25 * ?MB),
     ok = teleport:send(Sink, {big, Big}),
-    [ok = teleport:send(Sink, {small, N}) || N <- lists:seq(1, Small)],
+    [ok = teleport:send(Sink, {small, N1}) || N1 <- lists:seq(1, Small)],
     receive
-        {counted, Sink, Report} -> ?assertEqual(#{big => 200 * ?MB, small => Small}, Report)
+        {counted, Sink, Report} ->
+            %% The big one by reference: a sub-binary of the frame it came in.
+            ?assertMatch(#{big := {Size, Referenced}, small := Small}
+                           when Size =:= 200 * ?MB andalso Referenced > Size, Report)
     after 60000 -> ct:fail(not_all_arrived)
     end,
     {Long, Ours} = peer:call(P, ?MODULE, long_schedules, [Monitor, Sink]),
-    ct:pal("long_schedule reports on the receiving node: ~p", [Long]),
-    ?assertEqual([], Ours).
+    #{listener := #{incoming := In}} = peer:call(P, teleport, info, []),
+    Turns = [{Cpu, Wall} || #{peer := Peer, longest_turn_cpu_us := Cpu,
+                              longest_turn_wall_us := Wall} <- In,
+                            Peer =:= node()],
+    %% No turn on a normal scheduler took 5 ms of CPU (these connections carried the run).
+    ?assertNotEqual([], Turns),
+    ?assertEqual([], [T || {Cpu, _} = T <- Turns, Cpu >= 5000]),
+    case Ours of
+        [] -> [{Ours, Long, Turns}];
+        _ -> [{Ours, Long, Turns} | long_schedule_runs(P, Node, N - 1)]
+    end.
+
 %%--------------------------------------------------------------------------------------------
 %% 5. wrong_cookie_rejected
 
@@ -825,7 +855,9 @@ counting_sink(ReportTo, 0, Seen) ->
     ReportTo ! {counted, self(), Seen};
 counting_sink(ReportTo, Left, #{small := S} = Seen) ->
     receive
-        {big, Bin} -> counting_sink(ReportTo, Left - 1, Seen#{big := byte_size(Bin)});
+        {big, Bin} ->
+            Seen1 = Seen#{big := {byte_size(Bin), binary:referenced_byte_size(Bin)}},
+            counting_sink(ReportTo, Left - 1, Seen1);
         {small, N} when N =:= S + 1 -> counting_sink(ReportTo, Left - 1, Seen#{small := N});
         Other -> ReportTo ! {counted, self(), {out_of_order, Other, Seen}}
     end.

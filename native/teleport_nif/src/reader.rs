@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use teleport_core::listener::{Driver, Served, Turn};
@@ -83,8 +83,45 @@ pub fn open_type(env: Env) -> bool {
     !rt.is_null()
 }
 
-/// Connection id to its reader process, while it reads.
-type Live = Mutex<HashMap<u64, Pid>>;
+/// Connection id to its reader process and its turns' lengths, while it reads.
+type Live = Mutex<HashMap<u64, (Pid, Arc<Turns>)>>;
+
+/// The longest turn a reader ran on a normal scheduler, in the CPU time of its thread and in
+/// wall-clock time (which the OS's preemption of a scheduler thread stretches too), in
+/// microseconds. A dirty turn may be long, and is not counted.
+#[derive(Debug, Default)]
+pub struct Turns {
+    cpu_us: AtomicU64,
+    wall_us: AtomicU64,
+}
+
+impl Turns {
+    fn note(&self, cpu: Duration, wall: Duration) {
+        self.cpu_us
+            .fetch_max(cpu.as_micros() as u64, Ordering::Relaxed);
+        self.wall_us
+            .fetch_max(wall.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// `(cpu_us, wall_us)` of the longest turn so far.
+    pub fn longest(&self) -> (u64, u64) {
+        (
+            self.cpu_us.load(Ordering::Relaxed),
+            self.wall_us.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill; the clock always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 /// A process id, as the VM gives it.
 #[derive(Clone, Copy)]
@@ -110,9 +147,12 @@ impl Readers {
         }
     }
 
-    /// The reader process of connection `id`, if it has one now.
-    pub fn reader_of(&self, id: u64) -> Option<ErlNifPid> {
-        self.live.lock().get(&id).map(|p| p.0)
+    /// The reader process of connection `id`, if it has one now, and its longest turn.
+    pub fn reader_of(&self, id: u64) -> Option<(ErlNifPid, (u64, u64))> {
+        self.live
+            .lock()
+            .get(&id)
+            .map(|(pid, turns)| (pid.0, turns.longest()))
     }
 }
 
@@ -125,6 +165,7 @@ impl Driver<Deliver> for Readers {
             selected: AtomicBool::new(false),
             ending: AtomicBool::new(false),
             live: self.live.clone(),
+            turns: Arc::default(),
         });
         // SAFETY: the resource holds one `Arc<Reader>` (see `Reader::from_obj`); the message
         // term holds the resource, and our own reference is released once it does. This runs
@@ -154,7 +195,7 @@ impl Driver<Deliver> for Readers {
     }
 
     fn closing(&self) {
-        let pids: Vec<Pid> = self.live.lock().values().copied().collect();
+        let pids: Vec<Pid> = self.live.lock().values().map(|(pid, _)| *pid).collect();
         // Called where the listener closes: a NIF (a scheduler) or the runtime's destructor.
         // A thread of its own can send from anywhere.
         let _ = std::thread::Builder::new()
@@ -189,6 +230,8 @@ struct Reader {
     ending: AtomicBool,
     /// Its runtime's readers, which it leaves as it ends.
     live: Arc<Live>,
+    /// Its longest turn.
+    turns: Arc<Turns>,
 }
 
 impl Reader {
@@ -297,7 +340,7 @@ fn reader_attach(env: Env, reader: Term) -> NifResult<u64> {
         let mut mon = std::mem::MaybeUninit::<ErlNifMonitor>::uninit();
         enif_monitor_process(env.as_c_arg(), obj, &pid, mon.as_mut_ptr());
         if !r.ending.load(Ordering::SeqCst) {
-            r.live.lock().insert(r.id, Pid(pid));
+            r.live.lock().insert(r.id, (Pid(pid), r.turns.clone()));
         }
         Ok(r.id)
     }
@@ -370,6 +413,7 @@ fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResul
         (NORMAL_TURN, NORMAL_FRAME_MAX)
     };
     let now = Instant::now();
+    let cpu = if dirty { Duration::ZERO } else { thread_cpu() };
     // SAFETY: this call's env, set back to null below before the call returns.
     unsafe { served.sink_mut().caller(env.as_c_arg()) };
     let mut turn = if event == atoms::read() {
@@ -385,7 +429,9 @@ fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResul
         // By the clock: a turn's cost is mostly per frame, not per byte (a turn of 64 KB
         // of tiny frames, charged as its bytes, let the process run six of them, 10 ms,
         // before it was scheduled out).
-        crate::consume_time(env, now.elapsed());
+        let wall = now.elapsed();
+        crate::consume_time(env, wall);
+        r.turns.note(thread_cpu().saturating_sub(cpu), wall);
     }
     let answer = match turn {
         Turn::More => atoms::more().encode(env),

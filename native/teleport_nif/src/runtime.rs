@@ -198,7 +198,7 @@ pub fn maybe_addr<'a>(env: Env<'a>, addr: Option<SocketAddr>) -> Term<'a> {
 
 /// The listener and its incoming connections: `#{ip, port, handshaking, incoming =>
 /// [#{id, peer, state, peer_addr, local_addr, msgs_in, bytes_in, connected_since, sndbuf,
-/// recbuf}]}`, `peer` the node name as a binary (`undefined` while it shakes hands).
+/// recbuf, reader, longest_turn_cpu_us, longest_turn_wall_us}]}`, `peer` the node name as a binary (`undefined` while it shakes hands).
 #[rustler::nif]
 fn runtime_info<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'a>> {
     let l = &rt.listener;
@@ -212,6 +212,8 @@ fn runtime_info<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'a
             }
             None => (atoms::undefined().encode(env), atoms::handshaking()),
         };
+        let reader = rt.readers.reader_of(c.id);
+        let longest = reader.map_or((0, 0), |(_, turns)| turns);
         let map = Term::map_new(env)
             .map_put(atoms::id(), c.id)?
             .map_put(atoms::peer(), peer)?
@@ -225,8 +227,10 @@ fn runtime_info<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'a
             .map_put(atoms::recbuf(), c.buffers.1)?
             .map_put(
                 atoms::reader(),
-                reader_term(env, rt.readers.reader_of(c.id)),
-            )?;
+                reader_term(env, reader.map(|(pid, _)| pid)),
+            )?
+            .map_put(atoms::longest_turn_cpu_us(), longest.0)?
+            .map_put(atoms::longest_turn_wall_us(), longest.1)?;
         incoming.push(map);
     }
     let local = l.local_addr();
