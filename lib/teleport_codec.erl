@@ -3,7 +3,7 @@
 %% `encode/1' is `term_to_iovec/1' with the same zero-copy promise: binaries of at least
 %% 2048 bytes are not copied, the returned iolist holds the caller's own binaries.
 %% `decode/1,2' is `binary_to_term/1,2', except that a buffer whose bulk is one or a few large
-%% binaries (each at least 64 KiB and at least 1/16 of the buffer) returns them as
+%% binaries (each at least 16 KiB and at least 1/16 of the buffer) returns them as
 %% sub-binaries of the buffer instead of copies. A sub-binary keeps the whole buffer alive,
 %% which is why small binaries are always copied.
 %%

@@ -94,7 +94,9 @@ term_gen(Fixed) ->
 heavy_gen(Fixed) ->
     Small = term_gen(6, Fixed),
     proper_types:oneof(
-      [%% Large enough for decode/1 to return it as a sub-binary of its input.
+      [%% Large enough for decode/1 to return it as a sub-binary of its input (from 16 KiB,
+       %% and from 64 KiB, where an input dense with atoms takes the same parser).
+       ?PLET({N, T}, {proper_types:integer(16384, 65535), Small}, {T, bytes(N), T}),
        ?PLET({N, T}, {proper_types:integer(65536, 140000), Small}, {T, bytes(N), T}),
        ?PLET({N, T}, {proper_types:integer(65536, 140000), Small},
              [bytes(N), T, binary:copy(<<"x">>, N div 2)]),

@@ -288,7 +288,7 @@ small_encodings() ->
             {"LIST_EXT of length 0 with a tail", <<131, 108, 0, 0, 0, 0, 97, 5>>}].
 
 %% Encodings of 64 KiB and more, so that decode/1 takes its own parser's path (all but the
-%% compressed one, which goes to the VM's decoder).
+%% compressed one, which goes to the VM's decoder; a shareable binary takes it from 16 KiB).
 large_encodings() ->
     [{Name, Enc} || {Name, Enc, _} <- large_encodings_with_payloads()].
 
@@ -564,6 +564,9 @@ safe_test_() ->
      {"new non-ASCII atom inside a 64 KiB+ term refused, no atom created",
       {timeout, 30, fun() -> refuses_new_atom(fun large_with_atom/1,
                                               <<"teleport_large_ünï_never_"/utf8>>) end}},
+     {"new atom beside a shared 20 KB binary (teleport's parser from 16 KiB) refused",
+      fun() -> refuses_new_atom(fun(Name) -> with_atom(Name, 20000) end,
+                                <<"teleport_mid_never_">>) end},
      {"new atom after the large binary of a 64 KiB+ term refused, no atom created",
       {timeout, 30, fun() -> refuses_new_atom(fun large_with_atom_last/1,
                                               <<"teleport_last_never_">>) end}},
@@ -596,7 +599,10 @@ small_utf8_atom(Name) ->
     <<119, (byte_size(Name)), Name/binary>>.
 
 large_with_atom(Name) ->
-    Bin = pattern(100000),
+    with_atom(Name, 100000).
+
+with_atom(Name, Size) ->
+    Bin = pattern(Size),
     <<104, 2, (small_utf8_atom(Name))/binary, 109, (byte_size(Bin)):32, Bin/binary>>.
 
 large_with_atom_last(Name) ->

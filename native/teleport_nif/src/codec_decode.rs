@@ -425,6 +425,10 @@ pub fn needs_dirty(input: &[u8]) -> bool {
         || matches!(layout(input), Ok(Layout::Compressed { inflated }) if inflated > NORMAL_MAX_BYTES)
 }
 
+/// Inputs at least this long that are dense with atoms are made by teleport's parser rather
+/// than the VM's decoder (binaries are shared from the smaller [`DECODE_SHARE_MIN`]).
+const ATOM_HEAVY_MIN: usize = 64 * 1024;
+
 /// [`decode`] of a plain (not compressed) term.
 ///
 /// # Safety
@@ -440,11 +444,11 @@ unsafe fn decode_plain(
     if input.len() < DECODE_SHARE_MIN {
         return vm_decode(env, input, source).map(|t| (t, input.len()));
     }
-    // Large: made here when large binaries would become sub-binaries of the input (zero-copy)
-    // or when atoms abound (they come from a per-thread cache rather than the VM's atom
-    // table); else the VM's decoder is faster.
+    // Larger: made here when large binaries would become sub-binaries of the input
+    // (zero-copy), or, from ATOM_HEAVY_MIN, when atoms abound (they come from a per-thread
+    // cache rather than the VM's atom table); else the VM's decoder is faster.
     let share = input_term.is_some() && may_share(input);
-    if !share && !atom_heavy(input) {
+    if !share && (input.len() < ATOM_HEAVY_MIN || !atom_heavy(input)) {
         return vm_decode(env, input, source).map(|t| (t, input.len()));
     }
     // No `check_for_vm` needed before this parse: it checks every fun itself before `Make`

@@ -198,7 +198,8 @@ pub fn maybe_addr<'a>(env: Env<'a>, addr: Option<SocketAddr>) -> Term<'a> {
 
 /// The listener and its incoming connections: `#{ip, port, handshaking, incoming =>
 /// [#{id, peer, state, peer_addr, local_addr, msgs_in, bytes_in, connected_since, sndbuf,
-/// recbuf, reader, longest_turn_cpu_us, longest_turn_wall_us}]}`, `peer` the node name as a binary (`undefined` while it shakes hands).
+/// recbuf, reader, longest_turn_cpu_us, longest_turn_wall_us}]}`, `peer` the node name as a
+/// binary (`undefined` while it shakes hands).
 #[rustler::nif]
 fn runtime_info<'a>(env: Env<'a>, rt: ResourceArc<Runtime>) -> NifResult<Term<'a>> {
     let l = &rt.listener;
