@@ -10,14 +10,17 @@
 use crate::encode::Chunk;
 use parking_lot::Mutex;
 
-/// Buffers up to this capacity are kept: small frames' (a large message's bytes buffer is
-/// freed as usual, and is rare).
-pub const KEEP_CAPACITY: usize = 4096;
+/// Buffers up to this capacity are kept: small frames' (a larger one is freed as usual).
+/// Kept buffers never shrink, so this also bounds what a 100-byte frame may hold.
+pub const KEEP_CAPACITY: usize = 1024;
+
+/// Chunk lists up to this capacity are kept (a small frame has one or two chunks).
+pub const KEEP_CHUNKS: usize = 8;
 
 /// At most this many spares are kept: about as many frames as a flooded node has in flight
 /// between two acks (with 1024, most came back to a full stack and were freed all the same).
-/// A small frame's pair of buffers is about 300 bytes: about 5 MB at most, kept once a flood
-/// has passed, as an allocator would keep them.
+/// A pair holds at most 1024 + 8 x 24 bytes (usually 256 + 96): at most 20 MB, usually 5 MB,
+/// kept once a flood has passed, as an allocator would keep them.
 pub const KEEP_COUNT: usize = 16384;
 
 /// A stack of spare buffers.
@@ -45,7 +48,8 @@ impl Spares {
     /// Keeps `buf` and `chunks` for a later frame, unless they are large or enough are kept
     /// already (then they are freed).
     pub fn give(&self, buf: Vec<u8>, chunks: Vec<Chunk>) {
-        if buf.capacity() == 0 || buf.capacity() > KEEP_CAPACITY || chunks.capacity() > 64 {
+        if buf.capacity() == 0 || buf.capacity() > KEEP_CAPACITY || chunks.capacity() > KEEP_CHUNKS
+        {
             return;
         }
         let mut stack = self.stack.lock();
