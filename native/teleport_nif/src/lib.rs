@@ -40,10 +40,11 @@ const TIMESLICE: std::time::Duration = std::time::Duration::from_millis(1);
 /// not in proportion to its bytes (thousands of small frames decoded and sent) is charged by
 /// the clock, so that the process is scheduled out after a millisecond or so of it.
 pub(crate) fn consume_time(env: Env, spent: std::time::Duration) {
-    let percent = spent.as_micros() * 100 / TIMESLICE.as_micros();
-    if percent > 0 {
-        rustler::schedule::consume_timeslice(env, percent.min(100) as i32);
-    }
+    // Rounded up: a reader of one tiny frame per turn still pays for its turns.
+    let percent = (spent.as_micros() * 100)
+        .div_ceil(TIMESLICE.as_micros())
+        .max(1);
+    rustler::schedule::consume_timeslice(env, percent.min(100) as i32);
 }
 
 /// What a NIF on a normal scheduler answers for work done within a budget: the result, its
