@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO := cargo
 MANIFEST := --manifest-path native/Cargo.toml
 DEBS := erlang-nox erlang-dev rebar3 erlang-common-test erlang-dialyzer erlang-eunit \
-        erlang-tools elixir erlang-proper erlang-edoc erlang-xmerl iproute2
+        erlang-tools elixir erlang-proper erlang-edoc erlang-xmerl erlang-ssl iproute2
 
 .PHONY: all setup nif test test-rust test-erlang test-mix lint bench bench-net bench-codec fuzz fuzz-smoke clean
 
