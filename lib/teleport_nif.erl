@@ -9,10 +9,11 @@
          runtime_forbid/2, runtime_stats/1, runtime_info/1]).
 -export([pool_start/8, pool_send/4, pool_send_dirty/4, pool_send_many/3, pool_send_many_dirty/3,
          pool_retarget/4, pool_limit_frames/2, pool_close/1, pool_info/1]).
--export([reader_attach/1, reader_run/2, reader_run_dirty/2, reader_detach/1]).
+-export([reader_attach/1, reader_fd/1, reader_feed/2, reader_feed_dirty/2, reader_run/2,
+         reader_run_dirty/2, reader_detach/1]).
 -export([diag_panic/0, diag_local_ids/0]).
 
--export_type([runtime/0, pool/0, reader/0, reader_answer/0]).
+-export_type([runtime/0, pool/0, reader/0, reader_answer/0, feed_answer/0]).
 
 -opaque runtime() :: reference().
 %% This node's listener, peers allowed in, and counters (a NIF resource).
@@ -20,9 +21,13 @@
 %% The outgoing connections to one peer (a NIF resource).
 -opaque reader() :: reference().
 %% One incoming connection, as its `teleport_reader' process reads it (a NIF resource).
--type reader_answer() :: {wait, timeout(), normal | dirty} | more | dirty | done.
-%% What a reader's turn left: wait for the socket's `select' message, the timeout or
-%% `teleport_tick', then run the variant named; run again; run the dirty variant; it ended.
+-type reader_answer() :: {wait, timeout(), port | dirty} | more | dirty | done.
+%% What a reader's turn of its own reads left: wait for what the port reads (`port'), or for
+%% the socket's `select' message (`dirty': a large frame is being read), the timeout or
+%% `teleport_tick'; run again; run the dirty variant; it ended.
+-type feed_answer() :: {wait, timeout(), port} | {more | dirty, binary() | eof} | done.
+%% What a turn fed with the port's bytes left: wait for more; feed the rest next; stop the
+%% port and go on with `reader_feed_dirty/2' and `reader_run_dirty/2'; it ended.
 
 -on_load(init/0).
 
@@ -90,6 +95,18 @@ runtime_start(_Me, _Ip, _Port, _SockOpts, _Limits) -> ?NOT_LOADED.
 %% logs name it.
 -spec reader_attach(reader()) -> non_neg_integer().
 reader_attach(_Reader) -> ?NOT_LOADED.
+
+%% @doc A duplicate of the connection's socket, for the reader's port (`gen_tcp:fdopen/2').
+-spec reader_fd(reader()) -> non_neg_integer().
+reader_fd(_Reader) -> ?NOT_LOADED.
+
+%% @doc A turn on a normal scheduler with what the port read (`eof': the stream ended).
+-spec reader_feed(reader(), binary() | eof) -> feed_answer().
+reader_feed(_Reader, _Data) -> ?NOT_LOADED.
+
+%% @doc `reader_feed/2' on a dirty I/O scheduler: takes all of it, frames of any length.
+-spec reader_feed_dirty(reader(), binary() | eof) -> feed_answer().
+reader_feed_dirty(_Reader, _Data) -> ?NOT_LOADED.
 
 %% @doc A turn of the reader on a normal scheduler: `read' when the socket is readable,
 %% `tick' otherwise (a deadline passed, the listener closed, or the first turn).

@@ -1,14 +1,20 @@
 %% @doc One incoming connection's reader: it reads the socket on the VM's schedulers, as
 %% disterl reads its own, instead of on a thread of teleport's.
 %%
-%% Each turn is a call to the NIF (`teleport_nif:reader_run/2'): it reads what the socket has,
-%% within a budget, and delivers each whole frame to its destination with `enif_send' from
-%% this process's scheduler. Between turns the socket is watched with `enif_select', whose
-%% `{select, Reader, _, ready_input}' message starts the next. A frame too long for a normal
-%% scheduler is read on a dirty I/O scheduler (`reader_run_dirty/2'); a turn whose budget ran
-%% out goes on from `handle_continue/2', so that other processes run in between. Deadlines
-%% (an acknowledgement due, the steps of closing) are the gen_server timeout, and the
-%% listener closing sends `teleport_tick'.
+%% The reader owns a port on a duplicate of the connection's socket (`gen_tcp:fdopen/2',
+%% `{active, true}'): the schedulers poll a busy port's socket themselves, where a NIF's
+%% `enif_select' readiness always passes through the VM's poll thread, which then wakes a
+%% scheduler (a call over teleport costs two such wake-ups). What the port reads is fed to the
+%% NIF (`teleport_nif:reader_feed/2'), which parses the frames, checks their numbers, decodes
+%% each and delivers it with `enif_send' from this process's scheduler, within a budget: the
+%% rest of a chunk goes on from `handle_continue/2', so that other processes run in between.
+%%
+%% A frame too long for a normal scheduler is read otherwise: the port is stopped
+%% (`{active, false}'), what it had sent is fed on a dirty I/O scheduler, and the rest of the
+%% frame is read from the socket itself (`reader_run_dirty/2', straight into the VM binary it
+%% is decoded from), waiting on `enif_select' between reads; once the frames are small again
+%% the port reads on. Deadlines (an acknowledgement due, the steps of closing) are the
+%% gen_server timeout, and the listener closing sends `teleport_tick'.
 -module(teleport_reader).
 -behaviour(gen_server).
 
@@ -18,8 +24,13 @@
 
 -type state() :: #{reader := teleport_nif:reader(),
                    id := non_neg_integer(),
-                   %% Where the next turn runs.
-                   where := normal | dirty}.
+                   sock := inet:socket(),
+                   %% Who reads now: the port, or this process on a dirty scheduler (a large
+                   %% frame), with `enif_select'.
+                   mode := port | dirty}.
+
+-type result() :: {noreply, state(), timeout() | {continue, {feed, binary() | eof} | read}}
+                | {stop, normal, state()}.
 
 %% @doc Starts the reader of the incoming connection `Reader'.
 -spec start_link(teleport_nif:reader()) -> {ok, pid()}.
@@ -27,23 +38,38 @@ start_link(Reader) ->
     gen_server:start_link(?MODULE, Reader, []).
 
 %% @private
--spec init(teleport_nif:reader()) -> {ok, state(), {continue, tick}}.
+-spec init(teleport_nif:reader()) -> {ok, state(), {continue, tick}} | {stop, term()}.
 init(Reader) ->
     %% Trapped so that terminate/2 runs at shutdown: it hands the connection over.
     process_flag(trap_exit, true),
     Id = teleport_nif:reader_attach(Reader),
-    {ok, #{reader => Reader, id => Id, where => normal}, {continue, tick}}.
+    %% The socket's options are set already (teleport_config's socket_opts); the port only
+    %% reads, and closes its duplicate when this process ends.
+    case gen_tcp:fdopen(teleport_nif:reader_fd(Reader),
+                        [binary, {packet, raw}, {active, true}, {buffer, 256 * 1024}]) of
+        {ok, Sock} ->
+            {ok, #{reader => Reader, id => Id, sock => Sock, mode => port}, {continue, tick}};
+        {error, Reason} ->
+            teleport_nif:reader_detach(Reader),
+            {stop, {fdopen, Reason}}
+    end.
 
 %% @private
--spec handle_continue(read | tick, state()) ->
-          {noreply, state(), timeout() | {continue, read}} | {stop, normal, state()}.
+-spec handle_continue(tick | read | {feed, binary() | eof}, state()) -> result().
+handle_continue({feed, Data}, State) ->
+    feed(Data, State);
 handle_continue(Event, State) ->
     turn(Event, State).
 
 %% @private
--spec handle_info(term(), state()) ->
-          {noreply, state(), timeout() | {continue, read}} | {stop, normal, state()}.
-handle_info({select, Reader, _, ready_input}, State = #{reader := Reader}) ->
+-spec handle_info(term(), state()) -> result().
+handle_info({tcp, Sock, Data}, State = #{sock := Sock}) ->
+    feed(Data, State);
+handle_info({tcp_closed, Sock}, State = #{sock := Sock}) ->
+    feed(eof, State);
+handle_info({tcp_error, Sock, _Reason}, State = #{sock := Sock}) ->
+    feed(eof, State);
+handle_info({select, Reader, _, ready_input}, State = #{reader := Reader, mode := dirty}) ->
     turn(read, State);
 handle_info(timeout, State) ->
     turn(tick, State);
@@ -52,8 +78,8 @@ handle_info(teleport_tick, State) ->
 handle_info({'EXIT', _, Reason}, State) ->
     {stop, Reason, State};
 handle_info(_Other, State) ->
-    %% Anything else: a turn all the same, which sets the deadline again (a bare noreply
-    %% would cancel it).
+    %% A select message left from a dirty read (the port reads now), or anything else: a
+    %% turn all the same, which sets the deadline again (a bare noreply would cancel it).
     turn(tick, State).
 
 %% @private
@@ -67,23 +93,75 @@ handle_cast(_Msg, State) ->
     {noreply, State}.
 
 %% @private
-%% The connection ends with this process. If its listener is closing, it still says LAST
-%% and lingers, on a thread of its own, so that a node shutting down does not wait for it.
+%% The connection ends with this process (and the port with it). If its listener is
+%% closing, it still says LAST and lingers, on a thread of its own, so that a node shutting
+%% down does not wait for it.
 -spec terminate(term(), state()) -> ok.
 terminate(_Reason, #{reader := Reader}) ->
     teleport_nif:reader_detach(Reader).
 
-%% One turn, where the last one said.
--spec turn(read | tick, state()) ->
-          {noreply, state(), timeout() | {continue, read}} | {stop, normal, state()}.
-turn(Event, State = #{reader := Reader, where := Where}) ->
-    Answer = case Where of
-                 normal -> teleport_nif:reader_run(Reader, Event);
-                 dirty -> teleport_nif:reader_run_dirty(Reader, Event)
+%% What the port read, fed to the connection.
+-spec feed(binary() | eof, state()) -> result().
+feed(Data, State = #{reader := Reader, sock := Sock}) ->
+    case teleport_nif:reader_feed(Reader, Data) of
+        {wait, Timeout, port} ->
+            {noreply, State, Timeout};
+        {more, Rest} ->
+            {noreply, State, {continue, {feed, Rest}}};
+        {dirty, Rest} ->
+            %% A large frame: the port stops, what it had sent goes first, then this process
+            %% reads the rest of the frame from the socket itself.
+            ok = passive(Sock),
+            case teleport_nif:reader_feed_dirty(Reader, sent_by(Sock, [Rest])) of
+                done -> {stop, normal, State};
+                _ -> turn(read, State#{mode := dirty})
+            end;
+        done ->
+            {stop, normal, State}
+    end.
+
+%% One turn of this process's own reads (a large frame) or of its deadlines.
+-spec turn(read | tick, state()) -> result().
+turn(Event, State = #{reader := Reader, mode := Mode, sock := Sock}) ->
+    Answer = case Mode of
+                 dirty -> teleport_nif:reader_run_dirty(Reader, Event);
+                 port -> teleport_nif:reader_run(Reader, Event)
              end,
     case Answer of
-        {wait, Timeout, Next} -> {noreply, State#{where := Next}, Timeout};
-        more -> {noreply, State#{where := normal}, {continue, read}};
-        dirty -> {noreply, State#{where := dirty}, {continue, read}};
-        done -> {stop, normal, State}
+        {wait, Timeout, dirty} ->
+            {noreply, State#{mode := dirty}, Timeout};
+        {wait, Timeout, port} when Mode =:= dirty ->
+            %% Small frames again: the port reads on.
+            ok = inet:setopts(Sock, [{active, true}]),
+            {noreply, State#{mode := port}, Timeout};
+        {wait, Timeout, port} ->
+            {noreply, State, Timeout};
+        more ->
+            {noreply, State, {continue, read}};
+        dirty ->
+            {noreply, State#{mode := dirty}, {continue, read}};
+        done ->
+            {stop, normal, State}
+    end.
+
+%% Stops the port reading (a closed port reads nothing either).
+-spec passive(inet:socket()) -> ok.
+passive(Sock) ->
+    case inet:setopts(Sock, [{active, false}]) of
+        ok -> ok;
+        {error, _} -> ok
+    end.
+
+%% `Acc' and the data the port sent before it stopped, in order, as one binary (`eof' if
+%% there is none and the stream ended). A close it saw is left to the socket's own reads,
+%% which see it too.
+-spec sent_by(inet:socket(), [binary() | eof]) -> binary() | eof.
+sent_by(Sock, Acc) ->
+    receive
+        {tcp, Sock, Data} -> sent_by(Sock, [Data | Acc])
+    after 0 ->
+            case [B || B <- lists:reverse(Acc), is_binary(B)] of
+                [] -> eof;
+                Bins -> iolist_to_binary(Bins)
+            end
     end.

@@ -14,7 +14,7 @@ use crate::deadline::Deadline;
 use crate::handshake::{self, Welcome};
 use crate::lanes::{Lanes, Place, Waited};
 use crate::poller::{Next, Poller, Task};
-use crate::pump::{Counters, Pump, Pumped, ReadError, Sink, SocketWire};
+use crate::pump::{Counters, Pump, Pumped, ReadError, Sink, SocketWire, Wire};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
 use parking_lot::Mutex;
@@ -616,6 +616,40 @@ impl<S: Sink + Send + 'static> Served<S> {
     /// A turn of reading, the socket being readable: delivers what it has, up to `budget`
     /// bytes and stopping before a frame longer than `large_max`.
     pub fn read(&mut self, now: Instant, budget: usize, large_max: usize) -> Turn {
+        let sock = Arc::clone(&self.conn);
+        self.turn(now, &mut SocketWire::new(&sock.sock), budget, large_max)
+    }
+
+    /// A turn of reading bytes its driver read from the socket (a port, in the NIF), as
+    /// [`Served::read`] reads them from the socket itself: `data`, then, if `eof`, the end of
+    /// the stream. Returns the turn and how many bytes of `data` it took; the rest is for
+    /// the next turn (`More`: the budget is spent; `Large`: the next frame is longer than
+    /// `large_max`). Acks are written to the socket.
+    pub fn feed(
+        &mut self,
+        now: Instant,
+        data: &[u8],
+        eof: bool,
+        budget: usize,
+        large_max: usize,
+    ) -> (Turn, usize) {
+        let sock = Arc::clone(&self.conn);
+        let mut wire = FedWire {
+            data,
+            eof,
+            sock: SocketWire::new(&sock.sock),
+        };
+        let turn = self.turn(now, &mut wire, budget, large_max);
+        (turn, data.len() - wire.data.len())
+    }
+
+    fn turn<W: Wire>(
+        &mut self,
+        now: Instant,
+        wire: &mut W,
+        budget: usize,
+        large_max: usize,
+    ) -> Turn {
         if !matches!(self.phase, Phase::Reading) {
             return Turn::from(self.discard());
         }
@@ -624,8 +658,7 @@ impl<S: Sink + Send + 'static> Served<S> {
             conn: &self.conn.counters,
             stop: &self.listener.closed,
         };
-        let mut wire = SocketWire::new(&self.conn.sock);
-        let next = match self.pump.pump(&mut wire, budget, large_max, &counters) {
+        let next = match self.pump.pump(wire, budget, large_max, &counters) {
             Ok(Pumped::Drained) => self.reading(),
             Ok(Pumped::Yielded) => return Turn::More,
             Ok(Pumped::Large) => return Turn::Large,
@@ -734,6 +767,41 @@ struct OnDrop<F: FnMut()>(F);
 impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {
         (self.0)();
+    }
+}
+
+/// Bytes a driver read from the socket, as a [`Wire`] for [`Served::feed`]: reads take from
+/// `data` (then end the stream if `eof`, else would block); acks go to the socket.
+struct FedWire<'a> {
+    data: &'a [u8],
+    eof: bool,
+    sock: SocketWire<'a>,
+}
+
+impl io::Read for FedWire<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.data.is_empty() {
+            return match self.eof {
+                true => Ok(0),
+                false => Err(io::ErrorKind::WouldBlock.into()),
+            };
+        }
+        let n = buf.len().min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+impl crate::acks::AckOut for FedWire<'_> {
+    fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.sock.try_write(bytes)
+    }
+}
+
+impl Wire for FedWire<'_> {
+    fn read_timeout(&mut self, _after: Option<Duration>) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -14,5 +14,5 @@ rustler::atoms! {
     invalid_event, invalid_field, dropped, callsite,
     // The readers (see `reader`).
     teleport_accepted, teleport_tick, read, wait, more, done, normal, infinity, reader,
-    longest_turn_cpu_us, longest_turn_wall_us,
+    longest_turn_cpu_us, longest_turn_wall_us, eof,
 }

@@ -3,20 +3,25 @@
 //! Once a connection's handshake is done, the listener hands it to [`Readers`] (its
 //! [`Driver`]), which wraps it in a reader resource and sends `{teleport_accepted, Reader}` to
 //! the runtime's owner (`teleport_server`). The owner starts a `teleport_reader` process for
-//! it under `teleport_reader_sup`; that process calls [`reader_attach`] once, then
-//! [`reader_run`] whenever `enif_select` says the socket is readable, at the deadlines a run
-//! answers, and when the listener closes:
+//! it under `teleport_reader_sup`; that process calls [`reader_attach`] once, opens a port on
+//! the duplicate of the socket [`reader_fd`] gives (`gen_tcp:fdopen/2`, `{active, true}`: the
+//! schedulers poll a busy port's socket themselves, where an `enif_select` readiness always
+//! passes through the VM's poll thread), and feeds what the port reads to [`reader_feed`]:
 //!
-//! - a run on a normal scheduler reads at most [`NORMAL_TURN`] bytes, delivers the frames with
-//!   `enif_send` from that scheduler (no thread to wake), charges the work to the process,
-//!   and stops before a frame longer than [`NORMAL_FRAME_MAX`];
-//! - that frame, and every one after it while they are that long, is read by
-//!   [`reader_run_dirty`] on a dirty I/O scheduler, still into the VM binary it is decoded from.
+//! - a feed on a normal scheduler takes at most [`NORMAL_TURN`] bytes, delivers the frames
+//!   with `enif_send` from that scheduler (no thread to wake), charges the work to the
+//!   process by the clock, and stops before a frame longer than [`NORMAL_FRAME_MAX`];
+//! - that frame is read otherwise: the process stops its port, feeds what the port had sent
+//!   with [`reader_feed_dirty`], and reads the rest from the socket itself with
+//!   [`reader_run_dirty`] on a dirty I/O scheduler, straight into the VM binary it is decoded
+//!   from, waiting on `enif_select` between reads; once the frames are small again, the
+//!   answer says `port` and the port reads on. [`reader_run`] also serves the deadlines.
 //!
 //! The socket is closed only once the VM's pollset let go of it: a reader that ends (or
-//! whose process dies: the resource monitors it) deselects it with `ERL_NIF_SELECT_STOP`, and
-//! the `stop` callback drops the connection. A connection whose listener is closing goes on
-//! alone on a thread of its own for its LAST and linger (see [`Served::run_alone`]).
+//! whose process dies: the resource monitors it) deselects it with `ERL_NIF_SELECT_STOP` if
+//! it was ever selected, and the `stop` callback drops the connection. A connection whose
+//! listener is closing goes on alone on a thread of its own for its LAST and linger (see
+//! [`Served::run_alone`]).
 
 use crate::atoms;
 use crate::deliver::Deliver;
@@ -362,6 +367,106 @@ fn reader_run_dirty<'a>(env: Env<'a>, reader: Term<'a>, event: Atom) -> NifResul
     run(env, reader, event, true)
 }
 
+/// The gen_server timeout until `deadline` (ms, rounded up), or `infinity`.
+fn timeout_term(env: Env<'_>, deadline: Option<Instant>) -> Term<'_> {
+    match deadline {
+        Some(d) => {
+            let ms = d
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
+            (ms as u64).encode(env)
+        }
+        None => atoms::infinity().encode(env),
+    }
+}
+
+/// A duplicate of the connection's socket, for the reader's port to read (`gen_tcp:fdopen/2`):
+/// the port's reads are served by the schedulers' own polling, where an `enif_select`'s
+/// readiness always passes through the VM's poll thread, which then wakes a scheduler. The
+/// port owns (and closes) the duplicate; large frames are still read from the socket itself.
+#[rustler::nif]
+fn reader_fd(env: Env, reader: Term) -> NifResult<i32> {
+    let obj = object(env, reader)?;
+    // SAFETY: `obj` is a live reader object for this call.
+    let r = unsafe { Reader::from_obj(obj) };
+    // SAFETY: a plain syscall on the connection's socket, open while the reader lives.
+    let fd = unsafe { libc::fcntl(r.fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(rustler::Error::Term(Box::new(atoms::closed())));
+    }
+    Ok(fd)
+}
+
+/// What the reader's port read from the socket (`Data`, a binary, or `eof` once the port saw
+/// the stream end), fed to the connection on a normal scheduler. Answers `{wait, Timeout,
+/// port}` (all taken), `{more, Rest}` (the turn's budget is spent: feed `Rest` next),
+/// `{dirty, Rest}` (a large frame comes: stop the port, feed `Rest` and what the port still
+/// sent with `reader_feed_dirty/2`, then read with `reader_run_dirty/2`) or `done`.
+#[rustler::nif]
+fn reader_feed<'a>(env: Env<'a>, reader: Term<'a>, data: Term<'a>) -> NifResult<Term<'a>> {
+    feed(env, reader, data, false)
+}
+
+/// [`reader_feed`] on a dirty I/O scheduler: takes all of `Data`, frames of any length.
+#[rustler::nif(schedule = "DirtyIo")]
+fn reader_feed_dirty<'a>(env: Env<'a>, reader: Term<'a>, data: Term<'a>) -> NifResult<Term<'a>> {
+    feed(env, reader, data, true)
+}
+
+fn feed<'a>(env: Env<'a>, reader: Term<'a>, data: Term<'a>, dirty: bool) -> NifResult<Term<'a>> {
+    let obj = object(env, reader)?;
+    let (bin, eof) = match data.decode::<rustler::Binary>() {
+        Ok(bin) => (Some(bin), false),
+        Err(_) if data.decode::<Atom>().is_ok_and(|a| a == atoms::eof()) => (None, true),
+        Err(_) => return Err(rustler::Error::BadArg),
+    };
+    let bytes = bin.as_ref().map_or(&[][..], |b| b.as_slice());
+    // SAFETY: `obj` is a live reader object for this call.
+    let r = unsafe { Reader::from_obj(obj) };
+    let mut guard = r.served.lock();
+    let served = match guard.as_mut() {
+        Some(served) if !r.ending.load(Ordering::SeqCst) => served,
+        _ => return Ok(atoms::done().encode(env)),
+    };
+    let (budget, large_max) = if dirty {
+        (usize::MAX, usize::MAX)
+    } else {
+        (NORMAL_TURN, NORMAL_FRAME_MAX)
+    };
+    let now = Instant::now();
+    let cpu = if dirty { Duration::ZERO } else { thread_cpu() };
+    // SAFETY: this call's env, set back to null below before the call returns.
+    unsafe { served.sink_mut().caller(env.as_c_arg()) };
+    let (turn, took) = served.feed(now, bytes, eof, budget, large_max);
+    unsafe { served.sink_mut().caller(std::ptr::null_mut()) };
+    if !dirty {
+        let wall = now.elapsed();
+        crate::consume_time(env, wall);
+        r.turns.note(thread_cpu().saturating_sub(cpu), wall);
+    }
+    // What the turn did not take: the rest of `Data` (or `eof` again).
+    let rest = |env: Env<'a>| -> NifResult<Term<'a>> {
+        match &bin {
+            Some(b) => Ok(b.make_subbinary(took, b.len() - took)?.encode(env)),
+            None => Ok(atoms::eof().encode(env)),
+        }
+    };
+    Ok(match turn {
+        Turn::Done => {
+            drop(guard);
+            // SAFETY: `obj` is this reader's object, `env` this call's.
+            unsafe { r.end(env.as_c_arg(), obj) };
+            atoms::done().encode(env)
+        }
+        Turn::More => (atoms::more(), rest(env)?).encode(env),
+        Turn::Large => (atoms::dirty(), rest(env)?).encode(env),
+        Turn::Wait(deadline) => {
+            (atoms::wait(), timeout_term(env, deadline), atoms::port()).encode(env)
+        }
+    })
+}
+
 /// Ends the reading of `Reader` now (its process is stopping): `ok`.
 #[rustler::nif]
 fn reader_detach(env: Env, reader: Term) -> NifResult<Atom> {
@@ -441,6 +546,10 @@ fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResul
                 .next_frame_len()
                 .is_some_and(|n| n > NORMAL_FRAME_MAX);
             drop(guard);
+            if !large {
+                // Small frames next: the port reads them (see `reader_feed`).
+                return Ok((atoms::wait(), timeout_term(env, deadline), atoms::port()).encode(env));
+            }
             // SAFETY: `obj` is this reader's object and stays alive while selected (the VM
             // keeps a reference); the message goes to the calling process.
             let watched = unsafe {
@@ -463,22 +572,7 @@ fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResul
                 unsafe { r.end(env.as_c_arg(), obj) };
                 return Ok(atoms::done().encode(env));
             }
-            let timeout = match deadline {
-                Some(d) => {
-                    let ms = d
-                        .saturating_duration_since(Instant::now())
-                        .as_micros()
-                        .div_ceil(1000);
-                    (ms as u64).encode(env)
-                }
-                None => atoms::infinity().encode(env),
-            };
-            let place = if large {
-                atoms::dirty()
-            } else {
-                atoms::normal()
-            };
-            (atoms::wait(), timeout, place).encode(env)
+            (atoms::wait(), timeout_term(env, deadline), atoms::dirty()).encode(env)
         }
         Turn::Done => {
             drop(guard);
