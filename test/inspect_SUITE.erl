@@ -136,9 +136,14 @@ info_shape(_Config) ->
     #{longest_turn_cpu_us := TurnCpu, longest_turn_wall_us := TurnWall} = In,
     ?assert(TurnCpu > 0 andalso TurnCpu =< TurnWall + 50),
     ?assertMatch(#{reader := undefined, longest_turn_cpu_us := 0}, Shaking),
-    %% The connection's reader, supervised.
+    %% The connection's reader, supervised; it reads through a port of its own on the
+    %% connection's socket (the schedulers poll it), from the same peer address.
     ?assertEqual([maps:get(reader, In)], teleport_reader_sup:readers()),
     ?assertEqual(node(), node(maps:get(reader, In))),
+    {links, Links} = erlang:process_info(maps:get(reader, In), links),
+    [Sock] = [L || L <- Links, is_port(L)],
+    ?assertEqual({name, "tcp_inet"}, erlang:port_info(Sock, name)),
+    ?assertEqual({ok, maps:get(peer_addr, In)}, inet:peername(Sock)),
     ?assertEqual(maps:get(bytes_in, Stats), maps:get(bytes_in, In)),
     %% Incoming sockets get this node's options too.
     ?assertEqual(2 * min(256 * ?KB, sysctl("net/core/rmem_max")), maps:get(recbuf, In)),
