@@ -97,7 +97,7 @@ runtime_start(_Me, _Ip, _Port, _SockOpts, _Limits) -> ?NOT_LOADED.
 reader_attach(_Reader) -> ?NOT_LOADED.
 
 %% @doc A duplicate of the connection's socket, for the reader's port (`gen_tcp:fdopen/2').
--spec reader_fd(reader()) -> non_neg_integer().
+-spec reader_fd(reader()) -> non_neg_integer() | closed.
 reader_fd(_Reader) -> ?NOT_LOADED.
 
 %% @doc A turn on a normal scheduler with what the port read (`eof': the stream ended).

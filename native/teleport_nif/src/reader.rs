@@ -332,7 +332,7 @@ fn object(env: Env, term: Term) -> NifResult<*const c_void> {
 
 /// Makes the calling process the reader of the connection `Reader` (it is monitored: if it
 /// dies, the connection ends) and returns the connection's id. Call once, then
-/// `reader_run(Reader, tick)`.
+/// [`reader_fd`] for its port, and `reader_run(Reader, tick)`.
 #[rustler::nif]
 fn reader_attach(env: Env, reader: Term) -> NifResult<u64> {
     let obj = object(env, reader)?;
@@ -352,10 +352,11 @@ fn reader_attach(env: Env, reader: Term) -> NifResult<u64> {
 }
 
 /// A turn of the connection `Reader` on a normal scheduler; `Event` is `read` (the socket is
-/// readable) or `tick` (a deadline passed, the listener closed, or the first turn). Answers
-/// `{wait, Timeout, normal | dirty}` (the socket is watched again; call again on its
-/// `select` message, after `Timeout` ms, or on `teleport_tick`, with the variant named),
-/// `more` (call again soon), `dirty` (call `reader_run_dirty` next) or `done` (it ended).
+/// readable: while a large frame is read from it) or `tick` (a deadline passed, the listener
+/// closed, or the first turn). Answers `{wait, Timeout, port | dirty}` (`port`: the port
+/// reads what comes; `dirty`: the socket is watched, call `reader_run_dirty` on its `select`
+/// message; either way again after `Timeout` ms or on `teleport_tick`), `more` (call again
+/// soon), `dirty` (call `reader_run_dirty` next) or `done` (it ended).
 #[rustler::nif]
 fn reader_run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom) -> NifResult<Term<'a>> {
     run(env, reader, event, false)
@@ -385,17 +386,24 @@ fn timeout_term(env: Env<'_>, deadline: Option<Instant>) -> Term<'_> {
 /// the port's reads are served by the schedulers' own polling, where an `enif_select`'s
 /// readiness always passes through the VM's poll thread, which then wakes a scheduler. The
 /// port owns (and closes) the duplicate; large frames are still read from the socket itself.
+/// Answers the descriptor, or `closed` if the connection ended already.
 #[rustler::nif]
-fn reader_fd(env: Env, reader: Term) -> NifResult<i32> {
+fn reader_fd<'a>(env: Env<'a>, reader: Term<'a>) -> NifResult<Term<'a>> {
     let obj = object(env, reader)?;
     // SAFETY: `obj` is a live reader object for this call.
     let r = unsafe { Reader::from_obj(obj) };
-    // SAFETY: a plain syscall on the connection's socket, open while the reader lives.
-    let fd = unsafe { libc::fcntl(r.fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(rustler::Error::Term(Box::new(atoms::closed())));
-    }
-    Ok(fd)
+    // Under the lock, and only while the connection lives: its socket is open then.
+    let guard = r.served.lock();
+    let Some(served) = guard.as_ref().filter(|_| !r.ending.load(Ordering::SeqCst)) else {
+        return Ok(atoms::closed().encode(env));
+    };
+    // SAFETY: a plain syscall on an open socket.
+    let fd = unsafe { libc::fcntl(served.fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    Ok(if fd < 0 {
+        atoms::closed().encode(env)
+    } else {
+        fd.encode(env)
+    })
 }
 
 /// What the reader's port read from the socket (`Data`, a binary, or `eof` once the port saw
