@@ -184,18 +184,17 @@ backlog(State = #{sock := Sock, paused := Paused}) ->
 %% Starts the port reading again (a closed one cannot: its close message says so).
 -spec active(inet:socket()) -> ok.
 active(Sock) ->
-    case inet:setopts(Sock, [{active, true}]) of
-        ok -> ok;
-        {error, _} -> ok
-    end.
+    set_active(Sock, true).
 
 %% Stops the port reading (a closed port reads nothing either).
 -spec passive(inet:socket()) -> ok.
 passive(Sock) ->
-    case inet:setopts(Sock, [{active, false}]) of
-        ok -> ok;
-        {error, _} -> ok
-    end.
+    set_active(Sock, false).
+
+-spec set_active(inet:socket(), boolean()) -> ok.
+set_active(Sock, Active) ->
+    _ = inet:setopts(Sock, [{active, Active}]),
+    ok.
 
 %% `Acc' and the data the port sent before it stopped, in order, as one binary. A close
 %% message stays for later; the socket's own reads see the end of the stream too.

@@ -383,7 +383,7 @@ impl Conn {
             };
             let flooded = st.close_behind >= FLOOD_AFTER;
             self.probe_if_idle(&mut st, now);
-            if let Some(sock) = st.sock.clone().filter(|_| !flooded) {
+            if let Some(sock) = st.sock.as_ref().filter(|_| !flooded).cloned() {
                 st.direct_busy = true;
                 st.last_write = now;
                 frame.stamp(st.next_seq);

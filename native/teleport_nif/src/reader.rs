@@ -442,17 +442,9 @@ fn feed<'a>(env: Env<'a>, reader: Term<'a>, data: Term<'a>, dirty: bool) -> NifR
     } else {
         (NORMAL_TURN, NORMAL_FRAME_MAX)
     };
-    let now = Instant::now();
-    let cpu = if dirty { Duration::ZERO } else { thread_cpu() };
-    // SAFETY: this call's env, set back to null below before the call returns.
-    unsafe { served.sink_mut().caller(env.as_c_arg()) };
-    let (turn, took) = served.feed(now, bytes, eof, budget, large_max);
-    unsafe { served.sink_mut().caller(std::ptr::null_mut()) };
-    if !dirty {
-        let wall = now.elapsed();
-        crate::consume_time(env, wall);
-        r.turns.note(thread_cpu().saturating_sub(cpu), wall);
-    }
+    let (turn, took) = timed_turn(env, r, served, dirty, |served, now| {
+        served.feed(now, bytes, eof, budget, large_max)
+    });
     // What the turn did not take: the rest of `Data` (or `eof` again).
     let rest = |env: Env<'a>| -> NifResult<Term<'a>> {
         match &bin {
@@ -509,6 +501,32 @@ fn finish_large(served: &mut Served<Deliver>, mut turn: Turn, start: Instant) ->
     turn
 }
 
+/// Runs `work` on `served` as a turn of `r`: the sink delivers from this call's env, and a
+/// turn on a normal scheduler is charged to the process by the clock and counted in its
+/// longest turn (a dirty one may be long, and is neither). By the clock, because a turn's
+/// cost is mostly per frame, not per byte: a turn of 64 KB of tiny frames, charged as its
+/// bytes, let the process run six of them, 10 ms, before it was scheduled out.
+fn timed_turn<T>(
+    env: Env,
+    r: &Reader,
+    served: &mut Served<Deliver>,
+    dirty: bool,
+    work: impl FnOnce(&mut Served<Deliver>, Instant) -> T,
+) -> T {
+    let now = Instant::now();
+    let cpu = if dirty { Duration::ZERO } else { thread_cpu() };
+    // SAFETY: this call's env, set back to null below before the call returns.
+    unsafe { served.sink_mut().caller(env.as_c_arg()) };
+    let done = work(served, now);
+    unsafe { served.sink_mut().caller(std::ptr::null_mut()) };
+    if !dirty {
+        let wall = now.elapsed();
+        crate::consume_time(env, wall);
+        r.turns.note(thread_cpu().saturating_sub(cpu), wall);
+    }
+    done
+}
+
 /// A turn of the reader in `reader`, on a dirty scheduler or not (see [`reader_run`]).
 fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResult<Term<'a>> {
     let obj = object(env, reader)?;
@@ -525,27 +543,18 @@ fn run<'a>(env: Env<'a>, reader: Term<'a>, event: Atom, dirty: bool) -> NifResul
     } else {
         (NORMAL_TURN, NORMAL_FRAME_MAX)
     };
-    let now = Instant::now();
-    let cpu = if dirty { Duration::ZERO } else { thread_cpu() };
-    // SAFETY: this call's env, set back to null below before the call returns.
-    unsafe { served.sink_mut().caller(env.as_c_arg()) };
-    let mut turn = if event == atoms::read() {
-        served.read(now, budget, large_max)
-    } else {
-        Turn::from(served.tick(now))
-    };
-    if dirty {
-        turn = finish_large(served, turn, now);
-    }
-    unsafe { served.sink_mut().caller(std::ptr::null_mut()) };
-    if !dirty {
-        // By the clock: a turn's cost is mostly per frame, not per byte (a turn of 64 KB
-        // of tiny frames, charged as its bytes, let the process run six of them, 10 ms,
-        // before it was scheduled out).
-        let wall = now.elapsed();
-        crate::consume_time(env, wall);
-        r.turns.note(thread_cpu().saturating_sub(cpu), wall);
-    }
+    let turn = timed_turn(env, r, served, dirty, |served, now| {
+        let turn = if event == atoms::read() {
+            served.read(now, budget, large_max)
+        } else {
+            Turn::from(served.tick(now))
+        };
+        if dirty {
+            finish_large(served, turn, now)
+        } else {
+            turn
+        }
+    });
     let answer = match turn {
         Turn::More => atoms::more().encode(env),
         Turn::Large => atoms::dirty().encode(env),
