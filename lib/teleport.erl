@@ -271,24 +271,31 @@ target({Name, Node}) when is_atom(Name), Node =:= node() -> local;
 target({Name, Node}) when is_atom(Name), is_atom(Node) -> {Node, Name};
 target(_) -> badarg.
 
-%% Sends a call request to `Node''s teleport_calls; returns the alias the answer comes to.
-%% The alias is also a monitor of teleport_calls there: `DOWN' says the node (or teleport on
-%% it) went away. The request takes the connection of (this process, `Target'), so it
-%% stays behind the casts and messages this process sent to `Target', as with disterl.
+%% Sends a call request to `Node''s teleport_calls; returns the alias the answer comes to
+%% (and that the first message through it removes). teleport_replies, which hands answers to
+%% it, is told of the wait first, and watches `Node': no monitor per call crosses disterl.
+%% The request takes the connection of (this process, `Target'), so it stays behind the
+%% casts and messages this process sent to `Target', as with disterl.
 -spec request(node(), pid() | atom(), term(), timeout(), call_site()) -> reference().
 request(Node, Target, Request, Timeout, MFA) ->
-    Alias = erlang:monitor(process, {teleport_calls, Node}, [{alias, demonitor}]),
+    Alias = erlang:alias([reply]),
     Msg = {'$teleport_call', Target, Request, self(), Alias, Timeout},
-    case remote(Node, teleport_calls, Target, Msg, []) of
+    Sent = case teleport_replies:expect(Alias, Node, Timeout) of
+               ok -> remote(Node, teleport_calls, Target, Msg, []);
+               NotStarted -> NotStarted
+           end,
+    case Sent of
         ok ->
             Alias;
-        {error, nodedown} ->
-            erlang:demonitor(Alias, [flush]),
-            exit({{nodedown, Node}, MFA});
         {error, Reason} ->
-            erlang:demonitor(Alias, [flush]),
-            exit({Reason, MFA})
+            teleport_replies:forget(Alias),
+            erlang:unalias(Alias),
+            exit({call_error(Reason, Node), MFA})
     end.
+
+-spec call_error(term(), node()) -> term().
+call_error(nodedown, Node) -> {nodedown, Node};
+call_error(Reason, _Node) -> Reason.
 
 %% @private The end of a call on the callee's node: `teleport_calls' sends the call's result
 %% to `teleport_replies' on the caller's node, which hands it to the caller's alias. It rides
@@ -303,25 +310,26 @@ send_answer(Caller, Alias, Result) ->
 await(Alias, Node, Timeout, MFA) ->
     receive
         {Alias, Result} ->
-            erlang:demonitor(Alias, [flush]),
-            result(Result, MFA);
-        {'DOWN', Alias, process, _, noconnection} ->
-            exit({{nodedown, Node}, MFA});
-        {'DOWN', Alias, process, _, Reason} ->
-            exit({Reason, MFA})
+            result(Result, Node, MFA)
     after Timeout ->
-            %% Removing the alias makes the VM drop a reply that comes later.
-            erlang:demonitor(Alias, [flush]),
+            %% Removing the alias makes the VM drop an answer that comes later.
+            erlang:unalias(Alias),
+            teleport_replies:forget(Alias),
             receive
-                {Alias, Result} -> result(Result, MFA)
+                {Alias, Result} -> result(Result, Node, MFA)
             after 0 ->
                     exit({timeout, MFA})
             end
     end.
 
--spec result({reply, term()} | {exit, term()}, call_site() | undefined) -> term().
-result({reply, Reply}, _MFA) -> Reply;
-result({exit, Reason}, MFA) -> exit({Reason, MFA}).
+%% What the call returns, or how it exits: `{down, _}' comes from teleport_replies, when
+%% teleport_calls on `Node' went away (`noconnection': the node did).
+-spec result({reply, term()} | {exit, term()} | {down, term()}, node(),
+             call_site() | undefined) -> term().
+result({reply, Reply}, _Node, _MFA) -> Reply;
+result({exit, Reason}, _Node, MFA) -> exit({Reason, MFA});
+result({down, noconnection}, Node, MFA) -> exit({{nodedown, Node}, MFA});
+result({down, Reason}, _Node, MFA) -> exit({Reason, MFA}).
 
 -spec send_many([teleport_nif:pool()], atom(), term()) -> [ok | busy | closed | too_large].
 send_many(Pools, Name, Msg) ->

@@ -12,8 +12,14 @@
 %% the call was given up is dropped by the VM.
 %%
 %% A call is given up when the caller's timeout has passed (a sweep once a second, cheaper
-%% than a timer per call) or, for an infinite timeout only, when the caller dies: a monitor
-%% of a remote process costs two disterl messages, which a finite timeout makes needless.
+%% than a timer per call) or, for an infinite timeout only, when the caller's node says the
+%% caller died (`teleport_replies' there monitors it and sends `{'$teleport_cancel', Alias}')
+%% or when the caller's node goes down (`monitor_node/2', once per node: local, no message).
+%% Nothing per call crosses disterl: a monitor of a remote caller would be two messages
+%% there, which wait behind disterl's bulk and would hold this process up.
+%%
+%% A cancel rides another connection than its request and may overtake it: a cancel for
+%% no known call is kept for a minute, and the request it names is dropped when it comes.
 -module(teleport_calls).
 -behaviour(gen_server).
 
@@ -22,18 +28,24 @@
 
 %% How often calls past their caller's timeout are forgotten.
 -define(SWEEP_MS, 1000).
+%% How long a cancel that came before its request is kept.
+-define(EARLY_CANCEL_MS, 60000).
 
 -record(call, {caller :: pid(),
                alias :: reference(),
                %% Monotonic milliseconds after which the caller no longer waits.
-               deadline :: integer() | infinity,
-               %% A monitor of the caller, for an infinite timeout only.
-               caller_mon :: reference() | none}).
+               deadline :: integer() | infinity}).
 
--record(state, {%% Calls in progress, by the callee monitor that is also their alias, and
-                %% (for infinite timeouts) the caller monitor to the callee monitor.
-                calls = #{} :: #{reference() => #call{} | {caller, reference()}},
-                %% Whether a sweep is due: only while some call has a deadline.
+-record(state, {%% Calls in progress, by the callee monitor that is also their alias.
+                calls = #{} :: #{reference() => #call{}},
+                %% Calls with an infinite timeout, by their caller's alias (a cancel names
+                %% that), and the nodes of their callers, watched with monitor_node/2.
+                infinite = #{} :: #{reference() => reference()},
+                nodes = #{} :: #{node() => true},
+                %% Cancels that came before their request, with when they are dropped.
+                early = #{} :: #{reference() => integer()},
+                %% Whether a sweep is due: only while some call has a deadline or some
+                %% early cancel is kept.
                 sweeping = false :: boolean()}).
 
 %% @doc Starts the server, registered as `teleport_calls'.
@@ -60,7 +72,7 @@ handle_call(Request, _From, State) ->
 %% What this process answers to a call, local or (see start_to/4) over teleport.
 -spec own_reply(term(), #state{}) -> non_neg_integer() | {error, unknown_request}.
 own_reply(pending, #state{calls = Calls}) ->
-    length([C || C = #call{} <- maps:values(Calls)]);
+    map_size(Calls);
 own_reply(_Request, _State) ->
     {error, unknown_request}.
 
@@ -74,24 +86,38 @@ handle_cast(_Msg, State) ->
 handle_info({[alias | Mref], Reply}, State) when is_reference(Mref) ->
     erlang:demonitor(Mref, [flush]),
     {noreply, finish(Mref, {reply, Reply}, State)};
-handle_info({'$teleport_call', Dest, Request, Caller, Alias, Timeout}, State)
+handle_info({'$teleport_call', Dest, Request, Caller, Alias, Timeout},
+            State = #state{early = Early})
   when (is_pid(Dest) orelse is_atom(Dest)), is_pid(Caller), is_reference(Alias),
        (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
-    {noreply, start(Dest, Request, #call{caller = Caller, alias = Alias,
-                                         deadline = deadline(Timeout), caller_mon = none},
-                    State)};
-handle_info({'DOWN', Mon, process, _, Reason}, State = #state{calls = Calls}) ->
-    case Calls of
-        #{Mon := #call{}} ->
-            %% The callee died.
-            {noreply, finish(Mon, {exit, Reason}, State)};
-        #{Mon := {caller, Mref}} ->
-            %% Nobody is waiting any more.
+    case maps:take(Alias, Early) of
+        {_, Rest} ->
+            %% Cancelled before it came: the caller is gone.
+            {noreply, State#state{early = Rest}};
+        error ->
+            {noreply, start(Dest, Request, #call{caller = Caller, alias = Alias,
+                                                 deadline = deadline(Timeout)},
+                            State)}
+    end;
+handle_info({'$teleport_cancel', Alias}, State = #state{infinite = Infinite, early = Early})
+  when is_reference(Alias) ->
+    case Infinite of
+        #{Alias := Mref} ->
             erlang:demonitor(Mref, [flush]),
             {noreply, forget(Mref, State)};
         #{} ->
-            {noreply, State}
+            Until = erlang:monotonic_time(millisecond) + ?EARLY_CANCEL_MS,
+            {noreply, ensure_sweep(State#state{early = Early#{Alias => Until}})}
     end;
+handle_info({'DOWN', Mref, process, _, Reason}, State) ->
+    %% The callee died (or it is the DOWN of a call already forgotten: flushed then).
+    {noreply, finish(Mref, {exit, Reason}, State)};
+handle_info({nodedown, Node}, State = #state{calls = Calls, nodes = Nodes}) ->
+    %% Nobody there waits any more; the calls with a deadline go at their deadline.
+    Gone = [Mref || {Mref, #call{caller = C, deadline = infinity}} <- maps:to_list(Calls),
+                    node(C) =:= Node],
+    _ = [erlang:demonitor(Mref, [flush]) || Mref <- Gone],
+    {noreply, lists:foldl(fun forget/2, State#state{nodes = maps:remove(Node, Nodes)}, Gone)};
 handle_info(sweep, State) ->
     {noreply, sweep(State#state{sweeping = false})};
 handle_info(Other, State) ->
@@ -129,13 +155,25 @@ start_to(Pid, Request, Call, State) ->
 send_request(Pid, Request, Call, State = #state{calls = Calls}) ->
     Mref = erlang:monitor(process, Pid, [{alias, demonitor}]),
     Pid ! {'$gen_call', {self(), [alias | Mref]}, Request},
+    State1 = State#state{calls = Calls#{Mref => Call}},
     case Call of
-        #call{deadline = infinity, caller = Caller} ->
-            CallerMon = erlang:monitor(process, Caller),
-            State#state{calls = Calls#{Mref => Call#call{caller_mon = CallerMon},
-                                       CallerMon => {caller, Mref}}};
+        #call{deadline = infinity, caller = Caller, alias = Alias} ->
+            watch_node(node(Caller),
+                       State1#state{infinite = (State1#state.infinite)#{Alias => Mref}});
         #call{} ->
-            ensure_sweep(State#state{calls = Calls#{Mref => Call}})
+            ensure_sweep(State1)
+    end.
+
+%% Watches the node of a caller that waits with an infinite timeout: its nodedown ends
+%% those calls. monitor_node/2 is local (nothing crosses disterl); one per node.
+-spec watch_node(node(), #state{}) -> #state{}.
+watch_node(Node, State = #state{nodes = Nodes}) ->
+    case Nodes of
+        #{Node := _} ->
+            State;
+        #{} ->
+            true = erlang:monitor_node(Node, true),
+            State#state{nodes = Nodes#{Node => true}}
     end.
 
 %% The call of Mref ended with Result: the caller hears of it, if it was still known.
@@ -150,13 +188,12 @@ finish(Mref, Result, State = #state{calls = Calls}) ->
     end.
 
 -spec forget(reference(), #state{}) -> #state{}.
-forget(Mref, State = #state{calls = Calls}) ->
+forget(Mref, State = #state{calls = Calls, infinite = Infinite}) ->
     case maps:take(Mref, Calls) of
-        {#call{caller_mon = none}, Rest} ->
+        {#call{deadline = infinity, alias = Alias}, Rest} ->
+            State#state{calls = Rest, infinite = maps:remove(Alias, Infinite)};
+        {#call{}, Rest} ->
             State#state{calls = Rest};
-        {#call{caller_mon = CallerMon}, Rest} ->
-            erlang:demonitor(CallerMon, [flush]),
-            State#state{calls = maps:remove(CallerMon, Rest)};
         error ->
             State
     end.
@@ -180,20 +217,19 @@ ensure_sweep(State) ->
     _ = erlang:send_after(?SWEEP_MS, self(), sweep),
     State#state{sweeping = true}.
 
-%% Forgets the calls whose caller gave up waiting; their monitors (and aliases) go too.
+%% Forgets the calls whose caller gave up waiting (their monitors, and aliases, go too)
+%% and the early cancels kept long enough.
 -spec sweep(#state{}) -> #state{}.
-sweep(State = #state{calls = Calls}) ->
+sweep(State = #state{calls = Calls, early = Early}) ->
     Now = erlang:monotonic_time(millisecond),
-    {Left, Finite} =
-        maps:fold(fun(Mref, #call{deadline = D}, {Keep, N}) when D =/= infinity, D < Now ->
-                          erlang:demonitor(Mref, [flush]),
-                          {maps:remove(Mref, Keep), N};
-                     (_, #call{deadline = D}, {Keep, N}) when D =/= infinity ->
-                          {Keep, N + 1};
-                     (_, _, Acc) ->
-                          Acc
-                  end, {Calls, 0}, Calls),
-    case Finite of
-        0 -> State#state{calls = Left};
-        _ -> ensure_sweep(State#state{calls = Left})
+    Expired = [Mref || {Mref, #call{deadline = D}} <- maps:to_list(Calls),
+                       D =/= infinity, D < Now],
+    _ = [erlang:demonitor(Mref, [flush]) || Mref <- Expired],
+    State1 = State#state{calls = maps:without(Expired, Calls),
+                         early = maps:filter(fun(_, Until) -> Until >= Now end, Early)},
+    Waiting = [M || M = #call{deadline = D} <- maps:values(State1#state.calls),
+                    D =/= infinity],
+    case Waiting =:= [] andalso map_size(State1#state.early) =:= 0 of
+        true -> State1;
+        false -> ensure_sweep(State1)
     end.

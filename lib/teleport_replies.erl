@@ -1,38 +1,179 @@
-%% @doc Hands replies that arrived over teleport to the callers waiting for them, through the
-%% caller's alias (OTP 24+): once a caller has timed out its alias is gone, and a late reply
-%% is dropped by the VM instead of landing in the caller's mailbox.
+%% @doc The caller's end of calls over teleport: hands the replies that arrive to the callers
+%% waiting for them, and tells them when the callee's node, or teleport on it, goes away.
+%%
+%% A reply goes through the caller's alias (OTP 24+): once a caller has timed out its alias
+%% is gone, and a late reply is dropped by the VM instead of landing in the caller's mailbox.
+%%
+%% Going away is seen through one monitor per node called, of `teleport_calls' there, made by
+%% the first call to that node, rather than one per call: a monitor of a remote process is a
+%% message over disterl and its removal another, and behind a disterl connection busy with
+%% bulk those two waited as long as the bulk did (a 1 KB call took milliseconds while 10 MB
+%% messages crossed disterl). So each waiting caller is noted in this process's table by the
+%% caller itself, with no message to this process (see {@link expect/3}), and the note goes
+%% when the reply is handed over, when the caller gives up, or when `DOWN' is passed on.
+%%
+%% The table holds `{Alias, Node, Expiry}' per waiting caller and `{Node, Monitor}' per node
+%% watched. When a node's monitor fires, its entry goes first and its callers are told next;
+%% a caller notes itself first and looks for the node's entry next, and asks for a new watch
+%% when it is missing. So a caller either is told, or asks for a watch after the old one
+%% fired, and the new one fires at once if the node is still gone.
+%%
+%% A caller killed while it waits leaves its note behind; notes whose caller's timeout has
+%% passed are swept at the next reply (at most once a second), so no timer runs while idle.
+%% A caller that waits with an infinite timeout is monitored here instead (locally); when
+%% it dies, its note goes and teleport_calls on the callee's node is told to give the call
+%% up (`{'$teleport_cancel', Alias}'), so that no monitor of it crosses disterl either.
 -module(teleport_replies).
 -behaviour(gen_server).
 
--export([start_link/0]).
+-export([start_link/0, expect/3, forget/1, waiting/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
-%% @doc Starts the server, registered as `teleport_replies'.
+%% Notes past their caller's timeout are swept at most this often (at a reply).
+-define(SWEEP_MS, 1000).
+
+-record(state, {%% The monitors of teleport_calls on the nodes watched.
+                nodes = #{} :: #{reference() => node()},
+                %% The monitors of callers that wait with an infinite timeout, both ways:
+                %% by monitor and by the caller's alias.
+                callers = #{} :: #{reference() => reference()},
+                caller_mons = #{} :: #{reference() => reference()},
+                %% Monotonic milliseconds of the last sweep.
+                swept :: integer()}).
+
+%% @doc Starts the server, registered as `teleport_replies', with its table.
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() ->
     gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 
-%% @private
--spec init([]) -> {ok, #{}}.
-init([]) ->
-    {ok, #{}}.
+%% @doc Notes that the calling process waits at `Alias' for an answer from `Node', for
+%% `Timeout'; makes sure `Node' is watched. Called by the caller before it sends the request.
+-spec expect(reference(), node(), timeout()) -> ok | {error, not_started}.
+expect(Alias, Node, Timeout) ->
+    try
+        true = ets:insert(?MODULE, {Alias, Node, expiry(Timeout)}),
+        _ = Timeout =:= infinity andalso (?MODULE ! {caller, self(), Alias}),
+        case ets:member(?MODULE, Node) of
+            true -> ok;
+            false -> gen_server:call(?MODULE, {watch, Node}, infinity)
+        end
+    catch
+        error:badarg -> {error, not_started};
+        exit:{noproc, _} -> {error, not_started}
+    end.
+
+%% @doc Removes the caller's note: it no longer waits at `Alias'.
+-spec forget(reference()) -> ok.
+forget(Alias) ->
+    _ = catch ets:delete(?MODULE, Alias),
+    ok.
+
+%% @doc How many callers on this node wait for an answer over teleport right now.
+-spec waiting() -> non_neg_integer().
+waiting() ->
+    ets:select_count(?MODULE, [{{'_', '_', '_'}, [], [true]}]).
 
 %% @private
--spec handle_call(term(), gen_server:from(), map()) -> {reply, {error, unknown_request}, map()}.
+-spec init([]) -> {ok, #state{}}.
+init([]) ->
+    _ = ets:new(?MODULE, [named_table, public, set, {write_concurrency, true},
+                          {read_concurrency, true}]),
+    {ok, #state{swept = now_ms()}}.
+
+%% @private
+-spec handle_call(term(), gen_server:from(), #state{}) ->
+          {reply, ok | {error, unknown_request}, #state{}}.
+handle_call({watch, Node}, _From, State = #state{nodes = Nodes}) when is_atom(Node) ->
+    case ets:member(?MODULE, Node) of
+        true ->
+            {reply, ok, State};
+        false ->
+            Mon = erlang:monitor(process, {teleport_calls, Node}),
+            true = ets:insert(?MODULE, {Node, Mon}),
+            {reply, ok, State#state{nodes = Nodes#{Mon => Node}}}
+    end;
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_request}, State}.
 
 %% @private
--spec handle_cast(term(), map()) -> {noreply, map()}.
+-spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
 handle_cast(_Msg, State) ->
     {noreply, State}.
 
 %% @private
--spec handle_info(term(), map()) -> {noreply, map()}.
+-spec handle_info(term(), #state{}) -> {noreply, #state{}}.
 handle_info({'$teleport_reply', Alias, Result}, State) when is_reference(Alias) ->
     Alias ! {Alias, Result},
-    {noreply, State};
+    {noreply, maybe_sweep(done(Alias, State))};
+handle_info({caller, Pid, Alias}, State = #state{callers = Callers, caller_mons = ByAlias}) ->
+    %% An infinite wait: the caller is watched until its answer comes or it dies. This
+    %% message was sent before the request, so it is here before any answer.
+    case ets:member(?MODULE, Alias) of
+        true ->
+            Mon = erlang:monitor(process, Pid),
+            {noreply, State#state{callers = Callers#{Mon => Alias},
+                                  caller_mons = ByAlias#{Alias => Mon}}};
+        false ->
+            {noreply, State}
+    end;
+handle_info({'DOWN', Mon, process, _, Reason}, State = #state{nodes = Nodes, callers = Callers}) ->
+    case {Nodes, Callers} of
+        {#{Mon := Node}, _} ->
+            %% The entry goes before the callers are told: one that notes itself after
+            %% the select below finds no entry and asks for a new watch.
+            true = ets:delete(?MODULE, Node),
+            Waiting = ets:select(?MODULE, [{{'$1', Node, '_'}, [], ['$1']}]),
+            _ = [Alias ! {Alias, {down, Reason}} || Alias <- Waiting],
+            {noreply, lists:foldl(fun done/2, State#state{nodes = maps:remove(Mon, Nodes)},
+                                  Waiting)};
+        {_, #{Mon := Alias}} ->
+            %% The caller died waiting: teleport_calls there may give the call up.
+            _ = [catch teleport:send({teleport_calls, Node}, {'$teleport_cancel', Alias})
+                 || {_, Node, _} <- ets:lookup(?MODULE, Alias)],
+            {noreply, done(Alias, State)};
+        _ ->
+            {noreply, State}
+    end;
 handle_info(Other, State) ->
     logger:notice("teleport_replies: ignored a message that is no reply: ~0P",
                   [Other, 10], #{domain => [teleport]}),
     {noreply, State}.
+
+%%%===================================================================
+%%% Notes
+%%%===================================================================
+
+%% The wait at Alias is over: its note goes, and its caller's monitor if it has one.
+-spec done(reference(), #state{}) -> #state{}.
+done(Alias, State = #state{caller_mons = ByAlias}) ->
+    true = ets:delete(?MODULE, Alias),
+    case maps:take(Alias, ByAlias) of
+        {Mon, Rest} ->
+            erlang:demonitor(Mon, [flush]),
+            State#state{callers = maps:remove(Mon, State#state.callers), caller_mons = Rest};
+        error ->
+            State
+    end.
+
+-spec expiry(timeout()) -> integer() | infinity.
+expiry(infinity) -> infinity;
+expiry(Timeout) -> now_ms() + Timeout.
+
+%% Removes the notes whose caller stopped waiting without removing them (it was killed).
+%% An infinite wait is removed by its caller's monitor instead.
+-spec maybe_sweep(#state{}) -> #state{}.
+maybe_sweep(State = #state{swept = Swept}) ->
+    Now = now_ms(),
+    case Now - Swept >= ?SWEEP_MS of
+        true ->
+            _ = ets:select_delete(?MODULE, [{{'_', '_', '$1'},
+                                              [{is_integer, '$1'}, {'<', '$1', Now}],
+                                              [true]}]),
+            State#state{swept = Now};
+        false ->
+            State
+    end.
+
+-spec now_ms() -> integer().
+now_ms() ->
+    erlang:monotonic_time(millisecond).

@@ -10,7 +10,9 @@ all() ->
      late_reply_never_lands, noproc_shape, callee_crash_mid_call, local_destination,
      big_reply_not_over_disterl, gs_cast, casts_then_call_in_order, abcast_with_a_bad_node,
      multi_call_with_a_node_down,
-     node_killed_mid_call, abandoned_calls_leave_nothing_behind, no_process_per_call].
+     node_killed_mid_call, abandoned_calls_leave_nothing_behind, no_process_per_call,
+     calls_cross_no_disterl, teleport_calls_down_mid_call, killed_callers_leave_no_note,
+     early_cancel_drops_its_call, caller_node_down_ends_infinite_calls].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("calls_ct_"),
@@ -70,9 +72,8 @@ late_reply_never_lands(Config) ->
     ?assertEqual(ok, teleport:gs_call(Dest, {echo, ok})).
 
 %% teleport_calls on the callee's node forgets a call once it ends, once the caller's timeout
-%% has passed, or, with an infinite timeout, when the caller dies (it monitors the caller only
-%% then: a finite timeout bounds the call anyway, and a remote monitor costs two disterl
-%% messages per call).
+%% has passed, or, with an infinite timeout, when the caller dies (teleport_replies on the
+%% caller's node monitors such a caller and cancels its call over teleport).
 abandoned_calls_leave_nothing_behind(Config) ->
     {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
     Dest = {srv, Node},
@@ -209,6 +210,111 @@ node_killed_mid_call(Config) ->
     Waited = erlang:monotonic_time(millisecond) - T0,
     ct:pal("nodedown seen after ~b ms", [Waited]),
     ?assert(Waited < 10000).
+
+%% A call sends nothing over disterl: no monitor per call (which waited behind disterl's
+%% bulk). Before, each call sent a monitor and a demonitor of teleport_calls there.
+calls_cross_no_disterl(Config) ->
+    Node = ?config(node, Config),
+    Dest = {srv, Node},
+    %% The first call to the node watches it, over disterl, once.
+    ?assertEqual(warm, teleport:gs_call(Dest, {echo, warm})),
+    {Sent0, Got0} = dist_packets(Node),
+    [I = teleport:gs_call(Dest, {echo, I}, 5000) || I <- lists:seq(1, 200)],
+    [I = teleport:gs_call(Dest, {echo, I}, infinity) || I <- lists:seq(1, 20)],
+    {Sent1, Got1} = dist_packets(Node),
+    ct:pal("disterl packets during 220 calls: ~b sent, ~b received",
+           [Sent1 - Sent0, Got1 - Got0]),
+    %% A tick may cross; 440 monitor messages must not, nor the 40 of the callee's node
+    %% monitoring the callers with an infinite timeout.
+    ?assert(Sent1 - Sent0 < 10),
+    ?assert(Got1 - Got0 < 10),
+    ?assertEqual(0, teleport_replies:waiting()).
+
+%% teleport_calls on the callee's node goes away while callers wait: they exit with its
+%% reason, as with a monitor of their own. Its successor is watched anew.
+teleport_calls_down_mid_call(Config) ->
+    {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
+    Dest = {srv, Node},
+    Self = self(),
+    Kill = fun() ->
+                   Callers = [spawn(fun() ->
+                                            Self ! {self(), catch teleport:gs_call(
+                                                                    Dest, {reply_later, x, 60000}, T)}
+                                    end) || T <- [30000, infinity]],
+                   ok = teleport_soak:wait_until(
+                          fun() -> peer:call(Peer, teleport_calls, pending, []) =:= 2 end,
+                          5000),
+                   ?assertEqual(2, teleport_replies:waiting()),
+                   Calls = peer:call(Peer, erlang, whereis, [teleport_calls]),
+                   true = peer:call(Peer, erlang, exit, [Calls, kill]),
+                   [receive {C, R} -> R after 10000 -> ct:fail({no_answer, C}) end
+                    || C <- Callers]
+           end,
+    Exits = Kill(),
+    ?assertMatch([{'EXIT', {killed, {teleport, gs_call, [Dest, _, 30000]}}},
+                  {'EXIT', {killed, {teleport, gs_call, [Dest, _, infinity]}}}], Exits),
+    ?assertEqual(0, teleport_replies:waiting()),
+    %% The supervisor started another; it serves, and it is watched too.
+    ok = teleport_soak:wait_until(
+           fun() -> is_pid(peer:call(Peer, erlang, whereis, [teleport_calls])) end, 5000),
+    ?assertEqual(again, teleport:gs_call(Dest, {echo, again})),
+    ?assertMatch([{'EXIT', {killed, _}}, {'EXIT', {killed, _}}], Kill()).
+
+%% A caller killed while it waits leaves no note behind on its node: with a finite timeout
+%% the note is swept at a reply once the timeout has passed, with an infinite one it goes
+%% when the caller dies.
+killed_callers_leave_no_note(Config) ->
+    Dest = {srv, ?config(node, Config)},
+    ?assertEqual(0, teleport_replies:waiting()),
+    Finite = spawn(fun() -> teleport:gs_call(Dest, {reply_later, y, 60000}, 200) end),
+    Infinite = spawn(fun() -> teleport:gs_call(Dest, {reply_later, x, 60000}, infinity) end),
+    ok = teleport_soak:wait_until(fun() -> teleport_replies:waiting() =:= 2 end, 5000),
+    exit(Infinite, kill),
+    ok = teleport_soak:wait_until(fun() -> teleport_replies:waiting() =:= 1 end, 5000),
+    exit(Finite, kill),
+    %% Past the timeout and the sweep's interval, a reply sweeps the note.
+    timer:sleep(1200),
+    ?assertEqual(1, teleport_replies:waiting()),
+    ?assertEqual(ok, teleport:gs_call({srv, ?config(node, Config)}, {echo, ok})),
+    ?assertEqual(0, teleport_replies:waiting()).
+
+%% A cancel of an infinite call may overtake its request (they ride different connections):
+%% the request is dropped when it comes, the callee never sees it.
+early_cancel_drops_its_call(Config) ->
+    {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
+    Dest = {srv, Node},
+    ok = teleport:gs_call(Dest, hold_replies),
+    Alias = erlang:alias(),
+    {teleport_calls, Node} ! {'$teleport_cancel', Alias},
+    {teleport_calls, Node} ! {'$teleport_call', srv, {held, early}, self(), Alias, infinity},
+    ?assertEqual(0, peer:call(Peer, teleport_calls, pending, [])),
+    ?assertEqual(0, teleport:gs_call(Dest, release_replies)),
+    %% A cancel of a call that is not there breaks nothing either.
+    {teleport_calls, Node} ! {'$teleport_cancel', make_ref()},
+    ?assertEqual(ok, teleport:gs_call(Dest, {echo, ok}, infinity)),
+    erlang:unalias(Alias).
+
+%% When a caller's node goes down, the callee's node gives up its calls with an infinite
+%% timeout (it watches the node, not each caller).
+caller_node_down_ends_infinite_calls(Config) ->
+    {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
+    {CallerPeer, _, OsPid} = Caller = start_peer(),
+    try
+        _ = peer:call(CallerPeer, erlang, spawn,
+                      [teleport, gs_call, [{srv, Node}, {reply_later, x, 60000}, infinity]]),
+        Pending = fun() -> peer:call(Peer, teleport_calls, pending, []) end,
+        ok = teleport_soak:wait_until(fun() -> Pending() =:= 1 end, 5000),
+        teleport_test_util:kill_os_process(OsPid),
+        ok = teleport_soak:wait_until(fun() -> Pending() =:= 0 end, 10000)
+    after
+        teleport_test_util:stop_peer(Caller)
+    end.
+
+%% Packets sent and received on the disterl connection to Node.
+dist_packets(Node) ->
+    [Ctrl] = [C || {N, C} <- erlang:system_info(dist_ctrl), N =:= Node],
+    {ok, [{send_cnt, Sent}, {recv_cnt, Got}]} = inet:getstat(Ctrl, [send_cnt, recv_cnt]),
+    {Sent, Got}.
 
 %% Bytes received and sent on the disterl connection to Node.
 dist_bytes(Node) ->
