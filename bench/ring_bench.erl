@@ -25,6 +25,10 @@
 %%   calls   4 callers on node 1 of set T, one echo server each on node 2, each calling in
 %%           a loop for CALL_MS: gen_server:call against teleport:gs_call, 1 KB and 1 MB
 %%           replies. calls/s, and per-call latency percentiles over all measured rounds.
+%%           Then beside bulk: two processes of node 1 send 10 MB messages over disterl to
+%%           node 2 as fast as they can while one caller calls for CALL_MS with 1 KB
+%%           replies, each transport in turn: the latency of a call queued behind disterl's
+%%           bulk, or not.
 %%   stream  The physical limit: raw loopback TCP (native/loopback_bench: a sender thread
 %%           writes STREAM_FRAMES frames of 10 MB with write_all to a receiver thread), then
 %%           teleport with pool_size = 1 between two fresh nodes, one sender, the same
@@ -483,8 +487,30 @@ calls_phase(Cfg, #{t := [#{node := A}, #{node := B} | _]}) ->
                    {Name, B}
                end || I <- lists:seq(1, C)],
     Results = [{Size, calls_size(A, B, Servers, Size, Ms, Rounds, Warmup)} || Size <- Sizes],
+    Beside = calls_beside_bulk(A, B, hd(Servers), Ms),
     [erpc:call(B, bench_agent, stop, [Name]) || {Name, _} <- Servers],
-    #{callers => C, call_ms => Ms, by_size => Results}.
+    #{callers => C, call_ms => Ms, by_size => Results, beside_bulk => Beside}.
+
+%% One caller with 1 KB replies while node A floods node B with 10 MB messages over disterl:
+%% [{Transport, Latency stats}].
+calls_beside_bulk(A, B, Server, Ms) ->
+    step("calls beside bulk: 2 senders of 10 MB over disterl ~s -> ~s, 1 caller, 1 KB replies",
+         [A, B]),
+    Rcvs = [erpc:call(B, bench_agent, timed_receiver, []) || _ <- [1, 2]],
+    Flood = erpc:call(A, bench_agent, flood_start, [disterl, Rcvs, 10 * ?MiB]),
+    timer:sleep(200),
+    Res = [begin
+               {_Us, N, Lats} = erpc:call(A, bench_agent, call_run,
+                                          [T, [Server], {get, 1024}, Ms], 300000),
+               S = bench_report:stats(Lats),
+               step("calls beside bulk ~-8s ~b calls, latency p50 ~s p99 ~s",
+                    [T, N, bench_report:fmt_us(maps:get(p50, S)),
+                     bench_report:fmt_us(maps:get(p99, S))]),
+               {T, S}
+           end || T <- [disterl, teleport]],
+    _ = erpc:call(A, bench_agent, flood_stop, [Flood], 300000),
+    [R ! stop || R <- Rcvs],
+    Res.
 
 calls_size(A, B, Servers, Size, Ms, Rounds, Warmup) ->
     step("calls: ~b callers on ~s, servers on ~s, ~s replies, ~b ms per round",
@@ -695,6 +721,16 @@ print_summary(Cfg, #{ring := Ring, small := Small, calls := Calls, sizes := Size
          io:format("  ~-5s ratio    ~12s~n", [size_label(Size),
                                             bench_report:fmt_ratio(Med(CR, teleport, calls_per_s) / Med(CR, disterl, calls_per_s))])
      end || Size <- maps:get(call_sizes, Cfg)],
+    io:format("  beside disterl bulk (2 senders of 10 MB over disterl), 1 caller, 1 KB replies:~n"),
+    Beside = maps:get(beside_bulk, Calls),
+    [io:format("  1 KB  ~-8s ~12s | ~9s ~9s ~9s ~9s ~9s~n",
+               [T, integer_to_list(maps:get(count, S)) ++ " calls"
+                | [bench_report:fmt_us(maps:get(K, S)) || K <- [min, p50, p90, p99, max]]])
+     || {T, S} <- Beside],
+    BP = fun(K) -> maps:get(K, proplists:get_value(teleport, Beside))
+                       / max(1, maps:get(K, proplists:get_value(disterl, Beside))) end,
+    io:format("  1 KB  latency ratio p50 ~s, p99 ~s~n",
+              [bench_report:fmt_ratio(BP(p50)), bench_report:fmt_ratio(BP(p99))]),
     %% Sizes
     io:format("~none sender to one receiver by message size, MB/s (1e6 bytes)~n"),
     Line(),
@@ -816,7 +852,12 @@ to_json(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, sizes := S
                     latency_us => maps:from_list([{T, Dist(lists:append(Over(CR, latencies_us, T)))}
                                                   || T <- [disterl, teleport]]),
                     ratio_teleport_over_disterl => Med(teleport) / Med(disterl)}
-              end || Size <- maps:get(call_sizes, Cfg)],
+              end || Size <- maps:get(call_sizes, Cfg)]
+        ++ [#{id => calls_1KB_beside_disterl_bulk, reply_bytes => 1024, callers => 1,
+              seconds_per_round => maps:get(call_ms, Calls) / 1000,
+              description => "two processes send 10 MB messages over disterl between the same "
+                             "two nodes meanwhile",
+              latency_us => maps:from_list(maps:get(beside_bulk, Calls))}],
     SizesJ = #{id => one_sender_by_size,
                description => "one sender process to one receiver process, the same two nodes "
                               "for both transports; MB/s = 1e6 bytes per second",
