@@ -25,7 +25,9 @@
 %% What a reader's turn of its own reads left: wait for what the port reads (`port'), or for
 %% the socket's `select' message (`dirty': a large frame is being read), the timeout or
 %% `teleport_tick'; run again; run the dirty variant; it ended.
--type feed_answer() :: {wait, timeout(), port} | {more | dirty, binary() | eof} | done.
+-type fed() :: binary() | eof | {error, atom()}.
+%% What the reader's port read: bytes, the end of the stream, or the socket's error.
+-type feed_answer() :: {wait, timeout(), port} | {more | dirty, fed()} | done.
 %% What a turn fed with the port's bytes left: wait for more; feed the rest next; stop the
 %% port and go on with `reader_feed_dirty/2' and `reader_run_dirty/2'; it ended.
 
@@ -100,12 +102,13 @@ reader_attach(_Reader) -> ?NOT_LOADED.
 -spec reader_fd(reader()) -> non_neg_integer() | closed.
 reader_fd(_Reader) -> ?NOT_LOADED.
 
-%% @doc A turn on a normal scheduler with what the port read (`eof': the stream ended).
--spec reader_feed(reader(), binary() | eof) -> feed_answer().
+%% @doc A turn on a normal scheduler with what the port read (`eof': the stream ended;
+%% `{error, Reason}': the socket failed, and the connection ends with that error).
+-spec reader_feed(reader(), fed()) -> feed_answer().
 reader_feed(_Reader, _Data) -> ?NOT_LOADED.
 
 %% @doc `reader_feed/2' on a dirty I/O scheduler: takes all of it, frames of any length.
--spec reader_feed_dirty(reader(), binary() | eof) -> feed_answer().
+-spec reader_feed_dirty(reader(), fed()) -> feed_answer().
 reader_feed_dirty(_Reader, _Data) -> ?NOT_LOADED.
 
 %% @doc A turn of the reader on a normal scheduler: `read' when the socket is readable,

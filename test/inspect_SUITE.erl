@@ -17,7 +17,8 @@ suite() ->
 
 all() ->
     [info_shape, state_changes_are_logged_once_each, eager_connect_opens_the_pool_at_nodeup,
-     all_nodes_forms_and_big_terms, threads_run_below_the_schedulers].
+     all_nodes_forms_and_big_terms, threads_run_below_the_schedulers,
+     reset_is_logged_as_an_error].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("inspect_ct_"),
@@ -349,6 +350,32 @@ wait_until(Fun, Deadline) ->
                 true -> ct:fail(wait_until_timed_out);
                 false -> timer:sleep(20), wait_until(Fun, Deadline)
             end
+    end.
+
+%% An incoming connection reset by its peer (an RST, not a FIN) ends with that error in the
+%% log, not as a clean close (its reader's port used to report resets as closes).
+reset_is_logged_as_an_error(_Config) ->
+    ok = teleport:start(),
+    capture_logs(),
+    {ok, Port} = teleport_server:listen_port(),
+    %% A node the listener lets in (this node opened a pool to it), dialing by hand.
+    {_P, Node} = start_peer(#{}),
+    ok = teleport:send({nobody, Node}, opens_the_pool),
+    Me = atom_to_binary(Node),
+    {ok, S} = teleport_test_util:raw_dial(Port, Me, atom_to_binary(erlang:get_cookie())),
+    ok = inet:setopts(S, [{packet, raw}]),
+    ok = gen_tcp:send(S, teleport_test_util:raw_frame(1, self(), before_reset)),
+    receive before_reset -> ok after 5000 -> ct:fail(frame_not_delivered) end,
+    ok = inet:setopts(S, [{linger, {true, 0}}]),
+    ok = gen_tcp:close(S),
+    Closed = wait_closed_of(Me),
+    ct:pal("connection_closed: ~p", [Closed]),
+    ?assertMatch({match, _}, re:run(maps:get(reason, Closed), "econnreset")).
+
+wait_closed_of(Peer) ->
+    case wait_event(connection_closed) of
+        #{peer := Peer} = Report -> Report;
+        _ -> wait_closed_of(Peer)
     end.
 
 %% teleport's Rust events (reports of teleport_log) come to the test process.

@@ -621,22 +621,22 @@ impl<S: Sink + Send + 'static> Served<S> {
     }
 
     /// A turn of reading bytes its driver read from the socket (a port, in the NIF), as
-    /// [`Served::read`] reads them from the socket itself: `data`, then, if `eof`, the end of
-    /// the stream. Returns the turn and how many bytes of `data` it took; the rest is for
-    /// the next turn (`More`: the budget is spent; `Large`: the next frame is longer than
-    /// `large_max`). Acks are written to the socket.
+    /// [`Served::read`] reads them from the socket itself: `data`, then, if the driver saw
+    /// the stream end (`end`), its end. Returns the turn and how many bytes of `data` it
+    /// took; the rest is for the next turn (`More`: the budget is spent; `Large`: the next
+    /// frame is longer than `large_max`). Acks are written to the socket.
     pub fn feed(
         &mut self,
         now: Instant,
         data: &[u8],
-        eof: bool,
+        end: Fed<'_>,
         budget: usize,
         large_max: usize,
     ) -> (Turn, usize) {
         let sock = Arc::clone(&self.conn);
         let mut wire = FedWire {
             data,
-            eof,
+            end,
             sock: SocketWire::new(&sock.sock),
         };
         let turn = self.turn(now, &mut wire, budget, large_max);
@@ -770,20 +770,33 @@ impl<F: FnMut()> Drop for OnDrop<F> {
     }
 }
 
+/// How the stream stands after the bytes a driver feeds ([`Served::feed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fed<'a> {
+    /// More may come.
+    Open,
+    /// The peer ended the stream.
+    Eof,
+    /// The socket failed, for the reason the driver names (`econnreset`, `etimedout`): the
+    /// connection ends with that error, not as a clean close.
+    Failed(&'a str),
+}
+
 /// Bytes a driver read from the socket, as a [`Wire`] for [`Served::feed`]: reads take from
-/// `data` (then end the stream if `eof`, else would block); acks go to the socket.
+/// `data`, then end as `end` says (would block while it is open); acks go to the socket.
 struct FedWire<'a> {
     data: &'a [u8],
-    eof: bool,
+    end: Fed<'a>,
     sock: SocketWire<'a>,
 }
 
 impl io::Read for FedWire<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.data.is_empty() {
-            return match self.eof {
-                true => Ok(0),
-                false => Err(io::ErrorKind::WouldBlock.into()),
+            return match self.end {
+                Fed::Open => Err(io::ErrorKind::WouldBlock.into()),
+                Fed::Eof => Ok(0),
+                Fed::Failed(why) => Err(io::Error::other(why.to_string())),
             };
         }
         let n = buf.len().min(self.data.len());
@@ -910,6 +923,32 @@ mod tests {
     // stops before one, and reads it in a later call with a larger limit. The frame's start
     // can fill the pump's buffer: that call once read into no room, saw "end of stream" and
     // closed a healthy connection.
+    /// A fed stream ends as its driver says: it would block while open, ends cleanly at
+    /// eof, and fails with the driver's reason once the socket failed (a reset is no clean
+    /// close).
+    #[test]
+    fn fed_bytes_end_as_their_driver_says() {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let after_the_bytes = |end| {
+            let mut wire = FedWire {
+                data: b"abc",
+                end,
+                sock: SocketWire::new(&sock),
+            };
+            let mut buf = [0u8; 8];
+            assert_eq!(wire.read(&mut buf).unwrap(), 3);
+            assert_eq!(&buf[..3], b"abc");
+            wire.read(&mut buf)
+        };
+        let open = after_the_bytes(Fed::Open).unwrap_err();
+        assert_eq!(open.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(after_the_bytes(Fed::Eof).unwrap(), 0);
+        let failed = after_the_bytes(Fed::Failed("econnreset")).unwrap_err();
+        assert_eq!(failed.kind(), io::ErrorKind::Other);
+        assert_eq!(failed.to_string(), "econnreset");
+    }
+
     #[test]
     fn a_frame_left_for_a_larger_limit_is_read_by_the_next_call() {
         let sizes = [100, 1 << 20, 5, 300_000];

@@ -41,7 +41,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use teleport_core::listener::{Driver, Served, Turn};
+use teleport_core::listener::{Driver, Fed, Served, Turn};
 
 /// What a run on a normal scheduler reads at most (one read may take a little more): the
 /// frames in it are decoded and sent within a millisecond or two, even when they are
@@ -406,11 +406,12 @@ fn reader_fd<'a>(env: Env<'a>, reader: Term<'a>) -> NifResult<Term<'a>> {
     })
 }
 
-/// What the reader's port read from the socket (`Data`, a binary, or `eof` once the port saw
-/// the stream end), fed to the connection on a normal scheduler. Answers `{wait, Timeout,
-/// port}` (all taken), `{more, Rest}` (the turn's budget is spent: feed `Rest` next),
-/// `{dirty, Rest}` (a large frame comes: stop the port, feed `Rest` and what the port still
-/// sent with `reader_feed_dirty/2`, then read with `reader_run_dirty/2`) or `done`.
+/// What the reader's port read from the socket (`Data`: a binary; `eof` once the port saw
+/// the stream end; `{error, Reason}` once it failed), fed to the connection on a normal
+/// scheduler. Answers `{wait, Timeout, port}` (all taken), `{more, Rest}` (the turn's budget
+/// is spent: feed `Rest` next), `{dirty, Rest}` (a large frame comes: stop the port, feed
+/// `Rest` and what the port still sent with `reader_feed_dirty/2`, then read with
+/// `reader_run_dirty/2`) or `done`.
 #[rustler::nif]
 fn reader_feed<'a>(env: Env<'a>, reader: Term<'a>, data: Term<'a>) -> NifResult<Term<'a>> {
     feed(env, reader, data, false)
@@ -424,10 +425,18 @@ fn reader_feed_dirty<'a>(env: Env<'a>, reader: Term<'a>, data: Term<'a>) -> NifR
 
 fn feed<'a>(env: Env<'a>, reader: Term<'a>, data: Term<'a>, dirty: bool) -> NifResult<Term<'a>> {
     let obj = object(env, reader)?;
-    let (bin, eof) = match data.decode::<rustler::Binary>() {
-        Ok(bin) => (Some(bin), false),
-        Err(_) if data.decode::<Atom>().is_ok_and(|a| a == atoms::eof()) => (None, true),
-        Err(_) => return Err(rustler::Error::BadArg),
+    // The port's end of the stream: `eof`, or `{error, Reason}` (a reset, a timeout).
+    let why: String;
+    let (bin, end) = match data.decode::<rustler::Binary>() {
+        Ok(bin) => (Some(bin), Fed::Open),
+        Err(_) if data.decode::<Atom>().is_ok_and(|a| a == atoms::eof()) => (None, Fed::Eof),
+        Err(_) => match data.decode::<(Atom, Atom)>() {
+            Ok((tag, reason)) if tag == atoms::error() => {
+                why = reason.to_term(env).atom_to_string()?;
+                (None, Fed::Failed(&why))
+            }
+            _ => return Err(rustler::Error::BadArg),
+        },
     };
     let bytes = bin.as_ref().map_or(&[][..], |b| b.as_slice());
     // SAFETY: `obj` is a live reader object for this call.
@@ -443,13 +452,13 @@ fn feed<'a>(env: Env<'a>, reader: Term<'a>, data: Term<'a>, dirty: bool) -> NifR
         (NORMAL_TURN, NORMAL_FRAME_MAX)
     };
     let (turn, took) = timed_turn(env, r, served, dirty, |served, now| {
-        served.feed(now, bytes, eof, budget, large_max)
+        served.feed(now, bytes, end, budget, large_max)
     });
-    // What the turn did not take: the rest of `Data` (or `eof` again).
+    // What the turn did not take: the rest of `Data` (or its end again).
     let rest = |env: Env<'a>| -> NifResult<Term<'a>> {
         match &bin {
             Some(b) => Ok(b.make_subbinary(took, b.len() - took)?.encode(env)),
-            None => Ok(atoms::eof().encode(env)),
+            None => Ok(data),
         }
     };
     Ok(match turn {
