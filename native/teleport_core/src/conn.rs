@@ -69,12 +69,13 @@ const MAX_IOVECS: usize = 1024;
 /// goes at its next turn, straight after).
 const TURN_BYTES: usize = 4 * 1024 * 1024;
 
-/// What a writer task takes from the lane's queue at a time (at least one frame): a socket
-/// takes about this much before it is full, and what it does not take goes back to the
-/// queue's front. Taking the whole queue moved every frame of a long queue out and most of
-/// them back at each write: 10% of a flooded sender node's CPU with 8 senders of 100-byte
-/// messages.
-const TAKE_BYTES: usize = 256 * 1024;
+/// How many frames a writer task takes from the lane's queue at a time (as many as one
+/// `writev` can write), within what is left of its turn: what the socket does not take goes
+/// back to the queue's front. Taking the whole queue moved every frame of a long queue out
+/// and most of them back at each write: 10% of a flooded sender node's CPU with 8 senders
+/// of 100-byte messages. (A cap in bytes, 256 KB, was tried: it made large frames' writes
+/// smaller, and one sender of 256 KB messages ran at half the rate.)
+const TAKE_FRAMES: usize = MAX_IOVECS;
 
 /// A sender writing directly reads acks after this many frames written since they were last
 /// read: about one `recv` per ack the peer sends ([`crate::acks::ACK_FRAMES`]).
@@ -967,7 +968,7 @@ impl Conn {
             if st.sock.is_none() {
                 continue; // the probe found it gone
             }
-            let take = frames_within(&st.queue, TAKE_BYTES.min(TURN_BYTES - turn));
+            let take = frames_within(&st.queue, TURN_BYTES - turn).min(TAKE_FRAMES);
             batch.extend(st.queue.drain(..take));
             stamp(&mut st, batch);
             st.in_batch = batch.len();
@@ -1286,18 +1287,23 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::thread;
 
-    /// A writer takes about TAKE_BYTES of a long queue at a time, and always a frame when
-    /// there is one, however large.
+    /// A writer takes the front of a long queue: what is left of its turn's bytes, at most
+    /// TAKE_FRAMES frames, and always a frame when there is one, however large.
     #[test]
     fn a_writer_takes_the_front_of_a_long_queue() {
         let small: VecDeque<OutFrame> = (0..10_000).map(|_| frame(&[7; 100])).collect();
         let each = small[0].len();
-        let n = frames_within(&small, TAKE_BYTES);
-        assert_eq!(n, TAKE_BYTES.div_ceil(each));
+        assert_eq!(frames_within(&small, 64 * each), 64);
+        assert_eq!(frames_within(&small, 64 * each + 1), 65);
+        assert_eq!(
+            frames_within(&small, TURN_BYTES).min(TAKE_FRAMES),
+            TAKE_FRAMES
+        );
         assert_eq!(frames_within(&small, 1), 1);
-        assert_eq!(frames_within(&VecDeque::new(), TAKE_BYTES), 0);
-        let large: VecDeque<OutFrame> = (0..3).map(|_| frame(&vec![7; 1 << 20])).collect();
-        assert_eq!(frames_within(&large, TAKE_BYTES), 1);
+        assert_eq!(frames_within(&VecDeque::new(), TURN_BYTES), 0);
+        let large: VecDeque<OutFrame> = (0..8).map(|_| frame(&vec![7; 1 << 20])).collect();
+        assert_eq!(frames_within(&large, TURN_BYTES), 4);
+        assert_eq!(frames_within(&large, 1), 1);
     }
 
     /// A payload that names its number and has `pad` bytes more.
