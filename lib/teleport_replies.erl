@@ -127,8 +127,12 @@ handle_info({'DOWN', Mon, process, _, Reason}, State = #state{nodes = Nodes, cal
             {noreply, lists:foldl(fun done/2, State#state{nodes = maps:remove(Mon, Nodes)},
                                   Waiting)};
         {_, #{Mon := Alias}} ->
-            %% The caller died waiting: teleport_calls there may give the call up.
-            _ = [catch teleport:send({teleport_calls, Node}, {'$teleport_cancel', Alias})
+            %% The caller died waiting: teleport_calls there may give the call up. Never
+            %% waiting here (nosuspend, noconnect): the replies of every caller pass here;
+            %% a cancel not sent leaves the call until its callee answers, and the answer
+            %% goes nowhere.
+            _ = [catch teleport:send({teleport_calls, Node}, {'$teleport_cancel', Alias},
+                                     [nosuspend, noconnect])
                  || {_, Node, _} <- ets:lookup(?MODULE, Alias)],
             {noreply, done(Alias, State)};
         _ ->
