@@ -293,6 +293,16 @@ impl Writer {
         self.close_bytes();
         (self.buf, self.chunks)
     }
+
+    /// As [`Writer::finish`], except that output which is all bytes (no shared binary)
+    /// comes with no chunks at all, the buffer being its one chunk: no chunk list to
+    /// allocate for a small frame.
+    pub fn finish_compact(self) -> (Vec<u8>, Vec<Chunk>) {
+        if self.chunks.is_empty() && self.open == 0 {
+            return (self.buf, self.chunks);
+        }
+        self.finish()
+    }
 }
 
 #[cfg(test)]

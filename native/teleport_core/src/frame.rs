@@ -243,7 +243,7 @@ impl Draft {
         let len = w.total_len() - LEN_BYTES;
         let len32 = u32::try_from(len).map_err(|_| FrameError::BadLength(len))?;
         w.overwrite(0, &len32.to_be_bytes());
-        let (buf, chunks) = w.finish();
+        let (buf, chunks) = w.finish_compact();
         Ok(OutFrame::new(buf, chunks, shared))
     }
 }

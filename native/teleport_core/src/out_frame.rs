@@ -52,15 +52,20 @@ impl Drop for OutFrame {
 
 impl OutFrame {
     /// A frame made of a writer's output, which must start with a frame header (as
-    /// [`crate::frame::Draft`] makes it); `shared` supplies the [`Chunk::Shared`] parts.
+    /// [`crate::frame::Draft`] makes it); `shared` supplies the [`Chunk::Shared`] parts. No
+    /// chunks at all means that `buf` is the whole frame ([`crate::encode::Writer::finish_compact`]).
     pub fn new(buf: Vec<u8>, chunks: Vec<Chunk>, shared: Option<Arc<dyn Shared>>) -> Self {
-        let len = chunks
-            .iter()
-            .map(|c| match *c {
-                Chunk::Bytes { start, end } => end - start,
-                Chunk::Shared { len, .. } => len,
-            })
-            .sum();
+        let len = if chunks.is_empty() {
+            buf.len()
+        } else {
+            chunks
+                .iter()
+                .map(|c| match *c {
+                    Chunk::Bytes { start, end } => end - start,
+                    Chunk::Shared { len, .. } => len,
+                })
+                .sum()
+        };
         OutFrame {
             buf,
             chunks,
@@ -153,6 +158,13 @@ impl OutFrame {
 
     /// Appends the unwritten parts to `out`, at most `max` slices in all.
     pub fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) {
+        if self.chunks.is_empty() {
+            // The buffer is the whole frame.
+            if out.len() < max && self.done < self.buf.len() {
+                out.push(IoSlice::new(&self.buf[self.done..]));
+            }
+            return;
+        }
         let mut skip = self.done;
         for c in &self.chunks {
             if out.len() >= max {
@@ -232,6 +244,43 @@ mod tests {
         assert_eq!(f.advance(10), 5);
         assert_eq!(f.remaining(), 0);
         assert!(flat(&f).is_empty());
+    }
+
+    /// A frame without chunks is its buffer, written and resumed as one slice.
+    #[test]
+    fn a_frame_without_chunks_is_its_buffer() {
+        let mut f = OutFrame::new(b"header+term".to_vec(), Vec::new(), None);
+        assert_eq!(f.len(), 11);
+        assert_eq!(flat(&f), b"header+term");
+        assert_eq!(f.advance(7), 0);
+        assert_eq!(flat(&f), b"term");
+        let mut none = Vec::new();
+        f.slices(&mut none, 0);
+        assert!(none.is_empty());
+        assert_eq!(f.advance(9), 5);
+        assert!(flat(&f).is_empty());
+        assert_eq!(flat(&f.duplicate()), b"header+term");
+    }
+
+    /// A draft of bytes only finishes without a chunk list; one with a shared binary keeps
+    /// its chunks; both write the same bytes as their parts say.
+    #[test]
+    fn only_frames_with_shared_parts_carry_chunks() {
+        use crate::frame::{Draft, Kind};
+        let mut d = Draft::new(Kind::ToName, &[119, 1, b't']);
+        d.term().raw(b"small");
+        let f = d.finish(None).unwrap();
+        assert!(f.chunks.is_empty());
+        assert_eq!(flat(&f).len(), f.len());
+        assert!(flat(&f).ends_with(b"small"));
+        let mut d = Draft::new(Kind::ToName, &[119, 1, b't']);
+        d.term().raw(b"a");
+        assert_eq!(d.term().binary_ref(4), 0);
+        d.term().raw(b"z");
+        let f = d.finish(Some(Arc::new(Fixed(b"WXYZ".to_vec())))).unwrap();
+        assert_eq!(f.chunks.len(), 3);
+        assert!(flat(&f).ends_with(b"WXYZz"));
+        assert_eq!(flat(&f).len(), f.len());
     }
 
     #[test]
