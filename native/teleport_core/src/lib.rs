@@ -17,6 +17,8 @@
 //! - [`peers`], [`stats`]: which peers may connect, and counters per peer;
 //! - [`sockopts`]: the socket options the user sets, applied to every connection;
 //! - [`threads`]: teleport's OS threads, at a priority below the VM's schedulers;
+//! - [`tls`]: TLS with rustls, mutually authenticated against one CA, and the value that
+//!   binds the cookie handshake to the TLS session (not yet used by the connections);
 //! - [`log`]: the `tracing` subscriber whose records the NIF forwards to Erlang's `logger`.
 //!
 //! The Erlang side lives in the `teleport_nif` crate, which only walks and makes terms.
@@ -50,4 +52,5 @@ pub mod stats;
 #[cfg(test)]
 mod testing;
 pub mod threads;
+pub mod tls;
 pub mod value;
