@@ -828,6 +828,57 @@ mod tests {
         (y as i32, m as u8, d as u8)
     }
 
+    /// Throughput of the cipher suite rustls picks here, one end encrypting 10 MB records'
+    /// worth of data and the other decrypting them (`cargo test --release -- --ignored
+    /// tls_throughput --nocapture`): a measure for the design, not an assertion.
+    #[test]
+    #[ignore]
+    fn tls_throughput() {
+        let dir = Dir::new("speed");
+        let ca = Ca::new("teleport test CA");
+        let a = node(&dir, "a", &ca, &["alpha.example"], &ca);
+        let b = node(&dir, "b", &ca, &["beta.example"], &ca);
+        let (out, mut c, mut s) = dial(&a, &b, "beta.example");
+        out.unwrap();
+        println!("suite {:?}", c.negotiated_cipher_suite().map(|s| s.suite()));
+        c.set_buffer_limit(None);
+        s.set_buffer_limit(None);
+        let chunk = vec![7u8; 10 << 20];
+        let mut plain = vec![0u8; 1 << 20];
+        let (mut enc, mut dec) = (Duration::ZERO, Duration::ZERO);
+        let rounds = 20;
+        for _ in 0..rounds {
+            let t0 = std::time::Instant::now();
+            c.writer().write_all(&chunk).unwrap();
+            let mut wire = Vec::with_capacity(11 << 20);
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            let t1 = std::time::Instant::now();
+            let mut input = &wire[..];
+            let mut got = 0;
+            while got < chunk.len() {
+                if !input.is_empty() {
+                    s.read_tls(&mut input).unwrap();
+                    s.process_new_packets().unwrap();
+                }
+                match s.reader().read(&mut plain) {
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            enc += t1 - t0;
+            dec += t1.elapsed();
+        }
+        let mb = (rounds * chunk.len()) as f64 / 1e6;
+        println!(
+            "encrypt {:.0} MB/s, decrypt {:.0} MB/s",
+            mb / enc.as_secs_f64(),
+            mb / dec.as_secs_f64()
+        );
+    }
+
     #[test]
     fn der_times_read_as_the_calendar_says() {
         let at = |tag, s: &str| der_time(tag, s.as_bytes());
