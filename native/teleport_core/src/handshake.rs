@@ -30,6 +30,12 @@
 //! Names = len(DialerName):8 ++ DialerName ++ len(AcceptorName):8 ++ AcceptorName
 //! ```
 //!
+//! Over TLS ([`crate::tls`]) both MACs also cover the session's binding, a value both ends
+//! derive from their TLS session: `... ++ "tls\0" ++ Binding:32` after the names
+//! ([`dial_bound`], [`accept_bound`]). A relay that terminates TLS towards each side holds
+//! two sessions with two bindings, so the MAC it passes on from one does not verify on the
+//! other: a certificate alone does not let a node in, nor does a relayed cookie proof.
+//!
 //! Besides authenticating, the handshake settles what delivery needs, each field covered by
 //! its sender's MAC:
 //! - `Lane`, which of the dialer's pool slots this connection serves, and `Session`, the
@@ -106,6 +112,8 @@ pub const REJECT_PROTOCOL: u8 = 3;
 // would be a valid dialer MAC in a session where the nonces are swapped. Both are 16 bytes.
 const ACCEPT_LABEL: &[u8; 16] = b"teleport-accept\0";
 const DIAL_LABEL: &[u8; 16] = b"teleport-dial\0\0\0";
+/// What precedes a TLS session's binding in both MACs.
+const BINDING_TAG: &[u8; 4] = b"tls\0";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -251,6 +259,8 @@ pub struct Proven {
     nonce_d: [u8; NONCE_LEN],
     nonce_a: [u8; NONCE_LEN],
     me: Vec<u8>,
+    /// The TLS session's binding both MACs cover, if the connection runs over TLS.
+    binding: Option<Vec<u8>>,
 }
 
 /// Reads one message and returns its body.
@@ -438,6 +448,20 @@ pub fn dial<S: Read + Write>(
     lane: u16,
     session: u64,
 ) -> Result<Welcome, HandshakeError> {
+    dial_bound(s, me, peer, cookie, lane, session, None)
+}
+
+/// [`dial`] inside a TLS session whose binding ([`crate::tls::binding`]) both MACs cover
+/// (`None`: a plain connection, as [`dial`]).
+pub fn dial_bound<S: Read + Write>(
+    s: &mut S,
+    me: &[u8],
+    peer: &[u8],
+    cookie: &[u8],
+    lane: u16,
+    session: u64,
+    binding: Option<&[u8]>,
+) -> Result<Welcome, HandshakeError> {
     name_len(me)?;
     name_len(peer)?;
     if cookie.is_empty() {
@@ -457,10 +481,19 @@ pub fn dial<S: Read + Write>(
         // something to test cookie guesses against: send nothing.
         return Err(HandshakeError::WrongPeer);
     }
-    let mac = dial_mac(cookie, &challenge.nonce, &nonce_d, me, peer, lane, session)?
-        .finalize()
-        .into_bytes()
-        .into();
+    let mac = dial_mac(
+        cookie,
+        &challenge.nonce,
+        &nonce_d,
+        me,
+        peer,
+        lane,
+        session,
+        binding,
+    )?
+    .finalize()
+    .into_bytes()
+    .into();
     write_message(s, &encode_response(&Response { mac, lane, session }))?;
 
     let accepted = parse_verdict(&read_message(s)?)?;
@@ -472,6 +505,7 @@ pub fn dial<S: Read + Write>(
         me,
         peer,
         &accepted.welcome,
+        binding,
     )?
     .verify_slice(&accepted.mac)
     .map_err(|_| HandshakeError::BadMac)?;
@@ -490,6 +524,17 @@ pub fn dial<S: Read + Write>(
 pub fn accept<S: Read + Write>(
     s: &mut S,
     me: &[u8],
+    cookie_for: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+) -> Result<Proven, HandshakeError> {
+    accept_bound(s, me, None, cookie_for)
+}
+
+/// [`accept`] inside a TLS session whose binding ([`crate::tls::binding`]) both MACs cover
+/// (`None`: a plain connection, as [`accept`]).
+pub fn accept_bound<S: Read + Write>(
+    s: &mut S,
+    me: &[u8],
+    binding: Option<&[u8]>,
     cookie_for: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
 ) -> Result<Proven, HandshakeError> {
     name_len(me)?;
@@ -521,6 +566,7 @@ pub fn accept<S: Read + Write>(
         me,
         response.lane,
         response.session,
+        binding,
     )?
     .verify_slice(&response.mac)
     .is_ok();
@@ -540,6 +586,7 @@ pub fn accept<S: Read + Write>(
         nonce_d: hello.nonce,
         nonce_a,
         me: me.to_vec(),
+        binding: binding.map(<[u8]>::to_vec),
     })
 }
 
@@ -554,6 +601,7 @@ impl Proven {
             &self.dialer.name,
             &self.me,
             welcome,
+            self.binding.as_deref(),
         )?
         .finalize()
         .into_bytes()
@@ -593,8 +641,17 @@ fn accept_mac(
     dialer: &[u8],
     acceptor: &[u8],
     welcome: &Welcome,
+    binding: Option<&[u8]>,
 ) -> Result<HmacSha256, HandshakeError> {
-    let mut mac = keyed_mac(cookie, ACCEPT_LABEL, nonce_d, nonce_a, dialer, acceptor)?;
+    let mut mac = keyed_mac(
+        cookie,
+        ACCEPT_LABEL,
+        nonce_d,
+        nonce_a,
+        dialer,
+        acceptor,
+        binding,
+    )?;
     mac.update(&welcome.max_frame.to_be_bytes());
     mac.update(&welcome.incarnation.to_be_bytes());
     mac.update(&welcome.delivered.to_be_bytes());
@@ -602,6 +659,7 @@ fn accept_mac(
 }
 
 /// The keyed HMAC state for the dialer's proof `MacD`: note the nonces in the other order.
+#[allow(clippy::too_many_arguments)]
 fn dial_mac(
     cookie: &[u8],
     nonce_a: &[u8; NONCE_LEN],
@@ -610,8 +668,11 @@ fn dial_mac(
     acceptor: &[u8],
     lane: u16,
     session: u64,
+    binding: Option<&[u8]>,
 ) -> Result<HmacSha256, HandshakeError> {
-    let mut mac = keyed_mac(cookie, DIAL_LABEL, nonce_a, nonce_d, dialer, acceptor)?;
+    let mut mac = keyed_mac(
+        cookie, DIAL_LABEL, nonce_a, nonce_d, dialer, acceptor, binding,
+    )?;
     mac.update(&lane.to_be_bytes());
     mac.update(&session.to_be_bytes());
     Ok(mac)
@@ -624,6 +685,7 @@ fn keyed_mac(
     second: &[u8; NONCE_LEN],
     dialer: &[u8],
     acceptor: &[u8],
+    binding: Option<&[u8]>,
 ) -> Result<HmacSha256, HandshakeError> {
     // HMAC takes keys of any length, so this error cannot happen; it is mapped, not unwrapped.
     let mut mac = HmacSha256::new_from_slice(cookie)
@@ -636,6 +698,10 @@ fn keyed_mac(
     mac.update(dialer);
     mac.update(&[name_len(acceptor)?]);
     mac.update(acceptor);
+    if let Some(binding) = binding {
+        mac.update(BINDING_TAG);
+        mac.update(binding);
+    }
     Ok(mac)
 }
 
@@ -960,6 +1026,7 @@ mod tests {
             ACCEPTOR,
             LANE,
             SESSION,
+            None,
         )
         .unwrap();
         assert_eq!(response.mac, mac_bytes(mac_d));
@@ -970,10 +1037,68 @@ mod tests {
             DIALER,
             ACCEPTOR,
             &WELCOME,
+            None,
         )
         .unwrap();
         assert_eq!(accepted.mac, mac_bytes(mac_a));
         assert_eq!(accepted.welcome, WELCOME);
+    }
+
+    /// Over TLS both proofs cover the session's binding: the same binding on both ends
+    /// passes; a relay's two sessions (two bindings), or one end bound and the other not,
+    /// fail as a wrong cookie does, the acceptor saying REJECT(2).
+    #[test]
+    fn proofs_cover_the_tls_binding() {
+        let run = |dialer_binding: Option<[u8; 32]>, acceptor_binding: Option<[u8; 32]>| {
+            let (mut d, mut a) = pair();
+            let acceptor = thread::spawn(move || {
+                accept_bound(
+                    &mut a,
+                    ACCEPTOR,
+                    acceptor_binding.as_ref().map(|b| &b[..]),
+                    |_| Some(COOKIE.to_vec()),
+                )
+                .and_then(|p| p.welcome(&mut a, &WELCOME))
+            });
+            let dialed = dial_bound(
+                &mut d,
+                DIALER,
+                ACCEPTOR,
+                COOKIE,
+                LANE,
+                SESSION,
+                dialer_binding.as_ref().map(|b| &b[..]),
+            );
+            (dialed, acceptor.join().unwrap())
+        };
+        let (one, two) = ([1u8; 32], [2u8; 32]);
+        let (dialed, accepted) = run(Some(one), Some(one));
+        assert_eq!(dialed.unwrap(), WELCOME);
+        assert_eq!(accepted.unwrap().name, DIALER);
+        for (d, a) in [(Some(one), Some(two)), (Some(one), None), (None, Some(one))] {
+            let (dialed, accepted) = run(d, a);
+            assert!(
+                matches!(accepted, Err(HandshakeError::BadMac)),
+                "{accepted:?}"
+            );
+            assert!(
+                matches!(dialed, Err(HandshakeError::Rejected(REJECT_BAD_MAC))),
+                "{dialed:?}"
+            );
+        }
+        // The binding changes both MACs.
+        let (x, y) = ([3u8; NONCE_LEN], [4u8; NONCE_LEN]);
+        let plain =
+            mac_bytes(dial_mac(COOKIE, &x, &y, DIALER, ACCEPTOR, LANE, SESSION, None).unwrap());
+        let bound = mac_bytes(
+            dial_mac(COOKIE, &x, &y, DIALER, ACCEPTOR, LANE, SESSION, Some(&one)).unwrap(),
+        );
+        assert_ne!(plain, bound);
+        let plain =
+            mac_bytes(accept_mac(COOKIE, &x, &y, DIALER, ACCEPTOR, &WELCOME, None).unwrap());
+        let bound =
+            mac_bytes(accept_mac(COOKIE, &x, &y, DIALER, ACCEPTOR, &WELCOME, Some(&one)).unwrap());
+        assert_ne!(plain, bound);
     }
 
     #[test]
@@ -1214,12 +1339,12 @@ mod tests {
         let dialed = impostor(|_, _| [0; MAC_LEN]);
         assert!(matches!(dialed, Err(HandshakeError::BadMac)), "{dialed:?}");
         let dialed = impostor(|d, a| {
-            mac_bytes(accept_mac(b"WRONG", d, a, DIALER, ACCEPTOR, &WELCOME).unwrap())
+            mac_bytes(accept_mac(b"WRONG", d, a, DIALER, ACCEPTOR, &WELCOME, None).unwrap())
         });
         assert!(matches!(dialed, Err(HandshakeError::BadMac)), "{dialed:?}");
         // The acceptor's MAC under the right cookie is what makes it pass.
         let dialed = impostor(|d, a| {
-            mac_bytes(accept_mac(COOKIE, d, a, DIALER, ACCEPTOR, &WELCOME).unwrap())
+            mac_bytes(accept_mac(COOKIE, d, a, DIALER, ACCEPTOR, &WELCOME, None).unwrap())
         });
         dialed.unwrap();
     }
@@ -1267,15 +1392,19 @@ mod tests {
     fn reflected_mac_fails() {
         // The acceptor's MacA sent back as the dialer's MacD must not verify, nor the reverse.
         let (d, a) = ([1; NONCE_LEN], [2; NONCE_LEN]);
-        let mac_a = mac_bytes(accept_mac(COOKIE, &d, &a, DIALER, ACCEPTOR, &WELCOME).unwrap());
-        let mac_d = mac_bytes(dial_mac(COOKIE, &a, &d, DIALER, ACCEPTOR, LANE, SESSION).unwrap());
+        let mac_a =
+            mac_bytes(accept_mac(COOKIE, &d, &a, DIALER, ACCEPTOR, &WELCOME, None).unwrap());
+        let mac_d =
+            mac_bytes(dial_mac(COOKIE, &a, &d, DIALER, ACCEPTOR, LANE, SESSION, None).unwrap());
         assert_ne!(mac_a, mac_d);
         for (x, y) in [(&a, &d), (&d, &a)] {
-            assert!(dial_mac(COOKIE, x, y, DIALER, ACCEPTOR, LANE, SESSION)
-                .unwrap()
-                .verify_slice(&mac_a)
-                .is_err());
-            assert!(accept_mac(COOKIE, x, y, DIALER, ACCEPTOR, &WELCOME)
+            assert!(
+                dial_mac(COOKIE, x, y, DIALER, ACCEPTOR, LANE, SESSION, None)
+                    .unwrap()
+                    .verify_slice(&mac_a)
+                    .is_err()
+            );
+            assert!(accept_mac(COOKIE, x, y, DIALER, ACCEPTOR, &WELCOME, None)
                 .unwrap()
                 .verify_slice(&mac_d)
                 .is_err());

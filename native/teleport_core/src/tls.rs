@@ -676,6 +676,73 @@ mod tests {
         assert_ne!(binding(&c1), binding(&c2));
     }
 
+    /// The whole opening of a TLS connection over a socket: the TLS handshake, then the
+    /// cookie handshake inside it, bound to the session; then data in both directions.
+    #[test]
+    fn the_cookie_handshake_runs_inside_tls_bound_to_the_session() {
+        use crate::handshake::{accept_bound, dial_bound, Welcome};
+        use std::net::{TcpListener, TcpStream};
+        let dir = Dir::new("socket");
+        let ca = Ca::new("teleport test CA");
+        let a = Tls::load(&node(&dir, "a", &ca, &["alpha.example"], &ca)).unwrap();
+        let b = Tls::load(&node(&dir, "b", &ca, &["127.0.0.1"], &ca)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let welcome = Welcome {
+            max_frame: 1 << 20,
+            incarnation: 9,
+            delivered: 0,
+        };
+        let acceptor = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut tls = b.acceptor().unwrap();
+            while tls.is_handshaking() {
+                tls.complete_io(&mut sock).unwrap();
+            }
+            let bound = binding(&tls).unwrap();
+            let mut stream = rustls::StreamOwned::new(tls, sock);
+            let proven = accept_bound(&mut stream, b"b@127.0.0.1", Some(&bound), |_| {
+                Some(b"cookie".to_vec())
+            })
+            .unwrap();
+            let dialer = proven.welcome(&mut stream, &welcome).unwrap();
+            stream.flush().unwrap();
+            let mut frame = [0u8; 5];
+            stream.read_exact(&mut frame).unwrap();
+            stream.write_all(b"ack").unwrap();
+            stream.flush().unwrap();
+            (dialer.name, frame)
+        });
+        let mut sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tls = a.dialer(host_of("b@127.0.0.1").unwrap()).unwrap();
+        while tls.is_handshaking() {
+            tls.complete_io(&mut sock).unwrap();
+        }
+        let bound = binding(&tls).unwrap();
+        let mut stream = rustls::StreamOwned::new(tls, sock);
+        let told = dial_bound(
+            &mut stream,
+            b"a@alpha.example",
+            b"b@127.0.0.1",
+            b"cookie",
+            0,
+            1,
+            Some(&bound),
+        )
+        .unwrap();
+        assert_eq!(told, welcome);
+        stream.write_all(b"frame").unwrap();
+        stream.flush().unwrap();
+        let mut ack = [0u8; 3];
+        stream.read_exact(&mut ack).unwrap();
+        assert_eq!(&ack, b"ack");
+        let (name, frame) = acceptor.join().unwrap();
+        assert_eq!(name, b"a@alpha.example");
+        assert_eq!(&frame, b"frame");
+    }
+
     #[test]
     fn a_certificate_of_another_ca_is_refused_on_either_side() {
         let dir = Dir::new("ca");
