@@ -282,10 +282,11 @@ request(Node, Target, Request, Timeout, MFA) ->
     Msg = {'$teleport_call', Target, Request, self(), Alias, Timeout},
     Sent = case teleport_replies:expect(Alias, Node, Timeout) of
                ok -> remote(Node, teleport_calls, Target, Msg, []);
-               NotStarted -> NotStarted
+               NotNoted -> NotNoted
            end,
     case Sent of
         ok ->
+            teleport_replies:sent(Alias, Timeout),
             Alias;
         {error, Reason} ->
             teleport_replies:forget(Alias),

@@ -172,8 +172,12 @@ watch_node(Node, State = #state{nodes = Nodes}) ->
         #{Node := _} ->
             State;
         #{} ->
-            true = erlang:monitor_node(Node, true),
-            State#state{nodes = Nodes#{Node => true}}
+            %% notalive if this node stopped its distribution meanwhile: nothing to watch,
+            %% and its calls go when their callers' nodes cancel them.
+            case catch erlang:monitor_node(Node, true) of
+                true -> State#state{nodes = Nodes#{Node => true}};
+                _ -> State
+            end
     end.
 
 %% The call of Mref ended with Result: the caller hears of it, if it was still known.

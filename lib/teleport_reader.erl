@@ -201,15 +201,16 @@ set_active(Sock, Active) ->
     _ = inet:setopts(Sock, [{active, Active}]),
     ok.
 
-%% `Acc' and the data the port sent before it stopped, in order, as one binary. A close
-%% message stays for later; the socket's own reads see the end of the stream too.
--spec sent_by(inet:socket(), [data()]) -> binary() | eof.
+%% `Acc' and the data the port sent before it stopped, in order, as one binary; or, if there
+%% is none, how the stream ended (`Acc' holds it then). A close message stays for later; the
+%% socket's own reads see the end of the stream too.
+-spec sent_by(inet:socket(), [data()]) -> data().
 sent_by(Sock, Acc) ->
     receive
         {tcp, Sock, Data} -> sent_by(Sock, [Data | Acc])
     after 0 ->
             case [B || B <- lists:reverse(Acc), is_binary(B)] of
-                [] -> eof;
+                [] -> hd([End || End <- Acc, not is_binary(End)] ++ [eof]);
                 Bins -> iolist_to_binary(Bins)
             end
     end.

@@ -15,6 +15,8 @@ start_link() ->
 %% @private
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
+    %% Shared state that outlives the process using it: the supervisor owns it.
+    ok = teleport_replies:create_table(),
     Flags = #{strategy => rest_for_one, intensity => 5, period => 10},
     Children = [#{id => teleport_log, start => {teleport_log, start_link, []}},
                 #{id => teleport_reader_sup, start => {teleport_reader_sup, start_link, []},

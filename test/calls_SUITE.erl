@@ -12,7 +12,9 @@ all() ->
      multi_call_with_a_node_down,
      node_killed_mid_call, abandoned_calls_leave_nothing_behind, no_process_per_call,
      calls_cross_no_disterl, teleport_calls_down_mid_call, killed_callers_leave_no_note,
-     early_cancel_drops_its_call, caller_node_down_ends_infinite_calls].
+     early_cancel_drops_its_call, caller_node_down_ends_infinite_calls,
+     replies_restart_keeps_the_watches, failed_infinite_calls_leave_no_monitor,
+     call_from_an_undistributed_node].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("calls_ct_"),
@@ -279,20 +281,109 @@ killed_callers_leave_no_note(Config) ->
     ?assertEqual(0, teleport_replies:waiting()).
 
 %% A cancel of an infinite call may overtake its request (they ride different connections):
-%% the request is dropped when it comes, the callee never sees it.
+%% the request is dropped when it comes, the callee never sees it. The messages go to
+%% teleport_calls over disterl, and so does erpc, which therefore sees them handled.
 early_cancel_drops_its_call(Config) ->
-    {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
+    Node = ?config(node, Config),
     Dest = {srv, Node},
+    Pending = fun() -> erpc:call(Node, teleport_calls, pending, []) end,
     ok = teleport:gs_call(Dest, hold_replies),
-    Alias = erlang:alias(),
-    {teleport_calls, Node} ! {'$teleport_cancel', Alias},
-    {teleport_calls, Node} ! {'$teleport_call', srv, {held, early}, self(), Alias, infinity},
-    ?assertEqual(0, peer:call(Peer, teleport_calls, pending, [])),
-    ?assertEqual(0, teleport:gs_call(Dest, release_replies)),
+    [Early, Control] = [erlang:alias() || _ <- [1, 2]],
+    {teleport_calls, Node} ! {'$teleport_cancel', Early},
+    {teleport_calls, Node} ! {'$teleport_call', srv, {held, early}, self(), Early, infinity},
+    ?assertEqual(0, Pending()),
+    %% The control: the same request without a cancel is served (and held).
+    {teleport_calls, Node} ! {'$teleport_call', srv, {held, control}, self(), Control, infinity},
+    ?assertEqual(1, Pending()),
+    ?assertEqual(1, teleport:gs_call(Dest, release_replies)),
     %% A cancel of a call that is not there breaks nothing either.
     {teleport_calls, Node} ! {'$teleport_cancel', make_ref()},
     ?assertEqual(ok, teleport:gs_call(Dest, {echo, ok}, infinity)),
-    erlang:unalias(Alias).
+    [erlang:unalias(A) || A <- [Early, Control]].
+
+%% teleport_replies restarting loses no caller's watch: its table belongs to teleport_sup,
+%% and the new one watches again what the notes name. Before, a caller waiting across the
+%% restart was never told that teleport_calls there went away (an infinite one hung).
+replies_restart_keeps_the_watches(Config) ->
+    {Peer, Node} = {?config(peer, Config), ?config(node, Config)},
+    Dest = {srv, Node},
+    Self = self(),
+    Callers = [spawn(fun() -> Self ! {self(), catch teleport:gs_call(
+                                                    Dest, {reply_later, x, 60000}, T)}
+                     end) || T <- [30000, infinity]],
+    ok = teleport_soak:wait_until(
+           fun() -> peer:call(Peer, teleport_calls, pending, []) =:= 2 end, 5000),
+    Old = whereis(teleport_replies),
+    exit(Old, kill),
+    ok = teleport_soak:wait_until(
+           fun() -> is_pid(whereis(teleport_replies)) andalso whereis(teleport_replies) =/= Old
+           end, 5000),
+    ?assertEqual(2, teleport_replies:waiting()),
+    Calls = peer:call(Peer, erlang, whereis, [teleport_calls]),
+    true = peer:call(Peer, erlang, exit, [Calls, kill]),
+    Exits = [receive {C, R} -> R after 10000 -> ct:fail({not_told, C}) end || C <- Callers],
+    ?assertMatch([{'EXIT', {killed, _}}, {'EXIT', {killed, _}}], Exits),
+    ?assertEqual(0, teleport_replies:waiting()).
+
+%% An infinite call whose request cannot be sent leaves nothing behind: neither its note
+%% nor the monitor of its caller (one was left per failed call, for the caller's life). Here
+%% the request is larger than the callee's node takes (its max_frame_bytes), which the node
+%% told in the handshake: the call exits too_large at once, the node staying watched.
+failed_infinite_calls_leave_no_monitor(_Config) ->
+    {ok, {_, Node, _} = Small} = teleport_test_util:start_peer(
+                                   #{prefix => calls, link => true, connect_all => true,
+                                     env => [{max_frame_bytes, 65536}]}),
+    try
+        {ok, _} = erpc:call(Node, calls_test_server, start, [srv]),
+        Dest = {srv, Node},
+        ?assertEqual(up, teleport:gs_call(Dest, {echo, up}, infinity)),
+        Big = {echo, binary:copy(<<7>>, 100000)},
+        Monitors = fun() ->
+                           {monitors, Ms} = process_info(whereis(teleport_replies), monitors),
+                           length([M || {process, P} = M <- Ms, P =:= self()])
+                   end,
+        [?assertExit({too_large, _}, teleport:gs_call(Dest, Big, infinity))
+         || _ <- lists:seq(1, 20)],
+        %% What teleport_replies was sent is handled before this call is.
+        _ = sys:get_state(teleport_replies),
+        ?assertEqual(0, Monitors()),
+        ?assertEqual(0, teleport_replies:waiting()),
+        %% The same steps one by one, so that teleport_replies surely monitors the caller
+        %% before the wait is given up (a request that fails at once is usually given up
+        %% first): forget/1 removes that monitor too.
+        Alias = erlang:alias([reply]),
+        ok = teleport_replies:expect(Alias, Node, infinity),
+        _ = sys:get_state(teleport_replies),
+        ?assertEqual(1, Monitors()),
+        ok = teleport_replies:forget(Alias),
+        _ = sys:get_state(teleport_replies),
+        ?assertEqual(0, Monitors()),
+        ?assertEqual(0, teleport_replies:waiting()),
+        ?assertEqual(still, teleport:gs_call(Dest, {echo, still}, infinity))
+    after
+        teleport_test_util:stop_peer(Small)
+    end.
+
+%% On a node that is not distributed a call to another node exits nodedown, as sending does,
+%% and takes nothing down with it. (Watching the node crashed teleport_replies: a monitor of
+%% a remote name raises badarg there; six such calls stopped teleport.)
+call_from_an_undistributed_node(_Config) ->
+    {ok, Peer, nonode@nohost} = peer:start_link(#{connection => standard_io,
+                                                  args => ["-pa" | code:get_path()]}),
+    try
+        ok = peer:call(Peer, teleport, start, []),
+        Replies = peer:call(Peer, erlang, whereis, [teleport_replies]),
+        Dest = {srv, 'nobody@nohost'},
+        [?assertMatch({'EXIT', {{nodedown, 'nobody@nohost'}, {teleport, gs_call, _}}},
+                      peer:call(Peer, erlang, apply, [fun catch_call/1, [Dest]]))
+         || _ <- lists:seq(1, 8)],
+        ?assertEqual(Replies, peer:call(Peer, erlang, whereis, [teleport_replies]))
+    after
+        peer:stop(Peer)
+    end.
+
+catch_call(Dest) ->
+    catch teleport:gs_call(Dest, x, 1000).
 
 %% When a caller's node goes down, the callee's node gives up its calls with an infinite
 %% timeout (it watches the node, not each caller).

@@ -1075,8 +1075,6 @@ impl Conn {
     }
 }
 
-/// Stamps the frames of `batch` not stamped yet with the lane's next numbers, in order: a
-/// frame is numbered when it first goes out on a connection.
 /// How many frames at the front of `queue` hold about `bytes` (one at least, when there is
 /// one): those that start within the first `bytes`.
 fn frames_within(queue: &VecDeque<OutFrame>, bytes: usize) -> usize {
@@ -1091,6 +1089,8 @@ fn frames_within(queue: &VecDeque<OutFrame>, bytes: usize) -> usize {
         .count()
 }
 
+/// Stamps the frames of `batch` not stamped yet with the lane's next numbers, in order: a
+/// frame is numbered when it first goes out on a connection.
 fn stamp(st: &mut State, batch: &mut [OutFrame]) {
     for f in batch.iter_mut().filter(|f| f.seq() == 0) {
         f.stamp(st.next_seq);
