@@ -318,13 +318,14 @@ big_binary(_Config) ->
 %% running both nodes it preempts a scheduler's thread for some milliseconds at times (seen
 %% in CI, once in a few runs, as a 9 ms report of a reader). So the case checks what the
 %% reader controls, its longest turn in CPU time, every time, and asks for a report-free run
-%% in two: a reader that overstays, as one charged by its bytes did (six 1.5 ms turns in a
+%% in three (two in a row were stretched once in CI, 2026-12-04: 6 and 9 ms of wall time
+%% for turns of under 0.9 ms of CPU): a reader that overstays, as one charged by its bytes did (six 1.5 ms turns in a
 %% schedule), shows in every run.
 no_long_schedule_receiving(_Config) ->
     [{P, Node, _}] = start_peers(?FUNCTION_NAME, 1),
     _ = peer:call(P, ?MODULE, start_echo, [echo]),
     {pong, Node, _} = ping({echo, Node}),
-    Runs = long_schedule_runs(P, Node, 2),
+    Runs = long_schedule_runs(P, Node, 3),
     ct:pal("per run: long_schedule reports (all of the node's), the readers' longest turns "
            "{cpu_us, wall_us}: ~p", [Runs]),
     ?assert(lists:any(fun({Ours, _, _}) -> Ours =:= [] end, Runs)).
