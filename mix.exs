@@ -46,7 +46,7 @@ defmodule Teleport.MixProject do
     [
       mod: {:teleport_app, []},
       registered: [:teleport_sup, :teleport_server, :teleport_log, :teleport_calls, :teleport_replies],
-      extra_applications: [:logger]
+      extra_applications: [:logger, public_key: :optional]
     ]
   end
 end

@@ -18,11 +18,8 @@
 %% A bad option is reported as `{invalid_config, socket_opts, {Option, Value}, Expected}',
 %% `Expected' naming the option and the values it accepts.
 %%
-%% `tls' says whether teleport's connections are encrypted. teleport cannot encrypt them
-%% yet, so the only value is `false' (plain, as disterl without TLS), and the default,
-%% `disterl', means "as disterl does": plain beside plain disterl, and a refusal to start
-%% beside disterl over TLS (`-proto_dist inet_tls' or `inet6_tls'), so that teleport never
-%% sends in clear beside an encrypted disterl unless the operator says `tls => false'.
+%% `tls' says whether and how teleport's connections are encrypted: `false', a map of PEM
+%% files, `{optfile, Path}', or unset (as disterl does); `teleport_tls' has its forms.
 -module(teleport_config).
 
 -export([load/0, defaults/0, socket_opts/1]).
@@ -40,7 +37,7 @@
                     thread_nice := 0..19,
                     socket_opts := socket_opts(),
                     %% `disterl' only in defaults/0: load/0 resolves it.
-                    tls := false | disterl}.
+                    tls := teleport_tls:config() | disterl}.
 -type socket_opts() :: #{sndbuf => pos_integer(),
                          recbuf => pos_integer(),
                          nodelay := boolean(),
@@ -80,7 +77,7 @@ defaults() ->
       %% Buffers are left to the kernel's autotuning: fixed sizes measured no faster on
       %% one stream and slower with 256 KB (README, Configuration).
       socket_opts => socket_opts(#{}),
-      %% As disterl: plain beside plain disterl, refused beside disterl over TLS.
+      %% As disterl: plain beside plain disterl, disterl's files beside disterl over TLS.
       tls => disterl}.
 
 %% @doc Reads every key from the `teleport' application environment, with defaults.
@@ -105,38 +102,14 @@ check(Key, V) when Key =:= eager_connect; Key =:= log_to_default_handler ->
     bad(Key, V, "true or false");
 check(socket_opts, V) ->
     socket_opts(V);
-check(tls, false) -> false;
-check(tls, disterl) ->
-    case dist_tls() of
-        none ->
-            false;
-        Proto ->
-            bad(tls, disterl,
-                "false, said outright: disterl runs over TLS here (-proto_dist " ++ Proto ++
-                    "), and teleport, which cannot encrypt its own connections yet, would "
-                    "send in clear beside it")
-    end;
 check(tls, V) ->
-    bad(tls, V, "false or disterl (teleport cannot encrypt its connections yet)");
+    teleport_tls:check(V);
 check(thread_nice, V) when is_integer(V), V >= 0, V =< 19 -> V;
 check(thread_nice, V) ->
     bad(thread_nice, V, "an integer 0..19: how much lower than the VM's the priority of "
         "teleport's threads is (a nice value; 0: the same)");
 check(Key, V) when is_integer(V), V > 0 -> check_size(Key, V);
 check(Key, V) -> bad(Key, V, "a positive integer").
-
-%% The TLS protocol disterl runs over (`-proto_dist'), or `none'.
--spec dist_tls() -> string() | none.
-dist_tls() ->
-    case init:get_argument(proto_dist) of
-        {ok, Protos} ->
-            case [P || P <- lists:append(Protos), lists:suffix("_tls", P)] of
-                [P | _] -> P;
-                [] -> none
-            end;
-        error ->
-            none
-    end.
 
 -spec check_size(atom(), pos_integer()) -> pos_integer().
 check_size(max_frame_bytes, V) when V > 16#FFFFFFFF ->

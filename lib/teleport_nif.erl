@@ -5,7 +5,7 @@
 
 -export([codec_encode/1, codec_encode_dirty/1, codec_decode/2, codec_decode_dirty/2,
          log_set_level/1, log_emit_test/2]).
--export([runtime_start/5, runtime_set_name/2, runtime_stop/1, runtime_port/1, runtime_allow/3,
+-export([runtime_start/6, runtime_set_name/2, runtime_stop/1, runtime_port/1, runtime_allow/3,
          runtime_forbid/2, runtime_stats/1, runtime_info/1]).
 -export([pool_start/8, pool_send/4, pool_send_dirty/4, pool_send_many/3, pool_send_many_dirty/3,
          pool_retarget/4, pool_limit_frames/2, pool_close/1, pool_info/1]).
@@ -82,15 +82,19 @@ codec_decode_dirty(_Bin, _Safe) -> ?NOT_LOADED.
 %% the socket options of the listener and of every connection, incoming and outgoing: the
 %% map {@link teleport_config:nif_socket_opts/1} makes. `Limits': the largest frame read, the
 %% bound on an incoming handshake (ms), and how much lower than the VM's the OS priority of
-%% teleport's threads is (`thread_nice' in teleport_config). An option the kernel refuses on
-%% the listening socket is `{socket_opt, Option, Reason}'.
+%% teleport's threads is (`thread_nice' in teleport_config). `Tls': `false' (plain), or the
+%% map {@link teleport_tls:nif_opts/1} makes, whose files are loaded here (`{tls, Why}'
+%% names the file and the fault). An option the kernel refuses on the listening socket is
+%% `{socket_opt, Option, Reason}'.
 -spec runtime_start(binary(), binary(), inet:port_number(),
                     #{atom() => integer() | boolean() | binary()},
                     #{max_frame_bytes := pos_integer(), handshake_timeout := pos_integer(),
-                      thread_nice := 0..19}) ->
+                      thread_nice := 0..19},
+                    false | map()) ->
           {ok, runtime()} |
-          {error, {bad_ip, binary()} | {listen, binary()} | {socket_opt, atom(), binary()}}.
-runtime_start(_Me, _Ip, _Port, _SockOpts, _Limits) -> ?NOT_LOADED.
+          {error, {bad_ip, binary()} | {listen, binary()} | {socket_opt, atom(), binary()} |
+           {tls, binary()}}.
+runtime_start(_Me, _Ip, _Port, _SockOpts, _Limits, _Tls) -> ?NOT_LOADED.
 
 %% @doc Makes the calling process the reader of an incoming connection (it is monitored: if
 %% it dies, the connection ends); returns the connection's id, as `teleport:info/0' and the

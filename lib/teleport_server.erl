@@ -170,12 +170,18 @@ nif_loaded() ->
 start_runtime(Config) ->
     #{listen_ip := Ip, port := Port, max_frame_bytes := MaxFrame,
       handshake_timeout := HandshakeTimeout, socket_opts := SockOpts,
-      thread_nice := ThreadNice} = Config,
+      thread_nice := ThreadNice, tls := Tls} = Config,
     Me = atom_to_binary(node(), utf8),
     Limits = #{max_frame_bytes => MaxFrame, handshake_timeout => HandshakeTimeout,
                thread_nice => ThreadNice},
-    case teleport_nif:runtime_start(Me, ip_text(Ip), Port, nif_socket_opts(SockOpts),
-                                    Limits) of
+    Started = case teleport_tls:nif_opts(Tls) of
+                  {ok, TlsOpts} ->
+                      teleport_nif:runtime_start(Me, ip_text(Ip), Port,
+                                                 nif_socket_opts(SockOpts), Limits, TlsOpts);
+                  {error, Unopened} ->
+                      {error, {tls, Unopened}}
+              end,
+    case Started of
         {ok, Rt} ->
             ok = teleport_pools:new(),
             persistent_term:put({?MODULE, runtime}, Rt),
@@ -189,6 +195,9 @@ start_runtime(Config) ->
                    unreachable => #{}, retrying => #{}}};
         {error, {socket_opt, Option, Reason}} ->
             {stop, {socket_opt_refused, Option, maps:get(Option, SockOpts, undefined), Reason}};
+        {error, {tls, Why}} ->
+            %% The files as the key named them (its password stays in its closure).
+            {stop, {invalid_config, tls, Tls, unicode:characters_to_list(Why)}};
         {error, Reason} ->
             {stop, {listen_failed, Ip, Port, Reason}}
     end.

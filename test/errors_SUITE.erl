@@ -20,7 +20,7 @@ all() ->
     [not_started, bad_config_value_for_each_key, bad_socket_opts, good_socket_opts,
      bad_destination_and_options, unreachable_node, node_without_teleport,
      peer_too_slow_to_answer, port_in_use, socket_opt_the_kernel_refuses,
-     wrong_cookie_handshake, unknown_requests, nif_not_loaded, no_clear_beside_tls_disterl].
+     wrong_cookie_handshake, unknown_requests, nif_not_loaded].
 
 init_per_suite(Config) ->
     Started = teleport_test_util:start_distribution("errors_ct_"),
@@ -383,41 +383,6 @@ config_error(Opts) ->
     %% The same check without starting anything.
     ?assertError(Reason, teleport_config:socket_opts(Opts)),
     Reason.
-
-%% A node whose disterl runs over TLS: teleport (which cannot encrypt yet) refuses to start
-%% by default rather than send in clear beside it, and starts once `tls => false' says so.
-%% The peer is driven over its standard I/O (its disterl speaks TLS; this node's does not).
-no_clear_beside_tls_disterl(Config) ->
-    Dir = ?config(priv_dir, Config),
-    Chains = #{root => [], intermediates => [], peer => []},
-    #{server_config := Server, client_config := Client} =
-        public_key:pkix_test_data(#{server_chain => Chains, client_chain => Chains}),
-    OptFile = filename:join(Dir, "ssl_dist.conf"),
-    ok = file:write_file(OptFile, io_lib:format("~p.~n", [[{server, [{verify, verify_peer},
-                                                                     {fail_if_no_peer_cert, true}
-                                                                     | Server]},
-                                                           {client, [{verify, verify_peer}
-                                                                     | Client]}]])),
-    Name = list_to_atom("errors_tls_" ++ os:getpid()),
-    {ok, Peer, _Node} = peer:start(#{name => Name, connection => standard_io,
-                                     args => ["-proto_dist", "inet_tls",
-                                              "-ssl_dist_optfile", OptFile,
-                                              "-pa" | code:get_path()]}),
-    try
-        ?assertEqual({ok, [["inet_tls"]]}, peer:call(Peer, init, get_argument, [proto_dist])),
-        ?assertNotEqual(nonode@nohost, peer:call(Peer, erlang, node, [])),
-        Refused = peer:call(Peer, teleport, start, []),
-        ct:pal("teleport:start/0 beside TLS disterl: ~p", [Refused]),
-        ?assertMatch({error, {invalid_config, tls, disterl, _}}, Refused),
-        {error, {invalid_config, _, _, Expected}} = Refused,
-        ?assertNotEqual(nomatch, string:find(Expected, "inet_tls")),
-        ?assertEqual(undefined, peer:call(Peer, erlang, whereis, [teleport_server])),
-        ok = peer:call(Peer, application, set_env, [teleport, tls, false]),
-        ?assertEqual(ok, peer:call(Peer, teleport, start, [])),
-        ?assert(is_pid(peer:call(Peer, erlang, whereis, [teleport_server])))
-    after
-        peer:stop(Peer)
-    end.
 
 is_sentence(Text) ->
     io_lib:printable_unicode_list(Text) andalso length(Text) > 5.

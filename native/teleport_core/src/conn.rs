@@ -38,8 +38,10 @@ use crate::handshake::{self, HandshakeError, Welcome};
 use crate::out_frame::OutFrame;
 use crate::poller::{self, Handle, Next, Poller, Task};
 use crate::pool::Target;
+use crate::secure::{self, Link, Opening};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
+use crate::tls::{self, Tls};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::VecDeque;
@@ -124,6 +126,9 @@ pub struct PeerConfig {
     /// nice value, see [`crate::threads::spawn`]; the writer threads, shared by every pool,
     /// take the first pool's).
     pub thread_nice: u8,
+    /// The node's TLS: every connection runs inside a session, the acceptor's certificate
+    /// checked against the host of `peer` ([`crate::tls`]); `None`: plain.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Why a frame was not accepted; the frame is handed back.
@@ -178,7 +183,8 @@ struct State {
     acks: AckReader,
     /// Frames written since acks were last read.
     since_ack_read: u32,
-    sock: Option<Arc<Socket>>,
+    /// The current connection, plain or through its TLS session.
+    sock: Option<Arc<Link>>,
     /// The writer task of `sock`, once a writer thread has it.
     task: Option<Handle>,
     /// The writer task was poked and has not run since.
@@ -415,7 +421,9 @@ impl Conn {
     /// or, with no connection, starts connecting (once: a thread that waits out its backoff
     /// takes the new frames along). Nothing to do if someone is writing already.
     fn kick(self: &Arc<Self>, st: &mut State) {
-        if st.queue.is_empty() || st.writer_busy || st.status == Status::Closed {
+        // Records a TLS session could not write yet are the writer task's to finish.
+        let pending = st.sock.as_ref().is_some_and(|l| l.pending());
+        if (st.queue.is_empty() && !pending) || st.writer_busy || st.status == Status::Closed {
             return;
         }
         match (&st.sock, st.task) {
@@ -472,12 +480,10 @@ impl Conn {
     /// queued meanwhile. What cannot be written at once goes back to the front of the queue
     /// for the writer task. Called with `direct_busy` set, which keeps everyone else from
     /// writing; clears it.
-    fn write_direct(self: &Arc<Self>, sock: &Arc<Socket>, mut batch: Vec<OutFrame>) {
+    fn write_direct(self: &Arc<Self>, sock: &Arc<Link>, mut batch: Vec<OutFrame>) {
         let mut rounds = 0;
         let (mut st, failed) = loop {
-            let result = self.write_counted(|tally| {
-                write_once(sock, &mut batch, &mut 0, libc::MSG_DONTWAIT, tally)
-            });
+            let result = self.write_counted(|tally| write_once(sock, &mut batch, &mut 0, tally));
             let mut st = self.state.lock();
             let all_written = self.settle(&mut st, sock, &mut batch);
             match result {
@@ -535,7 +541,7 @@ impl Conn {
     /// for their ack; those not written whole stay in it, in order. Returns whether the batch
     /// is now empty. Frames written on a socket that is no longer the connection's (it was
     /// lost meanwhile) all stay, from their start: they go out again on the next one.
-    fn settle(&self, st: &mut State, sock: &Arc<Socket>, batch: &mut Vec<OutFrame>) -> bool {
+    fn settle(&self, st: &mut State, sock: &Arc<Link>, batch: &mut Vec<OutFrame>) -> bool {
         if !st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock)) {
             batch.iter_mut().for_each(OutFrame::rewind);
             return batch.is_empty();
@@ -569,10 +575,10 @@ impl Conn {
     /// Reads every ack `sock` holds now, without blocking. `Ok` once none is left; an error
     /// when the peer closed the connection or said LAST (after its last acks, which count),
     /// or sent something else.
-    fn take_acks(&self, st: &mut State, sock: &Socket) -> io::Result<()> {
+    fn take_acks(&self, st: &mut State, sock: &Link) -> io::Result<()> {
         let mut buf = [0u8; 512];
         loop {
-            let n = match recv_dontwait(sock, &mut buf) {
+            let n = match sock.recv(&mut buf) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
@@ -645,8 +651,8 @@ impl Conn {
         st.connected_since = None;
         if let Some(sock) = st.sock.take() {
             self.stats.connections.fetch_sub(1, Relaxed);
-            let addr = peer_addr(&sock).unwrap_or_else(|| self.target.addr());
-            let _ = sock.shutdown(std::net::Shutdown::Both);
+            let addr = peer_addr(sock.sock()).unwrap_or_else(|| self.target.addr());
+            let _ = sock.sock().shutdown(std::net::Shutdown::Both);
             tracing::info!(
                 peer = %String::from_utf8_lossy(&self.cfg.peer),
                 index = self.index,
@@ -668,7 +674,7 @@ impl Conn {
     #[cfg(test)]
     pub(crate) fn cut(&self) {
         if let Some(sock) = self.state.lock().sock.as_ref() {
-            let _ = sock.shutdown(std::net::Shutdown::Both);
+            let _ = sock.sock().shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -679,11 +685,11 @@ impl Conn {
         let (msgs_out, bytes_out) = self.counters.get();
         let peer_addr = sock
             .as_deref()
-            .and_then(peer_addr)
+            .and_then(|l| peer_addr(l.sock()))
             .unwrap_or_else(|| self.target.addr());
         let local_addr = sock
             .as_deref()
-            .and_then(|s| s.local_addr().ok())
+            .and_then(|l| l.sock().local_addr().ok())
             .and_then(|a| a.as_socket());
         ConnInfo {
             index: self.index,
@@ -701,7 +707,7 @@ impl Conn {
             last_error: st.last_error.clone(),
             connected_since: st.connected_since.map(unix_millis),
             reconnects: st.reconnects,
-            buffers: sock.as_deref().map(sockopts::buffer_sizes),
+            buffers: sock.as_deref().map(|l| sockopts::buffer_sizes(l.sock())),
         }
     }
 
@@ -718,8 +724,8 @@ impl Conn {
             // Its writer task ends when the socket says so.
             st.task = None;
             st.poked = false;
-            let _ = sock.shutdown(std::net::Shutdown::Both);
-            let addr = peer_addr(&sock).unwrap_or_else(|| self.target.addr());
+            let _ = sock.sock().shutdown(std::net::Shutdown::Both);
+            let addr = peer_addr(sock.sock()).unwrap_or_else(|| self.target.addr());
             tracing::warn!(
                 peer = %String::from_utf8_lossy(&self.cfg.peer),
                 index = self.index,
@@ -948,7 +954,7 @@ impl Conn {
     /// until the queue is empty, the socket is full or [`TURN_BYTES`] went out, settling
     /// what was written. Returns whether it must go on when the socket has room, or
     /// `None` once its socket is no longer the connection's.
-    fn drain(self: &Arc<Self>, sock: &Arc<Socket>, batch: &mut Vec<OutFrame>) -> Option<bool> {
+    fn drain(self: &Arc<Self>, sock: &Arc<Link>, batch: &mut Vec<OutFrame>) -> Option<bool> {
         let mut st = self.state.lock();
         st.poked = false;
         st.wakeups += 1;
@@ -956,6 +962,15 @@ impl Conn {
         loop {
             if !st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock)) {
                 return None;
+            }
+            // Records a TLS session took before go first (nothing waits on a plain socket).
+            match sock.flush() {
+                Ok(true) => {}
+                Ok(false) => return Some(true),
+                Err(e) => {
+                    self.lost_socket(&mut st, &e);
+                    return None;
+                }
             }
             if st.queue.is_empty() || st.direct_busy {
                 // A direct writer kicks the lane when it is done, if it leaves frames.
@@ -1010,7 +1025,7 @@ impl Conn {
     }
 
     /// The writer task's socket is readable: acks, or the end of the connection.
-    fn on_readable(self: &Arc<Self>, sock: &Arc<Socket>) -> bool {
+    fn on_readable(self: &Arc<Self>, sock: &Arc<Link>) -> bool {
         let mut st = self.state.lock();
         st.wakeups += 1;
         if !st.sock.as_ref().is_some_and(|s| Arc::ptr_eq(s, sock)) {
@@ -1036,7 +1051,7 @@ impl Conn {
 
     /// Connects to where the pool's target points now, with the cookie it holds now (the
     /// owner refreshes both when the peer refused us), and shakes hands.
-    fn connect(&self) -> Result<(Socket, Welcome), ConnectError> {
+    fn connect(&self) -> Result<(Link, Welcome), ConnectError> {
         let cfg = &self.cfg;
         let (addr, cookie) = (self.target.addr(), self.target.cookie());
         let sock = (|| {
@@ -1047,18 +1062,34 @@ impl Conn {
             Ok::<_, io::Error>(sock)
         })()
         .map_err(ConnectError::Socket)?;
-        let welcome = (|| {
-            // One deadline for the whole handshake: a per-read timeout would let the peer
-            // trickle.
+        let (session, welcome) = (|| {
+            // One deadline for the whole handshake, TLS's included: a per-read timeout
+            // would let the peer trickle.
             let mut stream = Deadline::after(&sock, cfg.handshake_timeout);
             // The slot index is the lane: a pool has at most `pool::MAX_SIZE` (< 2^16) slots.
             let lane = u16::try_from(self.index).unwrap_or(u16::MAX);
-            let welcome =
-                handshake::dial(&mut stream, &cfg.me, &cfg.peer, &cookie, lane, self.session)
-                    .map_err(handshake_io)?;
+            let (mut session, bound) = match &cfg.tls {
+                None => (None, None),
+                // TLS first, the acceptor's certificate checked against the host of the
+                // node dialed; the cookie handshake then runs inside, bound to the session.
+                Some(tls) => {
+                    let (session, bound) = secure::dial(dialer(tls, &cfg.peer)?, &mut stream)?;
+                    (Some(session), Some(bound))
+                }
+            };
+            let welcome = handshake::dial_bound(
+                &mut Opening::new(session.as_mut(), &mut stream),
+                &cfg.me,
+                &cfg.peer,
+                &cookie,
+                lane,
+                self.session,
+                bound.as_ref().map(|b| &b[..]),
+            )
+            .map_err(handshake_io)?;
             // From here on the socket is written and read without blocking.
             sock.set_nonblocking(true)?;
-            Ok::<_, io::Error>(welcome)
+            Ok::<_, io::Error>((session, welcome))
         })()
         .map_err(ConnectError::Handshake)?;
         self.target.limit_frames(welcome.max_frame as usize);
@@ -1071,7 +1102,11 @@ impl Conn {
             delivered = welcome.delivered,
             "connection_up"
         );
-        Ok((sock, welcome))
+        let link = match session {
+            None => Link::plain(sock),
+            Some(session) => Link::tls(sock, session),
+        };
+        Ok((link, welcome))
     }
 }
 
@@ -1103,18 +1138,17 @@ fn body_len(frame: &OutFrame) -> usize {
     frame.len().saturating_sub(LEN_BYTES)
 }
 
+/// The TLS client of a connection to the node named `peer`, made for its host.
+fn dialer(tls: &Tls, peer: &[u8]) -> io::Result<rustls::ClientConnection> {
+    let name = String::from_utf8_lossy(peer);
+    let host = tls::host_of(&name).ok_or_else(|| tls::TlsError::BadHost(name.to_string()));
+    host.and_then(|h| tls.dialer(h))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
 /// The address of the other end of a connected socket.
 fn peer_addr(sock: &Socket) -> Option<SocketAddr> {
     sock.peer_addr().ok().and_then(|a| a.as_socket())
-}
-
-/// One non-blocking `recv` into `buf`.
-#[allow(unsafe_code)]
-fn recv_dontwait(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout, and `recv` only writes
-    // initialised bytes into the buffer (never uninitialised ones), so `buf` stays valid.
-    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
-    sock.recv_with_flags(uninit, libc::MSG_DONTWAIT)
 }
 
 /// A handshake failure as an I/O error: socket errors keep their kind, refusals are
@@ -1137,7 +1171,7 @@ struct Tally {
     writes: u64,
 }
 
-/// One `writev` (non-blocking with `MSG_DONTWAIT` in `flags`) of as much of `batch` as the
+/// One non-blocking `writev` (through the TLS session, if the connection has one) of as much of `batch` as the
 /// iovec limit allows, from its first unfinished frame on. Frames keep their progress;
 /// `tally` counts the write and the frames it completed for the first time. Returns the bytes
 /// written, whether or not everything fit (the caller looks at what remains); `WouldBlock`
@@ -1148,10 +1182,9 @@ struct Tally {
 /// looking for the first unfinished one from the front each time made draining it quadratic
 /// (most of a writer's time, with one sender of small messages).
 fn write_once(
-    sock: &Socket,
+    sock: &Link,
     batch: &mut [OutFrame],
     done: &mut usize,
-    flags: libc::c_int,
     tally: &mut Tally,
 ) -> io::Result<usize> {
     while batch.get(*done).is_some_and(|f| f.remaining() == 0) {
@@ -1167,7 +1200,7 @@ fn write_once(
     }
     tally.writes += 1;
     let n = loop {
-        match sock.send_vectored_with_flags(&slices, flags | libc::MSG_NOSIGNAL) {
+        match sock.send_vectored(&slices) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             other => break other?,
@@ -1193,14 +1226,14 @@ fn write_once(
 /// bytes went out. Returns the bytes written and whether the socket is full. On error,
 /// frames keep their progress so the caller can tell which are done.
 fn write_some(
-    sock: &Socket,
+    sock: &Link,
     batch: &mut [OutFrame],
     budget: usize,
     tally: &mut Tally,
 ) -> io::Result<(usize, bool)> {
     let (mut done, mut written) = (0, 0);
     while written < budget && batch.last().is_some_and(|f| f.remaining() > 0) {
-        match write_once(sock, batch, &mut done, libc::MSG_DONTWAIT, tally) {
+        match write_once(sock, batch, &mut done, tally) {
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((written, true)),
             Err(e) => return Err(e),
@@ -1213,7 +1246,7 @@ fn write_some(
 /// it, and reads the acks as they come.
 struct Writer {
     conn: Arc<Conn>,
-    sock: Arc<Socket>,
+    sock: Arc<Link>,
     /// Its batch, kept between turns so that it is allocated once.
     batch: Vec<OutFrame>,
     wants_write: bool,
@@ -1230,7 +1263,7 @@ impl Writer {
 
 impl Task for Writer {
     fn fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+        self.sock.sock().as_raw_fd()
     }
 
     fn readable(&mut self, _now: Instant) -> Next {

@@ -107,6 +107,9 @@ pub const REJECT_UNKNOWN_NODE: u8 = 1;
 pub const REJECT_BAD_MAC: u8 = 2;
 /// REJECT reason: bad version, bad magic or a malformed message.
 pub const REJECT_PROTOCOL: u8 = 3;
+/// REJECT reason: the acceptor runs TLS and the dialer opened in plain (sent before any
+/// other message, in plain: the dialer reads it as the answer to its HELLO).
+pub const REJECT_TLS_REQUIRED: u8 = 4;
 
 // Distinct labels for the two proofs: without them the acceptor's MAC over (NonceD, NonceA)
 // would be a valid dialer MAC in a session where the nonces are swapped. Both are 16 bytes.
@@ -167,6 +170,9 @@ impl fmt::Display for HandshakeError {
                         "it does not know this node, or this node proved no knowledge of the cookie",
                     ),
                     REJECT_PROTOCOL => f.write_str("bad version or protocol"),
+                    REJECT_TLS_REQUIRED => f.write_str(
+                        "it requires TLS (its teleport runs TLS, this node's runs plain: tls => false)",
+                    ),
                     other => write!(f, "reason code {other}"),
                 }
             }

@@ -18,7 +18,8 @@
 //! - [`sockopts`]: the socket options the user sets, applied to every connection;
 //! - [`threads`]: teleport's OS threads, at a priority below the VM's schedulers;
 //! - [`tls`]: TLS with rustls, mutually authenticated against one CA, and the value that
-//!   binds the cookie handshake to the TLS session (not yet used by the connections);
+//!   binds the cookie handshake to the TLS session; [`secure`]: a connection's bytes through
+//!   its session;
 //! - [`log`]: the `tracing` subscriber whose records the NIF forwards to Erlang's `logger`.
 //!
 //! The Erlang side lives in the `teleport_nif` crate, which only walks and makes terms.
@@ -47,6 +48,7 @@ pub mod poller;
 pub mod pool;
 pub mod pump;
 pub mod recycle;
+pub mod secure;
 pub mod sockopts;
 pub mod stats;
 #[cfg(test)]

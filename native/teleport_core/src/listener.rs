@@ -15,9 +15,12 @@ use crate::handshake::{self, Welcome};
 use crate::lanes::{Lanes, Place, Waited};
 use crate::poller::{Next, Poller, Task};
 use crate::pump::{Counters, Pump, Pumped, ReadError, Sink, SocketWire, Wire};
+use crate::secure::{self, Opening, Secured, Speaks};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
+use crate::tls::Tls;
 use parking_lot::Mutex;
+use rustls::Connection;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -69,6 +72,9 @@ pub struct ListenConfig {
     /// How many poll threads read the incoming connections (see
     /// [`crate::poller::default_threads`]).
     pub poll_threads: usize,
+    /// The node's TLS: every dialer must open a session and present a certificate of the
+    /// CA ([`crate::tls`]); `None`: plain, and a dialer that opens with TLS is refused.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// One incoming connection, as the listener tracks it.
@@ -388,8 +394,15 @@ impl Listener {
         // One deadline for the whole handshake, the wait for the lane included: a per-read
         // timeout would let the peer trickle.
         let mut stream = Deadline::after(sock, cfg.handshake_timeout);
+        let (mut session, bound) = self.open_tls(cfg, &mut stream, from, id)?;
         let me = acceptor.me();
-        let proven = match handshake::accept(&mut stream, &me, |p| acceptor.cookie_for(p)) {
+        let proven = handshake::accept_bound(
+            &mut Opening::new(session.as_mut(), &mut stream),
+            &me,
+            bound.as_ref().map(|b| &b[..]),
+            |p| acceptor.cookie_for(p),
+        );
+        let proven = match proven {
             Ok(proven) => proven,
             Err(e) => {
                 tracing::warn!(addr = %from, id, reason = %handshake_io(e), "handshake_failed");
@@ -426,7 +439,9 @@ impl Listener {
             incarnation: self.incarnation,
             delivered: progress.delivered(),
         };
-        let welcomed = proven.welcome(&mut stream, &welcome).map_err(handshake_io);
+        let welcomed = proven
+            .welcome(&mut Opening::new(session.as_mut(), &mut stream), &welcome)
+            .map_err(handshake_io);
         // From here on the socket is read without blocking, by a poll thread.
         let ready = welcomed.and_then(|_| sock.set_nonblocking(true));
         drop(handshaking);
@@ -455,7 +470,67 @@ impl Listener {
             _place: place,
             phase: Phase::Reading,
             ended: None,
+            tls: session.map(Box::new),
         })
+    }
+
+    /// The TLS part of an incoming connection's opening, before the cookie handshake: the
+    /// session and its binding (both `None` on a plain node). A dialer that does not open
+    /// as this node expects is refused and logged (`tls_mismatch`); `None` then, as for a
+    /// failed TLS handshake (logged).
+    #[allow(clippy::type_complexity)]
+    fn open_tls(
+        &self,
+        cfg: &ListenConfig,
+        stream: &mut Deadline<'_>,
+        from: &str,
+        id: u64,
+    ) -> Option<(Option<Connection>, Option<[u8; crate::tls::BINDING_LEN]>)> {
+        let speaks = match secure::sniff(stream) {
+            Ok(speaks) => speaks,
+            Err(e) => {
+                tracing::warn!(addr = %from, id, reason = %format_args!("handshake: {e}"), "handshake_failed");
+                return None;
+            }
+        };
+        let tls = match (&cfg.tls, speaks) {
+            (None, Speaks::Plain) => return Some((None, None)),
+            (Some(tls), Speaks::Tls) => tls,
+            (None, Speaks::Tls) => {
+                tracing::warn!(
+                    addr = %from,
+                    id,
+                    reason = "the dialer opened with TLS, this node's teleport runs plain (tls => false); refused",
+                    "tls_mismatch"
+                );
+                return None;
+            }
+            (Some(_), Speaks::Plain) => {
+                // Told in plain, after its HELLO (so that closing does not reset the
+                // REJECT away): the dialer can say why it cannot connect.
+                let _ = handshake::read_message(stream);
+                let reject = handshake::encode_reject(handshake::REJECT_TLS_REQUIRED);
+                let _ = handshake::write_message(stream, &reject);
+                tracing::warn!(
+                    addr = %from,
+                    id,
+                    reason = "the dialer opened in plain, this node's teleport requires TLS; refused",
+                    "tls_mismatch"
+                );
+                return None;
+            }
+        };
+        let opened = tls
+            .acceptor()
+            .map_err(io::Error::other)
+            .and_then(|server| secure::accept(server, stream));
+        match opened {
+            Ok((session, bound)) => Some((Some(session), Some(bound))),
+            Err(e) => {
+                tracing::warn!(addr = %from, id, reason = %e, "tls_handshake_failed");
+                None
+            }
+        }
     }
 }
 
@@ -493,6 +568,8 @@ pub struct Served<S: Sink> {
     phase: Phase,
     /// How it ended, once it did (`None` when dropped: it panicked).
     ended: Option<Result<(), ReadError>>,
+    /// Its TLS session: what is read goes through it, and so do the acks.
+    tls: Option<Box<Connection>>,
 }
 
 impl<S: Sink + Send + 'static> Served<S> {
@@ -562,13 +639,20 @@ impl<S: Sink + Send + 'static> Task for Served<S> {
         // calls again at once when the budget ran out.
         match self.read(now, TURN_BYTES, usize::MAX) {
             Turn::Wait(deadline) => Next::Wait(deadline),
+            // A TLS session may hold plaintext the turn left, which the socket does not
+            // show: the next turn comes at once (see `tick`).
+            Turn::More | Turn::Large if self.tls.is_some() => Next::Wait(Some(now)),
             Turn::More | Turn::Large => self.reading(),
             Turn::Done => Next::Done,
         }
     }
 
     fn tick(&mut self, now: Instant) -> Next {
-        Served::tick(self, now)
+        let next = Served::tick(self, now);
+        if self.tls.is_some() && next != Next::Done && matches!(self.phase, Phase::Reading) {
+            return self.readable(now);
+        }
+        next
     }
 }
 
@@ -616,8 +700,8 @@ impl<S: Sink + Send + 'static> Served<S> {
     /// A turn of reading, the socket being readable: delivers what it has, up to `budget`
     /// bytes and stopping before a frame longer than `large_max`.
     pub fn read(&mut self, now: Instant, budget: usize, large_max: usize) -> Turn {
-        let sock = Arc::clone(&self.conn);
-        self.turn(now, &mut SocketWire::new(&sock.sock), budget, large_max)
+        let conn = Arc::clone(&self.conn);
+        self.turn(now, &mut SocketWire::new(&conn.sock), budget, large_max)
     }
 
     /// A turn of reading bytes its driver read from the socket (a port, in the NIF), as
@@ -633,11 +717,11 @@ impl<S: Sink + Send + 'static> Served<S> {
         budget: usize,
         large_max: usize,
     ) -> (Turn, usize) {
-        let sock = Arc::clone(&self.conn);
+        let conn = Arc::clone(&self.conn);
         let mut wire = FedWire {
             data,
             end,
-            sock: SocketWire::new(&sock.sock),
+            sock: SocketWire::new(&conn.sock),
         };
         let turn = self.turn(now, &mut wire, budget, large_max);
         (turn, data.len() - wire.data.len())
@@ -658,7 +742,9 @@ impl<S: Sink + Send + 'static> Served<S> {
             conn: &self.conn.counters,
             stop: &self.listener.closed,
         };
-        let next = match self.pump.pump(wire, budget, large_max, &counters) {
+        let mut wire = Secured::new(self.tls.as_deref_mut(), wire);
+        let pumped = self.pump.pump(&mut wire, budget, large_max, &counters);
+        let next = match pumped {
             Ok(Pumped::Drained) => self.reading(),
             Ok(Pumped::Yielded) => return Turn::More,
             Ok(Pumped::Large) => return Turn::Large,
@@ -674,15 +760,25 @@ impl<S: Sink + Send + 'static> Served<S> {
     /// A turn without reading: its deadline passed (an ack is due, or the next step of
     /// closing), or the listener closed. Also its first turn, when its driver takes it.
     pub fn tick(&mut self, now: Instant) -> Next {
-        let mut wire = SocketWire::new(&self.conn.sock);
+        let conn = Arc::clone(&self.conn);
+        let mut sock = SocketWire::new(&conn.sock);
+        let mut wire = Secured::new(self.tls.as_deref_mut(), &mut sock);
         match self.phase {
-            Phase::Reading if self.closed() => self.start_closing(now),
-            Phase::Reading => match self.pump.ack(&mut wire, now, false) {
-                Ok(()) => self.reading(),
-                Err(e) => self.end(Err(ReadError::Io(e))),
-            },
+            Phase::Reading if self.listener.closed.load(Ordering::SeqCst) => {
+                self.start_closing(now)
+            }
+            Phase::Reading => {
+                // An ack a full socket could not take before goes first.
+                let acked = wire
+                    .flush()
+                    .and_then(|_| self.pump.ack(&mut wire, now, false));
+                match acked {
+                    Ok(()) => self.reading(),
+                    Err(e) => self.end(Err(ReadError::Io(e))),
+                }
+            }
             Phase::Closing(since) => {
-                let out = self.pump.last(&mut wire);
+                let out = wire.flush().and_then(|_| self.pump.last(&mut wire));
                 if matches!(out, Ok(false)) && now < since + LAST_PATIENCE {
                     return Next::Wait(Some(now + Duration::from_millis(2)));
                 }
@@ -724,9 +820,10 @@ impl<S: Sink> Drop for Served<S> {
         let (name, from, id) = (&self.name, &self.conn.from, self.conn.id);
         if matches!(self.phase, Phase::Reading) && self.ended.is_some() {
             // Best effort: the connection may be gone already.
-            let _ = self
-                .pump
-                .ack(&mut SocketWire::new(&self.conn.sock), Instant::now(), true);
+            let mut sock = SocketWire::new(&self.conn.sock);
+            let mut wire = Secured::new(self.tls.as_deref_mut(), &mut sock);
+            let _ = self.pump.ack(&mut wire, Instant::now(), true);
+            let _ = wire.flush();
         }
         self.stats.connections_in.fetch_sub(1, Ordering::Relaxed);
         let (msgs, _) = self.conn.counters.get();

@@ -587,6 +587,7 @@ mod tests {
             },
             thread_nice: 0,
             poll_threads: crate::poller::default_threads(),
+            tls: None,
         };
         let err = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor)
             .err()

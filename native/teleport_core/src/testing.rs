@@ -11,10 +11,13 @@ use crate::pool::Pool;
 use crate::pump::Sink;
 use crate::sockopts::SocketOpts;
 use crate::stats::PeerStats;
+use crate::tls::{Tls, TlsFiles, Verify};
 use parking_lot::{Condvar, Mutex};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::ThreadId;
@@ -133,6 +136,14 @@ pub type Arrivals = Receiver<(Vec<u8>, Vec<u8>)>;
 
 /// A listener for node `b@h` that lets `a@h` in with cookie `c`.
 pub fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals) {
+    listener_tls(opts, None)
+}
+
+/// [`listener`], running `tls` (`None`: plain).
+pub fn listener_tls(
+    opts: SocketOpts,
+    tls: Option<Arc<Tls>>,
+) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals) {
     let (tx, rx) = channel();
     let acceptor = Arc::new(TestAcceptor {
         me: b"b@h".to_vec(),
@@ -148,6 +159,7 @@ pub fn listener(opts: SocketOpts) -> (Arc<Listener>, Arc<TestAcceptor>, Arrivals
         sock_opts: opts,
         thread_nice: TEST_NICE,
         poll_threads: crate::poller::default_threads(),
+        tls,
     };
     let l = Listener::start((Ipv4Addr::LOCALHOST, 0).into(), cfg, acceptor.clone()).unwrap();
     (l, acceptor, rx)
@@ -167,6 +179,7 @@ pub fn config(cookie: &[u8], opts: SocketOpts) -> (PeerConfig, Vec<u8>) {
         handshake_timeout: Duration::from_millis(500),
         sock_opts: opts,
         thread_nice: TEST_NICE,
+        tls: None,
     };
     (cfg, cookie.to_vec())
 }
@@ -201,4 +214,94 @@ pub fn send(pool: &Pool, hash: u64, payload: &[u8]) {
     if let Err(e) = pool.send(hash, frame(payload)) {
         panic!("not taken: {e:?}")
     }
+}
+
+/// A CA of its own, which signs node certificates.
+pub struct Ca {
+    /// Its certificate.
+    pub cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    /// A CA named `name`.
+    pub fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// A node certificate for `hosts` and its key, as PEM; `expired`: it ended in 2020.
+    pub fn issue(&self, hosts: &[&str], expired: bool) -> (String, String) {
+        self.issue_until(hosts, expired.then_some((2020, 1, 1)))
+    }
+
+    /// The same, valid until the date given (year, month, day), if one is.
+    pub fn issue_until(&self, hosts: &[&str], until: Option<(i32, u8, u8)>) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        if let Some((y, m, d)) = until {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+        }
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A directory of its own under the system's temporary one, removed when dropped.
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    /// A new one, `tag` in its name.
+    pub fn new(tag: &str) -> Dir {
+        let n = std::sync::atomic::AtomicU64::new(0);
+        let unique = format!(
+            "teleport-tls-{tag}-{}-{:?}-{}",
+            std::process::id(),
+            std::thread::current().id(),
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(unique.replace(['(', ')'], ""));
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+
+    /// Writes `text` to the file `name` in it: its path.
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The files of a node whose certificate `ca` issued for `hosts`, trusting `trusted`.
+pub fn node(dir: &Dir, name: &str, ca: &Ca, hosts: &[&str], trusted: &Ca) -> TlsFiles {
+    let (cert, key) = ca.issue(hosts, false);
+    TlsFiles {
+        certfile: dir.file(&format!("{name}.crt"), &cert),
+        keyfile: dir.file(&format!("{name}.key"), &key),
+        cacertfile: dir.file(&format!("{name}-ca.crt"), &trusted.cert.pem()),
+        verify: Verify::Peer,
+        server_name_check: true,
+    }
+}
+
+/// The TLS of `a@h` and `b@h` (certificates for the host `h`), both trusting `ca`; `a@h`'s
+/// issued by `a_issuer`.
+pub fn tls_pair(dir: &Dir, ca: &Ca, a_issuer: &Ca) -> (Arc<Tls>, Arc<Tls>) {
+    let a = Tls::load(&node(dir, "a", a_issuer, &["h"], ca)).unwrap();
+    let b = Tls::load(&node(dir, "b", ca, &["h"], ca)).unwrap();
+    (Arc::new(a), Arc::new(b))
 }

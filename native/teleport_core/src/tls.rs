@@ -156,8 +156,17 @@ impl Tls {
     /// certificate's, and the certificate must not have expired (one that expires within
     /// [`EXPIRY_WARNING`] loads; see [`Tls::expires_within`]).
     pub fn load(files: &TlsFiles) -> Result<Tls, TlsError> {
+        Tls::load_with(files, None)
+    }
+
+    /// [`Tls::load`], the key given as `key_pem` (`keyfile` as its caller read and
+    /// decrypted it: Erlang's `public_key` opens a password-protected key) if it is.
+    pub fn load_with(files: &TlsFiles, key_pem: Option<&[u8]>) -> Result<Tls, TlsError> {
         let chain = certificates(&files.certfile)?;
-        let key = private_key(&files.keyfile)?;
+        let key = match key_pem {
+            None => private_key(&files.keyfile)?,
+            Some(pem) => key_of(pem, &files.keyfile)?,
+        };
         let cas = certificates(&files.cacertfile)?;
         let not_after = validity_end(&chain[0]);
         if let Some(end) = not_after {
@@ -218,12 +227,14 @@ impl Tls {
                 .build()
                 .map_err(|e| TlsError::Refused(e.to_string()))?,
         };
-        let acceptor = ServerConfig::builder_with_provider(provider)
+        let mut acceptor = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(refused)?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain, key)
             .map_err(refused)?;
+        // Both ends are teleport's, and a connection lasts: resumption would buy nothing.
+        acceptor.send_tls13_tickets = 0;
         Ok(Tls {
             dialer: Arc::new(dialer),
             acceptor: Arc::new(acceptor),
@@ -291,8 +302,12 @@ fn certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The first private key of a PEM file.
 fn private_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(file)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoPem {
+    key_of(&read(file)?, file)
+}
+
+/// The first private key of `pem`, read from `file`.
+fn key_of(pem: &[u8], file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|_| TlsError::NoPem {
         file: file.to_path_buf(),
         what: "private key",
     })
@@ -528,86 +543,8 @@ impl ClientCertVerifier for AcceptAnyClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use crate::testing::{node, Ca, Dir};
     use std::io::{Read, Write};
-
-    /// A CA of its own, which signs node certificates.
-    struct Ca {
-        cert: rcgen::Certificate,
-        key: KeyPair,
-    }
-
-    impl Ca {
-        fn new(name: &str) -> Ca {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, name);
-            let cert = params.self_signed(&key).unwrap();
-            Ca { cert, key }
-        }
-
-        /// A node certificate for `hosts` and its key, as PEM; `expired`: it ended in 2020.
-        fn issue(&self, hosts: &[&str], expired: bool) -> (String, String) {
-            self.issue_until(hosts, expired.then_some((2020, 1, 1)))
-        }
-
-        /// The same, valid until the date given (year, month, day), if one is.
-        fn issue_until(&self, hosts: &[&str], until: Option<(i32, u8, u8)>) -> (String, String) {
-            let key = KeyPair::generate().unwrap();
-            let mut params =
-                CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
-                    .unwrap();
-            if let Some((y, m, d)) = until {
-                params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-                params.not_after = rcgen::date_time_ymd(y, m, d);
-            }
-            let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-            (cert.pem(), key.serialize_pem())
-        }
-    }
-
-    /// A directory of its own under the system's temporary one, removed when dropped.
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(tag: &str) -> Dir {
-            let n = std::sync::atomic::AtomicU64::new(0);
-            let unique = format!(
-                "teleport-tls-{tag}-{}-{:?}-{}",
-                std::process::id(),
-                std::thread::current().id(),
-                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            );
-            let dir = std::env::temp_dir().join(unique.replace(['(', ')'], ""));
-            std::fs::create_dir_all(&dir).unwrap();
-            Dir(dir)
-        }
-
-        fn file(&self, name: &str, text: &str) -> PathBuf {
-            let path = self.0.join(name);
-            std::fs::write(&path, text).unwrap();
-            path
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// The files of a node whose certificate `ca` issued for `hosts`, trusting `trusted`.
-    fn node(dir: &Dir, name: &str, ca: &Ca, hosts: &[&str], trusted: &Ca) -> TlsFiles {
-        let (cert, key) = ca.issue(hosts, false);
-        TlsFiles {
-            certfile: dir.file(&format!("{name}.crt"), &cert),
-            keyfile: dir.file(&format!("{name}.key"), &key),
-            cacertfile: dir.file(&format!("{name}-ca.crt"), &trusted.cert.pem()),
-            verify: Verify::Peer,
-            server_name_check: true,
-        }
-    }
 
     /// Runs the two ends' TLS handshake over memory; the first error of either.
     fn handshake(c: &mut ClientConnection, s: &mut ServerConnection) -> Result<(), rustls::Error> {

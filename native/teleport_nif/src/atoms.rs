@@ -15,4 +15,6 @@ rustler::atoms! {
     // The readers (see `reader`).
     teleport_accepted, teleport_tick, read, wait, more, done, normal, infinity, reader,
     longest_turn_cpu_us, longest_turn_wall_us, eof,
+    // TLS (see `runtime::load_tls`).
+    tls, verify, verify_peer, verify_none, certfile, keyfile, cacertfile, server_name_check, key,
 }

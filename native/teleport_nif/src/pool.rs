@@ -106,6 +106,7 @@ fn pool_start<'a>(
         handshake_timeout: Duration::from_millis(timeouts_ms.1),
         sock_opts: rt.sock_opts.clone(),
         thread_nice: rt.thread_nice,
+        tls: rt.tls.clone(),
     };
     let stats = rt.peers.stats(peer.as_slice());
     let addr = SocketAddr::new(ip_addr, port);

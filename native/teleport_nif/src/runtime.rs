@@ -15,6 +15,7 @@ use teleport_core::listener::{Acceptor, ListenConfig, Listener};
 use teleport_core::peers::Peers;
 use teleport_core::sockopts::{Keepalive, SockOptError, SocketOpts};
 use teleport_core::stats::PeerStats;
+use teleport_core::tls::{Tls, TlsFiles, Verify, EXPIRY_WARNING};
 
 /// The runtime of this node.
 pub struct Runtime {
@@ -25,6 +26,8 @@ pub struct Runtime {
     pub sock_opts: SocketOpts,
     /// The nice value of teleport's threads above the VM's: the listener's, and the pools'.
     pub thread_nice: u8,
+    /// The node's TLS, for the listener and every pool; `None`: plain.
+    pub tls: Option<Arc<Tls>>,
     listener: Arc<Listener>,
     /// The processes reading the incoming connections.
     readers: Arc<Readers>,
@@ -98,6 +101,49 @@ fn decode_sock_opts(opts: Term) -> NifResult<SocketOpts> {
     })
 }
 
+/// The TLS of `runtime_start`: `false`, or the map `teleport_tls` makes (`certfile`,
+/// `keyfile`, `cacertfile` as text, `verify`, `server_name_check`, and `key`, the key's
+/// PEM, when a password opened it). Loaded and checked here: `Err` says what is wrong,
+/// naming the file.
+fn load_tls(tls: Term) -> NifResult<Result<Option<Arc<Tls>>, String>> {
+    if matches!(tls.decode::<bool>(), Ok(false)) {
+        return Ok(Ok(None));
+    }
+    let path =
+        |key| -> NifResult<std::path::PathBuf> { Ok(tls.map_get(key)?.decode::<String>()?.into()) };
+    let verify = match tls.map_get(atoms::verify())?.decode::<Atom>()? {
+        v if v == atoms::verify_none() => Verify::None,
+        v if v == atoms::verify_peer() => Verify::Peer,
+        _ => return Err(rustler::Error::BadArg),
+    };
+    let files = TlsFiles {
+        certfile: path(atoms::certfile())?,
+        keyfile: path(atoms::keyfile())?,
+        cacertfile: path(atoms::cacertfile())?,
+        verify,
+        server_name_check: tls.map_get(atoms::server_name_check())?.decode()?,
+    };
+    let key = opt::<Binary>(tls, atoms::key())?;
+    let loaded = match Tls::load_with(&files, key.as_ref().map(|k| k.as_slice())) {
+        Ok(loaded) => loaded,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if loaded.expires_within(EXPIRY_WARNING) {
+        tracing::warn!(
+            certfile = %files.certfile.display(),
+            reason = "this node's certificate expires within 7 days",
+            "tls_certificate_expiring"
+        );
+    }
+    if verify == Verify::None {
+        tracing::warn!(
+            reason = "verify_none: peers' certificates are not checked (for tests only)",
+            "tls_verify_none"
+        );
+    }
+    Ok(Ok(Some(Arc::new(loaded))))
+}
+
 /// The limits of `runtime_start`, a map from `teleport_server`.
 #[derive(rustler::NifMap)]
 struct RuntimeLimits {
@@ -111,11 +157,13 @@ struct RuntimeLimits {
 
 /// Starts listening on `Ip:Port` (port 0: any) for node `Me`, with the socket options
 /// `SockOpts` (a map, see `teleport_config`) for the listener and every connection, and the
-/// `Limits` (`max_frame_bytes`, `handshake_timeout` in ms, `thread_nice`). Each authenticated
-/// connection is announced to the calling process as `{teleport_accepted, Reader}` (see
-/// `reader`). `{ok, Runtime} | {error, {bad_ip, Ip} | {listen, Reason} | {socket_opt, Option,
-/// Reason}}`.
-#[rustler::nif]
+/// `Limits` (`max_frame_bytes`, `handshake_timeout` in ms, `thread_nice`) and the `Tls` of
+/// every connection (see [`load_tls`]). Each authenticated connection is announced to the
+/// calling process as `{teleport_accepted, Reader}` (see `reader`). `{ok, Runtime} | {error,
+/// {bad_ip, Ip} | {listen, Reason} | {socket_opt, Option, Reason} | {tls, Reason}}`.
+///
+/// On a dirty CPU scheduler: loading TLS parses keys and certificates.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn runtime_start<'a>(
     env: Env<'a>,
     me: Binary<'a>,
@@ -123,6 +171,7 @@ fn runtime_start<'a>(
     port: u16,
     sock_opts: Term<'a>,
     limits: RuntimeLimits,
+    tls: Term<'a>,
 ) -> NifResult<Term<'a>> {
     let RuntimeLimits {
         max_frame_bytes,
@@ -133,6 +182,10 @@ fn runtime_start<'a>(
         return Ok((atoms::error(), (atoms::bad_ip(), ip)).encode(env));
     };
     let sock_opts = decode_sock_opts(sock_opts)?;
+    let tls = match load_tls(tls)? {
+        Ok(tls) => tls,
+        Err(why) => return Ok((atoms::error(), (atoms::tls(), why)).encode(env)),
+    };
     let peers = Arc::new(Peers::default());
     let me = Arc::new(Mutex::new(me.as_slice().to_vec()));
     let cfg = ListenConfig {
@@ -142,6 +195,7 @@ fn runtime_start<'a>(
         thread_nice,
         // The readers' schedulers read the connections, not poll threads.
         poll_threads: 0,
+        tls: tls.clone(),
     };
     let readers = Arc::new(Readers::new(*env.pid().as_c_arg()));
     let acceptor = Arc::new(NifAcceptor {
@@ -156,6 +210,7 @@ fn runtime_start<'a>(
                 peers,
                 sock_opts,
                 thread_nice,
+                tls,
                 listener,
                 readers,
             });

@@ -1,0 +1,739 @@
+//! A connection's bytes through its TLS session, when the node runs TLS (see [`crate::tls`]):
+//! the TLS part of both ends' opening ([`dial`], [`accept`]), the sending side's socket
+//! ([`Link`]) and the receiving side's [`Wire`] ([`Secured`]).
+//!
+//! Frames go in as plaintext and out as TLS records: the sender's slices (headers, and
+//! large binaries by reference) are encrypted straight from where they are into the
+//! session's records, many frames to a record and many records to a `writev`; what the
+//! socket does not take at once stays in the session and goes first at the next write
+//! (the connection counts as having something to write until it is out). The receiving side
+//! hands the session what the socket (or the reader's port) read, and reads plaintext back
+//! into the pump's buffers.
+//!
+//! Both ends' handshakes run on the short-lived threads that shake hands today, before the
+//! cookie handshake, which then runs inside TLS and bound to the session: a scheduler never
+//! does the handshake's public-key work.
+
+use crate::acks::AckOut;
+use crate::deadline::Deadline;
+use crate::pump::Wire;
+use parking_lot::Mutex;
+use rustls::{ClientConnection, Connection, ServerConnection};
+use socket2::Socket;
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How much ciphertext a session keeps waiting for the socket before it takes no more
+/// plaintext: about what one `writev` of records moves.
+const PENDING_MAX: usize = 512 * 1024;
+
+/// The first bytes of a TLS handshake record (`ContentType::Handshake`, version 3.x).
+const TLS_RECORD: [u8; 2] = [0x16, 0x03];
+
+/// What the first bytes a dialer sent say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    /// A TLS handshake.
+    Tls,
+    /// Anything else: teleport's plain handshake, or not teleport at all.
+    Plain,
+}
+
+/// Looks at the first two bytes the dialer sent, leaving them to be read, within the
+/// handshake's deadline: whether it opens with TLS.
+pub fn sniff(stream: &Deadline<'_>) -> io::Result<Speaks> {
+    let sock = stream.socket();
+    let mut first = [0u8; 2];
+    loop {
+        sock.set_read_timeout(Some(stream.remaining()?))?;
+        let n = match recv_flags(sock, &mut first, libc::MSG_PEEK) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"))
+            }
+            Err(e) => return Err(e),
+        };
+        if n == first.len() {
+            break;
+        }
+        // One byte so far: the next comes with the rest of its segment, or never (the
+        // deadline ends that).
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(if first == TLS_RECORD {
+        Speaks::Tls
+    } else {
+        Speaks::Plain
+    })
+}
+
+/// Runs a TLS handshake to its end over the blocking `stream`; the session, ready for the
+/// cookie handshake inside it. A failure says what the other end did when it is telling (it
+/// did not answer in TLS, it refused our certificate).
+fn handshake(mut conn: Connection, stream: &mut Deadline<'_>) -> io::Result<Connection> {
+    conn.set_buffer_limit(Some(PENDING_MAX));
+    while conn.is_handshaking() {
+        match conn.complete_io(stream) {
+            Ok((0, 0)) if conn.is_handshaking() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection in the TLS handshake",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(tls_failure(e)),
+        }
+    }
+    Ok(conn)
+}
+
+/// A handshake failure, said in a peer operator's terms where rustls' are cryptic.
+fn tls_failure(e: io::Error) -> io::Error {
+    let text = e.to_string();
+    let why = if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        format!("TLS handshake: the peer did not answer in TLS (its teleport may run plain, tls => false): {text}")
+    } else if e.kind() == io::ErrorKind::UnexpectedEof {
+        format!("TLS handshake: the peer closed the connection (its teleport may run plain, or it refused this node's certificate): {text}")
+    } else {
+        format!("TLS handshake: {text}")
+    };
+    io::Error::new(e.kind(), why)
+}
+
+/// The dialer's TLS: the handshake with the acceptor as `client` (made for the host dialed),
+/// over the blocking socket of `stream`. The session, for [`Link::tls`], and its binding.
+pub fn dial(
+    client: ClientConnection,
+    stream: &mut Deadline<'_>,
+) -> io::Result<(Connection, [u8; crate::tls::BINDING_LEN])> {
+    let conn = handshake(Connection::Client(client), stream)?;
+    let bound = binding(&conn)?;
+    Ok((conn, bound))
+}
+
+/// The acceptor's TLS, as [`dial`]'s: the session for [`Secured`], and its binding.
+pub fn accept(
+    server: ServerConnection,
+    stream: &mut Deadline<'_>,
+) -> io::Result<(Connection, [u8; crate::tls::BINDING_LEN])> {
+    let conn = handshake(Connection::Server(server), stream)?;
+    let bound = binding(&conn)?;
+    Ok((conn, bound))
+}
+
+fn binding(conn: &Connection) -> io::Result<[u8; crate::tls::BINDING_LEN]> {
+    let export = match conn {
+        Connection::Client(c) => crate::tls::binding(c),
+        Connection::Server(s) => crate::tls::binding(s),
+    };
+    export.ok_or_else(|| io::Error::other("TLS handshake: no exporter value"))
+}
+
+/// The cookie handshake's stream: the blocking `stream`, through the session `conn` if
+/// there is one (what the handshake writes goes out at once; reads wait for plaintext).
+pub struct Opening<'a, 'b> {
+    conn: Option<&'a mut Connection>,
+    stream: &'a mut Deadline<'b>,
+}
+
+impl<'a, 'b> Opening<'a, 'b> {
+    /// `stream`, through `conn` if there is one.
+    pub fn new(conn: Option<&'a mut Connection>, stream: &'a mut Deadline<'b>) -> Self {
+        Opening { conn, stream }
+    }
+}
+
+impl Read for Opening<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(conn) = self.conn.as_deref_mut() else {
+            return self.stream.read(buf);
+        };
+        loop {
+            match conn.reader().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            if conn.complete_io(self.stream)? == (0, 0) {
+                return Ok(0);
+            }
+        }
+    }
+}
+
+impl Write for Opening<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(conn) = self.conn.as_deref_mut() else {
+            return self.stream.write(buf);
+        };
+        let took = conn.writer().write(buf)?;
+        self.flush()?;
+        Ok(took)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let Some(conn) = self.conn.as_deref_mut() else {
+            return self.stream.flush();
+        };
+        while conn.wants_write() {
+            conn.write_tls(self.stream)?;
+        }
+        Ok(())
+    }
+}
+
+/// An outgoing connection's socket, plain or inside its TLS session. Writes and reads never
+/// block (the socket is non-blocking once the opening is done).
+pub struct Link {
+    sock: Socket,
+    tls: Option<Mutex<Connection>>,
+    /// Whether the session holds records the socket did not take yet, as of the last write:
+    /// read without the session's lock (a sender asks at every send).
+    pending: AtomicBool,
+}
+
+impl Link {
+    /// A plain connection.
+    pub fn plain(sock: Socket) -> Link {
+        Link {
+            sock,
+            tls: None,
+            pending: AtomicBool::new(false),
+        }
+    }
+
+    /// A connection whose bytes go through `conn`, a session opened on `sock` ([`dial`]).
+    pub fn tls(sock: Socket, conn: Connection) -> Link {
+        Link {
+            sock,
+            tls: Some(Mutex::new(conn)),
+            pending: AtomicBool::new(false),
+        }
+    }
+
+    /// The socket.
+    pub fn sock(&self) -> &Socket {
+        &self.sock
+    }
+
+    /// Writes what it can of `slices` without blocking; how much of them it took (the TLS
+    /// session takes bytes it may not have written yet: see [`Link::pending`]). `WouldBlock`
+    /// if it took nothing.
+    pub fn send_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        let Some(tls) = &self.tls else {
+            return self.sock.send_vectored_with_flags(slices, flags);
+        };
+        let mut conn = tls.lock();
+        // Records waiting from before go first: until they are out, nothing new goes in.
+        if !self.flushed(&mut conn)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let took = conn.writer().write_vectored(slices)?;
+        self.flushed(&mut conn)?;
+        if took == 0 && !slices.iter().all(|s| s.is_empty()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(took)
+    }
+
+    /// Whether bytes it took are still waiting for room in the socket.
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Writes what waits for the socket, without blocking; whether all of it is out.
+    pub fn flush(&self) -> io::Result<bool> {
+        match &self.tls {
+            None => Ok(true),
+            Some(tls) => self.flushed(&mut tls.lock()),
+        }
+    }
+
+    /// Writes the records `conn` (the session, locked) holds; whether all are out, as
+    /// [`Link::pending`] says from then on.
+    fn flushed(&self, conn: &mut Connection) -> io::Result<bool> {
+        let out = flush(conn, &mut SockOut(&self.sock));
+        self.pending
+            .store(!matches!(out, Ok(true)), Ordering::Release);
+        out
+    }
+
+    /// Reads what the peer sent (plaintext), without blocking: `WouldBlock` when nothing
+    /// is there, 0 when the peer closed the connection.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match &self.tls {
+            None => recv_dontwait(&self.sock, buf),
+            Some(tls) => read_plain(&mut tls.lock(), &mut SockIn(&self.sock), buf),
+        }
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("sock", &self.sock)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// An incoming connection's [`Wire`] (`inner`: the socket, or what the reader's port read),
+/// through its TLS session when it has one.
+pub struct Secured<'a, W> {
+    tls: Option<&'a mut Connection>,
+    inner: &'a mut W,
+}
+
+impl<'a, W: Wire> Secured<'a, W> {
+    /// `inner`, through `tls` if there is one.
+    pub fn new(tls: Option<&'a mut Connection>, inner: &'a mut W) -> Self {
+        Secured { tls, inner }
+    }
+
+    /// Writes what the session holds for the socket (an ack the socket had no room for);
+    /// whether all of it is out.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        match self.tls.as_deref_mut() {
+            None => Ok(true),
+            Some(conn) => flush(conn, &mut AckWriter(&mut *self.inner)),
+        }
+    }
+}
+
+impl<W: Wire> Read for Secured<'_, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.tls.as_deref_mut() {
+            None => self.inner.read(buf),
+            Some(conn) => read_plain(conn, &mut *self.inner, buf),
+        }
+    }
+}
+
+impl<W: Wire> AckOut for Secured<'_, W> {
+    fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let Some(conn) = self.tls.as_deref_mut() else {
+            return self.inner.try_write(bytes);
+        };
+        let out = &mut AckWriter(&mut *self.inner);
+        if !flush(conn, out)? {
+            return Ok(0);
+        }
+        let took = conn.writer().write(bytes)?;
+        flush(conn, out)?;
+        Ok(took)
+    }
+}
+
+impl<W: Wire> Wire for Secured<'_, W> {
+    fn read_timeout(&mut self, after: Option<Duration>) -> io::Result<()> {
+        self.inner.read_timeout(after)
+    }
+}
+
+/// Reads plaintext from `conn` into `buf`, handing it more of what `src` holds while it
+/// has none: `WouldBlock` once `src` has nothing more now, 0 at the end of the stream.
+fn read_plain(conn: &mut Connection, src: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match conn.reader().read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // The TCP stream ended without TLS's close_notify: as a plain connection's end
+            // (the pump tells a close between frames from one inside a frame).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+            Err(e) => return Err(e),
+        }
+        match conn.read_tls(src) {
+            Ok(_) => {
+                if let Err(e) = conn.process_new_packets() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("TLS: {e}"),
+                    ));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes the records `conn` holds to `out` until none is left (true) or `out` is full
+/// (false).
+fn flush(conn: &mut Connection, out: &mut dyn Write) -> io::Result<bool> {
+    while conn.wants_write() {
+        match conn.write_tls(out) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// A non-blocking socket as rustls writes records to it.
+struct SockOut<'a>(&'a Socket);
+
+impl Write for SockOut<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .send_with_flags(buf, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0
+            .send_vectored_with_flags(bufs, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A non-blocking socket as rustls reads records from it.
+struct SockIn<'a>(&'a Socket);
+
+impl Read for SockIn<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        recv_dontwait(self.0, buf)
+    }
+}
+
+/// A receiving wire's ack path as rustls writes records to it: full is `WouldBlock`.
+struct AckWriter<'a, W>(&'a mut W);
+
+impl<W: AckOut> Write for AckWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0.try_write(buf)? {
+            0 if !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One non-blocking `recv` into `buf`.
+fn recv_dontwait(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(sock, buf, libc::MSG_DONTWAIT)
+}
+
+/// One `recv` into `buf` with `flags`, again if a signal interrupts it.
+#[allow(unsafe_code)]
+fn recv_flags(sock: &Socket, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout, and `recv` only writes
+    // initialised bytes into the buffer (never uninitialised ones), so `buf` stays valid.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    loop {
+        match sock.recv_with_flags(uninit, flags) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::conn::SendError;
+    use crate::pool::Pool;
+    use crate::sockopts::SocketOpts;
+    use crate::stats::PeerStats;
+    use crate::testing::*;
+    use crate::tls::Tls;
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    /// A pool of one slot from `a@h` to `l`, running `tls`.
+    fn pool_to(addr: SocketAddr, tls: Option<Arc<Tls>>) -> (Pool, Arc<PeerStats>) {
+        let mut cfg = config(b"c", SocketOpts::default());
+        cfg.0.tls = tls;
+        one_slot(cfg, addr)
+    }
+
+    /// Sends `payload`, waiting out `Busy`.
+    fn send_waiting(pool: &Pool, payload: &[u8]) {
+        let mut f = frame(payload);
+        loop {
+            match pool.send(0, f) {
+                Ok(()) => return,
+                Err(SendError::Busy(back)) => {
+                    f = back;
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+
+    /// The first connection error the pool's slot reports.
+    fn error_of(pool: &Pool) -> String {
+        wait_for("a connection error", || pool.info()[0].last_error.is_some());
+        pool.info()[0].last_error.clone().unwrap_or_default()
+    }
+
+    /// Payloads of every size, from a byte to most of the frame limit, numbered.
+    fn payloads() -> Vec<Vec<u8>> {
+        let sizes = [1, 100, 4_000, 16_500, 70_000, 300_000, 900_000];
+        (0..140u32)
+            .map(|i| {
+                let mut p = i.to_be_bytes().to_vec();
+                p.resize(4 + sizes[i as usize % sizes.len()], (i * 7) as u8);
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frames_of_every_size_cross_a_tls_pool_whole_in_order_and_are_acknowledged() {
+        let dir = Dir::new("secure-sizes");
+        let ca = Ca::new("ca");
+        let (a, b) = tls_pair(&dir, &ca, &ca);
+        let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
+        let (pool, _stats) = pool_to(l.local_addr(), Some(a));
+        let sent = payloads();
+        for p in &sent {
+            send_waiting(&pool, p);
+        }
+        for (i, want) in sent.iter().enumerate() {
+            let (_, got) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| {
+                    panic!("frame {i} did not arrive: {:?}", pool.info()[0].last_error)
+                });
+            assert!(
+                got == *want,
+                "frame {i}: {} bytes for {}",
+                got.len(),
+                want.len()
+            );
+        }
+        // The acks came back through the session too.
+        wait_for("every frame acknowledged", || {
+            let info = &pool.info()[0];
+            info.unacked_frames == 0 && info.frames_in_queue == 0
+        });
+        assert_eq!(pool.info()[0].reconnects, 0);
+        pool.close();
+        l.close();
+    }
+
+    #[test]
+    fn records_a_full_socket_left_in_the_session_go_out_once_it_drains() {
+        let dir = Dir::new("secure-full");
+        let ca = Ca::new("ca");
+        let (a, b) = tls_pair(&dir, &ca, &ca);
+        // Small socket buffers: most of a 300 KB frame stays in the session.
+        let small = SocketOpts {
+            sndbuf: Some(16 * 1024),
+            recbuf: Some(16 * 1024),
+            ..SocketOpts::default()
+        };
+        let (l, acceptor, rx) = listener_tls(small.clone(), Some(b));
+        let mut cfg = config(b"c", small);
+        cfg.0.tls = Some(a);
+        let (pool, _stats) = one_slot(cfg, l.local_addr());
+        // The reader stops at the first frame, so the second fills the socket and the rest
+        // of it waits in the session after the lane has nothing more queued: it must go
+        // out when the reader goes on, with nothing more sent.
+        acceptor.gate.shut();
+        send_waiting(&pool, b"first");
+        let second = vec![7u8; 300_000];
+        send_waiting(&pool, &second);
+        thread::sleep(Duration::from_millis(300));
+        acceptor.gate.open();
+        for want in [&b"first"[..], &second] {
+            let (_, got) = rx
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("a frame did not arrive: {:?}", pool.info()[0]));
+            assert!(got == want, "{} bytes for {}", got.len(), want.len());
+        }
+        pool.close();
+        l.close();
+    }
+
+    #[test]
+    fn plaintext_a_turn_leaves_in_the_session_is_read_without_more_bytes_coming() {
+        // A poll thread's turn ends after TURN_BYTES (1 MB); what the session decrypted past
+        // that is not in the socket any more, whose readiness would otherwise be waited for.
+        // The stream ends a little past a turn, by a different amount each time, so that
+        // some turn ends with the rest of the stream in the session.
+        let dir = Dir::new("secure-held");
+        let ca = Ca::new("ca");
+        let (a, b) = tls_pair(&dir, &ca, &ca);
+        for extra in (0..16).map(|k| k * 1_100) {
+            let (l, acceptor, rx) = listener_tls(SocketOpts::default(), Some(b.clone()));
+            let mut cfg = config(b"c", SocketOpts::default());
+            cfg.0.tls = Some(a.clone());
+            cfg.0.max_queue_bytes = 8 << 20;
+            let (pool, _stats) = one_slot(cfg, l.local_addr());
+            // All of it waits in the socket while the reader is held at the first frame.
+            acceptor.gate.shut();
+            send_waiting(&pool, b"first");
+            let body = 1_000 - OVERHEAD;
+            let n = (1024 * 1024 + extra) / 1_000 + 1;
+            for i in 0..n {
+                send_waiting(&pool, &vec![(i % 251) as u8; body]);
+            }
+            thread::sleep(Duration::from_millis(100));
+            acceptor.gate.open();
+            for i in 0..=n {
+                if rx.recv_timeout(Duration::from_secs(3)).is_err() {
+                    panic!("{extra}: frame {i} of {} did not arrive", n + 1);
+                }
+            }
+            pool.close();
+            l.close();
+        }
+    }
+
+    #[test]
+    fn a_plain_dialer_is_told_the_listener_requires_tls_and_delivers_nothing() {
+        let dir = Dir::new("secure-plain-dialer");
+        let ca = Ca::new("ca");
+        let (_, b) = tls_pair(&dir, &ca, &ca);
+        let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
+        let (pool, _stats) = pool_to(l.local_addr(), None);
+        send_waiting(&pool, b"hello");
+        let why = error_of(&pool);
+        assert!(why.contains("requires TLS"), "{why}");
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        wait_for("no handshake left", || l.handshaking() == 0);
+        assert_eq!(l.connections(), 0);
+        pool.close();
+        l.close();
+    }
+
+    #[test]
+    fn a_tls_dialer_is_refused_by_a_plain_listener_and_delivers_nothing() {
+        let dir = Dir::new("secure-plain-listener");
+        let ca = Ca::new("ca");
+        let (a, _) = tls_pair(&dir, &ca, &ca);
+        let (l, _acceptor, rx) = listener(SocketOpts::default());
+        let (pool, _stats) = pool_to(l.local_addr(), Some(a));
+        send_waiting(&pool, b"hello");
+        let why = error_of(&pool);
+        assert!(why.contains("TLS handshake"), "{why}");
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        wait_for("no handshake left", || l.handshaking() == 0);
+        pool.close();
+        l.close();
+    }
+
+    #[test]
+    fn a_dialer_whose_certificate_another_ca_issued_delivers_nothing() {
+        let dir = Dir::new("secure-other-ca");
+        let (ca, other) = (Ca::new("ca"), Ca::new("other"));
+        let (a, b) = tls_pair(&dir, &ca, &other);
+        let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
+        let (pool, _stats) = pool_to(l.local_addr(), Some(a));
+        send_waiting(&pool, b"hello");
+        let why = error_of(&pool);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "{why}"
+        );
+        assert_eq!(l.connections(), 0, "{why}");
+        pool.close();
+        l.close();
+    }
+
+    /// A relay between a dialer and `to` that records what the dialer sends; its address.
+    fn recording_relay(to: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+        let relay = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = relay.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        thread::spawn(move || {
+            let (from, _) = relay.accept().unwrap();
+            let onward = TcpStream::connect(to).unwrap();
+            let (mut back_from, mut back_to) =
+                (onward.try_clone().unwrap(), from.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+                let _ = back_to.shutdown(std::net::Shutdown::Both);
+            });
+            let (mut from, mut onward) = (from, onward);
+            let mut buf = [0u8; 64 * 1024];
+            while let Ok(n) = from.read(&mut buf) {
+                // Recorded before it goes on: what the listener got, the relay saw.
+                record.lock().unwrap().extend_from_slice(&buf[..n]);
+                if n == 0 || onward.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = onward.shutdown(std::net::Shutdown::Both);
+        });
+        (addr, seen)
+    }
+
+    /// Sends a known payload through a relay to a listener; whether it was seen in clear.
+    fn payload_seen_in_clear(tls: bool) -> bool {
+        let dir = Dir::new("secure-clear");
+        let ca = Ca::new("ca");
+        let (a, b) = tls_pair(&dir, &ca, &ca);
+        let (a, b) = if tls {
+            (Some(a), Some(b))
+        } else {
+            (None, None)
+        };
+        let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), b);
+        let (relay, seen) = recording_relay(l.local_addr());
+        let (pool, _stats) = pool_to(relay, a);
+        let secret = b"teleport-known-payload-7f3a9c".repeat(40);
+        send_waiting(&pool, &secret);
+        let (_, got) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(got, secret);
+        pool.close();
+        l.close();
+        let seen = seen.lock().unwrap();
+        seen.windows(29).any(|w| w == &secret[..29])
+    }
+
+    #[test]
+    fn a_payload_never_crosses_a_tls_connection_in_clear() {
+        // The control: the relay does see it on a plain connection.
+        assert!(payload_seen_in_clear(false));
+        assert!(!payload_seen_in_clear(true));
+    }
+
+    /// Connects to `addr`, sends `bytes`, and reads until the listener closes; how long that
+    /// took, and what it answered.
+    fn hostile(addr: SocketAddr, bytes: &[u8]) -> (Duration, Vec<u8>) {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        (started.elapsed(), answer)
+    }
+
+    #[test]
+    fn garbage_and_stalls_after_a_tls_opening_are_closed_within_the_deadline() {
+        let dir = Dir::new("secure-hostile");
+        let ca = Ca::new("ca");
+        let (_, b) = tls_pair(&dir, &ca, &ca);
+        let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
+        // A record header and junk: an alert, then the close.
+        let (took, _) = hostile(l.local_addr(), &[0x16, 0x03, 0x01, 0x00, 0x04, 9, 9, 9, 9]);
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        // A TLS opening that stops: closed at the handshake deadline (2 s), not later.
+        let (took, _) = hostile(l.local_addr(), &[0x16, 0x03]);
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // A record that claims to be huge: refused without waiting for it.
+        let (took, _) = hostile(l.local_addr(), &[0x16, 0x03, 0x01, 0xff, 0xff, 1]);
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        wait_for("no handshake left", || l.handshaking() == 0);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(l.connections(), 0);
+        l.close();
+    }
+}
