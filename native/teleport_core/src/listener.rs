@@ -15,7 +15,7 @@ use crate::handshake::{self, Welcome};
 use crate::lanes::{Lanes, Place, Waited};
 use crate::poller::{Next, Poller, Task};
 use crate::pump::{Counters, Pump, Pumped, ReadError, Sink, SocketWire, Wire};
-use crate::secure::{self, Opening, Secured, Speaks};
+use crate::secure::{self, Opening, Secured, Session, Speaks};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
 use crate::tls::Tls;
@@ -470,7 +470,7 @@ impl Listener {
             _place: place,
             phase: Phase::Reading,
             ended: None,
-            tls: session.map(Box::new),
+            tls: session.map(|s| Box::new(Session::new(s))),
         })
     }
 
@@ -569,7 +569,7 @@ pub struct Served<S: Sink> {
     /// How it ended, once it did (`None` when dropped: it panicked).
     ended: Option<Result<(), ReadError>>,
     /// Its TLS session: what is read goes through it, and so do the acks.
-    tls: Option<Box<Connection>>,
+    tls: Option<Box<Session>>,
 }
 
 impl<S: Sink + Send + 'static> Served<S> {

@@ -226,10 +226,9 @@ impl Link {
             return self.sock.send_vectored_with_flags(slices, flags);
         };
         let mut conn = tls.lock();
-        // Records waiting from before go first: until they are out, nothing new goes in.
-        if !self.flushed(&mut conn)? {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
+        // Records waiting from before go first; the session then takes what its limit
+        // leaves room for, encrypting while the socket drains (encryption is the work).
+        self.flushed(&mut conn)?;
         let took = conn.writer().write_vectored(slices)?;
         self.flushed(&mut conn)?;
         if took == 0 && !slices.iter().all(|s| s.is_empty()) {
@@ -279,16 +278,40 @@ impl std::fmt::Debug for Link {
     }
 }
 
+/// How much ciphertext an incoming connection reads from its socket at a time: rustls
+/// takes at most 4 KB per read, a `recv` each without this.
+const AHEAD: usize = 64 * 1024;
+
+/// An incoming connection's TLS session ([`accept`]), with the ciphertext read from the
+/// socket ahead of it.
+pub struct Session {
+    conn: Connection,
+    ahead: Vec<u8>,
+    /// How much of `ahead` the session took.
+    taken: usize,
+}
+
+impl Session {
+    /// The session `conn`.
+    pub fn new(conn: Connection) -> Session {
+        Session {
+            conn,
+            ahead: Vec::new(),
+            taken: 0,
+        }
+    }
+}
+
 /// An incoming connection's [`Wire`] (`inner`: the socket, or what the reader's port read),
 /// through its TLS session when it has one.
 pub struct Secured<'a, W> {
-    tls: Option<&'a mut Connection>,
+    tls: Option<&'a mut Session>,
     inner: &'a mut W,
 }
 
 impl<'a, W: Wire> Secured<'a, W> {
     /// `inner`, through `tls` if there is one.
-    pub fn new(tls: Option<&'a mut Connection>, inner: &'a mut W) -> Self {
+    pub fn new(tls: Option<&'a mut Session>, inner: &'a mut W) -> Self {
         Secured { tls, inner }
     }
 
@@ -297,25 +320,60 @@ impl<'a, W: Wire> Secured<'a, W> {
     pub fn flush(&mut self) -> io::Result<bool> {
         match self.tls.as_deref_mut() {
             None => Ok(true),
-            Some(conn) => flush(conn, &mut AckWriter(&mut *self.inner)),
+            Some(tls) => flush(&mut tls.conn, &mut AckWriter(&mut *self.inner)),
         }
     }
 }
 
 impl<W: Wire> Read for Secured<'_, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.tls.as_deref_mut() {
-            None => self.inner.read(buf),
-            Some(conn) => read_plain(conn, &mut *self.inner, buf),
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return self.inner.read(buf);
+        };
+        let mut ahead = Ahead {
+            src: &mut *self.inner,
+            buf: &mut tls.ahead,
+            taken: &mut tls.taken,
+        };
+        read_plain(&mut tls.conn, &mut ahead, buf)
+    }
+}
+
+/// `src` read [`AHEAD`] bytes at a time into `buf`, of which `taken` were read from here.
+struct Ahead<'a, R> {
+    src: &'a mut R,
+    buf: &'a mut Vec<u8>,
+    taken: &'a mut usize,
+}
+
+impl<R: Read> Read for Ahead<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if *self.taken == self.buf.len() {
+            self.buf.resize(AHEAD, 0);
+            let n = match self.src.read(&mut self.buf[..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.buf.clear();
+                    *self.taken = 0;
+                    return Err(e);
+                }
+            };
+            self.buf.truncate(n);
+            *self.taken = 0;
         }
+        let n = out.len().min(self.buf.len() - *self.taken);
+        out[..n].copy_from_slice(&self.buf[*self.taken..*self.taken + n]);
+        *self.taken += n;
+        Ok(n)
     }
 }
 
 impl<W: Wire> AckOut for Secured<'_, W> {
     fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let Some(conn) = self.tls.as_deref_mut() else {
+        let Some(tls) = self.tls.as_deref_mut() else {
             return self.inner.try_write(bytes);
         };
+        let conn = &mut tls.conn;
         let out = &mut AckWriter(&mut *self.inner);
         if !flush(conn, out)? {
             return Ok(0);
