@@ -141,6 +141,7 @@ fn load_tls(tls: Term) -> NifResult<Result<Option<Arc<Tls>>, String>> {
             "tls_verify_none"
         );
     }
+    teleport_core::secure::keep_freed_records();
     Ok(Ok(Some(Arc::new(loaded))))
 }
 
