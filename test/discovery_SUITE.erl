@@ -12,6 +12,8 @@
 
 -compile([export_all, nowarn_export_all]).
 
+-import(teleport_test_util, [capture_logs/0, wait_log/1]).
+
 -define(PEERS, discovery_SUITE_peers).
 
 suite() ->
@@ -41,7 +43,7 @@ init_per_testcase(_, Config) ->
 end_per_testcase(_, _Config) ->
     [teleport_test_util:stop_peer(S) || {_, S} <- ets:tab2list(?PEERS)],
     true = ets:delete_all_objects(?PEERS),
-    _ = logger:remove_handler(discovery_capture),
+    ok = teleport_test_util:stop_capturing_logs(),
     teleport_test_util:reset_teleport(),
     flush(),
     ok.
@@ -246,35 +248,6 @@ start_peer(Opts) ->
 
 record_peer({Peer, _, _} = Started) ->
     true = ets:insert(?PEERS, {Peer, Started}).
-
-%% Sends this node's log events (of domain [teleport]) to the test process as text.
-capture_logs() ->
-    Self = self(),
-    _ = logger:remove_handler(discovery_capture),
-    ok = logger:add_handler(discovery_capture, ?MODULE, #{config => #{pid => Self}}).
-
-%% logger handler callback for capture_logs/0.
-log(#{msg := Msg, meta := Meta}, #{config := #{pid := Pid}}) ->
-    case maps:get(domain, Meta, []) of
-        [teleport | _] -> Pid ! {log, text(Msg)};
-        _ -> ok
-    end.
-
-text({string, S}) -> unicode:characters_to_list(S);
-text({report, R}) -> lists:flatten(io_lib:format("~0tp", [R]));
-text({Format, Args}) -> lists:flatten(io_lib:format(Format, Args)).
-
-%% The first captured log line that Pred accepts (within 10 s).
-wait_log(Pred) ->
-    receive
-        {log, Text} ->
-            case Pred(Text) of
-                true -> Text;
-                false -> wait_log(Pred)
-            end
-    after 10000 ->
-            ct:fail(no_such_log_line)
-    end.
 
 flush() ->
     receive _ -> flush() after 0 -> ok end.

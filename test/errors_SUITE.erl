@@ -13,6 +13,8 @@
 
 -compile([export_all, nowarn_export_all]).
 
+-import(teleport_test_util, [capture_logs/0, wait_log/1, wait_event/1, next_log/1]).
+
 suite() ->
     [{timetrap, {seconds, 120}}].
 
@@ -36,7 +38,7 @@ init_per_testcase(_Case, Config) ->
     Config.
 
 end_per_testcase(_Case, _Config) ->
-    _ = logger:remove_handler(?MODULE),
+    ok = teleport_test_util:stop_capturing_logs(),
     _ = teleport:stop(),
     reset_env(),
     teleport_test_util:stop_peers(peers()),
@@ -358,7 +360,8 @@ nif_not_loaded(Config) ->
     %% Under `make cover', teleport's modules there become the cover-compiled ones, all but
     %% teleport_nif, which stays the copy without its library.
     ok = teleport_cover:peer_started(Node),
-    ok = peer:call(Peer, logger, add_handler, [?MODULE, ?MODULE, #{config => #{to => self()}}]),
+    ok = peer:call(Peer, logger, add_handler, [teleport_test_util, teleport_test_util,
+                                               #{config => #{to => self()}}]),
     Result = peer:call(Peer, teleport, start, []),
     ct:pal("teleport:start() without the NIF: ~p", [Result]),
     ?assertMatch({error, {nif_not_loaded, _}}, Result),
@@ -406,63 +409,3 @@ start_peer(_Config, StartTeleport) ->
                                         on_start => fun record_peer/1}),
     {Peer, Node}.
 
-%% Logger events of this node go to the test process as {logged, Event}.
-capture_logs() ->
-    _ = logger:remove_handler(?MODULE),
-    flush_logs(),
-    ok = logger:add_handler(?MODULE, ?MODULE, #{config => #{to => self()}}).
-
-flush_logs() ->
-    receive {logged, _} -> flush_logs() after 0 -> ok end.
-
-%% The logger handler callback.
-log(Event, #{config := #{to := Pid}}) ->
-    Pid ! {logged, Event},
-    ok.
-
-%% The text of the first event whose formatted text passes Pred.
-wait_log(Pred) ->
-    receive
-        {logged, Event} ->
-            Text = event_text(Event),
-            case Pred(Text) of
-                true -> Text;
-                false -> wait_log(Pred)
-            end
-    after 10000 ->
-            ct:fail(log_line_not_seen)
-    end.
-
-%% The report of the first teleport_log event (a map) passing Pred.
-wait_event(Pred) ->
-    receive
-        {logged, #{msg := {report, Report}}} when is_map(Report) ->
-            case Pred(Report) of
-                true -> Report;
-                false -> wait_event(Pred)
-            end;
-        {logged, _} ->
-            wait_event(Pred)
-    after 10000 ->
-            ct:fail(log_event_not_seen)
-    end.
-
-%% The next teleport log line within Timeout ms, or none.
-next_log(Timeout) ->
-    receive
-        {logged, #{meta := #{domain := [teleport | _]}} = Event} -> event_text(Event)
-    after Timeout -> none
-    end.
-
-event_text(#{msg := {string, S}}) ->
-    unicode:characters_to_list(S);
-event_text(#{msg := {report, R}, meta := Meta}) ->
-    case Meta of
-        #{report_cb := Cb} when is_function(Cb, 1) ->
-            {F, A} = Cb(R),
-            lists:flatten(io_lib:format(F, A));
-        _ ->
-            lists:flatten(io_lib:format("~0tp", [R]))
-    end;
-event_text(#{msg := {F, A}}) ->
-    lists:flatten(io_lib:format(F, A)).

@@ -11,6 +11,7 @@
          stop_os_process/1, continue_os_process/1, kill_os_process/1]).
 -export([raw_dial/3, raw_frame/3, raw_frame/4, start_collector/1, collected/3, ask/1,
          forged_fun/0]).
+-export([capture_logs/0, stop_capturing_logs/0, log/2, wait_log/1, wait_event/1, next_log/1]).
 
 -export_type([peer_opts/0, started/0]).
 
@@ -383,3 +384,79 @@ ask(Pid) ->
 forged_fun() ->
     Body = <<0, 0:128, 0:32, 0:32, 119, 5, "lists", 97, 0, 97, 0, 97, 0>>,
     <<131, 112, (4 + byte_size(Body)):32, Body/binary>>.
+
+%%============================================================================================
+%% Logs
+
+%% Logger events of this node go to the calling process as {logged, Event}, for
+%% wait_log/1, wait_event/1 and next_log/1.
+-spec capture_logs() -> ok.
+capture_logs() ->
+    _ = logger:remove_handler(?MODULE),
+    flush_logs(),
+    ok = logger:add_handler(?MODULE, ?MODULE, #{config => #{to => self()}}).
+
+%% Stops capture_logs/0's capture (end_per_testcase: whether or not it ran).
+-spec stop_capturing_logs() -> ok.
+stop_capturing_logs() ->
+    _ = logger:remove_handler(?MODULE),
+    ok.
+
+flush_logs() ->
+    receive {logged, _} -> flush_logs() after 0 -> ok end.
+
+%% The logger handler callback.
+-spec log(logger:log_event(), logger:handler_config()) -> ok.
+log(Event, #{config := #{to := Pid}}) ->
+    Pid ! {logged, Event},
+    ok.
+
+%% The text of the first event whose formatted text passes Pred (within 10 s).
+-spec wait_log(fun((string()) -> boolean())) -> string().
+wait_log(Pred) ->
+    receive
+        {logged, Event} ->
+            Text = event_text(Event),
+            case Pred(Text) of
+                true -> Text;
+                false -> wait_log(Pred)
+            end
+    after 10000 ->
+            ct:fail(log_line_not_seen)
+    end.
+
+%% The report of the first teleport_log event (a map) passing Pred (within 10 s).
+-spec wait_event(fun((map()) -> boolean())) -> map().
+wait_event(Pred) ->
+    receive
+        {logged, #{msg := {report, Report}}} when is_map(Report) ->
+            case Pred(Report) of
+                true -> Report;
+                false -> wait_event(Pred)
+            end;
+        {logged, _} ->
+            wait_event(Pred)
+    after 10000 ->
+            ct:fail(log_event_not_seen)
+    end.
+
+%% The next teleport log line within Timeout ms, or none.
+-spec next_log(timeout()) -> string() | none.
+next_log(Timeout) ->
+    receive
+        {logged, #{meta := #{domain := [teleport | _]}} = Event} -> event_text(Event)
+    after Timeout -> none
+    end.
+
+event_text(#{msg := {string, S}}) ->
+    unicode:characters_to_list(S);
+event_text(#{msg := {report, R}, meta := Meta}) ->
+    case Meta of
+        #{report_cb := Cb} when is_function(Cb, 1) ->
+            {F, A} = Cb(R),
+            lists:flatten(io_lib:format(F, A));
+        _ ->
+            lists:flatten(io_lib:format("~0tp", [R]))
+    end;
+event_text(#{msg := {F, A}}) ->
+    lists:flatten(io_lib:format(F, A)).

@@ -11,6 +11,8 @@
 
 -compile([export_all, nowarn_export_all]).
 
+-import(teleport_test_util, [capture_logs/0, wait_log/1]).
+
 -define(PEERS, tls_SUITE_peers).
 
 suite() ->
@@ -50,7 +52,7 @@ init_per_testcase(_, Config) ->
     Config.
 
 end_per_testcase(_, _Config) ->
-    _ = logger:remove_handler(?MODULE),
+    ok = teleport_test_util:stop_capturing_logs(),
     teleport_test_util:reset_teleport(),
     teleport_test_util:stop_peers([P || {_, P} <- ets:tab2list(?PEERS)]),
     ok.
@@ -301,36 +303,3 @@ read_to_close(S, Acc) ->
         {ok, B} -> read_to_close(S, <<Acc/binary, B/binary>>);
         {error, _} -> gen_tcp:close(S), Acc
     end.
-
-%% Logger events of this node go to the test process as {logged, Event}.
-capture_logs() ->
-    _ = logger:remove_handler(?MODULE),
-    ok = logger:add_handler(?MODULE, ?MODULE, #{config => #{to => self()}}).
-
-%% The logger handler callback.
-log(Event, #{config := #{to := Pid}}) ->
-    Pid ! {logged, Event},
-    ok.
-
-%% The text of the first event whose text passes Pred.
-wait_log(Pred) ->
-    receive
-        {logged, Event} ->
-            Text = event_text(Event),
-            case Pred(Text) of
-                true -> Text;
-                false -> wait_log(Pred)
-            end
-    after 10000 ->
-            ct:fail(log_line_not_seen)
-    end.
-
-event_text(#{msg := {string, S}}) ->
-    unicode:characters_to_list(S);
-event_text(#{msg := {report, R}, meta := #{report_cb := Cb}}) when is_function(Cb, 1) ->
-    {F, A} = Cb(R),
-    lists:flatten(io_lib:format(F, A));
-event_text(#{msg := {report, R}}) ->
-    lists:flatten(io_lib:format("~0tp", [R]));
-event_text(#{msg := {F, A}}) ->
-    lists:flatten(io_lib:format(F, A)).
