@@ -48,7 +48,7 @@
 -export([run_ring/4, check_ring/3, cpu_ticks/1, machine_info/0, loadavg/0, results_dir/0,
          alternating/3]).
 %% Shared with scale_bench.
--export([boot_peers/2, proc_status/1, step/2]).
+-export([boot_peers/2, proc_status/1, step/2, env_int/2]).
 
 -define(MB, 1000000).
 -define(MiB, 1048576).
@@ -77,10 +77,15 @@ main(Opts) ->
                   stop_nodes(Nodes)
               end,
     %% On fresh nodes of their own, once the others are gone.
-    Results = Results0#{scale => scale_bench:run(Cfg)},
+    Results1 = Results0#{scale => scale_bench:run(Cfg)},
+    %% On nodes of their own too, whose disterl runs over TLS.
+    Tls = tls_bench:run(Cfg),
+    Results = Results1#{tls => Tls},
     Elapsed = (now_ms() - get(t0)) / 1000,
     Machine1 = Machine#{loadavg_end => loadavg()},
-    Targets = targets(Results),
+    PlainStream = bench_report:median([G || #{transport := teleport, gb_per_s := G}
+                                                <- maps:get(rounds, maps:get(stream, Results))]),
+    Targets = targets(Results) ++ tls_bench:targets(Tls, PlainStream),
     print_summary(Cfg, Results, Targets),
     io:format("~ntotal run time: ~.1f s (machine load average at start ~s, at end ~s)~n",
               [Elapsed, maps:get(loadavg_start, Machine), maps:get(loadavg_end, Machine1)]),
@@ -789,6 +794,7 @@ print_summary(Cfg, #{ring := Ring, small := Small, calls := Calls, sizes := Size
               [string:join([io_lib:format("~s ~s", [T, string:join([bench_report:fmt_float(H / ?MB, 0) || #{vmhwm := H} <- maps:get(per_node, maps:get(T, Rss))], "/")])
                             || T <- [disterl, teleport]], "; ") ++ " (MB)"]),
     ok = scale_bench:print(maps:get(scale, Results)),
+    ok = tls_bench:print(maps:get(tls, Results)),
     %% Targets
     io:format("~ntargets:~n"),
     [io:format("  ~-48s ~10s  ~s~n",
@@ -895,7 +901,8 @@ to_json(Machine, Cfg, #{ring := Ring, small := Small, calls := Calls, sizes := S
            {warmup, "one round per transport per scenario before the measured rounds, excluded; "
                     "the rings are primed with a tiny message first"},
            {scenarios, [RingJ, SmallJ | CallsJ] ++ [SizesJ, PingJ, StreamJ, RssJ,
-                                                     scale_bench:json(maps:get(scale, Results))]},
+                                                     scale_bench:json(maps:get(scale, Results)),
+                                                     tls_bench:json(maps:get(tls, Results))]},
            {targets, [maps:remove(unit, T) || T <- Targets]},
            {total_run_time_s, Elapsed}]}.
 
