@@ -151,8 +151,11 @@ handle_cast(_Msg, State) ->
 %% @private
 -spec handle_info(term(), #state{}) -> {noreply, #state{}}.
 handle_info({'$teleport_reply', Alias, Result}, State) when is_reference(Alias) ->
+    %% The notes go first (the call's, and those the sweep finds expired): a caller that has
+    %% its answer never sees its note, or one this answer sweeps, still there.
+    State1 = maybe_sweep(done(Alias, State)),
     Alias ! {Alias, Result},
-    {noreply, maybe_sweep(done(Alias, State))};
+    {noreply, State1};
 handle_info({caller, Pid, Alias}, State) ->
     %% An infinite wait: the caller is watched until its answer comes or it dies. This
     %% message was sent before the request, so it is here before any answer.
