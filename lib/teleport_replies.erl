@@ -63,9 +63,20 @@ start_link() ->
 %% (`teleport_sup', which lives as long as teleport does).
 -spec create_table() -> ok.
 create_table() ->
+    %% A start right after a failed one: application:start/1 returned before the failed
+    %% start's supervisor, which owned the table, was gone; its table goes with it.
+    ok = table_gone(5000),
     _ = ets:new(?MODULE, [named_table, public, set, {write_concurrency, true},
                           {read_concurrency, true}]),
     ok.
+
+-spec table_gone(non_neg_integer()) -> ok.
+table_gone(Ms) ->
+    case ets:whereis(?MODULE) of
+        undefined -> ok;
+        _ when Ms =:= 0 -> ok;
+        _ -> timer:sleep(1), table_gone(Ms - 1)
+    end.
 
 %% @doc Notes that the calling process waits at `Alias' for an answer from `Node', for
 %% `Timeout'; makes sure `Node' is watched. Called by the caller before it sends the request
