@@ -35,7 +35,7 @@ const TURN_BYTES: usize = 1024 * 1024;
 
 /// At most this many connections may be in their handshake at once; more are closed at
 /// once, so a flood of idle sockets cannot pin a thread each.
-const MAX_HANDSHAKES: usize = 64;
+pub(crate) const MAX_HANDSHAKES: usize = 64;
 
 /// How long a new connection waits for the reader of its lane's previous connection to
 /// finish by itself before stopping it (see [`crate::lanes`]). Draining even full socket

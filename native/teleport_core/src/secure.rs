@@ -799,6 +799,37 @@ mod tests {
     }
 
     #[test]
+    fn tls_openings_that_stall_hold_no_more_than_the_handshake_slots() {
+        let dir = Dir::new("secure-slots");
+        let ca = Ca::new("ca");
+        let (a, b) = tls_pair(&dir, &ca, &ca);
+        let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
+        // Every slot taken by a dialer that opens with TLS and says no more.
+        let stalled: Vec<TcpStream> = (0..crate::listener::MAX_HANDSHAKES)
+            .map(|_| {
+                let mut s = TcpStream::connect(l.local_addr()).unwrap();
+                s.write_all(&[0x16, 0x03, 0x01]).unwrap();
+                s
+            })
+            .collect();
+        wait_for("every slot taken", || {
+            l.handshaking() == crate::listener::MAX_HANDSHAKES
+        });
+        // One more is closed at once, not left waiting.
+        let (took, _) = hostile(l.local_addr(), &[0x16, 0x03]);
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        // The stalled ones end at the handshake deadline (2 s), and a real dialer gets in.
+        wait_for("the stalled handshakes closed", || l.handshaking() == 0);
+        drop(stalled);
+        let (pool, _stats) = pool_to(l.local_addr(), Some(a));
+        send_waiting(&pool, b"after the stalls");
+        let (_, got) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(got, b"after the stalls");
+        pool.close();
+        l.close();
+    }
+
+    #[test]
     fn garbage_and_stalls_after_a_tls_opening_are_closed_within_the_deadline() {
         let dir = Dir::new("secure-hostile");
         let ca = Ca::new("ca");
