@@ -533,6 +533,15 @@ mod tests {
     use std::thread;
     use std::time::{Duration, Instant};
 
+    /// The TLS of `a@h` and `b@h`, one CA's, in a directory of their own (kept while the
+    /// first value lives).
+    fn nodes(tag: &str) -> (Dir, Arc<Tls>, Arc<Tls>) {
+        let dir = Dir::new(tag);
+        let ca = Ca::new("ca");
+        let (a, b) = tls_pair(&dir, &ca, &ca);
+        (dir, a, b)
+    }
+
     /// A pool of one slot from `a@h` to `l`, running `tls`.
     fn pool_to(addr: SocketAddr, tls: Option<Arc<Tls>>) -> (Pool, Arc<PeerStats>) {
         let mut cfg = config(b"c", SocketOpts::default());
@@ -575,9 +584,7 @@ mod tests {
 
     #[test]
     fn frames_of_every_size_cross_a_tls_pool_whole_in_order_and_are_acknowledged() {
-        let dir = Dir::new("secure-sizes");
-        let ca = Ca::new("ca");
-        let (a, b) = tls_pair(&dir, &ca, &ca);
+        let (_dir, a, b) = nodes("secure-sizes");
         let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
         let (pool, _stats) = pool_to(l.local_addr(), Some(a));
         let sent = payloads();
@@ -609,9 +616,7 @@ mod tests {
 
     #[test]
     fn records_a_full_socket_left_in_the_session_go_out_once_it_drains() {
-        let dir = Dir::new("secure-full");
-        let ca = Ca::new("ca");
-        let (a, b) = tls_pair(&dir, &ca, &ca);
+        let (_dir, a, b) = nodes("secure-full");
         // Small socket buffers: most of a 300 KB frame stays in the session.
         let small = SocketOpts {
             sndbuf: Some(16 * 1024),
@@ -647,9 +652,7 @@ mod tests {
         // that is not in the socket any more, whose readiness would otherwise be waited for.
         // The stream ends a little past a turn, by a different amount each time, so that
         // some turn ends with the rest of the stream in the session.
-        let dir = Dir::new("secure-held");
-        let ca = Ca::new("ca");
-        let (a, b) = tls_pair(&dir, &ca, &ca);
+        let (_dir, a, b) = nodes("secure-held");
         for extra in (0..16).map(|k| k * 1_100) {
             let (l, acceptor, rx) = listener_tls(SocketOpts::default(), Some(b.clone()));
             let mut cfg = config(b"c", SocketOpts::default());
@@ -678,9 +681,7 @@ mod tests {
 
     #[test]
     fn a_plain_dialer_is_told_the_listener_requires_tls_and_delivers_nothing() {
-        let dir = Dir::new("secure-plain-dialer");
-        let ca = Ca::new("ca");
-        let (_, b) = tls_pair(&dir, &ca, &ca);
+        let (_dir, _, b) = nodes("secure-plain-dialer");
         let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
         let (pool, _stats) = pool_to(l.local_addr(), None);
         send_waiting(&pool, b"hello");
@@ -695,9 +696,7 @@ mod tests {
 
     #[test]
     fn a_tls_dialer_is_refused_by_a_plain_listener_and_delivers_nothing() {
-        let dir = Dir::new("secure-plain-listener");
-        let ca = Ca::new("ca");
-        let (a, _) = tls_pair(&dir, &ca, &ca);
+        let (_dir, a, _) = nodes("secure-plain-listener");
         let (l, _acceptor, rx) = listener(SocketOpts::default());
         let (pool, _stats) = pool_to(l.local_addr(), Some(a));
         send_waiting(&pool, b"hello");
@@ -758,9 +757,7 @@ mod tests {
 
     /// Sends a known payload through a relay to a listener; whether it was seen in clear.
     fn payload_seen_in_clear(tls: bool) -> bool {
-        let dir = Dir::new("secure-clear");
-        let ca = Ca::new("ca");
-        let (a, b) = tls_pair(&dir, &ca, &ca);
+        let (_dir, a, b) = nodes("secure-clear");
         let (a, b) = if tls {
             (Some(a), Some(b))
         } else {
@@ -800,9 +797,7 @@ mod tests {
 
     #[test]
     fn tls_openings_that_stall_hold_no_more_than_the_handshake_slots() {
-        let dir = Dir::new("secure-slots");
-        let ca = Ca::new("ca");
-        let (a, b) = tls_pair(&dir, &ca, &ca);
+        let (_dir, a, b) = nodes("secure-slots");
         let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
         // Every slot taken by a dialer that opens with TLS and says no more.
         let stalled: Vec<TcpStream> = (0..crate::listener::MAX_HANDSHAKES)
@@ -831,9 +826,7 @@ mod tests {
 
     #[test]
     fn garbage_and_stalls_after_a_tls_opening_are_closed_within_the_deadline() {
-        let dir = Dir::new("secure-hostile");
-        let ca = Ca::new("ca");
-        let (_, b) = tls_pair(&dir, &ca, &ca);
+        let (_dir, _, b) = nodes("secure-hostile");
         let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
         // A record header and junk: an alert, then the close.
         let (took, _) = hostile(l.local_addr(), &[0x16, 0x03, 0x01, 0x00, 0x04, 9, 9, 9, 9]);
