@@ -103,7 +103,23 @@ plain_and_tls_do_not_connect(Config) ->
     ok = peer:call(Peer, teleport, send, [{coll, node()}, from_plain]),
     Line = wait_log(fun(T) -> string:find(T, "requires TLS") =/= nomatch end),
     ct:pal("logged: ~ts", [Line]),
-    nothing_delivered(Peer, Node).
+    nothing_delivered(Peer, Node),
+    %% The peer keeps trying (every 2 s at most); the listener said it once (a line a
+    %% minute per address).
+    ?assertEqual(none, next_line_with("requires TLS", 3000)).
+
+%% The next log line of teleport's within `Ms' that holds `Text', or none.
+next_line_with(Text, Ms) ->
+    Until = erlang:monotonic_time(millisecond) + Ms,
+    Left = fun() -> max(0, Until - erlang:monotonic_time(millisecond)) end,
+    case teleport_test_util:next_log(Left()) of
+        none -> none;
+        Line ->
+            case string:find(Line, Text) of
+                nomatch -> next_line_with(Text, Left());
+                _ -> Line
+            end
+    end.
 
 %% `{optfile, Path}': the file -ssl_dist_optfile reads.
 optfile_form(Config) ->

@@ -126,6 +126,9 @@ pub struct Listener {
     /// This listener, to dialers: random at each start, so that a dialer can tell a new
     /// incarnation (which knows nothing of what an earlier one delivered).
     incarnation: u64,
+    /// When a TLS mismatch from each address was last logged: a dialer that keeps trying
+    /// (every 2 s at most) is logged once a minute.
+    mismatches: Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
     /// Tells the connections' driver that the listener closed.
     closing: Box<dyn Fn() + Send + Sync>,
 }
@@ -200,6 +203,7 @@ impl Listener {
             next_id: 0.into(),
             lanes: Lanes::default(),
             incarnation,
+            mismatches: Mutex::default(),
             closing: Box::new({
                 let driver = driver.clone();
                 move || driver.closing()
@@ -394,7 +398,7 @@ impl Listener {
         // One deadline for the whole handshake, the wait for the lane included: a per-read
         // timeout would let the peer trickle.
         let mut stream = Deadline::after(sock, cfg.handshake_timeout);
-        let (mut session, bound) = self.open_tls(cfg, &mut stream, from, id)?;
+        let (mut session, bound) = self.open_tls(cfg, &mut stream, conn)?;
         let me = acceptor.me();
         let proven = handshake::accept_bound(
             &mut Opening::new(session.as_mut(), &mut stream),
@@ -483,9 +487,9 @@ impl Listener {
         &self,
         cfg: &ListenConfig,
         stream: &mut Deadline<'_>,
-        from: &str,
-        id: u64,
+        conn: &Incoming,
     ) -> Option<(Option<Connection>, Option<[u8; crate::tls::BINDING_LEN]>)> {
+        let (from, id) = (conn.from.as_str(), conn.id);
         let speaks = match secure::sniff(stream) {
             Ok(speaks) => speaks,
             Err(e) => {
@@ -497,12 +501,14 @@ impl Listener {
             (None, Speaks::Plain) => return Some((None, None)),
             (Some(tls), Speaks::Tls) => tls,
             (None, Speaks::Tls) => {
-                tracing::warn!(
-                    addr = %from,
-                    id,
-                    reason = "the dialer opened with TLS, this node's teleport runs plain (tls => false); refused",
-                    "tls_mismatch"
-                );
+                if self.first_mismatch(conn) {
+                    tracing::warn!(
+                        addr = %from,
+                        id,
+                        reason = "the dialer opened with TLS, this node's teleport runs plain (tls => false); refused",
+                        "tls_mismatch"
+                    );
+                }
                 return None;
             }
             (Some(_), Speaks::Plain) => {
@@ -511,12 +517,14 @@ impl Listener {
                 let _ = handshake::read_message(stream);
                 let reject = handshake::encode_reject(handshake::REJECT_TLS_REQUIRED);
                 let _ = handshake::write_message(stream, &reject);
-                tracing::warn!(
-                    addr = %from,
-                    id,
-                    reason = "the dialer opened in plain, this node's teleport requires TLS; refused",
-                    "tls_mismatch"
-                );
+                if self.first_mismatch(conn) {
+                    tracing::warn!(
+                        addr = %from,
+                        id,
+                        reason = "the dialer opened in plain, this node's teleport requires TLS; refused",
+                        "tls_mismatch"
+                    );
+                }
                 return None;
             }
         };
@@ -532,7 +540,26 @@ impl Listener {
             }
         }
     }
+
+    /// Whether a TLS mismatch from where `conn` comes is worth a log line: the first in a
+    /// minute from its address.
+    fn first_mismatch(&self, conn: &Incoming) -> bool {
+        let Some(ip) = conn.peer_addr.map(|a| a.ip()) else {
+            return true;
+        };
+        let now = Instant::now();
+        let mut seen = self.mismatches.lock();
+        seen.retain(|_, at| now.saturating_duration_since(*at) < MISMATCH_LOG_EVERY);
+        if seen.contains_key(&ip) {
+            return false;
+        }
+        seen.insert(ip, now);
+        true
+    }
 }
+
+/// How often a TLS mismatch from one address is logged at most.
+const MISMATCH_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How long a closing listener's connection waits for its peer to see its end.
 const LINGER: Duration = Duration::from_secs(2);
