@@ -59,10 +59,10 @@ check(disterl) ->
 check({optfile, Path} = V) when is_list(Path); is_binary(Path) ->
     optfile(Path, V);
 check(V) when is_map(V) ->
-    opts(maps:to_list(V), V, strict);
+    opts(maps:to_list(V), V);
 check(V) when is_list(V) ->
     %% As proplists:get_value/2 reads a list: the first of two entries wins.
-    opts(lists:reverse([pair(O, V) || O <- V]), V, strict);
+    opts(lists:reverse([pair(O, V) || O <- V]), V);
 check(V) ->
     bad(V, "false, a map or proplist of " ++ names() ++ ", or {optfile, Path}").
 
@@ -96,21 +96,22 @@ optfile(Path, V) ->
                                _ -> []
                            end
                    end,
-            %% One identity serves both directions: the server's options first.
+            %% One identity serves both directions: the server's options first. Only
+            %% teleport's keys are taken; the file's other ssl options are disterl's.
             Opts = [O || {K, _} = O <- Side(server) ++ Side(client), lists:member(K, ?KEYS)],
             Sni = [O || {server_name_indication, disable} = O <- Side(client)],
-            opts(lists:reverse(Opts) ++ [{server_name_check, false} || Sni =/= []], V, loose);
+            opts(lists:reverse(Opts) ++ [{server_name_check, false} || Sni =/= []], V);
         {error, Why} ->
             bad(V, "a file as -ssl_dist_optfile reads it ([{server, Opts}, {client, Opts}]): " ++
                     text(Path) ++ ": " ++ file:format_error(Why))
     end.
 
-%% The options `Pairs' (later ones win), checked; `strict': an unknown key is an error.
--spec opts([{atom(), term()}], term(), strict | loose) -> config().
-opts(Pairs, V, Strictness) ->
+%% The options `Pairs' (later ones win), checked; an unknown key is an error.
+-spec opts([{atom(), term()}], term()) -> config().
+opts(Pairs, V) ->
     Opts = maps:from_list(Pairs),
     case [K || K <- maps:keys(Opts), not lists:member(K, ?KEYS)] of
-        [Unknown | _] when Strictness =:= strict ->
+        [Unknown | _] ->
             bad(V, "only the keys " ++ names() ++ " (not " ++ atom_to_list(Unknown) ++ ")");
         _ ->
             ok

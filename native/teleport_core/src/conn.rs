@@ -41,7 +41,7 @@ use crate::pool::Target;
 use crate::secure::{self, Link, Opening};
 use crate::sockopts::{self, SocketOpts};
 use crate::stats::{unix_millis, ConnStats, PeerStats};
-use crate::tls::{self, Tls};
+use crate::tls::Tls;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::VecDeque;
@@ -1073,7 +1073,11 @@ impl Conn {
                 // TLS first, the acceptor's certificate checked against the host of the
                 // node dialed; the cookie handshake then runs inside, bound to the session.
                 Some(tls) => {
-                    let (session, bound) = secure::dial(dialer(tls, &cfg.peer)?, &mut stream)?;
+                    let client = tls
+                        .dialer_for_node(&String::from_utf8_lossy(&cfg.peer))
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                    let (session, bound) =
+                        secure::open(rustls::Connection::Client(client), &mut stream)?;
                     (Some(session), Some(bound))
                 }
             };
@@ -1138,14 +1142,6 @@ fn body_len(frame: &OutFrame) -> usize {
     frame.len().saturating_sub(LEN_BYTES)
 }
 
-/// The TLS client of a connection to the node named `peer`, made for its host.
-fn dialer(tls: &Tls, peer: &[u8]) -> io::Result<rustls::ClientConnection> {
-    let name = String::from_utf8_lossy(peer);
-    let host = tls::host_of(&name).ok_or_else(|| tls::TlsError::BadHost(name.to_string()));
-    host.and_then(|h| tls.dialer(h))
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-}
-
 /// The address of the other end of a connected socket.
 fn peer_addr(sock: &Socket) -> Option<SocketAddr> {
     sock.peer_addr().ok().and_then(|a| a.as_socket())
@@ -1171,11 +1167,11 @@ struct Tally {
     writes: u64,
 }
 
-/// One non-blocking `writev` (through the TLS session, if the connection has one) of as much of `batch` as the
-/// iovec limit allows, from its first unfinished frame on. Frames keep their progress;
-/// `tally` counts the write and the frames it completed for the first time. Returns the bytes
-/// written, whether or not everything fit (the caller looks at what remains); `WouldBlock`
-/// if nothing did.
+/// One non-blocking `writev` (through the TLS session, if the connection has one) of as
+/// much of `batch` as the iovec limit allows, from its first unfinished frame on. Frames
+/// keep their progress; `tally` counts the write and the frames it completed for the first
+/// time. Returns the bytes written, whether or not everything fit (the caller looks at what
+/// remains); `WouldBlock` if nothing did.
 ///
 /// `done` says how many frames at the front of `batch` are known finished; the next call
 /// moves it past those this write finished: a batch of many small frames takes many writes, and

@@ -497,19 +497,23 @@ impl Listener {
                 return None;
             }
         };
-        let tls = match (&cfg.tls, speaks) {
+        let refused = match (&cfg.tls, speaks) {
             (None, Speaks::Plain) => return Some((None, None)),
-            (Some(tls), Speaks::Tls) => tls,
+            (Some(tls), Speaks::Tls) => {
+                let opened = tls
+                    .acceptor()
+                    .map_err(io::Error::other)
+                    .and_then(|server| secure::open(Connection::Server(server), stream));
+                return match opened {
+                    Ok((session, bound)) => Some((Some(session), Some(bound))),
+                    Err(e) => {
+                        tracing::warn!(addr = %from, id, reason = %e, "tls_handshake_failed");
+                        None
+                    }
+                };
+            }
             (None, Speaks::Tls) => {
-                if self.first_mismatch(conn) {
-                    tracing::warn!(
-                        addr = %from,
-                        id,
-                        reason = "the dialer opened with TLS, this node's teleport runs plain (tls => false); refused",
-                        "tls_mismatch"
-                    );
-                }
-                return None;
+                "the dialer opened with TLS, this node's teleport runs plain (tls => false); refused"
             }
             (Some(_), Speaks::Plain) => {
                 // Told in plain, after its HELLO (so that closing does not reset the
@@ -517,28 +521,13 @@ impl Listener {
                 let _ = handshake::read_message(stream);
                 let reject = handshake::encode_reject(handshake::REJECT_TLS_REQUIRED);
                 let _ = handshake::write_message(stream, &reject);
-                if self.first_mismatch(conn) {
-                    tracing::warn!(
-                        addr = %from,
-                        id,
-                        reason = "the dialer opened in plain, this node's teleport requires TLS; refused",
-                        "tls_mismatch"
-                    );
-                }
-                return None;
+                "the dialer opened in plain, this node's teleport requires TLS; refused"
             }
         };
-        let opened = tls
-            .acceptor()
-            .map_err(io::Error::other)
-            .and_then(|server| secure::accept(server, stream));
-        match opened {
-            Ok((session, bound)) => Some((Some(session), Some(bound))),
-            Err(e) => {
-                tracing::warn!(addr = %from, id, reason = %e, "tls_handshake_failed");
-                None
-            }
+        if self.first_mismatch(conn) {
+            tracing::warn!(addr = %from, id, reason = refused, "tls_mismatch");
         }
+        None
     }
 
     /// Whether a TLS mismatch from where `conn` comes is worth a log line: the first in a

@@ -1,5 +1,6 @@
 //! A connection's bytes through its TLS session, when the node runs TLS (see [`crate::tls`]):
-//! the TLS part of both ends' opening ([`dial`], [`accept`], [`sniff`] for the listener),
+//! a node's TLS as it runs it ([`load`]), the TLS part of both ends' opening ([`open`],
+//! [`sniff`] for the listener),
 //! the cookie handshake's stream ([`Opening`]), the sending side's socket ([`Link`]) and the
 //! receiving side's [`Wire`] ([`Secured`], over a [`Session`]).
 //!
@@ -19,8 +20,9 @@
 use crate::acks::AckOut;
 use crate::deadline::Deadline;
 use crate::pump::Wire;
+use crate::tls::{Tls, TlsError, TlsFiles, Verify, BINDING_LEN, EXPIRY_WARNING};
 use parking_lot::Mutex;
-use rustls::{ClientConnection, Connection, ServerConnection};
+use rustls::Connection;
 use socket2::Socket;
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +32,29 @@ use std::time::Duration;
 /// plaintext. One 10 MB stream measured 1.15-1.21 GB/s with 512 KB (medians of 20 messages)
 /// and 1.02-1.10 with 2 MB.
 pub const PENDING_MAX: usize = 512 * 1024;
+
+/// A node's TLS as it runs it: the files loaded and checked ([`Tls::load_with`], the key
+/// given as `key_pem` if its caller decrypted it), a warning logged for a certificate that
+/// expires within [`EXPIRY_WARNING`] and for `verify_none`, and the allocator told to keep
+/// what the sessions free ([`keep_freed_records`]).
+pub fn load(files: &TlsFiles, key_pem: Option<&[u8]>) -> Result<Tls, TlsError> {
+    let loaded = Tls::load_with(files, key_pem)?;
+    if loaded.expires_within(EXPIRY_WARNING) {
+        tracing::warn!(
+            certfile = %files.certfile.display(),
+            reason = "this node's certificate expires within 7 days",
+            "tls_certificate_expiring"
+        );
+    }
+    if files.verify == Verify::None {
+        tracing::warn!(
+            reason = "verify_none: peers' certificates are not checked (for tests only)",
+            "tls_verify_none"
+        );
+    }
+    keep_freed_records();
+    Ok(loaded)
+}
 
 /// How much freed memory glibc keeps at the top of an arena instead of returning it to the
 /// system (its default: 128 KB, raised as large blocks are freed). See
@@ -42,7 +67,7 @@ const TRIM_THRESHOLD: usize = 8 * 1024 * 1024;
 /// 12-15% of its CPU in those page faults and ran at 0.9-1.2 GB/s; with this, 1.6-2.9
 /// (median 2.3; 12 runs of 20 messages, nodes of one machine). Process-wide (the threshold is
 /// glibc's), so called once a node runs TLS; elsewhere a no-op.
-pub fn keep_freed_records() {
+fn keep_freed_records() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]
     // SAFETY: `mallopt` only sets a tuning parameter of glibc's allocator; any value is
@@ -126,33 +151,20 @@ fn tls_failure(e: io::Error) -> io::Error {
     io::Error::new(e.kind(), why)
 }
 
-/// The dialer's TLS: the handshake with the acceptor as `client` (made for the host dialed),
-/// over the blocking socket of `stream`. The session, for [`Link::tls`], and its binding.
-pub fn dial(
-    client: ClientConnection,
+/// Either end's TLS: the handshake of `conn` (the dialer's client, made for the host dialed,
+/// or the acceptor's server) over the blocking socket of `stream`. The session, for
+/// [`Link::tls`] or a [`Session`], and its binding.
+pub fn open(
+    conn: Connection,
     stream: &mut Deadline<'_>,
-) -> io::Result<(Connection, [u8; crate::tls::BINDING_LEN])> {
-    let conn = handshake(Connection::Client(client), stream)?;
-    let bound = binding(&conn)?;
-    Ok((conn, bound))
-}
-
-/// The acceptor's TLS, as [`dial`]'s: the session for [`Secured`], and its binding.
-pub fn accept(
-    server: ServerConnection,
-    stream: &mut Deadline<'_>,
-) -> io::Result<(Connection, [u8; crate::tls::BINDING_LEN])> {
-    let conn = handshake(Connection::Server(server), stream)?;
-    let bound = binding(&conn)?;
-    Ok((conn, bound))
-}
-
-fn binding(conn: &Connection) -> io::Result<[u8; crate::tls::BINDING_LEN]> {
-    let export = match conn {
+) -> io::Result<(Connection, [u8; BINDING_LEN])> {
+    let conn = handshake(conn, stream)?;
+    let export = match &conn {
         Connection::Client(c) => crate::tls::binding(c),
         Connection::Server(s) => crate::tls::binding(s),
     };
-    export.ok_or_else(|| io::Error::other("TLS handshake: no exporter value"))
+    let bound = export.ok_or_else(|| io::Error::other("TLS handshake: no exporter value"))?;
+    Ok((conn, bound))
 }
 
 /// The cookie handshake's stream: the blocking `stream`, through the session `conn` if
@@ -227,7 +239,7 @@ impl Link {
         }
     }
 
-    /// A connection whose bytes go through `conn`, a session opened on `sock` ([`dial`]).
+    /// A connection whose bytes go through `conn`, a session opened on `sock` ([`open`]).
     pub fn tls(sock: Socket, conn: Connection) -> Link {
         Link {
             sock,
@@ -306,7 +318,7 @@ impl std::fmt::Debug for Link {
 /// takes at most 4 KB per read, a `recv` each without this.
 const AHEAD: usize = 64 * 1024;
 
-/// An incoming connection's TLS session ([`accept`]), with the ciphertext read from the
+/// An incoming connection's TLS session ([`open`]), with the ciphertext read from the
 /// socket ahead of it.
 pub struct Session {
     conn: Connection,

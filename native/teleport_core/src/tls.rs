@@ -264,6 +264,13 @@ impl Tls {
             .map_err(|e| TlsError::Refused(e.to_string()))
     }
 
+    /// The TLS client of a connection to the node named `node` (`name@host`), made for its
+    /// host.
+    pub fn dialer_for_node(&self, node: &str) -> Result<ClientConnection, TlsError> {
+        let host = host_of(node).ok_or_else(|| TlsError::BadHost(node.to_string()))?;
+        self.dialer(host)
+    }
+
     /// The TLS server of an accepted connection.
     pub fn acceptor(&self) -> Result<ServerConnection, TlsError> {
         ServerConnection::new(self.acceptor.clone()).map_err(|e| TlsError::Refused(e.to_string()))

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use teleport_core::listener::{Acceptor, ListenConfig, Listener};
 use teleport_core::peers::Peers;
+use teleport_core::secure;
 use teleport_core::sockopts::{Keepalive, SockOptError, SocketOpts};
 use teleport_core::stats::PeerStats;
-use teleport_core::tls::{Tls, TlsFiles, Verify, EXPIRY_WARNING};
+use teleport_core::tls::{Tls, TlsFiles, Verify};
 
 /// The runtime of this node.
 pub struct Runtime {
@@ -103,7 +104,7 @@ fn decode_sock_opts(opts: Term) -> NifResult<SocketOpts> {
 
 /// The TLS of `runtime_start`: `false`, or the map `teleport_tls` makes (`certfile`,
 /// `keyfile`, `cacertfile` as text, `verify`, `server_name_check`, and `key`, the key's
-/// PEM, when a password opened it). Loaded and checked here: `Err` says what is wrong,
+/// PEM, when a password opened it), loaded by [`secure::load`]: `Err` says what is wrong,
 /// naming the file.
 fn load_tls(tls: Term) -> NifResult<Result<Option<Arc<Tls>>, String>> {
     if matches!(tls.decode::<bool>(), Ok(false)) {
@@ -124,25 +125,9 @@ fn load_tls(tls: Term) -> NifResult<Result<Option<Arc<Tls>>, String>> {
         server_name_check: tls.map_get(atoms::server_name_check())?.decode()?,
     };
     let key = opt::<Binary>(tls, atoms::key())?;
-    let loaded = match Tls::load_with(&files, key.as_ref().map(|k| k.as_slice())) {
-        Ok(loaded) => loaded,
-        Err(e) => return Ok(Err(e.to_string())),
-    };
-    if loaded.expires_within(EXPIRY_WARNING) {
-        tracing::warn!(
-            certfile = %files.certfile.display(),
-            reason = "this node's certificate expires within 7 days",
-            "tls_certificate_expiring"
-        );
-    }
-    if verify == Verify::None {
-        tracing::warn!(
-            reason = "verify_none: peers' certificates are not checked (for tests only)",
-            "tls_verify_none"
-        );
-    }
-    teleport_core::secure::keep_freed_records();
-    Ok(Ok(Some(Arc::new(loaded))))
+    Ok(secure::load(&files, key.as_ref().map(|k| k.as_slice()))
+        .map(|loaded| Some(Arc::new(loaded)))
+        .map_err(|e| e.to_string()))
 }
 
 /// The limits of `runtime_start`, a map from `teleport_server`.
