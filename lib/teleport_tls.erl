@@ -5,9 +5,12 @@
 %% <li>`false': plain connections, as disterl without TLS;</li>
 %% <li>a map or a proplist: `certfile', `keyfile' (default: the certfile, as `ssl' reads it),
 %% `cacertfile' (PEM paths), `password' (of an encrypted key), `verify' (`verify_peer', the
-%% default, or `verify_none', for tests only, logged as a warning) and `server_name_check'
+%% default, or `verify_none', for tests only, logged as a warning), `server_name_check'
 %% (default `true': the dialer checks that the acceptor's certificate names the host of the
-%% node it dials, as `inet_tls_dist' does);</li>
+%% node it dials, as `inet_tls_dist' does) and `versions' (as `ssl' takes it; teleport speaks
+%% `'tlsv1.3'' and `'tlsv1.2'', both by default, and two teleport nodes that both allow
+%% 1.3 agree on it; older versions in the list are passed over, so that an optfile that
+%% allows them still serves);</li>
 %% <li>`{optfile, Path}': the file `-ssl_dist_optfile' reads (`[{server, Opts}, {client,
 %% Opts}]'), so that a TLS cluster points teleport at the file it already has; the keys
 %% above are taken from its `server' options, then its `client' ones, and its other `ssl'
@@ -32,9 +35,14 @@
 -type config() :: false |
                   #{certfile := binary(), keyfile := binary(), cacertfile := binary(),
                     password => fun(() -> string()),
-                    verify := verify_peer | verify_none, server_name_check := boolean()}.
+                    verify := verify_peer | verify_none, server_name_check := boolean(),
+                    versions := [version(), ...]}.
+-type version() :: 'tlsv1.3' | 'tlsv1.2'.
 
--define(KEYS, [certfile, keyfile, cacertfile, password, verify, server_name_check]).
+-define(KEYS, [certfile, keyfile, cacertfile, password, verify, server_name_check, versions]).
+%% The versions teleport speaks, then those `ssl' knows that it passes over.
+-define(VERSIONS, ['tlsv1.3', 'tlsv1.2']).
+-define(OLD_VERSIONS, ['tlsv1.1', tlsv1]).
 
 %% @doc The `tls' value `Value' (`disterl': unset) as teleport runs it. Raises
 %% `error({invalid_config, tls, Value, Expected})' on a bad one.
@@ -139,7 +147,8 @@ opts(Pairs, V) ->
                                       B when is_boolean(B) -> B;
                                       Other -> bad(V, "server_name_check: true or false, "
                                                    "not " ++ show(Other))
-                                  end},
+                                  end,
+             versions => versions(maps:get(versions, Opts, ?VERSIONS), V)},
     case maps:find(password, Opts) of
         {ok, P} when is_list(P); is_binary(P) ->
             Password = unicode:characters_to_list(P),
@@ -148,6 +157,18 @@ opts(Pairs, V) ->
             bad(V, "password: a string");
         error ->
             Base
+    end.
+
+%% The versions of `List' that teleport speaks: at least one, each one `ssl' knows.
+-spec versions(term(), term()) -> [version(), ...].
+versions(List, V) ->
+    Expected = "versions: a list of 'tlsv1.3' and 'tlsv1.2' (teleport's versions)",
+    Known = is_list(List) andalso lists:all(fun(X) -> lists:member(X, ?VERSIONS ++ ?OLD_VERSIONS)
+                                            end, List),
+    case Known andalso [X || X <- ?VERSIONS, lists:member(X, List)] of
+        false -> bad(V, Expected ++ ", not " ++ show(List));
+        [] -> bad(V, Expected ++ ": " ++ show(List) ++ " holds neither");
+        Speaks -> Speaks
     end.
 
 -spec pair(term(), term()) -> {atom(), term()}.

@@ -20,7 +20,7 @@ suite() ->
 
 all() ->
     [send_and_call_over_tls, another_ca_is_refused, another_host_is_refused,
-     plain_and_tls_do_not_connect, optfile_form, inherited_from_tls_disterl,
+     plain_and_tls_do_not_connect, tls_versions, optfile_form, inherited_from_tls_disterl,
      bad_files_stop_the_start, password_protected_key, hostile_bytes_at_a_tls_listener].
 
 init_per_suite(Config) ->
@@ -107,6 +107,20 @@ plain_and_tls_do_not_connect(Config) ->
     %% The peer keeps trying (every 2 s at most); the listener said it once (a line a
     %% minute per address).
     ?assertEqual(none, next_line_with("requires TLS", 3000)).
+
+%% A node told to speak only TLS 1.2 (as `ssl' takes `versions') delivers and calls with
+%% a peer that allows both; older versions in the list are passed over; a 1.3-only peer
+%% and a 1.2-only node have no version in common and do not connect.
+tls_versions(Config) ->
+    ok = restart((tls(Config, node))#{versions => ['tlsv1.2', 'tlsv1.1']}),
+    {Peer, Node} = start_peer(tls(Config, peer)),
+    ok = teleport:send({coll, Node}, over_tls_1_2),
+    ?assertEqual([over_tls_1_2], teleport_test_util:collected(Peer, coll, 1)),
+    {ok, _} = peer:call(Peer, calls_test_server, start, [srv]),
+    ?assertEqual(hello, teleport:gs_call({srv, Node}, {echo, hello}, 5000)),
+    ok = restart((tls(Config, node))#{versions => ['tlsv1.2']}),
+    {Peer13, Node13} = start_peer((tls(Config, peer))#{versions => ['tlsv1.3']}),
+    nothing_delivered(Peer13, Node13).
 
 %% The next log line of teleport's within `Ms' that holds `Text', or none.
 next_line_with(Text, Ms) ->
@@ -195,7 +209,9 @@ bad_files_stop_the_start(Config) ->
     %% Forms refused before any file is read.
     [?assertMatch({error, {invalid_config, tls, _, _}}, restart(Bad))
      || Bad <- [true, #{certfile => Cert}, Good#{verify => maybe}, Good#{colour => blue},
-                Good#{server_name_check => 1}, [{certfile, Cert}, junk]]],
+                Good#{server_name_check => 1}, [{certfile, Cert}, junk],
+                Good#{versions => ['tlsv1.1']}, Good#{versions => 'tlsv1.3'},
+                Good#{versions => [sslv3]}, Good#{versions => []}]],
     %% Soon to expire: it starts, and says so.
     capture_logs(),
     ok = restart(tls(Config, soon)),

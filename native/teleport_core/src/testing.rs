@@ -11,7 +11,7 @@ use crate::pool::Pool;
 use crate::pump::Sink;
 use crate::sockopts::SocketOpts;
 use crate::stats::PeerStats;
-use crate::tls::{Tls, TlsFiles, Verify};
+use crate::tls::{Tls, TlsFiles, Verify, Versions};
 use parking_lot::{Condvar, Mutex};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use std::collections::HashSet;
@@ -295,6 +295,7 @@ pub fn node(dir: &Dir, name: &str, ca: &Ca, hosts: &[&str], trusted: &Ca) -> Tls
         cacertfile: dir.file(&format!("{name}-ca.crt"), &trusted.cert.pem()),
         verify: Verify::Peer,
         server_name_check: true,
+        versions: Versions::Tls13And12,
     }
 }
 

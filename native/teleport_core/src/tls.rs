@@ -1,9 +1,10 @@
 //! `tls`: the TLS of teleport's connections, with rustls (and its `ring` provider: it needs
 //! only a C compiler, where `aws-lc-rs` wants more of the build machine).
 //!
-//! TLS 1.3 only: both ends are teleport's, and the binding below is the exporter that RFC
-//! 9266 endorses as a channel binding with TLS 1.3 (with 1.2 only where the extended master
-//! secret is used).
+//! TLS 1.3, and 1.2 where a node is told to speak only it ([`Versions`]): two teleport
+//! nodes that both allow 1.3 always agree on it. The binding below is the exporter that RFC
+//! 9266 endorses as a channel binding with TLS 1.3, and with 1.2 only where the extended
+//! master secret is used (RFC 7627): both ends require it, and neither resumes a session.
 //!
 //! What is checked, as `inet_tls_dist` checks it for disterl:
 //! - both ends present a certificate chain, verified against the one CA of the
@@ -55,6 +56,29 @@ pub enum Verify {
     None,
 }
 
+/// The TLS versions a node speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Versions {
+    /// TLS 1.3, or 1.2 with a peer that speaks only 1.2 (the default).
+    Tls13And12,
+    /// TLS 1.3 only.
+    Tls13,
+    /// TLS 1.2 only.
+    Tls12,
+}
+
+impl Versions {
+    fn rustls(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        use rustls::version::{TLS12, TLS13};
+        static BOTH: [&rustls::SupportedProtocolVersion; 2] = [&TLS13, &TLS12];
+        match self {
+            Versions::Tls13And12 => &BOTH,
+            Versions::Tls13 => &BOTH[..1],
+            Versions::Tls12 => &BOTH[1..],
+        }
+    }
+}
+
 /// Where a node's TLS material is, and how peers are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -68,6 +92,8 @@ pub struct TlsFiles {
     pub verify: Verify,
     /// Whether the dialer checks that the acceptor's certificate names the host it dials.
     pub server_name_check: bool,
+    /// The versions it speaks.
+    pub versions: Versions,
 }
 
 /// Why the TLS configuration cannot be used; each names the file and what is wrong.
@@ -177,12 +203,18 @@ impl Tls {
                 });
             }
         }
-        // AES-128-GCM first: on this kind of machine it encrypts 3.6 GB/s against
-        // AES-256-GCM's 3.1, and decrypts 7.8 against 6.2 (`tls_throughput` below).
+        // AES-128-GCM first (of 1.3's suites and of 1.2's): on this kind of machine it
+        // encrypts 3.6 GB/s against AES-256-GCM's 3.1, and decrypts 7.8 against 6.2
+        // (`tls_throughput` below).
         let mut provider = ring::default_provider();
-        provider
-            .cipher_suites
-            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        provider.cipher_suites.sort_by_key(|s| {
+            !matches!(
+                s.suite(),
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            )
+        });
         let provider = Arc::new(provider);
         let refused = |e: rustls::Error| TlsError::Refused(e.to_string());
         let mismatch = || TlsError::KeyMismatch {
@@ -219,8 +251,9 @@ impl Tls {
                 }
             }
         };
-        let dialer = ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
+        let versions = files.versions.rustls();
+        let mut dialer = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
             .map_err(refused)?
             .dangerous()
             .with_custom_certificate_verifier(server_verifier)
@@ -234,13 +267,19 @@ impl Tls {
                 .map_err(|e| TlsError::Refused(e.to_string()))?,
         };
         let mut acceptor = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(versions)
             .map_err(refused)?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain, key)
             .map_err(refused)?;
-        // Both ends are teleport's, and a connection lasts: resumption would buy nothing.
+        // Both ends are teleport's, and a connection lasts: resumption would buy nothing,
+        // and a session of its own is what each connection's binding stands for.
         acceptor.send_tls13_tickets = 0;
+        acceptor.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        dialer.resumption = rustls::client::Resumption::disabled();
+        // With 1.2 the exporter binds a session only under the extended master secret.
+        acceptor.require_ems = true;
+        dialer.require_ems = true;
         Ok(Tls {
             dialer: Arc::new(dialer),
             acceptor: Arc::new(acceptor),
@@ -750,6 +789,49 @@ mod tests {
         let other = Ca::new("another CA");
         let b_stranger = node(&dir, "bs", &other, &["beta.example"], &ca);
         let (out, _, _) = dial(&a, &b_stranger, "gamma.example");
+        assert!(out.is_err());
+    }
+
+    #[test]
+    fn a_node_told_to_speak_tls_1_2_gets_it_bound_and_without_resumption() {
+        let dir = Dir::new("tls12");
+        let ca = Ca::new("teleport test CA");
+        let a = node(&dir, "a", &ca, &["alpha.example"], &ca);
+        let b = node(&dir, "b", &ca, &["beta.example"], &ca);
+        let only = |files: &TlsFiles, versions| TlsFiles {
+            versions,
+            ..files.clone()
+        };
+        let tls13 = Some(rustls::ProtocolVersion::TLSv1_3);
+        let tls12 = Some(rustls::ProtocolVersion::TLSv1_2);
+        for (dialer, acceptor, agreed) in [
+            (a.clone(), b.clone(), tls13),
+            (only(&a, Versions::Tls12), b.clone(), tls12),
+            (a.clone(), only(&b, Versions::Tls12), tls12),
+            (only(&a, Versions::Tls13), b.clone(), tls13),
+        ] {
+            let dialer = Tls::load(&dialer).unwrap();
+            let acceptor = Tls::load(&acceptor).unwrap();
+            // Twice over the same configurations: the second is a new session, not a
+            // resumed one.
+            for _ in 0..2 {
+                let mut c = dialer.dialer("beta.example").unwrap();
+                let mut s = acceptor.acceptor().unwrap();
+                handshake(&mut c, &mut s).unwrap();
+                assert_eq!(
+                    (c.protocol_version(), s.protocol_version()),
+                    (agreed, agreed)
+                );
+                assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+                assert_eq!(binding(&c), binding(&s));
+            }
+        }
+        // No version in common: refused.
+        let (out, _, _) = dial(
+            &only(&a, Versions::Tls13),
+            &only(&b, Versions::Tls12),
+            "beta.example",
+        );
         assert!(out.is_err());
     }
 

@@ -17,4 +17,5 @@ rustler::atoms! {
     longest_turn_cpu_us, longest_turn_wall_us, eof,
     // TLS (see `runtime::load_tls`).
     tls, verify, verify_peer, verify_none, certfile, keyfile, cacertfile, server_name_check, key,
+    versions, tlsv1_3 = "tlsv1.3", tlsv1_2 = "tlsv1.2",
 }

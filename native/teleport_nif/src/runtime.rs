@@ -16,7 +16,7 @@ use teleport_core::peers::Peers;
 use teleport_core::secure;
 use teleport_core::sockopts::{Keepalive, SockOptError, SocketOpts};
 use teleport_core::stats::PeerStats;
-use teleport_core::tls::{Tls, TlsFiles, Verify};
+use teleport_core::tls::{Tls, TlsFiles, Verify, Versions};
 
 /// The runtime of this node.
 pub struct Runtime {
@@ -103,9 +103,9 @@ fn decode_sock_opts(opts: Term) -> NifResult<SocketOpts> {
 }
 
 /// The TLS of `runtime_start`: `false`, or the map `teleport_tls` makes (`certfile`,
-/// `keyfile`, `cacertfile` as text, `verify`, `server_name_check`, and `key`, the key's
-/// PEM, when a password opened it), loaded by [`secure::load`]: `Err` says what is wrong,
-/// naming the file.
+/// `keyfile`, `cacertfile` as text, `verify`, `server_name_check`, `versions` (a list of
+/// `'tlsv1.3'` and `'tlsv1.2'`), and `key`, the key's PEM, when a password opened it),
+/// loaded by [`secure::load`]: `Err` says what is wrong, naming the file.
 fn load_tls(tls: Term) -> NifResult<Result<Option<Arc<Tls>>, String>> {
     if matches!(tls.decode::<bool>(), Ok(false)) {
         return Ok(Ok(None));
@@ -117,12 +117,23 @@ fn load_tls(tls: Term) -> NifResult<Result<Option<Arc<Tls>>, String>> {
         v if v == atoms::verify_peer() => Verify::Peer,
         _ => return Err(rustler::Error::BadArg),
     };
+    let listed: Vec<Atom> = tls.map_get(atoms::versions())?.decode()?;
+    let versions = match (
+        listed.contains(&atoms::tlsv1_3()),
+        listed.contains(&atoms::tlsv1_2()),
+    ) {
+        (true, true) => Versions::Tls13And12,
+        (true, false) => Versions::Tls13,
+        (false, true) => Versions::Tls12,
+        (false, false) => return Err(rustler::Error::BadArg),
+    };
     let files = TlsFiles {
         certfile: path(atoms::certfile())?,
         keyfile: path(atoms::keyfile())?,
         cacertfile: path(atoms::cacertfile())?,
         verify,
         server_name_check: tls.map_get(atoms::server_name_check())?.decode()?,
+        versions,
     };
     let key = opt::<Binary>(tls, atoms::key())?;
     Ok(secure::load(&files, key.as_ref().map(|k| k.as_slice()))
