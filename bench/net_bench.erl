@@ -27,6 +27,11 @@
 %%           does the CPU or the link limit it?
 %%   ring    the 2015 ring over NET_HOSTS (6) hosts on a bridge, one node per host:
 %%           RING_WORKERS (8) workers per node, RING_BYTES (10 MB) each, s per round.
+%%   tls     on a star of its own, nodes whose disterl runs over TLS (tls_bench, as in
+%%           `make bench'): one stream of 10 MB messages host 1 -> 2 over disterl TLS,
+%%           teleport TLS and teleport plain (two plain nodes on the same hosts), 8 pairs of
+%%           100-byte messages, and the ring over 6 x 2 x 10 MB, disterl TLS against
+%%           teleport TLS.
 %%
 %% Results: a table on stdout, bench/results/net.json and bench/results/net.svg.
 -module(net_bench).
@@ -54,10 +59,20 @@ main(Opts) ->
     Ring = with_net(fun() -> teleport_netns:star(maps:get(hosts, Cfg),
                                                  #{rate => maps:get(rate, Cfg)}) end,
                     fun(Net) -> ring_phase(Cfg, Net) end),
-    Results = Pair#{ring => Ring},
+    %% The TLS section on a star of its own: its nodes' disterl runs over TLS.
+    Tls = with_net(fun() -> teleport_netns:star(maps:get(hosts, Cfg),
+                                                #{rate => maps:get(rate, Cfg)}) end,
+                   fun(Net) -> tls_phase(Cfg, Net) end),
+    Results = Pair#{ring => Ring, tls => Tls},
     Elapsed = (now_ms() - get(t0)) / 1000,
     Machine1 = Machine#{loadavg_end => ring_bench:loadavg()},
     print_summary(Cfg, Results),
+    ok = tls_bench:print(Tls),
+    io:format("  over a ~s link: teleport TLS fills it where disterl TLS is bound by its CPU; "
+              "the loopback targets of `make bench' hold where the CPU is the limit~n",
+              [maps:get(rate, Cfg)]),
+    [io:format("  ~-48s ~s~n", [Name, bench_report:fmt_float(V, 2) ++ U])
+     || #{name := Name, value := V, unit := U} <- tls_bench:targets(Tls)],
     io:format("~ntotal run time: ~.1f s (machine load average at start ~s, at end ~s)~n",
               [Elapsed, maps:get(loadavg_start, Machine), maps:get(loadavg_end, Machine1)]),
     Dir = maps:get(dir, Opts, ring_bench:results_dir()),
@@ -563,6 +578,19 @@ rows(Cfg, #{idle := Idle, bulk := Bulk, small := Small, paced := Paced, cut := C
                     io_lib:format("~b / ~b / ~b of ~b; ~b (~b reset)", [L, D, R, S, ND, K])
             end)].
 
+%% tls_bench's scenarios between the hosts of `Net': a TLS node on each for the ring, a
+%% TLS pair and a plain pair (pool_size = 1) on hosts 1 and 2 for the stream.
+tls_phase(#{quick := Quick}, Net) ->
+    Hosts = teleport_netns:hosts(Net),
+    Ips = [Ip || #{ip := Ip} <- Hosts],
+    Index = maps:from_list([{Ip, I} || #{ip := Ip, index := I} <- Hosts]),
+    Start = fun(Name, Ip, Args) ->
+                    teleport_netns:start_node(Net, maps:get(Ip, Index), #{name => Name,
+                                                                          args => Args})
+            end,
+    [H1, H2 | _] = Ips,
+    tls_bench:run(Quick, #{ring => Ips, pair => [H1, H2], plain => [H1, H2]}, Start).
+
 %%% ----------------------------------------------------------------------------------------
 %%% JSON and SVG
 
@@ -636,7 +664,8 @@ to_json(Machine, Cfg, Results, Elapsed) ->
                           disterl_ping => maps:get(ping, Idle)},
                         BulkJ(bulk, Bulk, maps:get(rate, Cfg)),
                         SmallJ(bulk_plus_small, Small), SmallJ(bulk_plus_paced_small, Paced),
-                        CutJ, ResetJ, RingJ]
+                        CutJ, ResetJ, RingJ,
+                        tls_bench:json(maps:get(tls, Results))]
             ++ case Rate2 of
                    none -> [];
                    #{rate := R2} -> [BulkJ(bulk_second_rate, Rate2, R2)]

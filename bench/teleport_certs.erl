@@ -15,15 +15,20 @@
 ca(Name) ->
     public_key:pkix_test_root_cert(Name, [{key, ?KEY}, {digest, sha256}]).
 
-%% @doc A certificate for `Host' that `Ca' issued, its key and the CA, as PEM files
+%% @doc A certificate for `Hosts' that `Ca' issued, its key and the CA, as PEM files
 %% `Name'.crt, `Name'.key and `Name'-ca.crt in `Dir'; `Extra': more pkix_test_data peer
-%% options (`{validity, {From, To}}').
--spec issue(file:filename(), string(), public_key:test_root_cert(), string(), list()) ->
+%% options (`{validity, {From, To}}'). A host that is an IP address is named both as one
+%% (what rustls checks) and as a DNS name (what `ssl' checks for a node name's host).
+-spec issue(file:filename(), string(), public_key:test_root_cert(), [string()], list()) ->
           #{certfile := file:filename(), keyfile := file:filename(),
             cacertfile := file:filename()}.
-issue(Dir, Name, Ca, Host, Extra) ->
+issue(Dir, Name, Ca, Hosts, Extra) ->
+    Names = lists:append([[{dNSName, H} | case inet:parse_strict_address(H) of
+                                              {ok, Ip} -> [{iPAddress, ip_octets(Ip)}];
+                                              {error, _} -> []
+                                          end] || H <- Hosts]),
     San = #'Extension'{extnID = ?'id-ce-subjectAltName', critical = false,
-                       extnValue = [{dNSName, Host}]},
+                       extnValue = Names},
     %% One certificate serves both directions: a node dials and accepts.
     Eku = #'Extension'{extnID = ?'id-ce-extKeyUsage', critical = false,
                        extnValue = [?'id-kp-serverAuth', ?'id-kp-clientAuth']},
@@ -52,3 +57,7 @@ optfile(Path, #{certfile := C, keyfile := K, cacertfile := Ca}) ->
                                                                   | Common]},
                                                         {client, Common}]])),
     Path.
+
+%% An IP address as the octets of a certificate's iPAddress name.
+ip_octets({A, B, C, D}) -> <<A, B, C, D>>;
+ip_octets(Ip6) -> << <<W:16>> || W <- tuple_to_list(Ip6) >>.
