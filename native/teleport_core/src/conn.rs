@@ -1096,8 +1096,13 @@ impl Conn {
             Ok::<_, io::Error>((session, welcome))
         })()
         .map_err(ConnectError::Handshake)?;
-        self.target.limit_frames(welcome.max_frame as usize);
         let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+        // A TLS session's records are this end's own from here (`secure::Link`).
+        let link = match session {
+            None => Link::plain(sock),
+            Some(session) => Link::tls(sock, session).map_err(ConnectError::Handshake)?,
+        };
+        self.target.limit_frames(welcome.max_frame as usize);
         tracing::info!(
             peer = %String::from_utf8_lossy(&cfg.peer),
             index = self.index,
@@ -1106,10 +1111,6 @@ impl Conn {
             delivered = welcome.delivered,
             "connection_up"
         );
-        let link = match session {
-            None => Link::plain(sock),
-            Some(session) => Link::tls(sock, session),
-        };
         Ok((link, welcome))
     }
 }

@@ -47,6 +47,7 @@ pub mod peers;
 pub mod poller;
 pub mod pool;
 pub mod pump;
+pub mod record;
 pub mod recycle;
 pub mod secure;
 pub mod sockopts;

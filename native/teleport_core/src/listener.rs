@@ -446,13 +446,19 @@ impl Listener {
         let welcomed = proven
             .welcome(&mut Opening::new(session.as_mut(), &mut stream), &welcome)
             .map_err(handshake_io);
-        // From here on the socket is read without blocking, by a poll thread.
-        let ready = welcomed.and_then(|_| sock.set_nonblocking(true));
+        // From here on the socket is read without blocking, by a poll thread, and a TLS
+        // session's records are this end's own (`secure::Session`).
+        let ready = welcomed
+            .and_then(|_| sock.set_nonblocking(true))
+            .and_then(|_| session.map(Session::new).transpose());
         drop(handshaking);
-        if let Err(e) = ready {
-            tracing::warn!(peer = %name, addr = %from, id, reason = %e, "handshake_failed");
-            return None;
-        }
+        let tls = match ready {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::warn!(peer = %name, addr = %from, id, reason = %e, "handshake_failed");
+                return None;
+            }
+        };
         *conn.peer.lock() = Some(peer.clone());
         let stats = acceptor.stats(&peer);
         stats.connections_in.fetch_add(1, Ordering::Relaxed);
@@ -474,7 +480,7 @@ impl Listener {
             _place: place,
             phase: Phase::Reading,
             ended: None,
-            tls: session.map(|s| Box::new(Session::new(s))),
+            tls: tls.map(Box::new),
         })
     }
 

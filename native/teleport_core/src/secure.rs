@@ -4,14 +4,16 @@
 //! the cookie handshake's stream ([`Opening`]), the sending side's socket ([`Link`]) and the
 //! receiving side's [`Wire`] ([`Secured`], over a [`Session`]).
 //!
-//! Frames go in as plaintext and out as TLS records: the sender's slices (headers, and
-//! large binaries by reference) are encrypted straight from where they are into the
-//! session's records, many frames to a record and many records to a `writev`; what the
-//! socket does not take at once stays in the session (up to [`PENDING_MAX`], encrypted
-//! while the socket drains) and goes first at the next write (the connection counts as
-//! having something to write until it is out). The receiving side hands the session what
-//! the socket (64 KB at a time) or the reader's port read, and reads plaintext back into the
-//! pump's buffers: a large frame's straight into the VM binary it is decoded from.
+//! Frames go in as plaintext and out as TLS records. Once the cookie handshake is over, a
+//! TLS 1.3 session's records are teleport's own ([`crate::record`], with the keys rustls
+//! hands over; TLS 1.2's stay rustls'): the sender's slices (headers, and large binaries by
+//! reference) are copied once, into the record they are sealed in, many frames to a record
+//! and many records to a `send`; what the socket does not take at once waits (up to
+//! [`PENDING_MAX`], encrypted while the socket drains) and goes first at the next write
+//! (the connection counts as having something to write until it is out). The receiving
+//! side opens records in place in the buffer the socket, or the reader's port, read them
+//! into, and copies the plaintext once, into the pump's buffers: a large frame's into the
+//! VM binary it is decoded from.
 //!
 //! Both ends' handshakes run on the short-lived threads that shake hands today, before the
 //! cookie handshake, which then runs inside TLS and bound to the session: a scheduler never
@@ -20,6 +22,7 @@
 use crate::acks::AckOut;
 use crate::deadline::Deadline;
 use crate::pump::Wire;
+use crate::record::Records;
 use crate::tls::{Tls, TlsError, TlsFiles, Verify, BINDING_LEN, EXPIRY_WARNING};
 use parking_lot::Mutex;
 use rustls::Connection;
@@ -62,8 +65,9 @@ pub fn load(files: &TlsFiles, key_pem: Option<&[u8]>) -> Result<Tls, TlsError> {
 const TRIM_THRESHOLD: usize = 8 * 1024 * 1024;
 
 /// Makes the C allocator keep what rustls frees: rustls allocates every record it encrypts
-/// (16 KB each), and with glibc's default the records freed after each write were returned
-/// to the system and faulted in again at the next, page by page. One 10 MB stream spent
+/// (16 KB each; TLS 1.2's, where its records are rustls'), and with glibc's default the
+/// records freed after each write were returned to the system and faulted in again at the
+/// next, page by page. One 10 MB stream spent
 /// 12-15% of its CPU in those page faults and ran at 0.9-1.2 GB/s; with this, 1.6-2.9
 /// (median 2.3; 12 runs of 20 messages, nodes of one machine). Process-wide (the threshold is
 /// glibc's), so called once a node runs TLS; elsewhere a no-op.
@@ -219,11 +223,59 @@ impl Write for Opening<'_, '_> {
     }
 }
 
+/// A session's records once the opening is over: teleport's own for TLS 1.3
+/// ([`Records`]: sealed and opened in place, with the keys rustls hands over), rustls' for
+/// TLS 1.2.
+enum Protected {
+    Own(Records),
+    Rustls(Connection),
+}
+
+impl Protected {
+    /// The records of `conn`, whose opening is over (nothing in flight either way).
+    fn after_opening(mut conn: Connection) -> io::Result<Protected> {
+        if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+            return Ok(Protected::Rustls(conn));
+        }
+        // The cookie handshake read all its peer sent; plaintext left in the session would
+        // be lost with it.
+        match conn.reader().read(&mut [0u8; 1]) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            _ => {
+                return Err(io::Error::other(
+                    "TLS: data from the peer before the end of the opening",
+                ))
+            }
+        }
+        let secrets = conn
+            .dangerous_extract_secrets()
+            .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+        Ok(Protected::Own(Records::new(secrets.tx, secrets.rx)?))
+    }
+
+    /// Encrypts what it can of `slices` while at most [`PENDING_MAX`] bytes of ciphertext
+    /// wait (for [`Protected::flush_to`]); how much it took.
+    fn take(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Protected::Own(records) => records.seal(slices, PENDING_MAX),
+            Protected::Rustls(conn) => conn.writer().write_vectored(slices),
+        }
+    }
+
+    /// Writes what waits to `out` until nothing does (true) or `out` is full (false).
+    fn flush_to(&mut self, out: &mut dyn Write) -> io::Result<bool> {
+        match self {
+            Protected::Own(records) => records.write_to(out),
+            Protected::Rustls(conn) => flush(conn, out),
+        }
+    }
+}
+
 /// An outgoing connection's socket, plain or inside its TLS session. Writes and reads never
 /// block (the socket is non-blocking once the opening is done).
 pub struct Link {
     sock: Socket,
-    tls: Option<Mutex<Connection>>,
+    tls: Option<Mutex<Protected>>,
     /// Whether the session holds records the socket did not take yet, as of the last write:
     /// read without the session's lock (a sender asks at every send).
     pending: AtomicBool,
@@ -239,13 +291,14 @@ impl Link {
         }
     }
 
-    /// A connection whose bytes go through `conn`, a session opened on `sock` ([`open`]).
-    pub fn tls(sock: Socket, conn: Connection) -> Link {
-        Link {
+    /// A connection whose bytes go through `conn`, a session opened on `sock` ([`open`])
+    /// whose cookie handshake is over.
+    pub fn tls(sock: Socket, conn: Connection) -> io::Result<Link> {
+        Ok(Link {
             sock,
-            tls: Some(Mutex::new(conn)),
+            tls: Some(Mutex::new(Protected::after_opening(conn)?)),
             pending: AtomicBool::new(false),
-        }
+        })
     }
 
     /// The socket.
@@ -261,12 +314,12 @@ impl Link {
         let Some(tls) = &self.tls else {
             return self.sock.send_vectored_with_flags(slices, flags);
         };
-        let mut conn = tls.lock();
+        let mut protected = tls.lock();
         // Records waiting from before go first; the session then takes what its limit
         // leaves room for, encrypting while the socket drains (encryption is the work).
-        self.flushed(&mut conn)?;
-        let took = conn.writer().write_vectored(slices)?;
-        self.flushed(&mut conn)?;
+        self.flushed(&mut protected)?;
+        let took = protected.take(slices)?;
+        self.flushed(&mut protected)?;
         if took == 0 && !slices.iter().all(|s| s.is_empty()) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -286,10 +339,10 @@ impl Link {
         }
     }
 
-    /// Writes the records `conn` (the session, locked) holds; whether all are out, as
+    /// Writes the records the session (locked) holds; whether all are out, as
     /// [`Link::pending`] says from then on.
-    fn flushed(&self, conn: &mut Connection) -> io::Result<bool> {
-        let out = flush(conn, &mut SockOut(&self.sock));
+    fn flushed(&self, protected: &mut Protected) -> io::Result<bool> {
+        let out = protected.flush_to(&mut SockOut(&self.sock));
         self.pending
             .store(!matches!(out, Ok(true)), Ordering::Release);
         out
@@ -298,9 +351,12 @@ impl Link {
     /// Reads what the peer sent (plaintext), without blocking: `WouldBlock` when nothing
     /// is there, 0 when the peer closed the connection.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match &self.tls {
-            None => recv_dontwait(&self.sock, buf),
-            Some(tls) => read_plain(&mut tls.lock(), &mut SockIn(&self.sock), buf),
+        let Some(tls) = &self.tls else {
+            return recv_dontwait(&self.sock, buf);
+        };
+        match &mut *tls.lock() {
+            Protected::Own(records) => records.read_plain(&mut SockIn(&self.sock), buf),
+            Protected::Rustls(conn) => read_plain(conn, &mut SockIn(&self.sock), buf),
         }
     }
 }
@@ -314,27 +370,27 @@ impl std::fmt::Debug for Link {
     }
 }
 
-/// How much ciphertext an incoming connection reads from its socket at a time: rustls
-/// takes at most 4 KB per read, a `recv` each without this.
+/// How much ciphertext an incoming TLS 1.2 connection reads from its socket at a time:
+/// rustls takes at most 4 KB per read, a `recv` each without this.
 const AHEAD: usize = 64 * 1024;
 
-/// An incoming connection's TLS session ([`open`]), with the ciphertext read from the
-/// socket ahead of it.
+/// An incoming connection's TLS session ([`open`]) once its opening is over; for TLS 1.2,
+/// with the ciphertext read from the socket ahead of rustls.
 pub struct Session {
-    conn: Connection,
+    protected: Protected,
     ahead: Vec<u8>,
     /// How much of `ahead` the session took.
     taken: usize,
 }
 
 impl Session {
-    /// The session `conn`.
-    pub fn new(conn: Connection) -> Session {
-        Session {
-            conn,
+    /// The session `conn`, whose cookie handshake is over.
+    pub fn new(conn: Connection) -> io::Result<Session> {
+        Ok(Session {
+            protected: Protected::after_opening(conn)?,
             ahead: Vec::new(),
             taken: 0,
-        }
+        })
     }
 }
 
@@ -356,7 +412,7 @@ impl<'a, W: Wire> Secured<'a, W> {
     pub fn flush(&mut self) -> io::Result<bool> {
         match self.tls.as_deref_mut() {
             None => Ok(true),
-            Some(tls) => flush(&mut tls.conn, &mut AckWriter(&mut *self.inner)),
+            Some(tls) => tls.protected.flush_to(&mut AckWriter(&mut *self.inner)),
         }
     }
 }
@@ -366,12 +422,17 @@ impl<W: Wire> Read for Secured<'_, W> {
         let Some(tls) = self.tls.as_deref_mut() else {
             return self.inner.read(buf);
         };
-        let mut ahead = Ahead {
-            src: &mut *self.inner,
-            buf: &mut tls.ahead,
-            taken: &mut tls.taken,
-        };
-        read_plain(&mut tls.conn, &mut ahead, buf)
+        match &mut tls.protected {
+            Protected::Own(records) => records.read_plain(&mut *self.inner, buf),
+            Protected::Rustls(conn) => {
+                let mut ahead = Ahead {
+                    src: &mut *self.inner,
+                    buf: &mut tls.ahead,
+                    taken: &mut tls.taken,
+                };
+                read_plain(conn, &mut ahead, buf)
+            }
+        }
     }
 }
 
@@ -409,13 +470,12 @@ impl<W: Wire> AckOut for Secured<'_, W> {
         let Some(tls) = self.tls.as_deref_mut() else {
             return self.inner.try_write(bytes);
         };
-        let conn = &mut tls.conn;
         let out = &mut AckWriter(&mut *self.inner);
-        if !flush(conn, out)? {
+        if !tls.protected.flush_to(out)? {
             return Ok(0);
         }
-        let took = conn.writer().write(bytes)?;
-        flush(conn, out)?;
+        let took = tls.protected.take(&[IoSlice::new(bytes)])?;
+        tls.protected.flush_to(out)?;
         Ok(took)
     }
 }
@@ -538,7 +598,7 @@ mod tests {
     use crate::sockopts::SocketOpts;
     use crate::stats::PeerStats;
     use crate::testing::*;
-    use crate::tls::Tls;
+    use crate::tls::{Tls, TlsFiles, Versions};
     use std::io::{Read, Write};
     use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
     use std::sync::{Arc, Mutex};
@@ -596,7 +656,22 @@ mod tests {
 
     #[test]
     fn frames_of_every_size_cross_a_tls_pool_whole_in_order_and_are_acknowledged() {
-        let (_dir, a, b) = nodes("secure-sizes");
+        // TLS 1.3 (records of teleport's own after the opening) and 1.2 (rustls').
+        for versions in [Versions::Tls13And12, Versions::Tls12] {
+            frames_cross_a_pool_speaking(versions);
+        }
+    }
+
+    fn frames_cross_a_pool_speaking(versions: Versions) {
+        let dir = Dir::new(&format!("secure-sizes-{versions:?}"));
+        let ca = Ca::new("ca");
+        let [a, b] = ["a", "b"].map(|name| {
+            let files = TlsFiles {
+                versions,
+                ..node(&dir, name, &ca, &["h"], &ca)
+            };
+            Arc::new(Tls::load(&files).unwrap())
+        });
         let (l, _acceptor, rx) = listener_tls(SocketOpts::default(), Some(b));
         let (pool, _stats) = pool_to(l.local_addr(), Some(a));
         let sent = payloads();

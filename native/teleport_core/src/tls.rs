@@ -280,6 +280,10 @@ impl Tls {
         // With 1.2 the exporter binds a session only under the extended master secret.
         acceptor.require_ems = true;
         dialer.require_ems = true;
+        // After the handshake a TLS 1.3 connection's records are teleport's own
+        // (`crate::record`), sealed with the keys rustls hands over.
+        acceptor.enable_secret_extraction = true;
+        dialer.enable_secret_extraction = true;
         Ok(Tls {
             dialer: Arc::new(dialer),
             acceptor: Arc::new(acceptor),
