@@ -47,10 +47,17 @@ const HANDSHAKE: u8 = 0x16;
 /// allows 2^24.5 full-size records per key.
 pub const AES_GCM_LIMIT: u64 = 1 << 24;
 
-/// How much ciphertext a receiver reads from its source at a time, at most: what is left of
-/// a record at the end of a read moves to the front before the next (at most one record,
-/// a small share of this).
-const READ_AHEAD: usize = 256 * 1024;
+/// How much ciphertext a receiver reads from its source at a time, at first and at most:
+/// the buffer doubles while reads fill it and goes back to the first size once a read
+/// leaves most of it empty, so that a connection that carried bulk once does not keep it.
+/// What is left of a record at the end of a read moves to the front before the next (at
+/// most one record).
+const READ_AHEAD_MIN: usize = 64 * 1024;
+const READ_AHEAD_MAX: usize = 256 * 1024;
+
+/// Sealed ciphertext a sender keeps room for once it is all written, unless its last seal
+/// was bounded by the room it was given (a stream, which reuses it at once).
+const OUT_KEEP: usize = 64 * 1024;
 
 /// One direction's key, nonce base and record count.
 struct Direction {
@@ -118,6 +125,8 @@ pub struct Records {
     /// Sealed records; `out[sent..]` waits for the socket.
     out: Vec<u8>,
     sent: usize,
+    /// The last seal stopped at its room: more is coming.
+    full: bool,
     /// Ciphertext read (`inbox[..filled]`, allocated at the first read); `inbox[opened..
     /// filled]` is not opened yet, and `inbox[plain.0..plain.1]` is the plaintext of the
     /// last record opened, not yet read.
@@ -150,6 +159,7 @@ impl Records {
             rx: Direction::new(rx)?,
             out: Vec::new(),
             sent: 0,
+            full: false,
             inbox: Vec::new(),
             filled: 0,
             opened: 0,
@@ -217,6 +227,7 @@ impl Records {
             self.out.extend_from_slice(tag.as_ref());
             took += len;
         }
+        self.full = took < total;
         Ok(took)
     }
 
@@ -230,6 +241,10 @@ impl Records {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+        if !self.full && self.out.capacity() > OUT_KEEP {
+            self.out = Vec::new();
+            self.sent = 0;
         }
         Ok(true)
     }
@@ -254,17 +269,28 @@ impl Records {
             }
             // Not a whole record: what is left of one to the front, then more after it.
             if self.inbox.is_empty() {
-                self.inbox = vec![0; READ_AHEAD];
+                self.inbox = vec![0; READ_AHEAD_MIN];
             }
             self.inbox.copy_within(self.opened..self.filled, 0);
             self.filled -= self.opened;
             self.opened = 0;
             self.plain = (0, 0);
+            let free = self.inbox.len() - self.filled;
             match src.read(&mut self.inbox[self.filled..]) {
                 // The TCP stream ended without close_notify: as a plain connection's end
                 // (the pump tells a close between frames from one inside a frame).
                 Ok(0) => return Ok(0),
-                Ok(n) => self.filled += n,
+                Ok(n) => {
+                    self.filled += n;
+                    let size = self.inbox.len();
+                    if n == free && size < READ_AHEAD_MAX {
+                        self.inbox.resize(size * 2, 0);
+                    } else if n < free / 2 && size > READ_AHEAD_MIN && self.filled <= READ_AHEAD_MIN
+                    {
+                        self.inbox.truncate(READ_AHEAD_MIN);
+                        self.inbox.shrink_to_fit();
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -494,6 +520,36 @@ mod tests {
             .read_plain(&mut &plain[..], &mut [0u8; 10])
             .unwrap_err();
         assert!(e.to_string().contains("not protected"), "{e}");
+    }
+
+    #[test]
+    fn buffers_grow_for_bulk_and_are_let_go_after_it() {
+        let (_dir, mut c, mut records) = pair();
+        let big = vec![5u8; 1_000_000];
+        c.writer().write_all(&big).unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        assert_eq!(read_all(&mut records, &wire).len(), big.len());
+        assert_eq!(records.inbox.len(), READ_AHEAD_MAX);
+        c.writer().write_all(b"small").unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        assert_eq!(read_all(&mut records, &wire), b"small");
+        assert_eq!(records.inbox.len(), READ_AHEAD_MIN);
+        // A stream keeps its sealed buffer; the end of it lets it go.
+        let mut sink = Vec::new();
+        assert!(records.seal(&[IoSlice::new(&big)], 300_000).unwrap() < big.len());
+        records.write_to(&mut sink).unwrap();
+        assert!(records.out.capacity() > OUT_KEEP);
+        records
+            .seal(&[IoSlice::new(&big[..200_000])], 300_000)
+            .unwrap();
+        records.write_to(&mut sink).unwrap();
+        assert_eq!(records.out.capacity(), 0);
     }
 
     #[test]
