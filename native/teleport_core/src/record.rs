@@ -16,9 +16,13 @@
 //! What a teleport peer never sends after the handshake (it runs this same code) is
 //! refused: a handshake message (key update, session ticket) or an alert other than
 //! `close_notify` closes the connection. The keys cannot be updated (rustls' buffered
-//! connections extract no key schedule), so an AES-GCM connection closes itself before
-//! [`AES_GCM_LIMIT`] records, under the confidentiality limit of RFC 8446 §5.5; the pool
-//! opens another and resends what was not acknowledged.
+//! connections extract no key schedule), so an AES-GCM connection closes itself once its key
+//! has sealed or opened [`AES_GCM_BLOCKS`] 16-byte blocks, under the confidentiality limit
+//! of RFC 8446 §5.5 (2^24.5 full-size records, about 2^34.5 blocks: the bound is on blocks,
+//! so that a connection of small records is not cut after as many records as one of full
+//! ones); the pool opens another and resends what was not acknowledged. Plaintext rustls
+//! had already opened when the opening ended (a closing listener's LAST can come right
+//! behind its OK) is carried over, read first.
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
@@ -43,27 +47,30 @@ const APPLICATION_DATA: u8 = 0x17;
 const ALERT: u8 = 0x15;
 const HANDSHAKE: u8 = 0x16;
 
-/// Records an AES-GCM key seals or opens before its connection closes itself: RFC 8446 §5.5
-/// allows 2^24.5 full-size records per key.
-pub const AES_GCM_LIMIT: u64 = 1 << 24;
+/// 16-byte blocks (a record's inner plaintext, rounded up, and one more) an AES-GCM key seals
+/// or opens before its connection closes itself: 256 GB, where RFC 8446 §5.5's 2^24.5
+/// full-size records are about 2^34.5 blocks.
+pub const AES_GCM_BLOCKS: u64 = 1 << 34;
 
 /// How much ciphertext a receiver reads from its source at a time, at first and at most:
-/// the buffer doubles while reads fill it and goes back to the first size once a read
-/// leaves most of it empty, so that a connection that carried bulk once does not keep it.
-/// What is left of a record at the end of a read moves to the front before the next (at
-/// most one record).
-const READ_AHEAD_MIN: usize = 64 * 1024;
+/// the buffer doubles while reads fill it (a connection that only ever gets acks keeps the
+/// first size; one that carried bulk keeps the last, as its socket's buffers grow in the
+/// kernel). What is left of a record at the end of a read moves to the front before the
+/// next (at most one record).
+const READ_AHEAD_MIN: usize = 32 * 1024;
+const _: () = assert!(READ_AHEAD_MIN > HEADER + CIPHERTEXT_MAX);
 const READ_AHEAD_MAX: usize = 256 * 1024;
 
 /// Sealed ciphertext a sender keeps room for once it is all written, unless its last seal
 /// was bounded by the room it was given (a stream, which reuses it at once).
 const OUT_KEEP: usize = 64 * 1024;
 
-/// One direction's key, nonce base and record count.
+/// One direction's key, nonce base, record count and blocks done.
 struct Direction {
     key: LessSafeKey,
     iv: [u8; aead::NONCE_LEN],
     seq: u64,
+    blocks: u64,
     limit: u64,
 }
 
@@ -71,10 +78,10 @@ impl Direction {
     fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Direction> {
         let (alg, key, iv, limit) = match &secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-                (&aead::AES_128_GCM, key, iv, AES_GCM_LIMIT)
+                (&aead::AES_128_GCM, key, iv, AES_GCM_BLOCKS)
             }
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-                (&aead::AES_256_GCM, key, iv, AES_GCM_LIMIT)
+                (&aead::AES_256_GCM, key, iv, AES_GCM_BLOCKS)
             }
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
                 (&aead::CHACHA20_POLY1305, key, iv, u64::MAX)
@@ -95,19 +102,23 @@ impl Direction {
             key: LessSafeKey::new(key),
             iv,
             seq,
+            blocks: 0,
             limit,
         })
     }
 
-    /// The nonce of the next record (the IV with the sequence number xored into its end),
-    /// counting it; an error once the key has done its share.
-    fn next_nonce(&mut self) -> io::Result<Nonce> {
-        if self.seq >= self.limit {
+    /// The nonce of the next record, of `inner` bytes of inner plaintext (the IV with the
+    /// sequence number xored into its end), counting it; an error, counting nothing, once
+    /// the key would pass its share.
+    fn next_nonce(&mut self, inner: usize) -> io::Result<Nonce> {
+        let blocks = self.blocks.saturating_add(inner.div_ceil(16) as u64 + 1);
+        if blocks > self.limit || self.seq == u64::MAX {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "TLS: this connection's key reached its record limit (the pool opens another)",
+                "TLS: this connection's key reached its limit (the pool opens another)",
             ));
         }
+        self.blocks = blocks;
         let mut nonce = self.iv;
         for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
             *n ^= s;
@@ -149,21 +160,24 @@ impl fmt::Debug for Records {
 }
 
 impl Records {
-    /// The records of a connection whose secrets (and sequence numbers) are `tx` and `rx`.
+    /// The records of a connection whose secrets (and sequence numbers) are `tx` and `rx`,
+    /// `opened` the plaintext already opened (read before any more).
     pub fn new(
         tx: (u64, ConnectionTrafficSecrets),
         rx: (u64, ConnectionTrafficSecrets),
+        opened: Vec<u8>,
     ) -> io::Result<Records> {
+        let len = opened.len();
         Ok(Records {
             tx: Direction::new(tx)?,
             rx: Direction::new(rx)?,
             out: Vec::new(),
             sent: 0,
             full: false,
-            inbox: Vec::new(),
-            filled: 0,
-            opened: 0,
-            plain: (0, 0),
+            inbox: opened,
+            filled: len,
+            opened: len,
+            plain: (0, len),
             closed: false,
         })
     }
@@ -186,10 +200,20 @@ impl Records {
             self.sent = 0;
         }
         let total: usize = slices.iter().map(|s| s.len()).sum();
+        let fits = total.min(room.saturating_sub(self.waiting()));
+        self.out
+            .reserve(fits + (fits / PLAINTEXT_MAX + 1) * (HEADER + 1 + TAG));
         let (mut slice, mut at, mut took) = (0, 0, 0);
         while took < total && self.waiting() + HEADER + 1 + TAG < room {
             let space = room - self.waiting() - HEADER - 1 - TAG;
             let len = (total - took).min(PLAINTEXT_MAX).min(space);
+            // The nonce first: at the key's limit nothing of the record is written (what
+            // this took is reported; the next call fails).
+            let nonce = match self.tx.next_nonce(len + 1) {
+                Ok(nonce) => nonce,
+                Err(_) if took > 0 => break,
+                Err(e) => return Err(e),
+            };
             let start = self.out.len();
             let body = len + 1 + TAG;
             self.out.extend_from_slice(&[
@@ -217,13 +241,16 @@ impl Records {
                 at = 0;
             }
             self.out.push(APPLICATION_DATA);
-            let nonce = self.tx.next_nonce()?;
             let (header, inner) = self.out[start..].split_at_mut(HEADER);
-            let tag = self
+            let Ok(tag) = self
                 .tx
                 .key
                 .seal_in_place_separate_tag(nonce, Aad::from(&*header), inner)
-                .map_err(|_| io::Error::other("TLS: sealing a record failed"))?;
+            else {
+                // Never in clear: the record goes, and the connection with it.
+                self.out.truncate(start);
+                return Err(io::Error::other("TLS: sealing a record failed"));
+            };
             self.out.extend_from_slice(tag.as_ref());
             took += len;
         }
@@ -268,8 +295,8 @@ impl Records {
                 continue;
             }
             // Not a whole record: what is left of one to the front, then more after it.
-            if self.inbox.is_empty() {
-                self.inbox = vec![0; READ_AHEAD_MIN];
+            if self.inbox.len() < READ_AHEAD_MIN {
+                self.inbox.resize(READ_AHEAD_MIN, 0);
             }
             self.inbox.copy_within(self.opened..self.filled, 0);
             self.filled -= self.opened;
@@ -285,10 +312,6 @@ impl Records {
                     let size = self.inbox.len();
                     if n == free && size < READ_AHEAD_MAX {
                         self.inbox.resize(size * 2, 0);
-                    } else if n < free / 2 && size > READ_AHEAD_MIN && self.filled <= READ_AHEAD_MIN
-                    {
-                        self.inbox.truncate(READ_AHEAD_MIN);
-                        self.inbox.shrink_to_fit();
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -317,7 +340,7 @@ impl Records {
         if self.inbox[start] != APPLICATION_DATA {
             return Err(bad("a record that is not protected, after the handshake"));
         }
-        let nonce = self.rx.next_nonce()?;
+        let nonce = self.rx.next_nonce(len - HEADER - TAG)?;
         let (header, rest) = self.inbox[start..start + len].split_at_mut(HEADER);
         let inner = self
             .rx
@@ -328,6 +351,11 @@ impl Records {
         let Some(end) = inner.iter().rposition(|&b| b != 0) else {
             return Err(bad("a record without an inner type"));
         };
+        if inner.len() > PLAINTEXT_MAX + 1 || end > PLAINTEXT_MAX {
+            return Err(bad(
+                "a record longer than a record may be (record_overflow)",
+            ));
+        }
         self.opened = start + len;
         match inner[end] {
             APPLICATION_DATA => {
@@ -351,47 +379,30 @@ impl Records {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{tls_pair, Ca, Dir};
-    use rustls::{ClientConnection, Connection, ServerConnection};
-
-    /// Runs a handshake between `c` and `s` over memory.
-    fn handshake(c: &mut ClientConnection, s: &mut ServerConnection) {
-        for _ in 0..16 {
-            let mut wire = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut wire).unwrap();
-            }
-            if !wire.is_empty() {
-                s.read_tls(&mut &wire[..]).unwrap();
-                s.process_new_packets().unwrap();
-            }
-            let mut wire = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut wire).unwrap();
-            }
-            if !wire.is_empty() {
-                c.read_tls(&mut &wire[..]).unwrap();
-                c.process_new_packets().unwrap();
-            }
-            if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() {
-                return;
-            }
-        }
-        panic!("the handshake did not end");
-    }
+    use crate::testing::{memory_handshake, tls_pair, Ca, Dir};
+    use rustls::{ClientConnection, Connection};
 
     /// A client and a server after their handshake, and the server's records of the same
     /// session (the client stays rustls', the reference this is checked against).
     fn pair() -> (Dir, ClientConnection, Records) {
+        pair_with(Vec::new())
+    }
+
+    /// [`pair`], the server's records given `opened` as plaintext opened before.
+    fn pair_with(opened: Vec<u8>) -> (Dir, ClientConnection, Records) {
         let dir = Dir::new("records");
         let ca = Ca::new("ca");
         let (a, b) = tls_pair(&dir, &ca, &ca);
         let mut c = a.dialer("h").unwrap();
         let mut s = b.acceptor().unwrap();
-        handshake(&mut c, &mut s);
+        memory_handshake(&mut c, &mut s).unwrap();
         c.set_buffer_limit(None);
         let secrets = Connection::Server(s).dangerous_extract_secrets().unwrap();
-        (dir, c, Records::new(secrets.tx, secrets.rx).unwrap())
+        (
+            dir,
+            c,
+            Records::new(secrets.tx, secrets.rx, opened).unwrap(),
+        )
     }
 
     fn read_all(records: &mut Records, mut wire: &[u8]) -> Vec<u8> {
@@ -523,7 +534,7 @@ mod tests {
     }
 
     #[test]
-    fn buffers_grow_for_bulk_and_are_let_go_after_it() {
+    fn buffers_grow_for_bulk_and_the_sealed_one_is_let_go_after_it() {
         let (_dir, mut c, mut records) = pair();
         let big = vec![5u8; 1_000_000];
         c.writer().write_all(&big).unwrap();
@@ -539,7 +550,6 @@ mod tests {
             c.write_tls(&mut wire).unwrap();
         }
         assert_eq!(read_all(&mut records, &wire), b"small");
-        assert_eq!(records.inbox.len(), READ_AHEAD_MIN);
         // A stream keeps its sealed buffer; the end of it lets it go.
         let mut sink = Vec::new();
         assert!(records.seal(&[IoSlice::new(&big)], 300_000).unwrap() < big.len());
@@ -553,16 +563,67 @@ mod tests {
     }
 
     #[test]
+    fn a_key_update_a_changed_header_and_a_short_record_are_refused() {
+        let (_dir, mut c, mut records) = pair();
+        c.refresh_traffic_keys().unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let e = records
+            .read_plain(&mut &wire[..], &mut [0u8; 10])
+            .unwrap_err();
+        assert!(e.to_string().contains("handshake message"), "{e}");
+        // The header is authenticated too.
+        let (_dir, mut c, mut records) = pair();
+        c.writer().write_all(b"one").unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        wire[2] = 0x01;
+        let e = records
+            .read_plain(&mut &wire[..], &mut [0u8; 10])
+            .unwrap_err();
+        assert!(e.to_string().contains("authenticate"), "{e}");
+        let (_dir, _c, mut records) = pair();
+        let short = [0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5];
+        let e = records
+            .read_plain(&mut &short[..], &mut [0u8; 10])
+            .unwrap_err();
+        assert!(e.to_string().contains("impossible length"), "{e}");
+    }
+
+    #[test]
+    fn plaintext_opened_before_the_switch_is_read_first() {
+        let (_dir, mut c, mut records) = pair_with(b"early".to_vec());
+        c.writer().write_all(b" and late").unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        assert_eq!(read_all(&mut records, &wire), b"early and late");
+    }
+
+    #[test]
     fn room_bounds_what_waits_and_a_key_stops_at_its_limit() {
         let (_dir, _c, mut records) = pair();
         let data = vec![7u8; 100_000];
         let took = records.seal(&[IoSlice::new(&data)], 20_000).unwrap();
         assert!(records.waiting() <= 20_000 && took > 0 && took < data.len());
         assert_eq!(records.seal(&[IoSlice::new(&data)], 20_000).unwrap(), 0);
-        records.tx.seq = records.tx.limit;
+        // At the key's limit: what fits under it is sealed and reported, the next call
+        // fails, and nothing unsealed is ever left to be written.
         let mut sink = Vec::new();
         records.write_to(&mut sink).unwrap();
-        let e = records.seal(&[IoSlice::new(&data)], 20_000).unwrap_err();
+        records.tx.blocks = records.tx.limit - 2000;
+        let took = records.seal(&[IoSlice::new(&data)], 200_000).unwrap();
+        assert!(took > 0 && took < 2000 * 16, "{took}");
+        let e = records.seal(&[IoSlice::new(&data)], 200_000).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(
+            records.waiting(),
+            took.div_ceil(PLAINTEXT_MAX) * (HEADER + 1 + TAG) + took
+        );
     }
 }

@@ -64,20 +64,27 @@ pub fn load(files: &TlsFiles, key_pem: Option<&[u8]>) -> Result<Tls, TlsError> {
 /// [`keep_freed_records`].
 const TRIM_THRESHOLD: usize = 8 * 1024 * 1024;
 
+/// Blocks smaller than this come from an arena, not a mapping of their own (glibc's
+/// default: 128 KB, fixed once the trim threshold is set): a session's buffer of sealed
+/// records (up to [`PENDING_MAX`] and a record) is let go between bursts and taken again at
+/// the next, from memory already faulted in.
+const MMAP_THRESHOLD: usize = 1024 * 1024;
+
 /// Makes the C allocator keep what rustls frees: rustls allocates every record it encrypts
 /// (16 KB each; TLS 1.2's, where its records are rustls'), and with glibc's default the
 /// records freed after each write were returned to the system and faulted in again at the
-/// next, page by page. One 10 MB stream spent
-/// 12-15% of its CPU in those page faults and ran at 0.9-1.2 GB/s; with this, 1.6-2.9
-/// (median 2.3; 12 runs of 20 messages, nodes of one machine). Process-wide (the threshold is
-/// glibc's), so called once a node runs TLS; elsewhere a no-op.
+/// next, page by page. One 10 MB stream spent 12-15% of its CPU in those page faults and ran
+/// at 0.9-1.2 GB/s; with this, 1.6-2.9 (median 2.3; 12 runs of 20 messages, nodes of one
+/// machine). Process-wide (the thresholds are glibc's), so called once a node runs TLS;
+/// elsewhere a no-op.
 fn keep_freed_records() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]
-    // SAFETY: `mallopt` only sets a tuning parameter of glibc's allocator; any value is
-    // valid for M_TRIM_THRESHOLD.
+    // SAFETY: `mallopt` only sets tuning parameters of glibc's allocator; any value is
+    // valid for M_TRIM_THRESHOLD, and one up to 32 MB for M_MMAP_THRESHOLD.
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
     }
 }
 
@@ -237,20 +244,23 @@ impl Protected {
         if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
             return Ok(Protected::Rustls(conn));
         }
-        // The cookie handshake read all its peer sent; plaintext left in the session would
-        // be lost with it.
-        match conn.reader().read(&mut [0u8; 1]) {
+        // What the peer sent right behind the opening's last message and rustls already
+        // opened (a closing listener's LAST behind its OK) is read first. Nothing else of
+        // the peer's can be in rustls' buffer: each end waits for the other's last message
+        // before it sends more.
+        let mut opened = Vec::new();
+        match conn.reader().read_to_end(&mut opened) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            _ => {
-                return Err(io::Error::other(
-                    "TLS: data from the peer before the end of the opening",
-                ))
-            }
+            Err(e) => return Err(e),
+            // close_notify: the peer ended the session already.
+            Ok(_) => return Err(io::ErrorKind::UnexpectedEof.into()),
         }
         let secrets = conn
             .dangerous_extract_secrets()
             .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-        Ok(Protected::Own(Records::new(secrets.tx, secrets.rx)?))
+        Ok(Protected::Own(Records::new(
+            secrets.tx, secrets.rx, opened,
+        )?))
     }
 
     /// Encrypts what it can of `slices` while at most [`PENDING_MAX`] bytes of ciphertext
@@ -652,6 +662,37 @@ mod tests {
                 p
             })
             .collect()
+    }
+
+    #[test]
+    fn plaintext_rustls_opened_before_the_switch_is_not_lost() {
+        let (_dir, a, b) = nodes("secure-switch");
+        let mut c = a.dialer("h").unwrap();
+        let mut s = b.acceptor().unwrap();
+        memory_handshake(&mut c, &mut s).unwrap();
+        c.writer().write_all(b"behind the OK").unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        s.read_tls(&mut &wire[..]).unwrap();
+        s.process_new_packets().unwrap();
+        let mut protected = super::Protected::after_opening(rustls::Connection::Server(s)).unwrap();
+        let super::Protected::Own(records) = &mut protected else {
+            panic!("TLS 1.3 records are teleport's own after the opening");
+        };
+        c.writer().write_all(b", then more").unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let mut got = Vec::new();
+        let mut src = &wire[..];
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = records.read_plain(&mut src, &mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"behind the OK, then more");
     }
 
     #[test]

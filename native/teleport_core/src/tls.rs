@@ -599,34 +599,8 @@ impl ClientCertVerifier for AcceptAnyClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{node, Ca, Dir};
+    use crate::testing::{memory_handshake as handshake, node, Ca, Dir};
     use std::io::{Read, Write};
-
-    /// Runs the two ends' TLS handshake over memory; the first error of either.
-    fn handshake(c: &mut ClientConnection, s: &mut ServerConnection) -> Result<(), rustls::Error> {
-        for _ in 0..16 {
-            let mut wire = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut wire).unwrap();
-            }
-            if !wire.is_empty() {
-                s.read_tls(&mut &wire[..]).unwrap();
-                s.process_new_packets()?;
-            }
-            let mut wire = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut wire).unwrap();
-            }
-            if !wire.is_empty() {
-                c.read_tls(&mut &wire[..]).unwrap();
-                c.process_new_packets()?;
-            }
-            if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() {
-                return Ok(());
-            }
-        }
-        panic!("the handshake did not end");
-    }
 
     /// Dials `host` from `dialer` to `acceptor`: the handshake's outcome, and both ends.
     fn dial(
