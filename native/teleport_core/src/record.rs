@@ -379,7 +379,7 @@ impl Records {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{memory_handshake, tls_pair, Ca, Dir};
+    use crate::testing::{memory_handshake, records_of, tls_pair, Ca, Dir};
     use rustls::{ClientConnection, Connection};
 
     /// A client and a server after their handshake, and the server's records of the same
@@ -405,6 +405,14 @@ mod tests {
         )
     }
 
+    /// What the records of a fresh server say of `wire`, the first bytes from its peer.
+    fn refusal_of(wire: &[u8]) -> io::Error {
+        let (_dir, _c, mut records) = pair();
+        records
+            .read_plain(&mut &wire[..], &mut [0u8; 10])
+            .unwrap_err()
+    }
+
     fn read_all(records: &mut Records, mut wire: &[u8]) -> Vec<u8> {
         let mut got = Vec::new();
         let mut buf = [0u8; 5000];
@@ -423,10 +431,7 @@ mod tests {
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
         // rustls -> here, in pieces of every size.
         c.writer().write_all(&payload).unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         assert_eq!(read_all(&mut records, &wire), payload);
         // here -> rustls, gathered from slices that do not line up with records.
         let slices: Vec<IoSlice> = [&payload[..3], &payload[3..20_000], &payload[20_000..]]
@@ -470,10 +475,7 @@ mod tests {
         assert_eq!(got, payload);
         // close_notify from rustls ends the stream.
         c.send_close_notify();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         assert_eq!(
             records.read_plain(&mut &wire[..], &mut [0u8; 10]).unwrap(),
             0
@@ -486,10 +488,7 @@ mod tests {
         for m in [&b"one"[..], b"two"] {
             c.writer().write_all(m).unwrap();
         }
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         // The second record first: its nonce is not the one expected.
         let first = HEADER + 3 + 1 + TAG;
         let e = records
@@ -499,17 +498,11 @@ mod tests {
         // One bit of the ciphertext changed.
         let (_dir, mut c, mut records) = pair();
         c.writer().write_all(b"one").unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
-        assert_eq!(read_all(&mut records, &wire.clone()), b"one");
+        let wire = records_of(&mut c);
+        assert_eq!(read_all(&mut records, &wire), b"one");
         let (_dir, mut c, mut records) = pair();
         c.writer().write_all(b"one").unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let mut wire = records_of(&mut c);
         wire[HEADER + 1] ^= 1;
         let e = records
             .read_plain(&mut &wire[..], &mut [0u8; 10])
@@ -519,17 +512,11 @@ mod tests {
 
     #[test]
     fn a_record_too_long_is_refused_from_its_header_and_a_plain_one_at_once() {
-        let (_dir, _c, mut records) = pair();
-        let e = records
-            .read_plain(&mut &[0x17, 3, 3, 0xff, 0xff][..], &mut [0u8; 10])
-            .unwrap_err();
+        let e = refusal_of(&[0x17, 3, 3, 0xff, 0xff]);
         assert!(e.to_string().contains("impossible length"), "{e}");
-        let (_dir, _c, mut records) = pair();
         let mut plain = vec![0x16, 3, 3, 0, 20];
         plain.extend_from_slice(&[0; 20]);
-        let e = records
-            .read_plain(&mut &plain[..], &mut [0u8; 10])
-            .unwrap_err();
+        let e = refusal_of(&plain);
         assert!(e.to_string().contains("not protected"), "{e}");
     }
 
@@ -538,17 +525,11 @@ mod tests {
         let (_dir, mut c, mut records) = pair();
         let big = vec![5u8; 1_000_000];
         c.writer().write_all(&big).unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         assert_eq!(read_all(&mut records, &wire).len(), big.len());
         assert_eq!(records.inbox.len(), READ_AHEAD_MAX);
         c.writer().write_all(b"small").unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         assert_eq!(read_all(&mut records, &wire), b"small");
         // A stream keeps its sealed buffer; the end of it lets it go.
         let mut sink = Vec::new();
@@ -566,10 +547,7 @@ mod tests {
     fn a_key_update_a_changed_header_and_a_short_record_are_refused() {
         let (_dir, mut c, mut records) = pair();
         c.refresh_traffic_keys().unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         let e = records
             .read_plain(&mut &wire[..], &mut [0u8; 10])
             .unwrap_err();
@@ -577,20 +555,14 @@ mod tests {
         // The header is authenticated too.
         let (_dir, mut c, mut records) = pair();
         c.writer().write_all(b"one").unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let mut wire = records_of(&mut c);
         wire[2] = 0x01;
         let e = records
             .read_plain(&mut &wire[..], &mut [0u8; 10])
             .unwrap_err();
         assert!(e.to_string().contains("authenticate"), "{e}");
-        let (_dir, _c, mut records) = pair();
         let short = [0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5];
-        let e = records
-            .read_plain(&mut &short[..], &mut [0u8; 10])
-            .unwrap_err();
+        let e = refusal_of(&short);
         assert!(e.to_string().contains("impossible length"), "{e}");
     }
 
@@ -598,10 +570,7 @@ mod tests {
     fn plaintext_opened_before_the_switch_is_read_first() {
         let (_dir, mut c, mut records) = pair_with(b"early".to_vec());
         c.writer().write_all(b" and late").unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         assert_eq!(read_all(&mut records, &wire), b"early and late");
     }
 

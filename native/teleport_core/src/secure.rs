@@ -671,10 +671,7 @@ mod tests {
         let mut s = b.acceptor().unwrap();
         memory_handshake(&mut c, &mut s).unwrap();
         c.writer().write_all(b"behind the OK").unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         s.read_tls(&mut &wire[..]).unwrap();
         s.process_new_packets().unwrap();
         let mut protected = super::Protected::after_opening(rustls::Connection::Server(s)).unwrap();
@@ -682,10 +679,7 @@ mod tests {
             panic!("TLS 1.3 records are teleport's own after the opening");
         };
         c.writer().write_all(b", then more").unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let wire = records_of(&mut c);
         let mut got = Vec::new();
         let mut src = &wire[..];
         let mut buf = [0u8; 64];

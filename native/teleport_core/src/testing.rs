@@ -286,33 +286,41 @@ impl Drop for Dir {
     }
 }
 
+/// The records a rustls connection holds for its peer, taken out of it.
+pub fn records_of<D>(conn: &mut rustls::ConnectionCommon<D>) -> Vec<u8> {
+    let mut wire = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut wire).unwrap();
+    }
+    wire
+}
+
 /// Runs the two ends' TLS handshake over memory; the first error of either.
 pub fn memory_handshake(
     c: &mut rustls::ClientConnection,
     s: &mut rustls::ServerConnection,
 ) -> Result<(), rustls::Error> {
     for _ in 0..16 {
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
-        if !wire.is_empty() {
-            s.read_tls(&mut &wire[..]).unwrap();
-            s.process_new_packets()?;
-        }
-        let mut wire = Vec::new();
-        while s.wants_write() {
-            s.write_tls(&mut wire).unwrap();
-        }
-        if !wire.is_empty() {
-            c.read_tls(&mut &wire[..]).unwrap();
-            c.process_new_packets()?;
-        }
+        pass(c, s)?;
+        pass(s, c)?;
         if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() {
             return Ok(());
         }
     }
     panic!("the handshake did not end");
+}
+
+/// Hands `to` the records `from` holds for it.
+fn pass<A, B>(
+    from: &mut rustls::ConnectionCommon<A>,
+    to: &mut rustls::ConnectionCommon<B>,
+) -> Result<(), rustls::Error> {
+    let wire = records_of(from);
+    if !wire.is_empty() {
+        to.read_tls(&mut &wire[..]).unwrap();
+        to.process_new_packets()?;
+    }
+    Ok(())
 }
 
 /// The files of a node whose certificate `ca` issued for `hosts`, trusting `trusted`.
