@@ -163,13 +163,18 @@ opts(Pairs, V) ->
 -spec versions(term(), term()) -> [version(), ...].
 versions(List, V) ->
     Expected = "versions: a list of 'tlsv1.3' and 'tlsv1.2' (teleport's versions)",
-    Known = is_list(List) andalso lists:all(fun(X) -> lists:member(X, ?VERSIONS ++ ?OLD_VERSIONS)
-                                            end, List),
-    case Known andalso [X || X <- ?VERSIONS, lists:member(X, List)] of
+    case known_versions(List) andalso [X || X <- ?VERSIONS, lists:member(X, List)] of
         false -> bad(V, Expected ++ ", not " ++ show(List));
         [] -> bad(V, Expected ++ ": " ++ show(List) ++ " holds neither");
         Speaks -> Speaks
     end.
+
+%% Whether `List' is a proper list of versions `ssl' knows.
+-spec known_versions(term()) -> boolean().
+known_versions([X | Rest]) ->
+    lists:member(X, ?VERSIONS ++ ?OLD_VERSIONS) andalso known_versions(Rest);
+known_versions([]) -> true;
+known_versions(_) -> false.
 
 -spec pair(term(), term()) -> {atom(), term()}.
 pair({K, Value}, _V) when is_atom(K) -> {K, Value};

@@ -211,7 +211,8 @@ bad_files_stop_the_start(Config) ->
      || Bad <- [true, #{certfile => Cert}, Good#{verify => maybe}, Good#{colour => blue},
                 Good#{server_name_check => 1}, [{certfile, Cert}, junk],
                 Good#{versions => ['tlsv1.1']}, Good#{versions => 'tlsv1.3'},
-                Good#{versions => [sslv3]}, Good#{versions => []}]],
+                Good#{versions => [sslv3]}, Good#{versions => []},
+                Good#{versions => ['tlsv1.3' | 'tlsv1.2']}]],
     %% Soon to expire: it starts, and says so.
     capture_logs(),
     ok = restart(tls(Config, soon)),
