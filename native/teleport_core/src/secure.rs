@@ -232,17 +232,25 @@ impl Write for Opening<'_, '_> {
 
 /// A session's records once the opening is over: teleport's own for TLS 1.3
 /// ([`Records`]: sealed and opened in place, with the keys rustls hands over), rustls' for
-/// TLS 1.2.
+/// TLS 1.2 (with the ciphertext read ahead of it: `ahead`, of which it took `taken`).
 enum Protected {
     Own(Records),
-    Rustls(Connection),
+    Rustls {
+        conn: Connection,
+        ahead: Vec<u8>,
+        taken: usize,
+    },
 }
 
 impl Protected {
     /// The records of `conn`, whose opening is over (nothing in flight either way).
     fn after_opening(mut conn: Connection) -> io::Result<Protected> {
         if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
-            return Ok(Protected::Rustls(conn));
+            return Ok(Protected::Rustls {
+                conn,
+                ahead: Vec::new(),
+                taken: 0,
+            });
         }
         // What the peer sent right behind the opening's last message and rustls already
         // opened (a closing listener's LAST behind its OK) is read first. Nothing else of
@@ -268,7 +276,7 @@ impl Protected {
     fn take(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Protected::Own(records) => records.seal(slices, PENDING_MAX),
-            Protected::Rustls(conn) => conn.writer().write_vectored(slices),
+            Protected::Rustls { conn, .. } => conn.writer().write_vectored(slices),
         }
     }
 
@@ -276,7 +284,23 @@ impl Protected {
     fn flush_to(&mut self, out: &mut dyn Write) -> io::Result<bool> {
         match self {
             Protected::Own(records) => records.write_to(out),
-            Protected::Rustls(conn) => flush(conn, out),
+            Protected::Rustls { conn, .. } => flush(conn, out),
+        }
+    }
+
+    /// Reads plaintext into `buf`, reading more of `src` while none is there: `WouldBlock`
+    /// once `src` has nothing more now, 0 at the end of the stream.
+    fn read_plain(&mut self, src: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Protected::Own(records) => records.read_plain(src, buf),
+            Protected::Rustls { conn, ahead, taken } => {
+                let mut ahead = Ahead {
+                    src,
+                    buf: ahead,
+                    taken,
+                };
+                read_rustls(conn, &mut ahead, buf)
+            }
         }
     }
 }
@@ -364,10 +388,7 @@ impl Link {
         let Some(tls) = &self.tls else {
             return recv_dontwait(&self.sock, buf);
         };
-        match &mut *tls.lock() {
-            Protected::Own(records) => records.read_plain(&mut SockIn(&self.sock), buf),
-            Protected::Rustls(conn) => read_plain(conn, &mut SockIn(&self.sock), buf),
-        }
+        tls.lock().read_plain(&mut SockIn(&self.sock), buf)
     }
 }
 
@@ -380,17 +401,13 @@ impl std::fmt::Debug for Link {
     }
 }
 
-/// How much ciphertext an incoming TLS 1.2 connection reads from its socket at a time:
-/// rustls takes at most 4 KB per read, a `recv` each without this.
+/// How much ciphertext a TLS 1.2 connection reads from its socket at a time: rustls takes
+/// at most 4 KB per read, a `recv` each without this.
 const AHEAD: usize = 64 * 1024;
 
-/// An incoming connection's TLS session ([`open`]) once its opening is over; for TLS 1.2,
-/// with the ciphertext read from the socket ahead of rustls.
+/// An incoming connection's TLS session ([`open`]) once its opening is over.
 pub struct Session {
     protected: Protected,
-    ahead: Vec<u8>,
-    /// How much of `ahead` the session took.
-    taken: usize,
 }
 
 impl Session {
@@ -398,8 +415,6 @@ impl Session {
     pub fn new(conn: Connection) -> io::Result<Session> {
         Ok(Session {
             protected: Protected::after_opening(conn)?,
-            ahead: Vec::new(),
-            taken: 0,
         })
     }
 }
@@ -432,28 +447,18 @@ impl<W: Wire> Read for Secured<'_, W> {
         let Some(tls) = self.tls.as_deref_mut() else {
             return self.inner.read(buf);
         };
-        match &mut tls.protected {
-            Protected::Own(records) => records.read_plain(&mut *self.inner, buf),
-            Protected::Rustls(conn) => {
-                let mut ahead = Ahead {
-                    src: &mut *self.inner,
-                    buf: &mut tls.ahead,
-                    taken: &mut tls.taken,
-                };
-                read_plain(conn, &mut ahead, buf)
-            }
-        }
+        tls.protected.read_plain(&mut *self.inner, buf)
     }
 }
 
 /// `src` read [`AHEAD`] bytes at a time into `buf`, of which `taken` were read from here.
-struct Ahead<'a, R> {
+struct Ahead<'a, R: ?Sized> {
     src: &'a mut R,
     buf: &'a mut Vec<u8>,
     taken: &'a mut usize,
 }
 
-impl<R: Read> Read for Ahead<'_, R> {
+impl<R: Read + ?Sized> Read for Ahead<'_, R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if *self.taken == self.buf.len() {
             self.buf.resize(AHEAD, 0);
@@ -498,7 +503,7 @@ impl<W: Wire> Wire for Secured<'_, W> {
 
 /// Reads plaintext from `conn` into `buf`, handing it more of what `src` holds while it
 /// has none: `WouldBlock` once `src` has nothing more now, 0 at the end of the stream.
-fn read_plain(conn: &mut Connection, src: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+fn read_rustls(conn: &mut Connection, src: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match conn.reader().read(buf) {
             Ok(n) => return Ok(n),
